@@ -1,0 +1,39 @@
+# qsfraud: every install step lives here or in the scripts it calls.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install lint test demo clean stack-up stack-down stack-status
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install lint
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/qsfraud demo
+
+stack-up: install
+	$(BIN)/qsfraud stack up
+
+stack-down: install
+	$(BIN)/qsfraud stack down
+
+stack-status: install
+	$(BIN)/qsfraud stack status
+
+clean:
+	-test -x $(BIN)/qsfraud && $(BIN)/qsfraud stack down
+	rm -rf $(VENV) .qsfraud .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Sub-commands of the qsfraud CLI, one module each, discovered by :mod:`qsfraud.cli`."""
