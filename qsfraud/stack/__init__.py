@@ -1,0 +1,135 @@
+"""The local stack of real services: Kafka (KRaft), MariaDB (ROW binlog), a MongoDB server.
+
+``qsfraud stack up | down | status`` and the test suite's session fixtures both use
+:class:`Stack`: one implementation. Ports come from the environment (``QSFRAUD_KAFKA_PORT``,
+``QSFRAUD_KAFKA_CONTROLLER_PORT``, ``QSFRAUD_MARIADB_PORT``, ``QSFRAUD_MONGO_PORT``) or the
+``[stack]`` table of ``qsfraud.toml``; data, logs and PID files live under ``.qsfraud/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qsfraud.stack.kafka import KafkaService
+from qsfraud.stack.mariadb import APP_USER, CDC_USER, DATABASE, MariaDBService
+from qsfraud.stack.mongo import MongoService
+from qsfraud.stack.service import Service, StackError, free_port, port_is_free
+
+__all__ = [
+    "APP_USER", "CDC_USER", "DATABASE", "KafkaService", "MariaDBService", "MongoService",
+    "Service", "Stack", "StackConfig", "StackError", "free_port", "port_is_free",
+]
+
+DEFAULT_PORTS = {"kafka_port": 19092, "kafka_controller_port": 19093,
+                 "mariadb_port": 13306, "mongo_port": 17017}
+SERVICE_NAMES = ("kafka", "mariadb", "mongo")
+
+
+@dataclass
+class StackConfig:
+    """Where the stack keeps its files and which loopback ports it uses."""
+
+    root: Path = field(default_factory=lambda: Path(".qsfraud").resolve())
+    host: str = "127.0.0.1"
+    kafka_port: int = DEFAULT_PORTS["kafka_port"]
+    kafka_controller_port: int = DEFAULT_PORTS["kafka_controller_port"]
+    mariadb_port: int = DEFAULT_PORTS["mariadb_port"]
+    mongo_port: int = DEFAULT_PORTS["mongo_port"]
+
+    @classmethod
+    def load(
+        cls, config_file: Path | None = None, env: dict[str, str] | None = None
+    ) -> StackConfig:
+        """Defaults, overridden by ``qsfraud.toml`` ``[stack]``, overridden by the environment."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        path = config_file or Path(env.get("QSFRAUD_CONFIG", "qsfraud.toml"))
+        if path.is_file():
+            try:
+                values.update(tomllib.loads(path.read_text()).get("stack", {}))
+            except tomllib.TOMLDecodeError as exc:
+                raise StackError(f"{path}: {exc}") from None
+        for key in DEFAULT_PORTS:
+            if f"QSFRAUD_{key.upper()}" in env:
+                values[key] = env[f"QSFRAUD_{key.upper()}"]
+        if "QSFRAUD_HOME" in env:
+            values["root"] = env["QSFRAUD_HOME"]
+        unknown = set(values) - {*DEFAULT_PORTS, "root", "host"}
+        if unknown:
+            raise StackError(f"unknown stack settings: {', '.join(sorted(unknown))}")
+        cfg = cls()
+        for key, value in values.items():
+            if key == "root":
+                cfg.root = Path(value).resolve()
+            elif key == "host":
+                cfg.host = str(value)
+            else:
+                try:
+                    port = int(value)
+                except (TypeError, ValueError):
+                    raise StackError(f"{key} must be a port number, got {value!r}") from None
+                if not 0 < port < 65536:
+                    raise StackError(f"{key} must be a port number, got {value!r}")
+                setattr(cfg, key, port)
+        return cfg
+
+    @classmethod
+    def ephemeral(cls, root: Path) -> StackConfig:
+        """Free loopback ports and a private folder: for tests and throw-away stacks."""
+        return cls(root=root.resolve(), kafka_port=free_port(), kafka_controller_port=free_port(),
+                   mariadb_port=free_port(), mongo_port=free_port())
+
+
+class Stack:
+    """The three services, started and stopped together or one at a time."""
+
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig.load()
+        c = self.config
+        self.kafka = KafkaService(c.root, c.host, c.kafka_port, c.kafka_controller_port)
+        self.mariadb = MariaDBService(c.root, c.host, c.mariadb_port)
+        self.mongo = MongoService(c.root, c.host, c.mongo_port)
+        self.services: dict[str, Service] = {
+            "kafka": self.kafka, "mariadb": self.mariadb, "mongo": self.mongo
+        }
+        self.endpoints_file = c.root / "stack.json"
+
+    def select(self, names: list[str] | None) -> list[Service]:
+        names = names or list(SERVICE_NAMES)
+        unknown = [n for n in names if n not in self.services]
+        if unknown:
+            raise StackError(f"unknown service {unknown[0]!r}; known: {', '.join(SERVICE_NAMES)}")
+        return [self.services[n] for n in names]
+
+    def up(self, names: list[str] | None = None) -> dict[str, bool]:
+        """Start what is not running; returns {service: started_now}. Writes ``stack.json``."""
+        self.config.root.mkdir(parents=True, exist_ok=True)
+        started: dict[str, bool] = {}
+        try:
+            for service in self.select(names):
+                started[service.name] = service.start()
+        except BaseException:
+            for name, now in started.items():
+                if now:
+                    self.services[name].stop()
+            raise
+        self.write_endpoints()
+        return started
+
+    def down(self, names: list[str] | None = None) -> dict[str, bool]:
+        """Stop our services (reverse order); returns {service: was_running}."""
+        return {s.name: s.stop() for s in reversed(self.select(names))}
+
+    def status(self, names: list[str] | None = None) -> dict[str, bool]:
+        return {s.name: s.running_pid() is not None and s.healthy() for s in self.select(names)}
+
+    def endpoints(self) -> dict[str, dict[str, Any]]:
+        return {name: s.endpoint() for name, s in self.services.items()}
+
+    def write_endpoints(self) -> None:
+        self.endpoints_file.write_text(json.dumps(self.endpoints(), indent=2) + "\n")

@@ -1,0 +1,168 @@
+"""Apache Kafka, single-node KRaft, from the jars on Maven Central (fetched once, cached)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qsfraud.stack.service import Service, StackError, run_setup_command
+
+KAFKA_VERSION = "3.9.1"
+CLUSTER_ID_FILE = "cluster.id"
+
+# librdkafka logs connection refusals while the broker starts; those are expected.
+_PROBE_LOG = logging.getLogger("qsfraud.stack.kafka.probe")
+_PROBE_LOG.addHandler(logging.NullHandler())
+_PROBE_LOG.propagate = False
+
+LOG4J = """\
+log4j.rootLogger=WARN, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.server.KafkaRaftServer=INFO
+"""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("QSFRAUD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qsfraud"
+    )
+    return Path(base)
+
+
+def require_java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise StackError(
+            "Java 17 or newer is needed to run Kafka and `java` is not on PATH; "
+            "on Debian: apt-get install -y openjdk-17-jre-headless"
+        )
+    return java
+
+
+def kafka_classpath() -> Path:
+    """The folder of broker jars, fetched from Maven Central with Maven on first use."""
+    target = cache_dir() / f"kafka-{KAFKA_VERSION}"
+    if (target / ".complete").exists():
+        return target
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError(
+            "Maven is needed once to fetch the Kafka jars from Maven Central and `mvn` is not "
+            "on PATH; on Debian: apt-get install -y maven"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pom_text = (Path(__file__).with_name("kafka-pom.xml")).read_text()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        pom = Path(tmp) / "pom.xml"
+        pom.write_text(pom_text.replace("@KAFKA_VERSION@", KAFKA_VERSION))
+        jars = Path(tmp) / "jars"
+        run_setup_command(
+            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+             "-DincludeScope=runtime", f"-DoutputDirectory={jars}"],
+            "fetching the Kafka jars from Maven Central (mvn)",
+        )
+        if not any(jars.glob("kafka_2.13-*.jar")):
+            raise StackError(f"Maven finished but no Kafka broker jar is in {jars}")
+        (jars / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        jars.rename(target)
+    return target
+
+
+class KafkaService(Service):
+    """A single-node KRaft broker+controller on loopback."""
+
+    name = "kafka"
+    start_timeout = 90.0
+
+    def __init__(self, root: Path, host: str, port: int, controller_port: int) -> None:
+        super().__init__(root, host)
+        self.port = port
+        self.controller_port = controller_port
+        self.log_dirs = self.data_dir / "data"
+        self.properties = self.data_dir / "server.properties"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def ports(self) -> dict[str, int]:
+        return {"port": self.port, "controller_port": self.controller_port}
+
+    def endpoint(self) -> dict[str, Any]:
+        return {"bootstrap_servers": self.bootstrap}
+
+    def _write_config(self) -> None:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{self.host}:{self.controller_port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},"
+            f"CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.log_dirs),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "8",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+            "log.retention.hours": "168",
+            "log.cleaner.enable": "true",
+            "transaction.max.timeout.ms": "900000",
+        }
+        self.properties.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.data_dir / "log4j.properties").write_text(LOG4J)
+
+    def prepare(self) -> None:
+        java = require_java()
+        classpath = kafka_classpath()
+        self._write_config()
+        if (self.log_dirs / "meta.properties").exists():
+            return
+        id_file = self.data_dir / CLUSTER_ID_FILE
+        if not id_file.exists():
+            out = run_setup_command(
+                [java, "-cp", f"{classpath}/*", "kafka.tools.StorageTool", "random-uuid"],
+                "kafka-storage random-uuid",
+            )
+            id_file.write_text(out.strip().splitlines()[-1])
+        run_setup_command(
+            [java, "-cp", f"{classpath}/*", *self._jvm_logging(), "kafka.tools.StorageTool",
+             "format", "-t", id_file.read_text().strip(), "-c", str(self.properties)],
+            "formatting the Kafka log dir",
+        )
+
+    def _jvm_logging(self) -> list[str]:
+        return [f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}",
+                f"-Dkafka.logs.dir={self.data_dir}"]
+
+    def command(self) -> list[str]:
+        return [
+            require_java(), "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            *self._jvm_logging(), "-cp", f"{kafka_classpath()}/*", "kafka.Kafka",
+            str(self.properties),
+        ]
+
+    def healthy(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000,
+                                "logger": _PROBE_LOG}
+        admin = AdminClient(conf)
+        try:
+            md = admin.list_topics(timeout=1.0)
+        except Exception:
+            return False
+        return bool(md.brokers)
