@@ -1,0 +1,410 @@
+"""Quantum-safe envelopes: bytes in, sealed bytes out, and back (``docs/envelope.md``).
+
+:func:`seal` encrypts a payload to a recipient's KEM key (X25519MLKEM768 or ML-KEM-768,
+then AES-256-GCM) and signs it with the sender's ML-DSA-65 key; :func:`open` checks it all
+(format, sender, recipient, signature, time window, sequence) and returns the payload.
+:func:`sign_document` / :func:`verify_document` do the same without encryption, for
+documents every reader may see (e.g. configuration signed by an admin).
+
+>>> import tempfile
+>>> from pqc.keys import init_keystore
+>>> from pqc.freshness import InMemoryFreshness
+>>> retailer = init_keystore(tempfile.mkdtemp(), "retailer-1", "retailer")
+>>> aggregator = init_keystore(tempfile.mkdtemp(), "aggregator", "aggregator")
+>>> aggregator.registry.trust(retailer.public_keys())
+>>> recipient = aggregator.registry.current_kem_key("aggregator")
+>>> blob = seal(b"weights", retailer.identity, recipient, "model-update", seq=1)
+>>> seen = InMemoryFreshness()
+>>> payload, meta = open(blob, aggregator.kem, aggregator.registry, freshness=seen)
+>>> payload, meta.sender, meta.purpose, meta.sequence
+(b'weights', 'retailer-1', 'model-update', 1)
+>>> open(blob, aggregator.kem, aggregator.registry, freshness=seen)
+Traceback (most recent call last):
+...
+pqc.errors.Replay: sequence 1 from retailer-1 (model-update) is not after 1: replay
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from pqc.backend import ML_DSA_65, ML_KEM_768, X25519_ML_KEM_768, Backend, get_backend
+from pqc.errors import (
+    KeyStoreError,
+    MalformedEnvelope,
+    TamperedEnvelope,
+    UnauthorizedSender,
+    WrongPurpose,
+    WrongRecipient,
+)
+from pqc.freshness import DEFAULT_WINDOW, FreshnessStore, TimeWindow
+from pqc.keys import KEM_KIND, KEY_ID_SIZE, Identity, KemKeyring, Registry, TrustedKey
+
+MAGIC = b"QSFE"
+VERSION = 1
+KEM_IDS = {0: None, 1: ML_KEM_768, 2: X25519_ML_KEM_768}
+KEM_SIZES = {0: 0, 1: 1088, 2: 1120}
+AEAD_NONE, AEAD_AES_256_GCM = 0, 1
+SIGNATURE_IDS = {1: ML_DSA_65}
+SIGNATURE_SIZE = 3309
+GCM_TAG_SIZE = 16
+FIXED = struct.Struct(">4sBBBB16s16sQQQB")  # everything up to and including the purpose length
+PURPOSE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+CONTEXT_PREFIX = b"qsfraud/v1/"
+KDF_LABEL = b"qsfraud/v1/aes-256-gcm"
+CHUNK_SIZE = 256 * 1024
+NO_RECIPIENT = bytes(KEY_ID_SIZE)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The parsed, NOT yet authenticated header of an envelope."""
+
+    kem_id: int
+    aead_id: int
+    signature_id: int
+    sender_key_id: bytes
+    recipient_key_id: bytes
+    sequence: int
+    timestamp_ms: int
+    body_length: int
+    purpose: str
+    header_length: int
+
+    @property
+    def kem_length(self) -> int:
+        return KEM_SIZES[self.kem_id]
+
+    @property
+    def is_document(self) -> bool:
+        return self.kem_id == 0
+
+
+@dataclass(frozen=True)
+class EnvelopeMeta:
+    """What :func:`open` / :func:`verify_document` vouch for besides the payload."""
+
+    sender: str
+    sender_role: str
+    sender_key_id: str
+    recipient_key_id: str | None
+    kem: str | None
+    purpose: str
+    sequence: int
+    timestamp: float
+    payload_size: int
+
+
+def context_for(purpose: str) -> bytes:
+    """The ML-DSA context string of a purpose.
+
+    >>> context_for("model-update")
+    b'qsfraud/v1/model-update'
+    """
+    return CONTEXT_PREFIX + check_purpose(purpose).encode("ascii")
+
+
+def check_purpose(purpose: str) -> str:
+    """``purpose`` if valid (``[a-z0-9][a-z0-9._-]{0,63}``), else ValueError."""
+    if not PURPOSE.fullmatch(purpose):
+        raise ValueError(f"invalid purpose {purpose!r}: use [a-z0-9][a-z0-9._-]{{0,63}}")
+    return purpose
+
+
+def _header(
+    kem_id: int,
+    aead_id: int,
+    sender: bytes,
+    recipient: bytes,
+    seq: int,
+    timestamp_ms: int,
+    body_length: int,
+    purpose: str,
+) -> bytes:
+    raw = check_purpose(purpose).encode("ascii")
+    if not 0 <= seq < 2**64:
+        raise ValueError("the sequence number must fit in 64 bits unsigned")
+    fixed = FIXED.pack(
+        MAGIC,
+        VERSION,
+        kem_id,
+        aead_id,
+        1,
+        sender,
+        recipient,
+        seq,
+        timestamp_ms,
+        body_length,
+        len(raw),
+    )
+    return fixed + raw
+
+
+def read_header(blob: bytes) -> Header:
+    """Parse the header and check every length; MalformedEnvelope if anything is off.
+
+    The result is unauthenticated: use it for routing at most, never for decisions.
+
+    >>> read_header(b"QSFE")
+    Traceback (most recent call last):
+    ...
+    pqc.errors.MalformedEnvelope: envelope too short: 4 bytes
+    """
+    view = memoryview(blob)
+    if len(view) < FIXED.size:
+        raise MalformedEnvelope(f"envelope too short: {len(view)} bytes")
+    (magic, version, kem_id, aead_id, sig_id, sender, recipient, seq, stamp, body, plen) = (
+        FIXED.unpack_from(view)
+    )
+    if magic != MAGIC:
+        raise MalformedEnvelope("not a qsfraud envelope (bad magic)")
+    if version != VERSION:
+        raise MalformedEnvelope(f"unsupported envelope version {version}")
+    if kem_id not in KEM_IDS:
+        raise MalformedEnvelope(f"unknown KEM id {kem_id}")
+    if sig_id not in SIGNATURE_IDS:
+        raise MalformedEnvelope(f"unknown signature id {sig_id}")
+    if (kem_id == 0) != (aead_id == AEAD_NONE) or aead_id not in (AEAD_NONE, AEAD_AES_256_GCM):
+        raise MalformedEnvelope(f"invalid KEM/AEAD combination {kem_id}/{aead_id}")
+    if kem_id == 0 and recipient != NO_RECIPIENT:
+        raise MalformedEnvelope("a signed document names no recipient")
+    if kem_id != 0 and body < GCM_TAG_SIZE:
+        raise MalformedEnvelope("encrypted body shorter than the AES-GCM tag")
+    header_length = FIXED.size + plen
+    if len(view) < header_length:
+        raise MalformedEnvelope(f"envelope too short: {len(view)} bytes")
+    try:
+        purpose = check_purpose(bytes(view[FIXED.size : header_length]).decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedEnvelope("invalid purpose") from exc
+    expected = header_length + KEM_SIZES[kem_id] + body + SIGNATURE_SIZE
+    if len(view) < expected:
+        raise MalformedEnvelope(f"truncated envelope: {len(view)} of {expected} bytes")
+    if len(view) > expected:
+        raise MalformedEnvelope(f"{len(view) - expected} trailing bytes after the envelope")
+    return Header(
+        kem_id, aead_id, sig_id, sender, recipient, seq, stamp, body, purpose, header_length
+    )
+
+
+# ----------------------------------------------------------------------------- digest
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _chunk_digest(chunk: memoryview) -> bytes:
+    return hashlib.sha256(chunk).digest()
+
+
+def body_digest(body: bytes | memoryview) -> bytes:
+    """SHA-256 over the SHA-256 of each 256 KiB chunk of ``body`` (chunks hashed in parallel).
+
+    >>> body_digest(b"").hex() == hashlib.sha256(b"").hexdigest()
+    True
+    >>> body_digest(b"abc") == hashlib.sha256(hashlib.sha256(b"abc").digest()).digest()
+    True
+    """
+    global _pool
+    view = memoryview(body)
+    chunks = [view[i : i + CHUNK_SIZE] for i in range(0, len(view), CHUNK_SIZE)]
+    workers = min(4, os.cpu_count() or 1)
+    if len(chunks) < 2 or workers < 2:
+        digests = [_chunk_digest(c) for c in chunks]
+    else:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(workers, thread_name_prefix="qsfraud-pqc-hash")
+        digests = list(_pool.map(_chunk_digest, chunks))
+    return hashlib.sha256(b"".join(digests)).digest()
+
+
+def _aead_key(shared_secret: bytes, header_and_kem: bytes) -> tuple[AESGCM, bytes]:
+    okm = HKDF(hashes.SHA256(), 44, salt=None, info=KDF_LABEL + header_and_kem).derive(
+        shared_secret
+    )
+    return AESGCM(okm[:32]), okm[32:]
+
+
+# ----------------------------------------------------------------------------- seal / sign
+
+
+def seal(
+    payload: bytes,
+    sender: Identity,
+    recipient: TrustedKey,
+    purpose: str,
+    seq: int,
+    *,
+    now: float | None = None,
+) -> bytes:
+    """Encrypt ``payload`` to ``recipient`` (a trusted KEM key) and sign it as ``sender``."""
+    if recipient.kind != KEM_KIND:
+        raise KeyStoreError(f"{recipient.name}'s {recipient.algorithm} key is not a KEM key")
+    now = time.time() if now is None else now
+    if not recipient.valid_at(now):
+        raise KeyStoreError(f"{recipient.name}'s KEM key {recipient.key_id.hex()} has expired")
+    kem_id = {v: k for k, v in KEM_IDS.items()}[recipient.algorithm]
+    kem = sender.backend.kem(recipient.algorithm)
+    secret, kem_ciphertext = kem.encapsulate(recipient.public_key)
+    header = _header(
+        kem_id,
+        AEAD_AES_256_GCM,
+        sender.key_id,
+        recipient.key_id,
+        seq,
+        int(now * 1000),
+        len(payload) + GCM_TAG_SIZE,
+        purpose,
+    )
+    prefix = header + kem_ciphertext
+    aead, nonce = _aead_key(secret, prefix)
+    body = aead.encrypt(nonce, payload, prefix)
+    return _signed(prefix, body, sender, purpose)
+
+
+def sign_document(
+    payload: bytes, signer: Identity, purpose: str, seq: int, *, now: float | None = None
+) -> bytes:
+    """Sign ``payload`` (not encrypted: anyone can read it) as ``signer``."""
+    now = time.time() if now is None else now
+    header = _header(
+        0, AEAD_NONE, signer.key_id, NO_RECIPIENT, seq, int(now * 1000), len(payload), purpose
+    )
+    return _signed(header, payload, signer, purpose)
+
+
+def _signed(prefix: bytes, body: bytes, signer: Identity, purpose: str) -> bytes:
+    scheme = signer.backend.signature(ML_DSA_65)
+    message = prefix + body_digest(body)
+    signature = scheme.sign(signer.current.private, message, context_for(purpose))
+    return b"".join((prefix, body, signature))
+
+
+# ----------------------------------------------------------------------------- open / verify
+
+
+def open(  # shadows the builtin on purpose: envelope.open is the API
+    blob: bytes,
+    recipient: KemKeyring,
+    registry: Registry,
+    *,
+    freshness: FreshnessStore,
+    purpose: str | None = None,
+    roles: Collection[str] | None = None,
+    window: TimeWindow = DEFAULT_WINDOW,
+    now: float | None = None,
+) -> tuple[bytes, EnvelopeMeta]:
+    """Check and decrypt an envelope made by :func:`seal`; return ``(payload, meta)``.
+
+    Raises a :class:`~pqc.errors.EnvelopeError` subclass (and returns nothing) unless the
+    envelope parses, its sender is trusted (and in ``roles`` if given), it is sealed to one of
+    ``recipient``'s unexpired keys, its signature verifies, its purpose is ``purpose`` (if
+    given), its timestamp is inside ``window`` and its sequence number is new.
+    """
+    now = time.time() if now is None else now
+    header = read_header(blob)
+    if header.is_document:
+        raise MalformedEnvelope("this is a signed document, not a sealed envelope")
+    kem_key = recipient.find(header.recipient_key_id, now)
+    if kem_key is None:
+        raise WrongRecipient(
+            f"sealed to KEM key {header.recipient_key_id.hex()}, which {recipient.name} "
+            "does not hold (or which has expired)"
+        )
+    view = memoryview(blob)
+    kem_end = header.header_length + header.kem_length
+    body = view[kem_end : kem_end + header.body_length]
+    trusted, meta = _verify(view, header, body, registry, recipient.backend, purpose, roles, now)
+    window.check(header.timestamp_ms, now)
+    kem = recipient.backend.kem(kem_key.private.algorithm)
+    prefix = bytes(view[:kem_end])
+    try:
+        secret = kem.decapsulate(kem_key.private, prefix[header.header_length :])
+        aead, nonce = _aead_key(secret, prefix)
+        payload = aead.decrypt(nonce, body, prefix)
+    except (InvalidTag, ValueError) as exc:
+        raise TamperedEnvelope(f"payload from {trusted.name} does not decrypt") from exc
+    freshness.advance(trusted.name, header.purpose, header.sequence)
+    return payload, meta
+
+
+def verify_document(
+    blob: bytes,
+    registry: Registry,
+    *,
+    freshness: FreshnessStore,
+    purpose: str | None = None,
+    roles: Collection[str] | None = None,
+    window: TimeWindow = DEFAULT_WINDOW,
+    now: float | None = None,
+    backend: Backend | None = None,
+) -> tuple[bytes, EnvelopeMeta]:
+    """Check a document made by :func:`sign_document`; return ``(payload, meta)``.
+
+    The same checks as :func:`open`, without a recipient or decryption.
+    """
+    now = time.time() if now is None else now
+    header = read_header(blob)
+    if not header.is_document:
+        raise MalformedEnvelope("this is a sealed envelope, not a signed document")
+    view = memoryview(blob)
+    body = view[header.header_length : header.header_length + header.body_length]
+    trusted, meta = _verify(
+        view, header, body, registry, backend or get_backend(), purpose, roles, now
+    )
+    window.check(header.timestamp_ms, now)
+    freshness.advance(trusted.name, header.purpose, header.sequence)
+    return bytes(body), meta
+
+
+def _verify(
+    view: memoryview,
+    header: Header,
+    body: memoryview,
+    registry: Registry,
+    backend: Backend,
+    purpose: str | None,
+    roles: Collection[str] | None,
+    now: float,
+) -> tuple[TrustedKey, EnvelopeMeta]:
+    """Find the sender, check the signature, then the purpose and role."""
+    trusted = registry.sender(header.sender_key_id, now)
+    scheme = backend.signature(trusted.algorithm)
+    signed_end = header.header_length + header.kem_length
+    message = bytes(view[:signed_end]) + body_digest(body)
+    signature = bytes(view[len(view) - SIGNATURE_SIZE :])
+    if not scheme.verify(trusted.public_key, message, signature, context_for(header.purpose)):
+        raise TamperedEnvelope(f"signature by {trusted.name} does not verify")
+    if purpose is not None and header.purpose != purpose:
+        raise WrongPurpose(f"expected purpose {purpose!r}, got {header.purpose!r}")
+    if roles is not None and trusted.role not in roles:
+        raise UnauthorizedSender(
+            f"{trusted.name} is a {trusted.role}; {header.purpose!r} must come from "
+            f"{' or '.join(sorted(roles))}"
+        )
+    meta = EnvelopeMeta(
+        sender=trusted.name,
+        sender_role=trusted.role,
+        sender_key_id=trusted.key_id.hex(),
+        recipient_key_id=None if header.is_document else header.recipient_key_id.hex(),
+        kem=KEM_IDS[header.kem_id],
+        purpose=header.purpose,
+        sequence=header.sequence,
+        timestamp=header.timestamp_ms / 1000.0,
+        payload_size=header.body_length - (0 if header.is_document else GCM_TAG_SIZE),
+    )
+    return trusted, meta
