@@ -1,0 +1,198 @@
+"""Seal/open and sign/verify round trips, and every typed rejection."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pqc import envelope
+from pqc.errors import (
+    KeyStoreError,
+    MalformedEnvelope,
+    OutsideTimeWindow,
+    Replay,
+    TamperedEnvelope,
+    UnauthorizedSender,
+    UnknownSender,
+    WrongPurpose,
+    WrongRecipient,
+)
+from pqc.freshness import InMemoryFreshness, TimeWindow
+from pqc.keys import Registry
+
+NOW = 1_750_000_000.0
+
+
+def seal_to_aggregator(parties, payload=b"weights", seq=1, purpose="model-update", now=NOW):
+    recipient = parties.retailer.registry.current_kem_key("aggregator")
+    return envelope.seal(payload, parties.retailer.identity, recipient, purpose, seq, now=now)
+
+
+def open_at_aggregator(parties, blob, **kwargs):
+    kwargs.setdefault("now", NOW)
+    kwargs.setdefault("freshness", parties.freshness)
+    agg = parties.aggregator
+    return envelope.open(blob, agg.kem, agg.registry, **kwargs)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024])
+def test_round_trip_both_kems(parties_any_kem, size):
+    payload = os.urandom(size)
+    blob = seal_to_aggregator(parties_any_kem, payload)
+    got, meta = open_at_aggregator(parties_any_kem, blob, purpose="model-update")
+    assert got == payload
+    assert meta.sender == "retailer-1" and meta.sender_role == "retailer"
+    assert meta.sequence == 1 and meta.timestamp == NOW and meta.payload_size == size
+    assert meta.kem == parties_any_kem.aggregator.kem.current.private.algorithm
+    assert meta.recipient_key_id == parties_any_kem.aggregator.kem.current.key_id.hex()
+    assert size < 16 or payload not in blob
+
+
+def test_default_mode_is_hybrid(parties):
+    blob = seal_to_aggregator(parties)
+    assert envelope.read_header(blob).kem_id == 2
+
+
+def test_replay_and_old_sequence_are_rejected(parties):
+    blob5 = seal_to_aggregator(parties, seq=5)
+    blob3 = seal_to_aggregator(parties, seq=3)
+    open_at_aggregator(parties, blob5)
+    with pytest.raises(Replay, match="replay"):
+        open_at_aggregator(parties, blob5)
+    with pytest.raises(Replay):
+        open_at_aggregator(parties, blob3)
+    open_at_aggregator(parties, seal_to_aggregator(parties, seq=6))
+
+
+def test_sequences_are_per_sender_and_purpose(parties):
+    open_at_aggregator(parties, seal_to_aggregator(parties, seq=7))
+    open_at_aggregator(parties, seal_to_aggregator(parties, seq=1, purpose="heartbeat"))
+    other = envelope.seal(
+        b"x",
+        parties.other_retailer.identity,
+        parties.other_retailer.registry.current_kem_key("aggregator"),
+        "model-update",
+        1,
+        now=NOW,
+    )
+    _, meta = open_at_aggregator(parties, other)
+    assert meta.sender == "retailer-2"
+    assert parties.freshness.last_sequence("retailer-1", "model-update") == 7
+
+
+@pytest.mark.parametrize("skew", [-901.0, 121.0])
+def test_out_of_window_is_rejected(parties, skew):
+    blob = seal_to_aggregator(parties, now=NOW + skew)
+    with pytest.raises(OutsideTimeWindow):
+        open_at_aggregator(parties, blob)
+    # a rejected envelope does not consume its sequence number
+    open_at_aggregator(parties, seal_to_aggregator(parties, seq=1))
+
+
+def test_window_is_configurable(parties):
+    blob = seal_to_aggregator(parties, now=NOW - 30)
+    with pytest.raises(OutsideTimeWindow):
+        open_at_aggregator(parties, blob, window=TimeWindow(max_age_s=10, max_future_s=1))
+
+
+def test_wrong_recipient(parties):
+    recipient = parties.retailer.registry.current_kem_key("retailer-2")
+    blob = envelope.seal(b"x", parties.retailer.identity, recipient, "model-update", 1, now=NOW)
+    with pytest.raises(WrongRecipient, match="aggregator"):
+        open_at_aggregator(parties, blob)
+
+
+def test_unknown_sender(parties):
+    blob = seal_to_aggregator(parties)
+    agg = parties.aggregator
+    with pytest.raises(UnknownSender):
+        envelope.open(blob, agg.kem, Registry(), freshness=InMemoryFreshness(), now=NOW)
+
+
+def test_swapped_sender_id_is_rejected(parties):
+    blob = bytearray(seal_to_aggregator(parties))
+    blob[8:24] = parties.other_retailer.identity.key_id  # another trusted sender
+    with pytest.raises(TamperedEnvelope, match="retailer-2"):
+        open_at_aggregator(parties, bytes(blob))
+
+
+def test_resigned_by_another_sender_keeps_identity_honest(parties):
+    """A sender cannot pass its envelope off as another's: the meta names the real signer."""
+    blob = envelope.seal(
+        b"x",
+        parties.other_retailer.identity,
+        parties.other_retailer.registry.current_kem_key("aggregator"),
+        "model-update",
+        1,
+        now=NOW,
+    )
+    _, meta = open_at_aggregator(parties, blob)
+    assert meta.sender == "retailer-2"
+
+
+def test_wrong_purpose_and_role(parties):
+    blob = seal_to_aggregator(parties, purpose="global-model")
+    with pytest.raises(WrongPurpose):
+        open_at_aggregator(parties, blob, purpose="model-update")
+    with pytest.raises(UnauthorizedSender, match="retailer-1 is a retailer"):
+        open_at_aggregator(parties, blob, roles={"aggregator"})
+
+
+def test_seal_refuses_a_signing_key_as_recipient(parties):
+    signing = [k for k in parties.retailer.registry.party("aggregator") if k.kind == "signature"]
+    with pytest.raises(KeyStoreError):
+        envelope.seal(b"x", parties.retailer.identity, signing[0], "model-update", 1)
+
+
+@pytest.mark.parametrize("purpose", ["", "Model", "a b", "x" * 65, "é"])
+def test_invalid_purpose_is_refused(parties, purpose):
+    with pytest.raises(ValueError):
+        seal_to_aggregator(parties, purpose=purpose)
+
+
+def test_signed_document_round_trip(parties):
+    doc = envelope.sign_document(
+        b'{"threshold": 0.7}', parties.admin.identity, "config", 3, now=NOW
+    )
+    assert b'{"threshold": 0.7}' in doc  # readable by everyone, by design
+    payload, meta = envelope.verify_document(
+        doc, parties.retailer.registry, freshness=InMemoryFreshness(), roles={"admin"}, now=NOW
+    )
+    assert payload == b'{"threshold": 0.7}'
+    assert meta.sender == "admin-1" and meta.recipient_key_id is None and meta.kem is None
+
+
+def test_signed_document_checks(parties):
+    doc = envelope.sign_document(b"cfg", parties.retailer.identity, "config", 1, now=NOW)
+    seen = InMemoryFreshness()
+    registry = parties.aggregator.registry
+    with pytest.raises(UnauthorizedSender):
+        envelope.verify_document(doc, registry, freshness=seen, roles={"admin"}, now=NOW)
+    envelope.verify_document(doc, registry, freshness=seen, now=NOW)
+    with pytest.raises(Replay):
+        envelope.verify_document(doc, registry, freshness=seen, now=NOW)
+    tampered = doc.replace(b"cfg", b"cfG")
+    with pytest.raises(TamperedEnvelope):
+        envelope.verify_document(tampered, registry, freshness=InMemoryFreshness(), now=NOW)
+
+
+def test_document_and_envelope_are_not_interchangeable(parties):
+    doc = envelope.sign_document(b"cfg", parties.admin.identity, "config", 1, now=NOW)
+    with pytest.raises(MalformedEnvelope, match="signed document"):
+        open_at_aggregator(parties, doc)
+    blob = seal_to_aggregator(parties)
+    with pytest.raises(MalformedEnvelope, match="sealed envelope"):
+        envelope.verify_document(
+            blob, parties.aggregator.registry, freshness=InMemoryFreshness(), now=NOW
+        )
+
+
+def test_contexts_separate_purposes(parties):
+    """A signature made for one purpose does not verify for another (ML-DSA context)."""
+    blob = bytearray(seal_to_aggregator(parties, purpose="model-updatf"))
+    start = 65
+    assert blob[start : start + 12] == b"model-updatf"
+    blob[start : start + 12] = b"model-update"
+    with pytest.raises(TamperedEnvelope):
+        open_at_aggregator(parties, bytes(blob))
