@@ -1,0 +1,342 @@
+"""From a risk score to allow / verify / hold / block, with the reasons why.
+
+Precedence, as in commercial fraud engines:
+
+1. block lists (customer, instrument, device, IP) and rules whose action is ``block``;
+2. allow lists (a trusted customer, instrument, device or IP is allowed);
+3. otherwise the most severe of the score band and any other rule that fired
+   (``verify`` = step-up such as 3-D Secure or an OTP, ``hold`` = manual review).
+
+Everything comes from :class:`PolicyConfig`, versioned plain data (``to_dict``/``from_dict``)
+that admins push as signed JSON; :class:`Policy` holds the current one and can swap it at run
+time.
+
+>>> config = PolicyConfig.from_dict({"v": 1, "version": 3,
+...     "thresholds": {"verify": 0.5, "hold": 0.8, "block": 0.95},
+...     "block": {"devices": ["d-evil"]},
+...     "rules": [{"name": "big-ticket", "field": "amount", "op": ">", "value": 5000,
+...                "action": "hold"}]})
+>>> tx = {"tx_id": "t1", "retailer_id": "acme", "amount": 7200.0, "device_id": "d1"}
+>>> d = decide(tx, 0.2, config, contributions=[("amount_log", 1.7)])
+>>> d.action, d.reasons, d.config_version
+('hold', ('rule:big-ticket', 'amount_log +1.70'), 3)
+>>> decide({**tx, "device_id": "d-evil"}, 0.01, config).action
+'block'
+>>> decide({**tx, "amount": 10.0}, 0.6, config).action
+'verify'
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from fraud.models.risk import ModelParams
+from fraud.schema import ACTIONS, Decision, SchemaError, Transaction
+
+POLICY_VERSION: Final = 1
+LIST_KINDS: Final = ("customers", "instruments", "devices", "ips")
+_LIST_FIELDS: Final = {
+    "customers": "customer_id",
+    "instruments": "payment_instrument",
+    "devices": "device_id",
+    "ips": "ip",
+}
+_SEVERITY: Final = {a: i for i, a in enumerate(ACTIONS)}
+_OPS: Final[dict[str, Callable[[Any, Any], bool]]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "in": lambda a, b: a in b,
+    "not in": lambda a, b: a not in b,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """``field op value -> action``. ``field`` is a transaction field (``amount``,
+    ``channel``, ...), an extra field, ``score``, or ``feature:<name>`` for a feature value."""
+
+    name: str
+    field: str
+    op: str
+    value: Any
+    action: str
+
+    def fires(self, tx: Mapping[str, Any], score: float, features: Mapping[str, float]) -> bool:
+        if self.field == "score":
+            actual: Any = score
+        elif self.field.startswith("feature:"):
+            actual = features.get(self.field[8:])
+        else:
+            actual = tx.get(self.field)
+            if actual is None:
+                extras = tx.get("extras")
+                if isinstance(extras, Mapping):
+                    actual = extras.get(self.field)
+        if actual is None:
+            return False
+        try:
+            return bool(_OPS[self.op](actual, self.value))
+        except TypeError:
+            return False
+
+    def to_dict(self) -> dict[str, Any]:
+        value = list(self.value) if isinstance(self.value, tuple | frozenset) else self.value
+        return {"name": self.name, "field": self.field, "op": self.op, "value": value,
+                "action": self.action}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "rules") -> Rule:
+        if not isinstance(d, Mapping):
+            raise SchemaError(where, "expected an object")
+        for key in ("name", "field", "op", "action"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise SchemaError(f"{where}.{key}", "is required (a string)")
+        if d["op"] not in _OPS:
+            raise SchemaError(f"{where}.op", f"must be one of {', '.join(_OPS)}; got {d['op']!r}")
+        if d["action"] not in ACTIONS or d["action"] == "allow":
+            raise SchemaError(
+                f"{where}.action", f"must be verify, hold or block; got {d['action']!r}"
+            )
+        if "value" not in d:
+            raise SchemaError(f"{where}.value", "is required")
+        value = d["value"]
+        if d["op"] in ("in", "not in"):
+            if not isinstance(value, list | tuple):
+                raise SchemaError(f"{where}.value", "expected a list for 'in'")
+            value = tuple(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise SchemaError(f"{where}.value", "must be finite")
+        return cls(str(d["name"]), str(d["field"]), str(d["op"]), value, str(d["action"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Score bands: ``>= verify`` steps up, ``>= hold`` goes to review, ``>= block`` blocks."""
+
+    verify: float = 0.5
+    hold: float = 0.8
+    block: float = 0.95
+
+    def action(self, score: float) -> str:
+        if score >= self.block:
+            return "block"
+        if score >= self.hold:
+            return "hold"
+        if score >= self.verify:
+            return "verify"
+        return "allow"
+
+
+def _entity_lists(d: Any, where: str) -> dict[str, frozenset[str]]:
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise SchemaError(where, "expected an object of lists")
+    out: dict[str, frozenset[str]] = {}
+    for key, values in d.items():
+        if key not in LIST_KINDS:
+            raise SchemaError(f"{where}.{key}", f"unknown list; use {', '.join(LIST_KINDS)}")
+        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+            raise SchemaError(f"{where}.{key}", "expected a list of strings")
+        out[key] = frozenset(values)
+    return {k: out.get(k, frozenset()) for k in LIST_KINDS}
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Versioned, plain-data decision policy: thresholds, lists, rules, model parameters."""
+
+    version: int = 0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    block: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: {k: frozenset() for k in LIST_KINDS}
+    )
+    allow: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: {k: frozenset() for k in LIST_KINDS}
+    )
+    rules: tuple[Rule, ...] = ()
+    model: ModelParams = field(default_factory=ModelParams)
+    top_reasons: int = 3
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PolicyConfig:
+        """Validate plain data; a ``SchemaError`` names the bad field."""
+        if not isinstance(d, Mapping):
+            raise SchemaError("policy", f"expected an object, got {type(d).__name__}")
+        if d.get("v", POLICY_VERSION) != POLICY_VERSION:
+            raise SchemaError("v", f"unsupported policy version {d.get('v')!r}")
+        known = {"v", "kind", "version", "thresholds", "block", "allow", "rules", "model",
+                 "top_reasons"}
+        for key in d:
+            if key not in known:
+                raise SchemaError(str(key), "unknown policy field")
+        version = d.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise SchemaError("version", f"expected a non-negative integer, got {version!r}")
+        th = d.get("thresholds") or {}
+        if not isinstance(th, Mapping):
+            raise SchemaError("thresholds", "expected an object")
+        values: dict[str, float] = {}
+        for key, value in th.items():
+            if key not in ("verify", "hold", "block"):
+                raise SchemaError(f"thresholds.{key}", "unknown threshold")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                0.0 <= value <= 1.0
+            ):
+                raise SchemaError(
+                    f"thresholds.{key}", f"expected a number in [0, 1], got {value!r}"
+                )
+            values[key] = float(value)
+        thresholds = Thresholds(**values)
+        if not thresholds.verify <= thresholds.hold <= thresholds.block:
+            raise SchemaError("thresholds", "need verify <= hold <= block")
+        rules = d.get("rules") or []
+        if not isinstance(rules, list | tuple):
+            raise SchemaError("rules", "expected a list")
+        top = d.get("top_reasons", 3)
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise SchemaError("top_reasons", f"expected a non-negative integer, got {top!r}")
+        model = d.get("model")
+        if model is not None and not isinstance(model, Mapping):
+            raise SchemaError("model", "expected an object")
+        return cls(
+            version=version,
+            thresholds=thresholds,
+            block=_entity_lists(d.get("block"), "block"),
+            allow=_entity_lists(d.get("allow"), "allow"),
+            rules=tuple(Rule.from_dict(r, f"rules[{i}]") for i, r in enumerate(rules)),
+            model=ModelParams.from_dict(model),
+            top_reasons=top,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": POLICY_VERSION,
+            "kind": "policy",
+            "version": self.version,
+            "thresholds": {"verify": self.thresholds.verify, "hold": self.thresholds.hold,
+                           "block": self.thresholds.block},
+            "block": {k: sorted(v) for k, v in self.block.items() if v},
+            "allow": {k: sorted(v) for k, v in self.allow.items() if v},
+            "rules": [r.to_dict() for r in self.rules],
+            "model": self.model.to_dict(),
+            "top_reasons": self.top_reasons,
+        }
+
+
+def _as_mapping(tx: Transaction | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(tx, Transaction):
+        return {
+            "tx_id": tx.tx_id, "retailer_id": tx.retailer_id, "amount": tx.amount,
+            "currency": tx.currency, "customer_id": tx.customer_id,
+            "payment_instrument": tx.payment_instrument, "device_id": tx.device_id,
+            "ip": tx.ip, "channel": tx.channel, "store_id": tx.store_id,
+            "terminal_id": tx.terminal_id, "coupon_code": tx.coupon_code,
+            "item_count": tx.item_count, "address_mismatch": tx.address_mismatch,
+            "occurred_at": tx.occurred_at, "extras": tx.extras,
+        }
+    return tx
+
+
+def decide(
+    tx: Transaction | Mapping[str, Any],
+    score: float,
+    config: PolicyConfig,
+    contributions: Iterable[tuple[str, float]] = (),
+    features: Mapping[str, float] | None = None,
+    model_version: str = "",
+    timings: Mapping[str, float] | None = None,
+) -> Decision:
+    """Decide one transaction. ``contributions`` are the model's top ``(feature, weight*z)``.
+
+    Reasons: list hits (``blocklist:device``, ``allowlist:customer``), fired rules
+    (``rule:<name>``), the score band (``score>=hold``) and the top feature contributions.
+    """
+    t = _as_mapping(tx)
+    feats = features or {}
+    score = 0.0 if not score > 0.0 else 1.0 if score > 1.0 else float(score)
+    reasons: list[str] = []
+    action = ""
+    for kind, name in _LIST_FIELDS.items():
+        value = t.get(name)
+        if value is not None and value in config.block[kind]:
+            reasons.append(f"blocklist:{kind[:-1]}")
+    fired = [r for r in config.rules if r.fires(t, score, feats)]
+    for rule in fired:
+        if rule.action == "block":
+            reasons.append(f"rule:{rule.name}")
+    if reasons:
+        action = "block"
+    else:
+        for kind, name in _LIST_FIELDS.items():
+            value = t.get(name)
+            if value is not None and value in config.allow[kind]:
+                reasons.append(f"allowlist:{kind[:-1]}")
+        if reasons:
+            action = "allow"
+    if not action:
+        action = config.thresholds.action(score)
+        if action != "allow":
+            reasons.append(f"score>={action}")
+        for rule in fired:
+            reasons.append(f"rule:{rule.name}")
+            if _SEVERITY[rule.action] > _SEVERITY[action]:
+                action = rule.action
+    if config.top_reasons:
+        reasons += [f"{k} {c:+.2f}" for k, c in list(contributions)[: config.top_reasons]]
+    stamp = dict(timings or {})
+    stamp.setdefault("decided", time.time())
+    return Decision(
+        tx_id=str(t.get("tx_id") or ""),
+        retailer_id=str(t.get("retailer_id") or ""),
+        score=score,
+        action=action,
+        reasons=tuple(reasons),
+        model_version=model_version,
+        config_version=config.version,
+        timings=stamp,
+    )
+
+
+class Policy:
+    """Holds the current :class:`PolicyConfig`; ``replace`` swaps it atomically at run time.
+
+    >>> policy = Policy()
+    >>> policy.replace(PolicyConfig.from_dict({"version": 2}))
+    >>> policy.config.version
+    2
+    >>> policy.replace(PolicyConfig.from_dict({"version": 1}))
+    Traceback (most recent call last):
+    ...
+    ValueError: policy version 1 is older than the current 2
+    """
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config or PolicyConfig()
+
+    def replace(self, config: PolicyConfig, allow_older: bool = False) -> None:
+        if config.version < self.config.version and not allow_older:
+            raise ValueError(
+                f"policy version {config.version} is older than the current {self.config.version}"
+            )
+        self.config = config
+
+    def decide(
+        self,
+        tx: Transaction | Mapping[str, Any],
+        score: float,
+        contributions: Sequence[tuple[str, float]] = (),
+        features: Mapping[str, float] | None = None,
+        model_version: str = "",
+        timings: Mapping[str, float] | None = None,
+    ) -> Decision:
+        return decide(tx, score, self.config, contributions, features, model_version, timings)
