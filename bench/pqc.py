@@ -1,0 +1,171 @@
+"""Seal and open times of quantum-safe envelopes next to plain AES-256-GCM (same payloads).
+
+Run with ``qsfraud bench pqc [--kem X25519MLKEM768|ML-KEM-768] [--backend NAME]``. Seal and
+AES-256-GCM encryption are timed alternately (as are open and decryption), so both see the
+same machine load; figures are medians in milliseconds. The last printed line is a JSON
+object with ``seal_1mb_ms``, ``open_1mb_ms``, ``aesgcm_1mb_ms`` (encryption) and
+``pq_overhead_ms`` (the larger of seal and open, minus AES-256-GCM, for 1 MiB), plus the
+other figures and a breakdown of the 1 MiB overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pqc import envelope
+from pqc.backend import ML_DSA_65, X25519_ML_KEM_768, get_backend
+from pqc.freshness import InMemoryFreshness
+from pqc.keys import init_keystore
+
+SIZES = {"10kb": 10 * 1024, "1mb": 1024 * 1024, "10mb": 10 * 1024 * 1024}
+ROUNDS = {"10kb": 300, "1mb": 100, "10mb": 15}
+
+
+def alternate(
+    first: Callable[[int], object], second: Callable[[int], object], rounds: int
+) -> tuple[float, float]:
+    """Median ms of ``first`` and of ``second``, timed one after the other each round."""
+    first(0), second(0)  # warm up
+    a, b = [], []
+    for i in range(1, rounds + 1):
+        start = time.perf_counter_ns()
+        first(i)
+        middle = time.perf_counter_ns()
+        second(i)
+        b.append(time.perf_counter_ns() - middle)
+        a.append(middle - start)
+    return statistics.median(a) / 1e6, statistics.median(b) / 1e6
+
+
+def median_ms(run: Callable[[], object], rounds: int) -> float:
+    run()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter_ns()
+        run()
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qsfraud bench pqc", description=__doc__)
+    parser.add_argument(
+        "--kem", default=X25519_ML_KEM_768, choices=["X25519MLKEM768", "ML-KEM-768"]
+    )
+    parser.add_argument("--backend", default=None, help="cryptography (default) or oqs")
+    args = parser.parse_args(argv)
+    backend = get_backend(args.backend)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sender = init_keystore(Path(tmp) / "s", "retailer-1", "retailer", backend=backend)
+        receiver = init_keystore(
+            Path(tmp) / "r", "aggregator", "aggregator", args.kem, backend=backend
+        )
+    sender.registry.trust(receiver.public_keys())
+    receiver.registry.trust(sender.public_keys())
+    recipient = sender.registry.current_kem_key("aggregator")
+    aead, nonce, aad = AESGCM(os.urandom(32)), os.urandom(12), os.urandom(80)
+
+    load = os.getloadavg()[0]
+    print(
+        f"backend {backend.name}, KEM {args.kem}, signature ML-DSA-65, "
+        f"{os.cpu_count()} CPUs, load average {load:.2f}"
+    )
+    print(
+        f"{'payload':>8} {'seal':>8} {'open':>8} {'AES-GCM enc':>12} {'AES-GCM dec':>12}"
+        f" {'PQ overhead':>12} {'envelope bytes':>15}   (ms, medians)"
+    )
+    figures: dict[str, float] = {}
+    for label, size in SIZES.items():
+        payload = os.urandom(size)
+        rounds = ROUNDS[label]
+
+        def seal(i: int, payload: bytes = payload) -> bytes:
+            return envelope.seal(payload, sender.identity, recipient, "model-update", i)
+
+        def encrypt(_i: int, payload: bytes = payload) -> bytes:
+            return aead.encrypt(nonce, payload, aad)
+
+        seal_ms, enc_ms = alternate(seal, encrypt, rounds)
+        blobs = [seal(i) for i in range(rounds + 1)]
+        sealed = encrypt(0)
+        seen = InMemoryFreshness()
+
+        def open_(i: int, blobs: list[bytes] = blobs, seen: InMemoryFreshness = seen) -> bytes:
+            return envelope.open(blobs[i], receiver.kem, receiver.registry, freshness=seen)[0]
+
+        def decrypt(_i: int, sealed: bytes = sealed) -> bytes:
+            return aead.decrypt(nonce, sealed, aad)
+
+        open_ms, dec_ms = alternate(open_, decrypt, rounds)
+        overhead = max(seal_ms, open_ms) - enc_ms
+        print(
+            f"{label:>8} {seal_ms:8.3f} {open_ms:8.3f} {enc_ms:12.3f} {dec_ms:12.3f}"
+            f" {overhead:12.3f} {len(blobs[0]):15,d}"
+        )
+        figures.update(
+            {
+                f"seal_{label}_ms": round(seal_ms, 3),
+                f"open_{label}_ms": round(open_ms, 3),
+                f"aesgcm_{label}_ms": round(enc_ms, 3),
+                f"aesgcm_decrypt_{label}_ms": round(dec_ms, 3),
+                f"pq_overhead_{label}_ms": round(overhead, 3),
+            }
+        )
+
+    scheme, kem = backend.signature(ML_DSA_65), backend.kem(args.kem)
+    message = os.urandom(1300)
+    mib = os.urandom(SIZES["1mb"])
+    breakdown = {
+        "mldsa65_sign_ms": median_ms(
+            lambda: scheme.sign(sender.identity.current.private, message, b"qsfraud/v1/x"), 200
+        ),
+        "mldsa65_verify_ms": median_ms(
+            lambda: scheme.verify(
+                sender.identity.current.private.public_key,
+                message,
+                bytes(scheme.signature_size),
+                b"qsfraud/v1/x",
+            ),
+            200,
+        ),
+        "sha256_1mb_ms": median_ms(lambda: hashlib.sha256(mib).digest(), 100),
+        "kem_encapsulate_ms": median_ms(lambda: kem.encapsulate(recipient.public_key), 200),
+    }
+    print(
+        "1 MiB seal overhead, by part: "
+        + ", ".join(f"{name.removesuffix('_ms')} {ms:.3f}" for name, ms in breakdown.items())
+    )
+    figures.update({k: round(v, 3) for k, v in breakdown.items()})
+    figures["pq_overhead_ms"] = figures["pq_overhead_1mb_ms"]
+    print(
+        f"post-quantum overhead per 1 MiB envelope: {figures['pq_overhead_ms']:.3f} ms"
+        " (target < 2 ms)"
+    )
+    result = {
+        "seal_1mb_ms": figures["seal_1mb_ms"],
+        "open_1mb_ms": figures["open_1mb_ms"],
+        "aesgcm_1mb_ms": figures["aesgcm_1mb_ms"],
+        "pq_overhead_ms": figures["pq_overhead_ms"],
+        "backend": backend.name,
+        "kem": args.kem,
+        "load_average": round(load, 2),
+        **figures,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
