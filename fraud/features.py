@@ -77,53 +77,71 @@ FEATURE_NAMES: Final = _feature_names()
 """Every key :meth:`FeatureExtractor.extract` returns, in a stable order."""
 
 
-def _windows(st: dict[str, Any], ts: float, amount: float, f: dict[str, float], p: str) -> float:
-    """Fill ``{p}_n_*``/``{p}_amt_*``/``{p}_since_last_log`` from ``st``, then add the event.
+def _entity_names(entity: str) -> tuple[str, ...]:
+    return (*(f"{entity}_n_{w}" for _, w in WINDOWS), *(f"{entity}_amt_{w}" for _, w in WINDOWS),
+            f"{entity}_since_last_log")
 
-    Returns the effective timestamp (never earlier than the entity's last one).
+
+_NAMES: Final = {e: _entity_names(e) for e in ("customer", "instrument", "device", "ip", "coupon")}
+_NEVER_LOG: Final = math.log1p(NEVER_SEEN_GAP)
+_log1p = math.log1p
+
+
+def _windows(st: dict[str, Any], ts: float, amount: float, f: dict[str, float],
+             names: tuple[str, ...]) -> None:
+    """Fill the entity's window features from ``st`` (events before ``ts``), then add the event.
+
+    A timestamp earlier than the entity's last one is treated as that last one.
     """
+    n10, n1, n24, a10, a1, a24, since = names
     t: list[float] = st["t"]
     a: list[float] = st["a"]
     last = st.get("last")
-    if last is not None and ts < last:
-        ts = last
-    if t and t[0] <= ts - HORIZON:
-        k = bisect_right(t, ts - HORIZON)
-        del t[:k]
-        del a[:k]
-    n = len(t)
-    # windows are (10m, 1h, 24h); the 24 h one is the whole log after expiry
-    i1 = bisect_right(t, ts - 3600.0) if n else 0
-    i0 = bisect_right(t, ts - 600.0, i1) if n else 0
-    f[p + "_n_10m"] = float(n - i0)
-    f[p + "_n_1h"] = float(n - i1)
-    f[p + "_n_24h"] = float(n)
-    s24 = sum(a) if n else 0.0
-    s1 = sum(a[i1:]) if i1 else s24
-    s0 = sum(a[i0:]) if i0 != i1 else s1
-    f[p + "_amt_10m"] = math.log1p(s0)
-    f[p + "_amt_1h"] = math.log1p(s1)
-    f[p + "_amt_24h"] = math.log1p(s24)
-    f[p + "_since_last_log"] = math.log1p(ts - last if last is not None else NEVER_SEEN_GAP)
+    if last is None:
+        f[n10] = f[n1] = f[n24] = f[a10] = f[a1] = f[a24] = 0.0
+        f[since] = _NEVER_LOG
+    else:
+        if ts < last:
+            ts = last
+        gap = ts - last
+        if t and t[0] <= ts - HORIZON:
+            k = bisect_right(t, ts - HORIZON)
+            del t[:k]
+            del a[:k]
+        n = len(t)
+        if not n:
+            f[n10] = f[n1] = f[n24] = f[a10] = f[a1] = f[a24] = 0.0
+        elif t[0] > ts - 600.0:  # everything inside the shortest window
+            f[n10] = f[n1] = f[n24] = float(n)
+            f[a10] = f[a1] = f[a24] = _log1p(sum(a))
+        else:
+            i1 = bisect_right(t, ts - 3600.0)
+            i0 = bisect_right(t, ts - 600.0, i1)
+            f[n10] = float(n - i0)
+            f[n1] = float(n - i1)
+            f[n24] = float(n)
+            s0 = sum(a[i0:]) if i0 < n else 0.0
+            s1 = s0 + sum(a[i1:i0]) if i1 < i0 else s0
+            f[a10] = _log1p(s0)
+            f[a1] = _log1p(s1)
+            f[a24] = _log1p(s1 + sum(a[:i1]) if i1 else s1)
+        f[since] = _log1p(gap)
+        if n >= MAX_EVENTS:
+            del t[0]
+            del a[0]
     t.append(ts)
     a.append(amount)
-    if n >= MAX_EVENTS:
-        del t[0]
-        del a[0]
     st["last"] = ts
-    return ts
 
 
 def _new_entity() -> dict[str, Any]:
-    return {"t": [], "a": []}
+    return {"t": [], "a": [], "last": None}
 
 
-def _zero_entity(f: dict[str, float], p: str) -> None:
-    for _, w in WINDOWS:
-        f[f"{p}_n_{w}"] = 0.0
-    for _, w in WINDOWS:
-        f[f"{p}_amt_{w}"] = 0.0
-    f[p + "_since_last_log"] = math.log1p(NEVER_SEEN_GAP)
+def _zero_entity(f: dict[str, float], names: tuple[str, ...]) -> None:
+    for name in names[:6]:
+        f[name] = 0.0
+    f[names[6]] = _NEVER_LOG
 
 
 def _remember(items: list[str], value: str) -> bool:
@@ -210,7 +228,7 @@ class FeatureExtractor:
         if customer is not None:
             key = pre + "c:" + customer
             cs = state.get(key) or _new_entity()
-            _windows(cs, ts, amount, f, "customer")
+            _windows(cs, ts, amount, f, _NAMES["customer"])
             n = cs.get("n", 0)
             if n >= 2 and cs["m2"] > 0.0:
                 z = (amount_log - cs["mu"]) / math.sqrt(cs["m2"] / n)
@@ -238,7 +256,7 @@ class FeatureExtractor:
             f["customer_new_ip"] = 1.0 if ip is not None and _remember(cs["ip"], ip) else 0.0
             state[key] = cs
         else:
-            _zero_entity(f, "customer")
+            _zero_entity(f, _NAMES["customer"])
             f["customer_amount_z"] = 0.0
             f["customer_new"] = 1.0
             f["customer_new_device"] = 1.0 if device is not None else 0.0
@@ -248,17 +266,17 @@ class FeatureExtractor:
         if instrument is not None:
             key = pre + "p:" + instrument
             ps = state.get(key) or _new_entity()
-            _windows(ps, ts, amount, f, "instrument")
+            _windows(ps, ts, amount, f, _NAMES["instrument"])
             state[key] = ps
         else:
-            _zero_entity(f, "instrument")
+            _zero_entity(f, _NAMES["instrument"])
 
         # device: windows, distinct instruments and customers, coupon reuse
         reuse = 0.0
         if device is not None:
             key = pre + "d:" + device
             ds = state.get(key) or _new_entity()
-            _windows(ds, ts, amount, f, "device")
+            _windows(ds, ts, amount, f, _NAMES["device"])
             if "pi" not in ds:
                 ds["pi"] = []
                 ds["cu"] = []
@@ -279,7 +297,7 @@ class FeatureExtractor:
             ds["n"] += 1
             state[key] = ds
         else:
-            _zero_entity(f, "device")
+            _zero_entity(f, _NAMES["device"])
             f["device_instruments"] = 0.0
             f["device_customers"] = 0.0
         f["coupon_reuse_rate"] = reuse
@@ -287,18 +305,18 @@ class FeatureExtractor:
         if ip is not None:
             key = pre + "i:" + ip
             ist = state.get(key) or _new_entity()
-            _windows(ist, ts, amount, f, "ip")
+            _windows(ist, ts, amount, f, _NAMES["ip"])
             state[key] = ist
         else:
-            _zero_entity(f, "ip")
+            _zero_entity(f, _NAMES["ip"])
 
         if coupon:
             key = pre + "k:" + coupon
             ks = state.get(key) or _new_entity()
             tmp: dict[str, float] = {}
-            _windows(ks, ts, amount, tmp, "k")
-            f["coupon_n_1h"] = tmp["k_n_1h"]
-            f["coupon_n_24h"] = tmp["k_n_24h"]
+            _windows(ks, ts, amount, tmp, _NAMES["coupon"])
+            f["coupon_n_1h"] = tmp["coupon_n_1h"]
+            f["coupon_n_24h"] = tmp["coupon_n_24h"]
             state[key] = ks
         else:
             f["coupon_n_1h"] = 0.0

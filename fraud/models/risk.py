@@ -89,6 +89,10 @@ class ModelParams:
         return cls(**values)
 
 
+_sqrt = math.sqrt
+_exp = math.exp
+
+
 def _sigmoid(s: float) -> float:
     if s < -35.0:
         return 6.305116760146989e-16
@@ -108,13 +112,20 @@ class RiskModel:
     def __init__(self, params: ModelParams | None = None, version: str = "local") -> None:
         self.params = params or ModelParams()
         self.version = version
+        # supervised scaler; each feature's list is [count, mean, m2, 1/std, weight]
         self.scaler = RunningScaler(self.params.clip)
+        # local anomaly statistics; [count, mean, m2, 1/std]
         self.anomaly = RunningScaler(self.params.clip)
-        self.weights: dict[str, float] = {}
+        self.anomaly_seen = 0
         self.intercept = 0.0
         self.n = 0
         self.n_pos = 0
         self.n_neg = 0
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The linear weights by feature."""
+        return {k: s[4] for k, s in self.scaler.stats.items()}
 
     # -- scoring ---------------------------------------------------------------------------
     def _alpha(self) -> float:
@@ -123,42 +134,57 @@ class RiskModel:
 
     def score_one(self, x: Mapping[str, float], observe: bool = True) -> float:
         """Combined risk in [0, 1]; with ``observe`` the anomaly statistics learn ``x``."""
-        stats = self.scaler.stats
-        w = self.weights
+        stats = self.scaler.stats.get
         an = self.anomaly.stats
-        clip = self.params.clip
+        anget = an.get
+        params = self.params
+        clip = params.clip
+        nclip = -clip
         c2 = clip * clip
         dot = self.intercept
         zz = 0.0
         for k, v in x.items():
-            wk = w.get(k)
-            if wk is not None:
-                s = stats[k]
+            s = stats(k)
+            if s is not None:
                 z = (v - s[1]) * s[3]
-                dot += wk * (clip if z > clip else -clip if z < -clip else z)
-            a = an.get(k)
+                if z > clip:
+                    z = clip
+                elif z < nclip:
+                    z = nclip
+                dot += s[4] * z
+            a = anget(k)
             if a is None:
                 if observe:
                     an[k] = [1.0, v, 0.0, 0.0]
                 continue
-            z = (v - a[1]) * a[3]
+            d = v - a[1]
+            z = d * a[3]
             z *= z
             zz += z if z < c2 else c2
             if observe:
                 n = a[0] + 1.0
-                d = v - a[1]
+                mean = a[1] + d / n
+                m2 = a[2] + d * (v - mean)
                 a[0] = n
-                a[1] += d / n
-                a[2] += d * (v - a[1])
-                a[3] = 1.0 / math.sqrt(a[2] / n) if a[2] > 0.0 else 0.0
-        alpha = self._alpha()
-        p = _sigmoid(dot)
-        if x and next(iter(an.values()))[0] > self.params.anomaly_min_events:
+                a[1] = mean
+                a[2] = m2
+                a[3] = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
+        if observe:
+            self.anomaly_seen += 1
+        if self.anomaly_seen > params.anomaly_min_events and x:
             m = zz / len(x)
-            anomaly = m / (m + self.params.anomaly_scale)
+            anomaly = m / (m + params.anomaly_scale)
         else:
             anomaly = 0.0
-        return alpha * p + (1.0 - alpha) * anomaly
+        n_pos = self.n_pos
+        if not n_pos:
+            return anomaly
+        alpha = (1.0 - params.anomaly_weight) * n_pos / (n_pos + params.warmup_positives)
+        if dot < -35.0:
+            dot = -35.0
+        elif dot > 35.0:
+            dot = 35.0
+        return alpha / (1.0 + _exp(-dot)) + (1.0 - alpha) * anomaly
 
     def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = True) -> list[float]:
         """``score_one`` for each vector, in order (the batch form for the hot path)."""
@@ -180,21 +206,20 @@ class RiskModel:
 
     def anomaly_score(self, x: Mapping[str, float]) -> float:
         """The anomaly part alone, in [0, 1)."""
-        if not x or not self.anomaly.stats:
+        if not x or self.anomaly_seen <= self.params.anomaly_min_events:
             return 0.0
         z = self.anomaly.transform_one(x)
         m = sum(v * v for v in z.values()) / len(x)
         return m / (m + self.params.anomaly_scale)
 
     def _terms(self, x: Mapping[str, float]) -> list[tuple[str, float]]:
-        stats, w, clip = self.scaler.stats, self.weights, self.params.clip
+        stats, clip = self.scaler.stats, self.params.clip
         out = []
         for k, v in x.items():
-            wk = w.get(k)
-            if wk is not None:
-                s = stats[k]
+            s = stats.get(k)
+            if s is not None:
                 z = (v - s[1]) * s[3]
-                out.append((k, wk * (clip if z > clip else -clip if z < -clip else z)))
+                out.append((k, s[4] * (clip if z > clip else -clip if z < -clip else z)))
         return out
 
     def contributions(self, x: Mapping[str, float], k: int = 3) -> list[tuple[str, float]]:
@@ -207,57 +232,64 @@ class RiskModel:
     def observe_one(self, x: Mapping[str, float]) -> None:
         """Update only the anomaly statistics (unlabelled traffic)."""
         self.anomaly.learn_one(x)
+        self.anomaly_seen += 1
 
     def learn_one(self, x: Mapping[str, float], y: bool | int | float) -> None:
         """One SGD step on ``(x, y)`` after updating the scaler with ``x``."""
         params = self.params
         clip = params.clip
+        nclip = -clip
         stats = self.scaler.stats
-        w = self.weights
-        keys: list[str] = []
+        get = stats.get
+        recs: list[list[float]] = []
         zs: list[float] = []
         dot = self.intercept
         for k, v in x.items():
-            s = stats.get(k)
+            s = get(k)
             if s is None:
-                stats[k] = [1.0, v, 0.0, 0.0]
-                w.setdefault(k, 0.0)
+                stats[k] = [1.0, v, 0.0, 0.0, 0.0]
                 continue
             n = s[0] + 1.0
-            d = v - s[1]
+            mean = s[1] + (v - s[1]) / n
+            m2 = s[2] + (v - s[1]) * (v - mean)
+            inv = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
             s[0] = n
-            s[1] += d / n
-            s[2] += d * (v - s[1])
-            inv = s[3] = 1.0 / math.sqrt(s[2] / n) if s[2] > 0.0 else 0.0
-            z = (v - s[1]) * inv
+            s[1] = mean
+            s[2] = m2
+            s[3] = inv
+            z = (v - mean) * inv
             if z > clip:
                 z = clip
-            elif z < -clip:
-                z = -clip
-            keys.append(k)
+            elif z < nclip:
+                z = nclip
+            recs.append(s)
             zs.append(z)
-            dot += w.get(k, 0.0) * z
+            dot += s[4] * z
+        if dot < -35.0:
+            dot = -35.0
+        elif dot > 35.0:
+            dot = 35.0
+        p = 1.0 / (1.0 + _exp(-dot))
         if y:
             weight = (self.n_neg + 1.0) / (self.n_pos + 1.0)
             if weight > params.max_pos_weight:
                 weight = params.max_pos_weight
             elif weight < 1.0:
                 weight = 1.0
-            g = (_sigmoid(dot) - 1.0) * weight
+            g = (p - 1.0) * weight
             self.n_pos += 1
         else:
-            g = _sigmoid(dot)
+            g = p
             self.n_neg += 1
         self.n += 1
         step = params.learning_rate * g
-        l2 = params.learning_rate * params.l2
-        if l2:
-            for k, z in zip(keys, zs, strict=True):
-                wk = w.get(k, 0.0)
-                w[k] = wk - step * z - l2 * wk
+        decay = 1.0 - params.learning_rate * params.l2
+        if decay != 1.0:
+            for s, z in zip(recs, zs, strict=True):
+                s[4] = s[4] * decay - step * z
         else:
-            for k, z in zip(keys, zs, strict=True):
-                w[k] = w.get(k, 0.0) - step * z
+            for s, z in zip(recs, zs, strict=True):
+                s[4] -= step * z
         self.intercept -= step
 
     def learn_many(
@@ -280,7 +312,7 @@ class RiskModel:
             "params": self.params.to_dict(),
             "scaler": self.scaler.to_dict(),
             "linear": {
-                "weights": dict(self.weights),
+                "weights": self.weights,
                 "intercept": self.intercept,
                 "n": self.n,
                 "n_pos": self.n_pos,
@@ -300,7 +332,6 @@ class RiskModel:
         other = RiskModel.from_state(state)
         self.version = other.version
         self.scaler = other.scaler
-        self.weights = other.weights
         self.intercept = other.intercept
         self.n, self.n_pos, self.n_neg = other.n, other.n_pos, other.n_neg
 
@@ -313,18 +344,23 @@ class RiskModel:
         try:
             model.scaler = RunningScaler.from_dict(state["scaler"], params.clip)
             linear = state["linear"]
-            model.weights = {str(k): float(v) for k, v in linear["weights"].items()}
+            weights = {str(k): float(v) for k, v in linear["weights"].items()}
             model.intercept = float(linear["intercept"])
             model.n = int(linear["n"])
             model.n_pos = int(linear["n_pos"])
             model.n_neg = int(linear["n_neg"])
             if state.get("anomaly"):
                 model.anomaly = RunningScaler.from_dict(state["anomaly"], params.clip)
+                counts = state["anomaly"]["counts"].values()
+                model.anomaly_seen = int(max(counts, default=0))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SchemaError("model", f"malformed model state: {exc!r}") from None
-        for k in model.weights:
-            if k not in model.scaler.stats:
-                model.scaler.stats[k] = [1.0, 0.0, 0.0, 0.0]
+        stats = model.scaler.stats
+        for k in weights:
+            if k not in stats:
+                stats[k] = [1.0, 0.0, 0.0, 0.0]
+        for k, s in stats.items():
+            s.append(weights.get(k, 0.0))
         return model
 
     def to_json(self) -> bytes:
