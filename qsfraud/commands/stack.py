@@ -35,14 +35,21 @@ def up(args: argparse.Namespace) -> int:
 
 
 def down(args: argparse.Namespace) -> int:
-    for name, was_running in _stack().down(args.services).items():
+    try:
+        stopped = _stack().down(args.services)
+    except StackError as exc:
+        raise CommandError(str(exc)) from None
+    for name, was_running in stopped.items():
         print(f"{name:8} {'stopped' if was_running else 'was not running'}")
     return 0
 
 
 def status(args: argparse.Namespace) -> int:
     stack = _stack()
-    health = stack.status(args.services)
+    try:
+        health = stack.status(args.services)
+    except StackError as exc:
+        raise CommandError(str(exc)) from None
     if args.json:
         print(json.dumps({"healthy": health, "endpoints": stack.endpoints()}))
     else:
