@@ -11,6 +11,7 @@ from pqc.envelope import EnvelopeMeta, open, seal, sign_document, verify_documen
 from pqc.errors import (
     BackendUnavailable,
     EnvelopeError,
+    FreshnessStateError,
     KeyStoreError,
     MalformedEnvelope,
     OutsideTimeWindow,
@@ -22,13 +23,15 @@ from pqc.errors import (
     WrongPurpose,
     WrongRecipient,
 )
-from pqc.freshness import FreshnessStore, InMemoryFreshness, TimeWindow
+from pqc.freshness import FileFreshness, FreshnessStore, InMemoryFreshness, TimeWindow
 from pqc.keys import KeyStore, Registry, TrustedKey, init_keystore, load_keystore, rotate_keystore
 
 __all__ = [
     "BackendUnavailable",
     "EnvelopeError",
     "EnvelopeMeta",
+    "FileFreshness",
+    "FreshnessStateError",
     "FreshnessStore",
     "InMemoryFreshness",
     "KeyStore",

@@ -53,5 +53,9 @@ class KeyStoreError(PqcError):
     """A key file or registry file is missing, unreadable, of the wrong format or unsafe."""
 
 
+class FreshnessStateError(PqcError):
+    """A persisted freshness state file is unreadable or of the wrong format."""
+
+
 class BackendUnavailable(PqcError):
     """The requested cryptographic backend cannot be used on this machine."""

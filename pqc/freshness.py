@@ -20,11 +20,15 @@ pqc.errors.OutsideTimeWindow: timestamp 1000.000 is 100.0 s old (at most 60.0 s 
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
-from pqc.errors import OutsideTimeWindow, Replay
+from pqc.errors import FreshnessStateError, OutsideTimeWindow, Replay
+from pqc.keys import write_private_json
 
 
 class FreshnessStore(Protocol):
@@ -58,7 +62,52 @@ class InMemoryFreshness:
                 raise Replay(
                     f"sequence {sequence} from {sender} ({purpose}) is not after {last}: replay"
                 )
-            self._last[(sender, purpose)] = sequence
+            self._record((sender, purpose), sequence)
+
+    def _record(self, key: tuple[str, str], sequence: int) -> None:
+        self._last[key] = sequence
+
+
+class FileFreshness(InMemoryFreshness):
+    """A :class:`FreshnessStore` kept in a JSON file (mode 0600), rewritten atomically on
+    every accepted sequence number, so a restarted worker still rejects replays.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "freshness.json")
+    >>> FileFreshness(path).advance("aggregator", "global-model", 12)
+    >>> FileFreshness(path).last_sequence("aggregator", "global-model")
+    12
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if self.path.exists():
+            self._last = self._read()
+
+    def _read(self) -> dict[tuple[str, str], int]:
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+            if document.get("format") != "qsfraud-freshness" or document.get("version") != 1:
+                raise ValueError("not a qsfraud-freshness version 1 file")
+            return {(e["sender"], e["purpose"]): int(e["sequence"]) for e in document["last"]}
+        except (
+            OSError,
+            UnicodeDecodeError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+        ) as exc:
+            raise FreshnessStateError(f"{self.path}: {exc}") from exc
+
+    def _record(self, key: tuple[str, str], sequence: int) -> None:
+        state = {**self._last, key: sequence}
+        entries = [{"sender": s, "purpose": p, "sequence": n} for (s, p), n in state.items()]
+        write_private_json(
+            self.path, {"format": "qsfraud-freshness", "version": 1, "last": entries}
+        )
+        self._last = state
 
 
 @dataclass(frozen=True)

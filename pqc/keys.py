@@ -254,8 +254,8 @@ def _unb64(text: object, what: str) -> bytes:
         raise KeyStoreError(f"{what} is not valid base64") from exc
 
 
-def _write_private(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON atomically with mode 0600 (the file never exists with wider permissions)."""
+def write_private_json(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` as JSON to ``path`` atomically, mode 0600 from the start."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -335,7 +335,7 @@ def _owned_from_json(entry: Any, kind: str, backend: Backend, where: Path) -> Ow
 def _save_private_keys(
     path: Path, name: str, role: str, kind: str, keys: Iterable[OwnedKey]
 ) -> None:
-    _write_private(
+    write_private_json(
         path,
         {
             "format": "qsfraud-private-keys",
@@ -415,7 +415,7 @@ def trusted_from_json(entry: Any, backend: Backend | None = None) -> TrustedKey:
 
 def save_registry(path: str | os.PathLike[str], registry: Registry) -> None:
     """Write ``registry`` to ``path`` (JSON, mode 0600)."""
-    _write_private(
+    write_private_json(
         Path(path),
         {
             "format": "qsfraud-registry",
