@@ -23,6 +23,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+# Run as `python bench/pqc.py`, this file's folder comes first on sys.path and this file
+# (named like the package it measures) would shadow the `pqc` package.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
 from pqc import envelope
 from pqc.backend import ML_DSA_65, X25519_ML_KEM_768, get_backend
 from pqc.freshness import InMemoryFreshness

@@ -250,7 +250,10 @@ def seal(
     now = time.time() if now is None else now
     if not recipient.valid_at(now):
         raise KeyStoreError(f"{recipient.name}'s KEM key {recipient.key_id.hex()} has expired")
-    kem_id = {v: k for k, v in KEM_IDS.items()}[recipient.algorithm]
+    kem_ids = {name: number for number, name in KEM_IDS.items() if name is not None}
+    if recipient.algorithm not in kem_ids:
+        raise KeyStoreError(f"{recipient.name}'s KEM {recipient.algorithm!r} is not supported")
+    kem_id = kem_ids[recipient.algorithm]
     kem = sender.backend.kem(recipient.algorithm)
     secret, kem_ciphertext = kem.encapsulate(recipient.public_key)
     header = _header(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pqc import envelope
 from pqc.errors import (
@@ -196,3 +198,32 @@ def test_contexts_separate_purposes(parties):
     blob[start : start + 12] = b"model-update"
     with pytest.raises(TamperedEnvelope):
         open_at_aggregator(parties, bytes(blob))
+
+
+@given(
+    payload=st.binary(max_size=2048),
+    seq=st.integers(0, 2**64 - 1),
+    purpose=st.from_regex(r"[a-z0-9][a-z0-9._-]{0,63}", fullmatch=True),
+)
+@settings(max_examples=40, deadline=None)
+def test_round_trip_property(shared_parties, payload, seq, purpose):
+    parties = shared_parties
+    recipient = parties.retailer.registry.current_kem_key("aggregator")
+    blob = envelope.seal(payload, parties.retailer.identity, recipient, purpose, seq, now=NOW)
+    agg = parties.aggregator
+    got, meta = envelope.open(
+        blob, agg.kem, agg.registry, freshness=InMemoryFreshness(), purpose=purpose, now=NOW
+    )
+    assert (got, meta.sequence, meta.purpose) == (payload, seq, purpose)
+    doc = envelope.sign_document(payload, parties.admin.identity, purpose, seq, now=NOW)
+    got, meta = envelope.verify_document(
+        doc, agg.registry, freshness=InMemoryFreshness(), purpose=purpose, now=NOW
+    )
+    assert (got, meta.sender) == (payload, "admin-1")
+
+
+def test_sequence_must_fit_64_bits(parties):
+    with pytest.raises(ValueError):
+        seal_to_aggregator(parties, seq=2**64)
+    with pytest.raises(ValueError):
+        seal_to_aggregator(parties, seq=-1)
