@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def test_deterministic_time_ordered_with_every_scenario(rows) -> None:
     assert rows == list(generate(SMALL))
     other = GeneratorConfig(retailers=3, days=8, tx_per_day=150, seed=4, fraud_scale=8.0)
     assert rows != list(generate(other))
-    assert all(a["occurred_at"] <= b["occurred_at"] for a, b in zip(rows, rows[1:]))
+    assert all(a["occurred_at"] <= b["occurred_at"] for a, b in pairwise(rows))
     scenarios = Counter(r["scenario"] for r in rows if r["is_fraud"])
     assert set(scenarios) == set(SCENARIOS)
     assert all(r["scenario"] == "" for r in rows if not r["is_fraud"])
