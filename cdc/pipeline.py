@@ -1,0 +1,222 @@
+"""One running CDC source: read, map, write to Kafka in transactions, report metrics.
+
+The source runs in a reader thread and hands whole source transactions over a bounded queue;
+the main thread maps each change, writes it (or a dead letter) inside the open Kafka
+transaction and commits with the source position at a source-transaction boundary: when the
+queue runs dry (low latency at low rates), when ``commit_interval_ms`` has passed or when
+``commit_max_events`` are pending (large batches at high rates). A snapshot is one Kafka
+transaction, so a crash during it leaves nothing visible and the snapshot starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from cdc.config import CdcConfig
+from cdc.envelope import change_envelope, dead_letter
+from cdc.kafka_sink import KafkaTransactionalSink
+from cdc.mapping import MappingError, RowMapper, json_safe
+from cdc.source import Change, Position, Source, SourceTransaction
+
+_DONE = object()
+IDLE_CHECKPOINT_S = 1.0
+
+
+@dataclass
+class Metrics:
+    """Counters and commit-to-Kafka lags since the last report."""
+
+    changes: int = 0
+    dead_letters: int = 0
+    commits: int = 0
+    window_changes: int = 0
+    window_started: float = field(default_factory=time.monotonic)
+    lags_ms: list[float] = field(default_factory=list)
+
+    def observe_commit(self, committed_ats: list[float], now: float) -> None:
+        self.commits += 1
+        self.window_changes += len(committed_ats)
+        self.changes += len(committed_ats)
+        self.lags_ms.extend((now - t) * 1000.0 for t in committed_ats)
+
+    def report(self) -> dict[str, Any]:
+        """Rates and lag percentiles since the previous report (then resets the window)."""
+        elapsed = max(time.monotonic() - self.window_started, 1e-9)
+        lags = sorted(self.lags_ms)
+        out = {
+            "events_per_s": round(self.window_changes / elapsed, 1),
+            "lag_ms_p50": round(statistics.median(lags), 1) if lags else None,
+            "lag_ms_p99": round(lags[min(len(lags) - 1, int(len(lags) * 0.99))], 1)
+            if lags else None,
+            "changes_total": self.changes,
+            "dead_letters_total": self.dead_letters,
+            "commits_total": self.commits,
+        }
+        self.window_changes = 0
+        self.window_started = time.monotonic()
+        self.lags_ms = []
+        return out
+
+
+class CdcPipeline:
+    """Source -> mapper -> transactional Kafka sink, until :meth:`stop`."""
+
+    def __init__(self, config: CdcConfig, source: Source | None = None,
+                 log: TextIO | None = None) -> None:
+        self.config = config
+        self.source = source or config.build_source()
+        self.mapper: RowMapper = config.mapper
+        k = config.kafka
+        self.sink = KafkaTransactionalSink(
+            str(k["bootstrap_servers"]), config.source_id, config.topic, config.dlq_topic,
+            offsets_topic=str(k["offsets_topic"]), partitions=int(k["partitions"]),
+            producer_config=dict(k.get("producer") or {}),
+            transaction_timeout_ms=int(k["transaction_timeout_ms"]),
+        )
+        self.key_field = str(k["key"])
+        self.commit_interval_s = float(k["commit_interval_ms"]) / 1000.0
+        self.commit_max_events = int(k["commit_max_events"])
+        self.tombstones = str(k["tombstones"])
+        self.metrics = Metrics()
+        self.log = log or sys.stderr
+        self._stop = threading.Event()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=20_000)
+        self.on_commit: Callable[[Position], None] | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.source.stop()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        print(json.dumps({"event": event, "source": self.config.source_id, **fields},
+                         default=str), file=self.log, flush=True)
+
+    # --- reader thread ----------------------------------------------------------------------
+    def _read(self, checkpoint: Position | None) -> None:
+        try:
+            for tx in self.source.run(checkpoint):
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(tx, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    break
+        except BaseException as exc:  # handed to the main thread, which reports it
+            self._queue.put(exc)
+        else:
+            self._queue.put(_DONE)
+
+    # --- mapping ------------------------------------------------------------------------------
+    def _write_change(self, change: Change, tx: SourceTransaction, source: dict[str, Any]) -> None:
+        where = {**source, "pk": change.pk, "snapshot": tx.snapshot, "position": tx.position}
+        row = change.before if change.op == "d" else change.after
+        try:
+            if change.error is not None:
+                raise MappingError("row", change.error)
+            canonical = self.mapper.map(row or {}).to_dict()
+        except MappingError as exc:
+            self.metrics.dead_letters += 1
+            self.sink.write_dead_letter(change.pk, dead_letter(
+                raw=json_safe({"before": change.before, "after": change.after}),
+                error=str(exc), field=exc.field, op=change.op, source=where,
+                committed_at=change.committed_at))
+            return
+        before: dict[str, Any] | None = None
+        if change.op == "u" and change.before is not None:
+            try:
+                before = self.mapper.map(change.before).to_dict()
+            except MappingError:
+                before = None
+        elif change.op == "d":
+            before = canonical
+        key = str(canonical.get(self.key_field) or change.pk)
+        self.sink.write(key, change_envelope(
+            op=change.op, tx=None if change.op == "d" else canonical, before=before,
+            source=where, committed_at=change.committed_at))
+        if change.op == "d" and (self.tombstones == "always"
+                                 or (self.tombstones == "auto" and self.sink.compacted)):
+            self.sink.write_tombstone(key)
+
+    # --- main loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped or the source fails (raises); returns 0 after a clean stop."""
+        self.sink.ensure_topics()
+        self.sink.start()
+        checkpoint = self.sink.load_checkpoint()
+        self.emit("start", checkpoint=checkpoint, snapshot=self.source.snapshot_mode)
+        reader = threading.Thread(target=self._read, args=(checkpoint,), daemon=True,
+                                  name=f"cdc-reader-{self.config.source_id}")
+        reader.start()
+        source = {**self.source.describe(), "id": self.config.source_id}
+        pending_times: list[float] = []
+        pending_position: Position | None = None
+        committed_position = checkpoint
+        complete = True
+        batch_started = time.monotonic()
+        last_commit = time.monotonic()
+        last_report = time.monotonic()
+
+        def commit() -> None:
+            nonlocal pending_times, committed_position, last_commit
+            assert pending_position is not None
+            self.sink.commit(pending_position)
+            now = time.time()
+            self.metrics.observe_commit(pending_times, now)
+            pending_times = []
+            committed_position = pending_position
+            last_commit = time.monotonic()
+            if self.on_commit is not None:
+                self.on_commit(pending_position)
+
+        try:
+            while not self._stop.is_set():
+                if time.monotonic() - last_report >= self.config.metrics_interval_s:
+                    self.emit("metrics", **self.metrics.report(), position=committed_position)
+                    last_report = time.monotonic()
+                try:
+                    item = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    item = None
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, SourceTransaction):
+                    if not pending_times:
+                        batch_started = time.monotonic()
+                    for change in item.changes:
+                        self._write_change(change, item, source)
+                        pending_times.append(change.committed_at)
+                    complete = item.meta.get("complete", True) is not False
+                    if complete:
+                        pending_position = item.position
+                    if item.snapshot and complete:
+                        self.emit("snapshot", rows=len(pending_times), **item.meta)
+                if not complete or pending_position is None:
+                    continue
+                if self.sink.pending:
+                    if (self._queue.empty() or len(pending_times) >= self.commit_max_events
+                            or time.monotonic() - batch_started >= self.commit_interval_s):
+                        commit()
+                elif (pending_position != committed_position
+                      and time.monotonic() - last_commit >= IDLE_CHECKPOINT_S):
+                    commit()
+            if complete and pending_position is not None and (
+                    self.sink.pending or pending_position != committed_position):
+                commit()
+        finally:
+            self.stop()
+            self.sink.close()
+            self.source.close()
+        self.emit("stop", **self.metrics.report(), position=committed_position)
+        return 0
