@@ -33,7 +33,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 
-from fraud.schema import Transaction
+from fraud.schema import Transaction, parse_timestamp
 
 STATE_VERSION: Final = 1
 WINDOWS: Final = ((600.0, "10m"), (3600.0, "1h"), (86400.0, "24h"))
@@ -181,8 +181,11 @@ class FeatureExtractor:
                 tx.address_mismatch,
             )
         g = tx.get
+        ts = g("occurred_at")
+        if not isinstance(ts, int | float):
+            ts = parse_timestamp(ts, "occurred_at") if ts else 0.0
         return self.extract_fields(
-            state, float(g("occurred_at") or 0.0), float(g("amount") or 0.0),
+            state, float(ts), float(g("amount") or 0.0),
             _opt(g("customer_id")), _opt(g("payment_instrument")), _opt(g("device_id")),
             _opt(g("ip")), str(g("channel") or "web"), _opt(g("coupon_code")),
             int(g("item_count") or 1), bool(g("address_mismatch") or False),

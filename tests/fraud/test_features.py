@@ -121,7 +121,7 @@ def test_transaction_objects_and_mappings_give_the_same_features() -> None:
     s2: dict[str, Any] = {}
     for tx in make_stream(100, seed=2):
         obj = Transaction.from_dict(tx)
-        assert fx.extract(obj, s1) == fx.extract(tx, s2)
+        assert fx.extract(obj, s1) == fx.extract(obj.to_dict(), s2)
 
 
 def test_burst_window_is_capped_and_time_going_backwards_is_clamped() -> None:
