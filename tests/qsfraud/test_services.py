@@ -113,7 +113,8 @@ def test_faust_agent_consumes_one_topic_and_writes_another(
            "DATADIR": str(tmp_path / "faust"), "IN_TOPIC": source, "OUT_TOPIC": sink}
     started = time.monotonic()
     log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen([sys.executable, str(app_file), "worker", "-l", "info"],
+    worker = subprocess.Popen([sys.executable, str(app_file), "worker", "-l", "info",
+                               "--without-web"],
                               env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         out = consume(kafka_bootstrap, sink, f"g-{unique_name}", 10, timeout=90)
