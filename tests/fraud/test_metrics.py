@@ -26,7 +26,7 @@ def test_match_scikit_learn(rows) -> None:
     s = [r[1] for r in rows]
     assert math.isclose(roc_auc(y, s), roc_auc_score(y, s), abs_tol=1e-12)
     assert math.isclose(average_precision(y, s), average_precision_score(y, s), abs_tol=1e-12)
-    fpr, tpr, _ = roc_curve(y, s)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     for target in (0.0, 0.01, 0.1, 0.5):
         expected = float(np.max(tpr[fpr <= target])) if np.any(fpr <= target) else 0.0
         assert math.isclose(recall_at_fpr(y, s, target), expected, abs_tol=1e-12)
