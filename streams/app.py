@@ -1,0 +1,298 @@
+"""The faust app of one retailer: score, decide and learn on every transaction.
+
+``create_app(settings, runtime)`` builds the app: two agents (``<R>.transactions`` ->
+decisions, ``<R>.labels`` -> learning) that take batches with ``stream.take_events``, two
+changelog-backed tables on the memory store (``features``: entity state; ``scored``: the
+dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metrics`` on
+faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
+replays the signed config topic, then runs the faust worker.
+
+Writes: each batch's decisions, dead letters and changed table keys are produced as
+per-partition record batches straight on faust's aiokafka producer, and the batch is
+awaited until the broker acknowledged every record before the next batch is taken; only
+then does ``take_events`` ack the batch's offsets, so committed offsets never run ahead of
+written decisions or state (at-least-once; redeliveries are answered from ``scored``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from fraud.models import RiskModel
+from pqc.freshness import TimeWindow
+from pqc.keys import load_registry
+from streams.checkpoints import checkpoint_value, model_from_checkpoints
+from streams.config_stream import ConfigApplier, ConfigDocument, ConfigFollower, Outcome
+from streams.metrics import WorkerMetrics
+from streams.scoring import InputRecord, OutputRecord, ScoringPipeline, TrackedStore, dumps
+from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
+from streams.topics import ensure_topics, read_topic, worker_topics
+
+log = logging.getLogger(__name__)
+
+Produce = tuple[str, int, bytes | None, bytes | None]
+"""A record to write: topic, partition, key, value."""
+
+
+@dataclass
+class WorkerRuntime:
+    """The state shared by the app's agents, timers, web page and config thread."""
+
+    settings: WorkerSettings
+    pipeline: ScoringPipeline
+    metrics: WorkerMetrics
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def on_config(self, outcome: Outcome) -> None:
+        self.metrics.count("qsfraud_config_total", outcome=outcome.status,
+                           reason=outcome.reason or "ok")
+        self.metrics.gauge("qsfraud_config_version", self.pipeline.config.version)
+
+
+def _table_key(key: str) -> bytes:
+    return json.dumps(key).encode()
+
+
+def changelog_records(topic: str, changes: list[tuple[int, str, Any]]) -> list[Produce]:
+    """Table changes as faust changelog records (json key and value; None = delete)."""
+    return [(topic, p, _table_key(k), None if v is None else dumps(v)) for p, k, v in changes]
+
+
+class BatchPublisher:
+    """Produce many records as one record batch per topic partition; wait for all acks."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+
+    async def publish(self, records: Sequence[Produce]) -> None:
+        if not records:
+            return
+        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        for topic, partition, key, value in records:
+            groups.setdefault((topic, partition), []).append((key, value))
+        futures = []
+        for (topic, partition), items in groups.items():
+            batch = producer.create_batch()
+            for key, value in items:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        raise ValueError(f"record of {len(value or b'')} bytes is too large")
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*futures)
+
+
+def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
+    """The faust app of ``settings.retailer``'s workers (consumer group ``settings.app_id``)."""
+    n = settings.partitions
+    (settings.datadir / settings.app_id).mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.bootstrap}",
+        datadir=str(settings.datadir / settings.app_id),
+        store="memory://",
+        topic_partitions=n,
+        topic_allow_declare=False,
+        broker_session_timeout=6,
+        broker_heartbeat_interval=1,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee=settings.processing_guarantee,
+        stream_buffer_maxsize=4 * settings.batch_size,
+        broker_max_poll_records=2 * settings.batch_size,
+        producer_max_batch_size=512 * 1024,
+        producer_linger=0.002,
+        table_standby_replicas=0,
+        web_enabled=True,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+    )
+    pipeline, metrics = runtime.pipeline, runtime.metrics
+
+    def table(name: str) -> Any:
+        schema = faust.Schema(key_serializer="json", value_serializer="json")
+        return app.Table(name, partitions=n, schema=schema, use_partitioner=False,
+                         recovery_buffer_size=10_000)
+
+    features_table, scored_table = table(FEATURES_TABLE), table(SCORED_TABLE)
+    # The pipeline writes into the tables' memory stores; the publisher writes the changelog.
+    for tbl, attr in ((features_table, "features"), (scored_table, "scored")):
+        store: Any = tbl.data
+        setattr(pipeline, attr, TrackedStore(store.data, store._key_partition))
+    features_changelog = settings.changelog_topic(FEATURES_TABLE)
+    scored_changelog = settings.changelog_topic(SCORED_TABLE)
+    publisher = BatchPublisher(app)
+    transactions = app.topic(settings.transactions_topic, partitions=n,
+                             key_serializer="raw", value_serializer="raw")
+    labels = app.topic(settings.labels_topic, partitions=n,
+                       key_serializer="raw", value_serializer="raw")
+
+    def records_of(events: Sequence[Any]) -> list[InputRecord]:
+        out = []
+        for event in events:
+            m = event.message
+            out.append(InputRecord(m.value, m.key, m.partition, m.offset, m.timestamp, m.topic))
+            runtime.positions[(m.topic, m.partition)] = m.offset + 1
+        return out
+
+    def state_records() -> list[Produce]:
+        return [*changelog_records(features_changelog, pipeline.features.drain()),
+                *changelog_records(scored_changelog, pipeline.scored.drain())]
+
+    def dlq(records: list[OutputRecord]) -> list[Produce]:
+        return [(settings.dlq_topic, 0, r.key, r.value) for r in records]
+
+    @app.agent(transactions, name="decide")
+    async def decide(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_size,
+                                               within=settings.batch_within_s):
+            batch = records_of(events)
+            result = pipeline.process_batch(batch)
+            out: list[Produce] = [
+                (settings.decisions_topic, r.partition or 0, r.key, r.value)
+                for r in result.decisions
+            ]
+            out += dlq(result.dead_letters)
+            out += state_records()
+            await publisher.publish(out)
+            metrics.count("qsfraud_transactions_total", len(batch))
+            metrics.processed(len(batch))
+            for action, count in result.actions.items():
+                metrics.count("qsfraud_decisions_total", count, action=action)
+            if result.duplicates:
+                metrics.count("qsfraud_decisions_total", result.duplicates, action="duplicate")
+                metrics.count("qsfraud_duplicates_total", result.duplicates)
+            if result.dead_letters:
+                metrics.count("qsfraud_dead_letters_total", len(result.dead_letters))
+                log.warning("%d bad transaction records sent to %s", len(result.dead_letters),
+                            settings.dlq_topic)
+            if result.skipped:
+                metrics.count("qsfraud_skipped_total", result.skipped)
+            metrics.observe_latencies(result.latencies)
+
+    @app.agent(labels, name="learn")
+    async def learn(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_size, within=0.05):
+            result = pipeline.learn_batch(records_of(events))
+            await publisher.publish([*dlq(result.dead_letters), *state_records()])
+            for outcome in ("learned", "unknown", "duplicate"):
+                value = getattr(result, outcome)
+                if value:
+                    metrics.count("qsfraud_labels_total", value, outcome=outcome)
+            if result.dead_letters:
+                metrics.count("qsfraud_labels_total", len(result.dead_letters), outcome="bad")
+            metrics.gauge("qsfraud_model_info", 1, version=pipeline.model_version)
+
+    @app.timer(interval=settings.checkpoint_interval_s)
+    async def checkpoint() -> None:
+        value = checkpoint_value(settings.retailer, pipeline.model, pipeline.config.version)
+        await app.producer.send_and_wait(settings.checkpoints_topic, settings.retailer.encode(),
+                                         value, 0, None, None)
+        metrics.count("qsfraud_checkpoints_total")
+
+    @app.timer(interval=min(60.0, max(1.0, settings.scored_ttl_s / 10)))
+    async def expire() -> None:
+        gone = pipeline.scored.expire(time.time(), settings.scored_ttl_s,
+                                      settings.scored_max_entries)
+        if gone:
+            await publisher.publish(state_records())
+
+    def collect(m: WorkerMetrics) -> None:
+        m.gauge("qsfraud_model_info", 1, version=pipeline.model_version)
+        m.gauge("qsfraud_config_version", pipeline.config.version)
+        m.gauge("qsfraud_scored_entries", len(pipeline.scored))
+        try:
+            consumer = app.consumer
+            for tp in consumer.assignment():
+                if tp.topic not in (settings.transactions_topic, settings.labels_topic):
+                    continue
+                high = consumer.highwater(tp)
+                if high is None:
+                    continue
+                done = runtime.positions.get((tp.topic, tp.partition), 0)
+                m.gauge("qsfraud_consumer_lag", max(0, high - done), topic=tp.topic,
+                        partition=str(tp.partition))
+        except Exception as exc:  # not assigned yet, or rebalancing
+            log.debug("no lag yet: %s", exc)
+
+    metrics.collectors.append(collect)
+
+    @app.page("/metrics")
+    async def metrics_page(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    app.qsfraud_runtime = runtime  # type: ignore[attr-defined]
+    return app
+
+
+def restore_model(settings: WorkerSettings) -> RiskModel | None:
+    """The newest valid model checkpoint of the retailer, or None."""
+    return model_from_checkpoints(
+        read_topic(settings.bootstrap, settings.checkpoints_topic), settings.retailer
+    )
+
+
+def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
+    """Topics, checkpoint, config replay: everything before faust starts."""
+    ensure_topics(settings.bootstrap, worker_topics(settings))
+    model = restore_model(settings)
+    if model is not None:
+        log.info("model restored from checkpoint: %s+%d", model.version, model.n)
+    pipeline = ScoringPipeline(settings.retailer, model=model)
+    runtime = WorkerRuntime(settings, pipeline, WorkerMetrics(settings.retailer))
+    registry = None
+    if settings.trust_registry is not None and settings.trust_registry.exists():
+        registry = load_registry(settings.trust_registry)
+    else:
+        log.warning("no trust registry at %s: every config document will be rejected",
+                    settings.trust_registry)
+    applier = ConfigApplier(
+        settings.retailer, registry, on_apply=pipeline.apply_config,
+        window=TimeWindow(max_age_s=settings.config_max_age_s, max_future_s=120.0),
+        initial=ConfigDocument.default(),
+    )
+    follower = ConfigFollower(settings.bootstrap, settings.config_topic,
+                              settings.config_rejected_topic, applier, runtime.worker_id,
+                              on_outcome=runtime.on_config)
+    follower.start()
+    if not follower.ready.wait(settings.config_replay_timeout_s):
+        log.warning("config replay not finished after %.0f s; starting with v%d",
+                    settings.config_replay_timeout_s, pipeline.config.version)
+    return runtime, follower
+
+
+def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
+    """Run one worker until it is stopped (SIGTERM/SIGINT)."""
+    logging.basicConfig(level=loglevel.upper(),
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    try:
+        import uvloop  # optional: faust's per-event overhead is event-loop bound
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    runtime, follower = prepare(settings)
+    app = create_app(settings, runtime)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        follower.stop()
+    return 0
+
+
+__all__ = ["BatchPublisher", "WorkerRuntime", "create_app", "prepare", "run_worker"]

@@ -1,0 +1,417 @@
+"""The per-batch pipeline: parse -> dedup -> features -> score -> decide; and label learning.
+
+Pure computation on key-value stores, no Kafka: the faust worker (:mod:`streams.app`) and the
+bench's plain confluent-kafka loop run this same code. State lives in two
+:class:`TrackedStore` s, which remember what changed on which partition so the caller can
+write those keys to the changelog after the batch:
+
+* ``features``: the :class:`fraud.features.FeatureExtractor` entity state;
+* ``scored``: ``tx_id -> {"d": decision, "x": feature vector, "at": received, "l": learned,
+  "p": partition}``, the dedup table and the feature store for labels (bounded by TTL and
+  size, see :meth:`TrackedStore.expire`).
+
+A transaction already in ``scored`` (a redelivery after a rebalance or restart) yields the
+identical decision record and touches neither the feature state nor the model.
+
+>>> pipe = ScoringPipeline("acme")
+>>> tx = {"tx_id": "t1", "retailer_id": "acme", "amount": 30, "customer_id": "c1",
+...       "payment_instrument": "p1", "occurred_at": 1000.0}
+>>> first = pipe.process_batch([InputRecord(json.dumps(tx).encode(), b"c1", 0, 0, 1.0)])
+>>> again = pipe.process_batch([InputRecord(json.dumps(tx).encode(), b"c1", 0, 7, 2.0)])
+>>> first.decisions[0].value == again.decisions[0].value, again.duplicates
+(True, 1)
+>>> pipe.learn_batch([InputRecord(b'{"tx_id": "t1", "is_fraud": true, "source": "analyst",'
+...                               b' "labelled_at": 5}', b"c1", 0, 0, 5.0)]).learned
+1
+>>> pipe.model_version
+'local+1'
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from fraud.decisions import decide
+from fraud.features import FEATURE_NAMES, FeatureExtractor
+from fraud.models import RiskModel
+from fraud.schema import Label, SchemaError, Transaction
+from streams.config_stream import ConfigDocument
+
+log = logging.getLogger(__name__)
+
+SCORE_OPS: Final = frozenset(("c", "r", "u"))
+"""CDC ops that carry a transaction to decide (``d``, a deleted row, is skipped)."""
+
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON bytes, the wire form of every record the worker writes.
+
+    >>> dumps({"a": [1, 2.5]})
+    b'{"a":[1,2.5]}'
+    """
+    return _dumps(value).encode()
+
+
+class BadRecord(ValueError):
+    """An input record that cannot be processed; ``reason`` is a short machine word."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(slots=True)
+class InputRecord:
+    """One consumed Kafka record: value, key, partition, offset, timestamp (epoch s)."""
+
+    value: bytes | None
+    key: bytes | None
+    partition: int
+    offset: int
+    timestamp: float | None
+    topic: str = ""
+
+
+@dataclass(slots=True)
+class OutputRecord:
+    """One record to produce; ``partition`` None lets the producer's partitioner choose."""
+
+    key: bytes | None
+    value: bytes | None
+    partition: int | None
+
+
+@dataclass(slots=True)
+class ParsedTransaction:
+    tx: Transaction
+    op: str
+    committed_at: float | None
+
+
+def parse_transaction(value: bytes | None) -> ParsedTransaction:
+    """A CDC envelope ``{"v": 1, "op", "tx", "committed_at", ...}`` or a bare transaction.
+
+    >>> p = parse_transaction(b'{"v": 1, "op": "c", "committed_at": 12.5, "tx": {"tx_id": "t",'
+    ...     b' "retailer_id": "r", "amount": 1, "customer_id": "c", "payment_instrument": "p",'
+    ...     b' "occurred_at": 3}}')
+    >>> p.tx.tx_id, p.op, p.committed_at
+    ('t', 'c', 12.5)
+    >>> parse_transaction(b"{oops")
+    Traceback (most recent call last):
+    ...
+    streams.scoring.BadRecord: not-json: Expecting property name enclosed in double quotes
+    >>> parse_transaction(b'{"tx_id": "t"}')
+    Traceback (most recent call last):
+    ...
+    streams.scoring.BadRecord: invalid: payment_instrument: is required
+    """
+    if value is None:
+        raise BadRecord("empty", "no value (tombstone)")
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRecord("not-json", str(exc).split(":")[0]) from None
+    if not isinstance(doc, dict):
+        raise BadRecord("invalid", f"expected a JSON object, got {type(doc).__name__}")
+    committed: Any = None
+    op = "c"
+    if "tx" in doc and "tx_id" not in doc:  # a CDC change envelope
+        if doc.get("v", 1) != 1:
+            raise BadRecord("invalid", f"unsupported envelope version {doc.get('v')!r}")
+        op = str(doc.get("op") or "c")
+        committed = doc.get("committed_at")
+        body = doc["tx"]
+        if op == "d":
+            return ParsedTransaction(_deleted(doc), op, _time(committed))
+    else:
+        committed = doc.pop("committed_at", None)
+        body = doc
+    try:
+        tx = Transaction.from_dict(body)
+    except SchemaError as exc:
+        raise BadRecord("invalid", str(exc)) from None
+    return ParsedTransaction(tx, op, _time(committed))
+
+
+def _deleted(doc: dict[str, Any]) -> Transaction:
+    before = doc.get("before") or {}
+    return Transaction(tx_id=str(before.get("tx_id", "")), retailer_id="", occurred_at=0.0,
+                       amount=0.0, customer_id="", payment_instrument="")
+
+
+def _time(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise BadRecord("invalid", f"committed_at: expected epoch seconds, got {value!r}")
+
+
+def dead_letter(record: InputRecord, reason: str, error: str, retailer: str) -> OutputRecord:
+    """A DLQ record: the reason, where the input came from, and the input itself.
+
+    >>> rec = InputRecord(b"\\xff", b"k", 2, 40, 1.0, "acme.transactions")
+    >>> doc = json.loads(dead_letter(rec, "not-json", "bad bytes", "acme").value)
+    >>> doc["reason"], doc["partition"], doc["offset"], doc["value"], doc["value_b64"]
+    ('not-json', 2, 40, None, '/w==')
+    """
+    value = record.value
+    text: str | None
+    try:
+        text = value.decode() if value is not None else None
+    except UnicodeDecodeError:
+        text = None
+    doc = {
+        "v": 1,
+        "kind": "dead-letter",
+        "retailer_id": retailer,
+        "reason": reason,
+        "error": error,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
+        "value": text,
+        "value_b64": None if value is None else base64.b64encode(value).decode(),
+        "failed_at": time.time(),
+    }
+    return OutputRecord(record.key, dumps(doc), None)
+
+
+class TrackedStore:
+    """A key-value store that remembers which keys changed, and on which partition.
+
+    ``data`` may be a faust memory store's dict (``key_partition`` its key -> partition
+    map): writes go straight into it, and :meth:`drain` hands the changed keys to the caller,
+    which writes them to the changelog. ``partition`` is the partition of the event being
+    processed; it is where a written key's changelog record goes.
+
+    >>> s = TrackedStore()
+    >>> s.partition = 3
+    >>> s["a"] = 1
+    >>> s.get("a"), s.drain(), s.drain()
+    (1, [(3, 'a', 1)], [])
+    """
+
+    def __init__(
+        self,
+        data: MutableMapping[str, Any] | None = None,
+        key_partition: MutableMapping[str, int] | None = None,
+    ) -> None:
+        self.data: MutableMapping[str, Any] = {} if data is None else data
+        self.key_partition: MutableMapping[str, int] = (
+            {} if key_partition is None else key_partition
+        )
+        self.partition = 0
+        self.dirty: dict[str, int] = {}
+
+    def get(self, key: str, default: Any = None, /) -> Any:
+        return self.data.get(key, default)
+
+    def __setitem__(self, key: str, value: Any, /) -> None:
+        self.data[key] = value
+        self.dirty[key] = self.key_partition[key] = self.partition
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_on(self, partition: int, key: str, value: Any) -> None:
+        """Write ``key`` whose changelog partition is ``partition``."""
+        self.data[key] = value
+        self.dirty[key] = self.key_partition[key] = partition
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; its changelog gets a tombstone."""
+        if key in self.data:
+            del self.data[key]
+            self.dirty[key] = self.key_partition.pop(key, self.partition)
+
+    def drain(self) -> list[tuple[int, str, Any]]:
+        """``(partition, key, value or None)`` for every key changed since the last drain."""
+        if not self.dirty:
+            return []
+        get = self.data.get
+        out = [(p, k, get(k)) for k, p in self.dirty.items()]
+        self.dirty = {}
+        return out
+
+    def expire(self, now: float, ttl_s: float, max_entries: int) -> int:
+        """Drop ``scored`` entries older than ``ttl_s`` or beyond ``max_entries`` (oldest
+        first, in insertion order); returns how many went.
+
+        >>> s = TrackedStore()
+        >>> for i in range(5):
+        ...     s[f"t{i}"] = {"at": float(i)}
+        >>> s.expire(now=10.0, ttl_s=8.0, max_entries=2), sorted(s.data)
+        (3, ['t3', 't4'])
+        """
+        cutoff = now - ttl_s
+        excess = len(self.data) - max_entries
+        doomed = []
+        for key, value in self.data.items():
+            if excess > 0 or (isinstance(value, dict) and value.get("at", now) < cutoff):
+                doomed.append(key)
+                excess -= 1
+            else:
+                break
+        for key in doomed:
+            self.delete(key)
+        return len(doomed)
+
+
+@dataclass
+class BatchResult:
+    """What one batch of transactions produced."""
+
+    decisions: list[OutputRecord] = field(default_factory=list)
+    dead_letters: list[OutputRecord] = field(default_factory=list)
+    actions: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    duplicates: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class LabelResult:
+    """What one batch of labels did."""
+
+    learned: int = 0
+    unknown: int = 0
+    duplicate: int = 0
+    dead_letters: list[OutputRecord] = field(default_factory=list)
+    unknown_ids: list[str] = field(default_factory=list)
+
+
+class ScoringPipeline:
+    """Score, decide and learn for one retailer; ``config`` may be swapped at any time
+    (each batch reads it once, so a change applies atomically between batches)."""
+
+    def __init__(
+        self,
+        retailer: str,
+        model: RiskModel | None = None,
+        config: ConfigDocument | None = None,
+        features: TrackedStore | None = None,
+        scored: TrackedStore | None = None,
+    ) -> None:
+        self.retailer = retailer
+        self.config = config or ConfigDocument.default()
+        self.model = model or RiskModel(self.config.policy.model)
+        self.features = features if features is not None else TrackedStore()
+        self.scored = scored if scored is not None else TrackedStore()
+        self.extractor = FeatureExtractor()
+        self.names: tuple[str, ...] = FEATURE_NAMES
+
+    @property
+    def model_version(self) -> str:
+        """``<base version>+<labels learned>``: changes whenever the model learns a label."""
+        return f"{self.model.version}+{self.model.n}"
+
+    def apply_config(self, config: ConfigDocument) -> None:
+        """Swap the configuration (and the model's hyper-parameters) in one step."""
+        self.model.params = config.policy.model
+        self.config = config
+
+    def process_batch(
+        self, records: Sequence[InputRecord], now: float | None = None
+    ) -> BatchResult:
+        """Decide every transaction in ``records``; bad ones become dead letters."""
+        received = time.time() if now is None else now
+        config = self.config
+        policy = config.policy
+        top = policy.top_reasons
+        model = self.model
+        version = self.model_version
+        extract = self.extractor.extract
+        features = self.features
+        scored = self.scored
+        names = self.names
+        out = BatchResult()
+        actions = out.actions
+        for rec in records:
+            try:
+                parsed = parse_transaction(rec.value)
+            except BadRecord as exc:
+                out.dead_letters.append(dead_letter(rec, exc.reason, exc.message, self.retailer))
+                continue
+            tx = parsed.tx
+            if parsed.op not in SCORE_OPS:
+                out.skipped += 1
+                continue
+            if tx.retailer_id != self.retailer:
+                out.dead_letters.append(dead_letter(
+                    rec, "wrong-retailer", f"retailer_id {tx.retailer_id!r} on the topic of "
+                    f"{self.retailer!r}", self.retailer))
+                continue
+            prior = scored.get(tx.tx_id)
+            if prior is not None:  # redelivered: the same record, no learning, no state
+                out.duplicates += 1
+                out.decisions.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
+                continue
+            features.partition = rec.partition
+            x = extract(tx, features)
+            score = model.score_one(x)
+            timings = {"received": received}
+            if parsed.committed_at is not None:
+                timings["committed"] = parsed.committed_at
+            if rec.timestamp is not None:
+                timings["produced"] = rec.timestamp
+            contributions = model.contributions(x, top) if top else ()
+            decision = decide(tx, score, policy, contributions, x, version, timings).to_dict()
+            scored.set_on(rec.partition, tx.tx_id, {
+                "d": decision, "x": [x[n] for n in names], "at": received, "l": 0,
+                "p": rec.partition,
+            })
+            out.decisions.append(OutputRecord(rec.key, dumps(decision), rec.partition))
+            action = decision["action"]
+            actions[action] = actions.get(action, 0) + 1
+            if rec.timestamp is not None:
+                out.latencies.append(decision["timings"]["decided"] - rec.timestamp)
+        return out
+
+    def learn_batch(self, records: Iterable[InputRecord]) -> LabelResult:
+        """Learn from each label whose transaction is still in ``scored``, at most once."""
+        out = LabelResult()
+        scored = self.scored
+        model = self.model
+        names = self.names
+        for rec in records:
+            try:
+                if rec.value is None:
+                    raise BadRecord("empty", "no value (tombstone)")
+                try:
+                    label = Label.from_json(rec.value)
+                except SchemaError as exc:
+                    raise BadRecord("invalid", str(exc)) from None
+            except BadRecord as exc:
+                out.dead_letters.append(dead_letter(rec, exc.reason, exc.message, self.retailer))
+                continue
+            if label.retailer_id not in (None, self.retailer):
+                out.dead_letters.append(dead_letter(
+                    rec, "wrong-retailer", f"label for retailer {label.retailer_id!r}",
+                    self.retailer))
+                continue
+            entry = scored.get(label.tx_id)
+            if entry is None:
+                out.unknown += 1
+                out.unknown_ids.append(label.tx_id)
+                continue
+            if entry["l"]:
+                out.duplicate += 1
+                continue
+            model.learn_one(dict(zip(names, entry["x"], strict=True)), label.is_fraud)
+            scored.set_on(entry["p"], label.tx_id, {**entry, "l": 1})
+            out.learned += 1
+        if out.unknown_ids:
+            log.info("labels for %d unknown or expired transactions, e.g. %s",
+                     out.unknown, out.unknown_ids[:3])
+        return out

@@ -1,0 +1,95 @@
+"""Settings of one retailer's worker, and the names of the topics it uses.
+
+>>> s = WorkerSettings(retailer="acme", bootstrap="127.0.0.1:9092")
+>>> s.app_id, s.transactions_topic, s.decisions_topic, s.labels_topic
+('qsfraud-acme', 'acme.transactions', 'acme.decisions', 'acme.labels')
+>>> s.dlq_topic, s.checkpoints_topic, s.config_topic, s.config_rejected_topic
+('acme.streams.dlq', 'acme.checkpoints', 'qsfraud.config', 'qsfraud.config.rejected')
+>>> s.changelog_topic("features")
+'qsfraud-acme-features-changelog'
+>>> WorkerSettings(retailer="no spaces", bootstrap="x")
+Traceback (most recent call last):
+...
+ValueError: retailer id must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}, got 'no spaces'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+RETAILER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+DEFAULT_KEYS_DIR: Final = Path(".qsfraud/keys")
+DEFAULT_ADMIN_KEYS: Final = DEFAULT_KEYS_DIR / "admin"
+DEFAULT_TRUST_REGISTRY: Final = DEFAULT_ADMIN_KEYS / "registry.json"
+CONFIG_TOPIC: Final = "qsfraud.config"
+FEATURES_TABLE: Final = "features"
+SCORED_TABLE: Final = "scored"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker needs; the CLI fills it from flags and the environment."""
+
+    retailer: str
+    bootstrap: str
+    partitions: int = 4
+    web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    datadir: Path = Path(".qsfraud/streams")
+    trust_registry: Path | None = DEFAULT_TRUST_REGISTRY
+    config_topic: str = CONFIG_TOPIC
+    batch_size: int = 500
+    batch_within_s: float = 0.01
+    scored_ttl_s: float = 7 * 86400.0
+    scored_max_entries: int = 2_000_000
+    checkpoint_interval_s: float = 10.0
+    config_max_age_s: float = 365 * 86400.0
+    config_replay_timeout_s: float = 30.0
+    processing_guarantee: str = "at_least_once"
+
+    def __post_init__(self) -> None:
+        if not RETAILER_ID.fullmatch(self.retailer):
+            raise ValueError(
+                f"retailer id must match {RETAILER_ID.pattern}, got {self.retailer!r}"
+            )
+        if self.partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        if self.processing_guarantee not in ("at_least_once", "exactly_once"):
+            raise ValueError("processing_guarantee: at_least_once or exactly_once")
+
+    @property
+    def app_id(self) -> str:
+        """The faust app id, also the consumer group of the retailer's workers."""
+        return f"qsfraud-{self.retailer}"
+
+    @property
+    def transactions_topic(self) -> str:
+        return f"{self.retailer}.transactions"
+
+    @property
+    def decisions_topic(self) -> str:
+        return f"{self.retailer}.decisions"
+
+    @property
+    def labels_topic(self) -> str:
+        return f"{self.retailer}.labels"
+
+    @property
+    def dlq_topic(self) -> str:
+        """Bad input records (not CDC's own ``<R>.transactions.dlq``)."""
+        return f"{self.retailer}.streams.dlq"
+
+    @property
+    def checkpoints_topic(self) -> str:
+        return f"{self.retailer}.checkpoints"
+
+    @property
+    def config_rejected_topic(self) -> str:
+        return f"{self.config_topic}.rejected"
+
+    def changelog_topic(self, table: str) -> str:
+        """faust's name for a table's changelog topic."""
+        return f"{self.app_id}-{table}-changelog"
