@@ -51,6 +51,7 @@ class KafkaTransactionalSink:
             "compression.type": "lz4",
             "partitioner": "murmur2_random",  # the Java clients' partitioner: same key, same
             "transaction.timeout.ms": transaction_timeout_ms,
+            "log.connection.close": False,
         }
         config.update(producer_config or {})
         self.producer = Producer(config)
@@ -71,10 +72,15 @@ class KafkaTransactionalSink:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise SourceError(f"cannot create topic {name}: {exc}") from None
         resource = ConfigResource(ConfigResource.Type.TOPIC, self.topic)
-        try:
-            configs = admin.describe_configs([resource])[resource].result(timeout=30)
-        except KafkaException as exc:
-            raise SourceError(f"cannot describe topic {self.topic}: {exc}") from None
+        deadline = time.monotonic() + 30
+        while True:  # a topic just created may not be known to every part of the broker yet
+            try:
+                configs = admin.describe_configs([resource])[resource].result(timeout=30)
+                break
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise SourceError(f"cannot describe topic {self.topic}: {exc}") from None
+                time.sleep(0.2)
         policy = configs.get("cleanup.policy")
         self.compacted = policy is not None and "compact" in str(policy.value)
 
@@ -96,11 +102,18 @@ class KafkaTransactionalSink:
         found: Position | None = None
         key = self.source_id.encode()
         try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=30)
+            deadline = time.monotonic() + timeout
+            while True:  # a just-created topic may have no leader for a moment
+                try:
+                    low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                    break
+                except KafkaException:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
             if high <= low:
                 return None
             consumer.assign([TopicPartition(self.offsets_topic, 0, low)])
-            deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 msg = consumer.poll(0.2)
                 if msg is not None and msg.error() is None and msg.key() == key:

@@ -150,9 +150,14 @@ class CdcPipeline:
     # --- main loop ----------------------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped or the source fails (raises); returns 0 after a clean stop."""
-        self.sink.ensure_topics()
-        self.sink.start()
-        checkpoint = self.sink.load_checkpoint()
+        try:
+            self.sink.ensure_topics()
+            self.sink.start()
+            checkpoint = self.sink.load_checkpoint()
+        except BaseException:
+            self.sink.close()
+            self.source.close()
+            raise
         self.emit("start", checkpoint=checkpoint, snapshot=self.source.snapshot_mode)
         reader = threading.Thread(target=self._read, args=(checkpoint,), daemon=True,
                                   name=f"cdc-reader-{self.config.source_id}")
@@ -217,6 +222,7 @@ class CdcPipeline:
         finally:
             self.stop()
             self.sink.close()
+            reader.join(5)  # the reader notices the stop within a heartbeat (about 1 s)
             self.source.close()
         self.emit("stop", **self.metrics.report(), position=committed_position)
         return 0
