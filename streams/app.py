@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from confluent_kafka import Consumer, TopicPartition
 
 from fraud.models import RiskModel
 from pqc.freshness import TimeWindow
@@ -36,7 +37,7 @@ from streams.config_stream import ConfigApplier, ConfigDocument, ConfigFollower,
 from streams.metrics import WorkerMetrics
 from streams.scoring import InputRecord, OutputRecord, ScoringPipeline, TrackedStore, dumps
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
-from streams.topics import ensure_topics, read_topic, worker_topics
+from streams.topics import ensure_topics, read_topic, watermarks, worker_topics
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,79 @@ class BatchPublisher:
         await asyncio.gather(*futures)
 
 
+class GapFiller:
+    """Read offsets that faust skipped straight from Kafka, so none goes undecided.
+
+    faust 0.15 drops (and acks!) events it receives while flow control is paused or with
+    a stale generation id, e.g. right after a worker joins the group; the offsets after
+    them are then committed and those transactions would never be decided. This keeps the
+    next expected offset per partition (from the group's committed offset on first sight)
+    and, when a batch jumps ahead, fetches the missing records with a plain consumer and
+    processes them first, before the batch (and thus their offsets) is acked.
+    """
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        self.topic = topic
+        self.next_offset: dict[int, int] = {}
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                                   "enable.auto.commit": False,
+                                   "isolation.level": "read_committed"})
+
+    def reset(self) -> None:
+        """Forget positions (after a rebalance, partitions may have moved)."""
+        self.next_offset.clear()
+
+    def _start_of(self, partition: int) -> int:
+        tp = TopicPartition(self.topic, partition)
+        committed = self._consumer.committed([tp], timeout=10)[0].offset
+        if committed is not None and committed >= 0:
+            return int(committed)
+        low, _high = watermarks(self._consumer, tp)
+        return low
+
+    def _read(self, partition: int, start: int, end: int) -> list[InputRecord]:
+        self._consumer.assign([TopicPartition(self.topic, partition, start)])
+        out: list[InputRecord] = []
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                msg = self._consumer.poll(1.0)
+                if msg is None or msg.error() is not None:
+                    continue
+                offset = msg.offset() or 0
+                if offset >= end:
+                    break
+                stamp = msg.timestamp()[1]
+                out.append(InputRecord(msg.value(), msg.key(), partition, offset,
+                                       stamp / 1000.0 if stamp > 0 else None, self.topic))
+                if offset >= end - 1:
+                    break
+        finally:
+            self._consumer.unassign()
+        return out
+
+    def fill(self, records: list[InputRecord]) -> tuple[list[InputRecord], int]:
+        """``records`` with any skipped records of their partitions put before them."""
+        out: list[InputRecord] = []
+        filled = 0
+        for rec in records:
+            expected = self.next_offset.get(rec.partition)
+            if expected is None:
+                expected = self._start_of(rec.partition)
+            if rec.offset > expected:
+                missing = self._read(rec.partition, expected, rec.offset)
+                log.warning("faust skipped %s[%d] offsets %d..%d; read %d of them directly",
+                            self.topic, rec.partition, expected, rec.offset - 1, len(missing))
+                out.extend(missing)
+                filled += len(missing)
+            out.append(rec)
+            self.next_offset[rec.partition] = rec.offset + 1
+        return out, filled
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     """The faust app of ``settings.retailer``'s workers (consumer group ``settings.app_id``)."""
     n = settings.partitions
@@ -124,7 +198,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     pipeline, metrics = runtime.pipeline, runtime.metrics
 
     def table(name: str) -> Any:
-        schema = faust.Schema(key_serializer="json", value_serializer="json")
+        schema: Any = faust.Schema(key_serializer="json", value_serializer="json")
         return app.Table(name, partitions=n, schema=schema, use_partitioner=False,
                          recovery_buffer_size=10_000)
 
@@ -156,11 +230,22 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     def dlq(records: list[OutputRecord]) -> list[Produce]:
         return [(settings.dlq_topic, 0, r.key, r.value) for r in records]
 
+    gaps = {topic: GapFiller(settings.bootstrap, settings.app_id, topic)
+            for topic in (settings.transactions_topic, settings.labels_topic)}
+
+    async def forget_positions(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        for filler in gaps.values():
+            filler.reset()
+
+    app.on_partitions_assigned.connect(forget_positions)  # type: ignore[arg-type]
+
     @app.agent(transactions, name="decide")
     async def decide(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_size,
                                                within=settings.batch_within_s):
-            batch = records_of(events)
+            batch, filled = gaps[settings.transactions_topic].fill(records_of(events))
+            if filled:
+                metrics.count("qsfraud_refetched_total", filled)
             result = pipeline.process_batch(batch)
             out: list[Produce] = [
                 (settings.decisions_topic, r.partition or 0, r.key, r.value)
@@ -187,7 +272,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_size, within=0.05):
-            result = pipeline.learn_batch(records_of(events))
+            batch, _filled = gaps[settings.labels_topic].fill(records_of(events))
+            result = pipeline.learn_batch(batch)
             await publisher.publish([*dlq(result.dead_letters), *state_records()])
             for outcome in ("learned", "unknown", "duplicate"):
                 value = getattr(result, outcome)

@@ -1,0 +1,367 @@
+"""``qsfraud bench streams``: one faust worker against the practical limit, and end-to-end latency.
+
+(a) one worker process (``python -m qsfraud worker``) on a backlog of synthetic transactions
+    with full features, scoring, decisions, changelogs and learning (labels for a share of
+    the decided transactions are fed back while it runs);
+(b) the same :class:`streams.scoring.ScoringPipeline` in a plain confluent-kafka
+    consume -> score -> produce loop, writing the same records (decisions and changelogs),
+    learning from the same share of labels;
+(c) produce -> decision visible latency at a steady rate (default 1,000 tx/s) through a worker.
+
+Throughputs come from the ``decided`` timestamps in the decision records (first to last).
+Runs its own ephemeral Kafka unless ``--bootstrap`` is given. The last line is JSON:
+``{"worker_tx_per_s", "limit_tx_per_s", "ratio", "p50_ms", "p99_ms", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fraud.generator import GeneratorConfig, generate  # noqa: E402
+from fraud.schema import Transaction  # noqa: E402
+from streams.scoring import InputRecord, ScoringPipeline  # noqa: E402
+from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings  # noqa: E402
+from streams.topics import ensure_topics, worker_topics  # noqa: E402
+
+LABEL_FIELDS = ("is_fraud", "scenario", "label_source", "labelled_at")
+
+
+def rows(n: int) -> list[dict[str, Any]]:
+    per_day = max(100, n // 10)
+    out = []
+    for row in islice(generate(GeneratorConfig(retailers=1, days=12, tx_per_day=per_day,
+                                               seed=11)), n):
+        out.append(row)
+    return out
+
+
+def as_transaction(row: dict[str, Any], retailer: str) -> dict[str, Any]:
+    tx = {k: v for k, v in row.items() if k not in LABEL_FIELDS}
+    tx["retailer_id"] = retailer
+    return Transaction.from_dict(tx).to_dict()
+
+
+def producer(bootstrap: str) -> Producer:
+    return Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random",
+                     "linger.ms": 5, "queue.buffering.max.messages": 1_000_000})
+
+
+def produce_all(bootstrap: str, topic: str, txs: list[dict[str, Any]]) -> None:
+    p = producer(bootstrap)
+    for tx in txs:
+        while True:
+            try:
+                p.produce(topic, key=tx["customer_id"], value=json.dumps(tx).encode())
+                break
+            except BufferError:
+                p.poll(0.05)
+    p.flush(60)
+
+
+class LabelFeeder(threading.Thread):
+    """Watches decisions and sends a label for a share of them (as chargebacks would)."""
+
+    def __init__(self, bootstrap: str, retailer: str, truth: dict[str, tuple[str, bool]],
+                 share: float) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.retailer, self.truth, self.share = bootstrap, retailer, truth, share
+        self.decided: dict[str, float] = {}
+        self.stop_flag = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap,
+                             "group.id": f"bench-{self.retailer}",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        consumer.subscribe([f"{self.retailer}.decisions"])
+        p = producer(self.bootstrap)
+        rng = random.Random(5)
+        while not self.stop_flag.is_set():
+            for msg in consumer.consume(1000, 0.1):
+                if msg.error() is not None:
+                    continue
+                d = json.loads(msg.value())
+                if d["tx_id"] in self.decided:
+                    continue
+                self.decided[d["tx_id"]] = d["timings"]["decided"]
+                customer, fraud = self.truth[d["tx_id"]]
+                if rng.random() < self.share or fraud:
+                    label = {"tx_id": d["tx_id"], "is_fraud": fraud, "source": "chargeback",
+                             "labelled_at": time.time(), "retailer_id": self.retailer}
+                    p.produce(f"{self.retailer}.labels", key=customer,
+                              value=json.dumps(label).encode())
+                    self.sent += 1
+            p.poll(0)
+        p.flush(10)
+        consumer.close()
+
+
+def rate_of(decided: dict[str, float]) -> float:
+    times = sorted(decided.values())
+    return (len(times) - 1) / max(times[-1] - times[0], 1e-9) if len(times) > 1 else 0.0
+
+
+class Worker:
+    def __init__(self, bootstrap: str, retailer: str, tmp: Path) -> None:
+        from qsfraud.stack import free_port
+
+        self.port = free_port()
+        self.log = tmp / f"worker-{retailer}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qsfraud", "worker", "--retailer", retailer,
+                 "--bootstrap", bootstrap, "--web-port", str(self.port), "--datadir",
+                 str(tmp / "data"), "--loglevel", "warn", "--trust", str(tmp / "none.json")],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.retailer = retailer
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log.read_text()[-2000:]}")
+            try:
+                if f'topic="{self.retailer}.transactions"' in self.metrics():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("worker not ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: Path) -> dict:
+    retailer = "bench_worker"
+    settings = WorkerSettings(retailer, bootstrap)
+    ensure_topics(bootstrap, worker_topics(settings))
+    txs = [as_transaction(r, retailer) for r in data]
+    produce_all(bootstrap, settings.transactions_topic, txs)
+    truth = {r["tx_id"]: (r["customer_id"], bool(r["is_fraud"])) for r in data}
+    feeder = LabelFeeder(bootstrap, retailer, truth, share)
+    feeder.start()
+    worker = Worker(bootstrap, retailer, tmp)
+    try:
+        deadline = time.monotonic() + 180
+        while len(feeder.decided) < len(txs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        text = worker.metrics()
+    finally:
+        feeder.stop_flag.set()
+        worker.stop()
+        feeder.join()
+    learned = [line for line in text.splitlines() if line.startswith("qsfraud_labels_total")]
+    return {"rate": rate_of(feeder.decided), "decided": len(feeder.decided),
+            "labels_sent": feeder.sent, "labels": learned}
+
+
+def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float) -> dict:
+    """The same pipeline in a plain confluent-kafka loop, same records written."""
+    retailer = "bench_plain"
+    settings = WorkerSettings(retailer, bootstrap)
+    ensure_topics(bootstrap, worker_topics(settings))
+    txs = [as_transaction(r, retailer) for r in data]
+    produce_all(bootstrap, settings.transactions_topic, txs)
+    truth = {r["tx_id"]: (r["customer_id"], bool(r["is_fraud"])) for r in data}
+    feeder = LabelFeeder(bootstrap, retailer, truth, share)
+    feeder.start()
+    pipeline = ScoringPipeline(retailer)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{retailer}-loop",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([settings.transactions_topic, settings.labels_topic])
+    out = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2,
+                    "queue.buffering.max.messages": 1_000_000})
+    features_log = settings.changelog_topic(FEATURES_TABLE)
+    scored_log = settings.changelog_topic(SCORED_TABLE)
+    decided = 0
+    last_commit = time.monotonic()
+    deadline = time.monotonic() + 180
+    try:
+        while decided < len(txs) and time.monotonic() < deadline:
+            msgs = [m for m in consumer.consume(500, 0.01) if m.error() is None]
+            if not msgs:
+                continue
+            tx_recs, label_recs = [], []
+            for m in msgs:
+                stamp = m.timestamp()[1]
+                rec = InputRecord(m.value(), m.key(), m.partition() or 0, m.offset() or 0,
+                                  stamp / 1000.0 if stamp > 0 else None, m.topic() or "")
+                (label_recs if m.topic() == settings.labels_topic else tx_recs).append(rec)
+            result = pipeline.process_batch(tx_recs)
+            learned = pipeline.learn_batch(label_recs)
+            for r in result.decisions:
+                out.produce(settings.decisions_topic, key=r.key, value=r.value,
+                            partition=r.partition or 0)
+            for r in [*result.dead_letters, *learned.dead_letters]:
+                out.produce(settings.dlq_topic, key=r.key, value=r.value, partition=0)
+            for topic, changes in ((features_log, pipeline.features.drain()),
+                                   (scored_log, pipeline.scored.drain())):
+                for p, k, v in changes:
+                    out.produce(topic, key=json.dumps(k).encode(),
+                                value=None if v is None else json.dumps(v).encode(),
+                                partition=p)
+            out.poll(0)
+            decided += len(result.decisions)
+            if time.monotonic() - last_commit > 1.0:
+                out.flush(30)
+                consumer.commit(asynchronous=False)
+                last_commit = time.monotonic()
+        out.flush(30)
+        deadline = time.monotonic() + 30
+        while len(feeder.decided) < len(txs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        consumer.close()
+        feeder.stop_flag.set()
+        feeder.join()
+    return {"rate": rate_of(feeder.decided), "decided": len(feeder.decided),
+            "labels_sent": feeder.sent, "model": pipeline.model_version}
+
+
+def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, seconds: float,
+                  tmp: Path) -> dict:
+    retailer = "bench_latency"
+    settings = WorkerSettings(retailer, bootstrap)
+    ensure_topics(bootstrap, worker_topics(settings))
+    txs = [as_transaction(r, retailer) for r in data]
+    worker = Worker(bootstrap, retailer, tmp)
+    latencies: list[float] = []
+    try:
+        worker.wait_ready()
+        time.sleep(2.0)
+        done = threading.Event()
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-latency",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                             "fetch.wait.max.ms": 5})
+        consumer.subscribe([settings.decisions_topic])
+        consumer.poll(0.5)
+
+        def feed() -> None:
+            p = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random",
+                          "linger.ms": 0})
+            start = time.perf_counter()
+            for i, tx in enumerate(txs[: int(rate * seconds)]):
+                wait = start + i / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                p.produce(settings.transactions_topic, key=tx["customer_id"],
+                          value=json.dumps(tx).encode())
+                p.poll(0)
+            p.flush(30)
+            done.set()
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        started = time.time()
+        feeder.start()
+        deadline = time.monotonic() + seconds + 30
+        n = int(rate * seconds)
+        seen: set[str] = set()
+        while len(seen) < n and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.005):
+                if msg.error() is not None:
+                    continue
+                now = time.time()
+                d = json.loads(msg.value())
+                if d["tx_id"] in seen:
+                    continue
+                seen.add(d["tx_id"])
+                produced = d["timings"].get("produced")
+                if produced is not None and produced > started + 2.0:  # skip warm-up
+                    latencies.append(now - produced)
+        consumer.close()
+        feeder.join()
+    finally:
+        worker.stop()
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000.0
+
+    return {"p50_ms": pct(0.50), "p99_ms": pct(0.99), "samples": len(latencies),
+            "max_ms": latencies[-1] * 1000.0}
+
+
+def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
+    t = time.monotonic()
+    data = rows(args.transactions + int(args.rate * args.latency_seconds))
+    backlog = data[: args.transactions]
+    print(f"generated {len(data)} rows in {time.monotonic() - t:.1f} s", flush=True)
+    a = bench_worker(bootstrap, backlog, args.label_share, tmp)
+    print(f"(a) faust worker: {a['rate']:,.0f} tx/s over {a['decided']} decisions, "
+          f"{a['labels_sent']} labels sent; {a['labels']}", flush=True)
+    b = bench_limit(bootstrap, backlog, args.label_share)
+    print(f"(b) plain confluent-kafka loop, same pipeline: {b['rate']:,.0f} tx/s over "
+          f"{b['decided']} decisions, {b['labels_sent']} labels, model {b['model']}", flush=True)
+    c = bench_latency(bootstrap, data[args.transactions:], args.rate, args.latency_seconds, tmp)
+    print(f"(c) produce -> decision visible at {args.rate:g} tx/s: p50 {c['p50_ms']:.1f} ms, "
+          f"p99 {c['p99_ms']:.1f} ms, max {c['max_ms']:.1f} ms over {c['samples']} samples",
+          flush=True)
+    return {
+        "worker_tx_per_s": round(a["rate"], 1),
+        "limit_tx_per_s": round(b["rate"], 1),
+        "ratio": round(a["rate"] / b["rate"], 3) if b["rate"] else None,
+        "p50_ms": round(c["p50_ms"], 2),
+        "p99_ms": round(c["p99_ms"], 2),
+        "transactions": args.transactions,
+        "latency_rate_tx_per_s": args.rate,
+        "cpus": os.cpu_count(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transactions", type=int, default=40_000)
+    parser.add_argument("--label-share", type=float, default=0.02)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--bootstrap", help="use this Kafka instead of an ephemeral one")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="qsfraud-bench-streams-") as tmpdir:
+        tmp = Path(tmpdir)
+        if args.bootstrap:
+            result = run(args, args.bootstrap, tmp)
+        else:
+            from qsfraud.stack import Stack, StackConfig
+
+            stack = Stack(StackConfig.ephemeral(tmp / "stack"))
+            try:
+                stack.up(["kafka"])
+                result = run(args, stack.kafka.bootstrap, tmp)
+            finally:
+                stack.down()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
