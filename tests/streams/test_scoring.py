@@ -1,0 +1,147 @@
+"""The scoring pipeline without Kafka: parsing, dedup, features, decisions, labels, expiry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fraud.features import FeatureExtractor
+from streams.config_stream import ConfigDocument
+from streams.scoring import (
+    BadRecord,
+    InputRecord,
+    ScoringPipeline,
+    TrackedStore,
+    parse_transaction,
+)
+
+
+def tx(i: int, customer: str = "c1", **extra: object) -> dict:
+    return {"tx_id": f"t{i}", "retailer_id": "acme", "amount": 10.0 + i, "customer_id": customer,
+            "payment_instrument": f"p{i % 3}", "device_id": "d1", "ip": "10.1.1.1",
+            "occurred_at": 1_000.0 + 60 * i, **extra}
+
+
+def record(value: dict | bytes, partition: int = 0, offset: int = 0) -> InputRecord:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return InputRecord(raw, b"c1", partition, offset, 1_000.0, "acme.transactions")
+
+
+def test_envelope_and_bare_transaction_give_the_same_decision():
+    bare, envelope = ScoringPipeline("acme"), ScoringPipeline("acme")
+    a = bare.process_batch([record(tx(1))], now=5.0).decisions[0]
+    b = envelope.process_batch([record({"v": 1, "op": "c", "tx": tx(1), "source": {},
+                                        "committed_at": 4.5})], now=5.0).decisions[0]
+    da, db = json.loads(a.value), json.loads(b.value)
+    assert db["timings"]["committed"] == 4.5 and "committed" not in da["timings"]
+    assert (da["score"], da["action"], da["reasons"]) == (db["score"], db["action"], db["reasons"])
+
+
+def test_a_deleted_row_is_skipped_not_decided():
+    pipe = ScoringPipeline("acme")
+    out = pipe.process_batch([record({"v": 1, "op": "d", "tx": None, "before": tx(1)})])
+    assert out.skipped == 1 and not out.decisions and not out.dead_letters
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"not json", "not-json"),
+    (b"[1, 2]", "invalid"),
+    (json.dumps(tx(1, amount=-5)).encode(), "invalid"),
+    (json.dumps({**tx(1), "committed_at": "yesterday"}).encode(), "invalid"),
+])
+def test_bad_records_are_rejected_with_a_reason(raw: bytes, reason: str):
+    with pytest.raises(BadRecord) as info:
+        parse_transaction(raw)
+    assert info.value.reason == reason
+
+
+def test_bad_records_go_to_the_dlq_and_the_batch_goes_on():
+    pipe = ScoringPipeline("acme")
+    out = pipe.process_batch([record(b"{"), record(tx(1)), record(tx(2) | {"retailer_id": "x"}),
+                              InputRecord(None, None, 0, 3, None)])
+    assert len(out.decisions) == 1
+    assert sorted(json.loads(d.value)["reason"] for d in out.dead_letters) == [
+        "empty", "not-json", "wrong-retailer"]
+
+
+def test_a_redelivered_transaction_gets_the_identical_record_and_no_state_change():
+    pipe = ScoringPipeline("acme")
+    first = pipe.process_batch([record(tx(1)), record(tx(2))], now=1.0)
+    pipe.features.drain()
+    pipe.scored.drain()
+    state_before = json.dumps(pipe.features.data, sort_keys=True)
+    anomaly_before = pipe.model.anomaly_seen
+    again = pipe.process_batch([record(tx(2), offset=9), record(tx(1), offset=8)], now=2.0)
+    assert [d.value for d in again.decisions] == [first.decisions[1].value,
+                                                  first.decisions[0].value]
+    assert again.duplicates == 2
+    assert json.dumps(pipe.features.data, sort_keys=True) == state_before  # no double count
+    assert pipe.model.anomaly_seen == anomaly_before  # not learned twice
+    assert pipe.features.drain() == [] and pipe.scored.drain() == []
+
+
+def test_features_match_the_fraud_core_on_a_plain_dict():
+    pipe = ScoringPipeline("acme")
+    txs = [tx(i, customer=f"c{i % 2}") for i in range(6)]
+    pipe.process_batch([record(t) for t in txs])
+    reference: dict = {}
+    fx = FeatureExtractor()
+    expected = [fx.extract(t, reference) for t in txs]
+    stored = [pipe.scored.get(t["tx_id"])["x"] for t in txs]
+    assert stored == [[e[n] for n in pipe.names] for e in expected]
+
+
+def test_state_changes_are_tracked_per_partition():
+    pipe = ScoringPipeline("acme")
+    pipe.process_batch([record(tx(1, customer="a"), partition=2),
+                        record(tx(2, customer="b"), partition=3)])
+    changes = {k: p for p, k, _ in pipe.features.drain()}
+    assert changes["c:a"] == 2 and changes["c:b"] == 3
+    assert {k: p for p, k, _ in pipe.scored.drain()} == {"t1": 2, "t2": 3}
+
+
+def label(tx_id: str, fraud: bool = True, **extra: object) -> InputRecord:
+    doc = {"tx_id": tx_id, "is_fraud": fraud, "source": "chargeback", "labelled_at": 9, **extra}
+    return InputRecord(json.dumps(doc).encode(), b"c1", 0, 0, 9.0, "acme.labels")
+
+
+def test_labels_learn_once_and_unknown_ones_are_counted():
+    pipe = ScoringPipeline("acme")
+    pipe.process_batch([record(tx(1)), record(tx(2))])
+    out = pipe.learn_batch([label("t1"), label("t1"), label("nope"), label("t2", False),
+                            InputRecord(b"{}", None, 0, 1, None, "acme.labels"),
+                            label("t2", retailer_id="other")])
+    assert (out.learned, out.duplicate, out.unknown) == (2, 1, 1)
+    assert len(out.dead_letters) == 2
+    assert pipe.model.n == 2 and pipe.model_version == "local+2"
+    assert pipe.scored.get("t1")["l"] == 1
+
+
+def test_a_label_changes_the_score_of_similar_transactions():
+    pipe = ScoringPipeline("acme")
+    pipe.process_batch([record(tx(i, customer=f"c{i}")) for i in range(40)])
+    probe = {k: v for k, v in zip(pipe.names, pipe.scored.get("t5")["x"], strict=True)}
+    before = pipe.model.score_one(probe, observe=False)
+    pipe.learn_batch([label(f"t{i}", fraud=i % 4 == 0) for i in range(40)])
+    assert pipe.model.score_one(probe, observe=False) != before
+
+
+def test_config_swap_applies_to_the_next_batch():
+    pipe = ScoringPipeline("acme")
+    rule = {"name": "any", "field": "amount", "op": ">=", "value": 0, "action": "hold"}
+    pipe.apply_config(ConfigDocument.default().updated({"rules": [rule]}, version=3))
+    d = json.loads(pipe.process_batch([record(tx(1))]).decisions[0].value)
+    assert d["config_version"] == 3 and d["action"] == "hold" and "rule:any" in d["reasons"]
+
+
+def test_expiry_by_ttl_and_size_writes_tombstones():
+    store = TrackedStore()
+    for i in range(6):
+        store.set_on(i % 2, f"t{i}", {"at": float(i)})
+    store.drain()
+    assert store.expire(now=10.0, ttl_s=7.0, max_entries=10) == 3
+    assert store.expire(now=10.0, ttl_s=100.0, max_entries=2) == 1
+    assert sorted(store.data) == ["t4", "t5"]
+    assert sorted(store.drain()) == [(0, "t0", None), (0, "t2", None), (1, "t1", None),
+                                     (1, "t3", None)]
