@@ -32,7 +32,7 @@ MYSQL_KEYS: Final = frozenset({"host", "port", "user", "password", "password_env
                                "table", "server_id", "primary_key"})
 MONGO_KEYS: Final = frozenset({"uri", "uri_env", "database", "collection", "pre_images",
                                "max_await_ms"})
-COMMON_KEYS: Final = frozenset({"kind", "id", "snapshot", "on_history_lost"})
+COMMON_KEYS: Final = frozenset({"kind", "id", "snapshot", "on_history_lost", "reader"})
 KAFKA_KEYS: Final = frozenset({"bootstrap_servers", "partitions", "offsets_topic",
                                "commit_interval_ms", "commit_max_events", "key", "tombstones",
                                "producer", "transaction_timeout_ms"})
@@ -65,6 +65,10 @@ class CdcConfig:
     mapper: RowMapper
     metrics_interval_s: float = 10.0
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reader(self) -> str:
+        return str(self.source.get("reader", "process"))
 
     @property
     def source_id(self) -> str:
@@ -123,6 +127,8 @@ class CdcConfig:
         if source.setdefault("on_history_lost", "fail") not in HISTORY_LOST_ACTIONS:
             raise ConfigError(
                 f"source.on_history_lost must be one of {', '.join(HISTORY_LOST_ACTIONS)}")
+        if source.setdefault("reader", "process") not in ("process", "thread"):
+            raise ConfigError('source.reader must be "process" or "thread"')
         kafka = dict(data.get("kafka") or {})
         unknown = set(kafka) - KAFKA_KEYS
         if unknown:

@@ -1,6 +1,7 @@
 """One running CDC source: read, map, write to Kafka in transactions, report metrics.
 
-The source runs in a reader thread and hands whole source transactions over a bounded queue;
+The source runs in a child process (``[source] reader = "process"``, the default) or a thread
+(``"thread"``) and hands whole source transactions over a bounded queue;
 the main thread maps each change, writes it (or a dead letter) inside the open Kafka
 transaction and commits with the source position at a source-transaction boundary: when the
 queue runs dry (low latency at low rates), when ``commit_interval_ms`` has passed or when
@@ -25,6 +26,7 @@ from cdc.envelope import change_envelope, dead_letter
 from cdc.kafka_sink import KafkaTransactionalSink
 from cdc.mapping import MappingError, RowMapper, json_safe
 from cdc.source import Change, Position, Source, SourceTransaction
+from cdc.source_process import DONE, SourceProcess
 
 _DONE = object()
 IDLE_CHECKPOINT_S = 1.0
@@ -70,8 +72,11 @@ class CdcPipeline:
     """Source -> mapper -> transactional Kafka sink, until :meth:`stop`."""
 
     def __init__(self, config: CdcConfig, source: Source | None = None,
-                 log: TextIO | None = None) -> None:
+                 log: TextIO | None = None, use_process: bool | None = None) -> None:
         self.config = config
+        # decode in a child process unless a ready-made source object is given
+        self.use_process = (source is None and config.reader == "process"
+                            if use_process is None else use_process)
         self.source = source or config.build_source()
         self.mapper: RowMapper = config.mapper
         k = config.kafka
@@ -88,7 +93,7 @@ class CdcPipeline:
         self.metrics = Metrics()
         self.log = log or sys.stderr
         self._stop = threading.Event()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=20_000)
+        self._queue: Any = queue.Queue(maxsize=20_000)
         self.on_commit: Callable[[Position], None] | None = None
 
     def stop(self) -> None:
@@ -159,9 +164,16 @@ class CdcPipeline:
             self.source.close()
             raise
         self.emit("start", checkpoint=checkpoint, snapshot=self.source.snapshot_mode)
-        reader = threading.Thread(target=self._read, args=(checkpoint,), daemon=True,
-                                  name=f"cdc-reader-{self.config.source_id}")
-        reader.start()
+        child: SourceProcess | None = None
+        reader: threading.Thread | None = None
+        if self.use_process:
+            child = SourceProcess({**self.config.raw, "source": self.config.source}, checkpoint)
+            child.start()
+            self._queue = child.queue
+        else:
+            reader = threading.Thread(target=self._read, args=(checkpoint,), daemon=True,
+                                      name=f"cdc-reader-{self.config.source_id}")
+            reader.start()
         source = {**self.source.describe(), "id": self.config.source_id}
         pending_times: list[float] = []
         pending_position: Position | None = None
@@ -192,7 +204,7 @@ class CdcPipeline:
                     item = self._queue.get(timeout=0.05)
                 except queue.Empty:
                     item = None
-                if item is _DONE:
+                if item is _DONE or item == DONE:
                     break
                 if isinstance(item, BaseException):
                     raise item
@@ -222,7 +234,10 @@ class CdcPipeline:
         finally:
             self.stop()
             self.sink.close()
-            reader.join(5)  # the reader notices the stop within a heartbeat (about 1 s)
+            if reader is not None:
+                reader.join(5)  # the reader notices the stop within a heartbeat (about 1 s)
+            if child is not None:
+                child.stop()
             self.source.close()
         self.emit("stop", **self.metrics.report(), position=committed_position)
         return 0
