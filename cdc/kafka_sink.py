@@ -45,7 +45,7 @@ class KafkaTransactionalSink:
             "transactional.id": self.transactional_id,
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 5,
+            "linger.ms": 1,  # commit_transaction() waits for the linger: keep it short
             "batch.num.messages": 10_000,
             "queue.buffering.max.messages": 500_000,
             "compression.type": "lz4",

@@ -1,0 +1,263 @@
+"""CDC throughput and commit-to-Kafka latency, per source, on a throw-away local stack.
+
+Run with ``qsfraud bench cdc [--rows N] [--rate R] [--seconds S]``. It starts its own
+ephemeral stack (Kafka, MariaDB, the MongoDB server) on free ports and stops it at the end.
+For each source (MySQL binlog, MongoDB change stream) ``qsfraud cdc run`` runs as a separate
+process, as in production, and a ``read_committed`` consumer in this process measures:
+
+* latency: a writer commits one row per source transaction at ``--rate`` changes/s for
+  ``--seconds``; latency is the time from the writer's ``commit()`` returning to the record
+  being readable on Kafka (p50/p99, ms);
+* throughput: with the CDC process stopped, ``--rows`` inserts are committed (1,000 per
+  transaction); the process is started again and the rate at which it turns that binlog/oplog
+  backlog into committed Kafka records is measured (first to last record read).
+
+The last printed line is a JSON object with ``mysql_changes_per_s``, ``mongo_changes_per_s``,
+``mysql_p50_ms``, ``mysql_p99_ms``, ``mongo_p50_ms``, ``mongo_p99_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mysql.connector
+import pymongo
+from confluent_kafka import Consumer
+
+from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig
+
+REPO = Path(__file__).resolve().parents[1]
+MAPPING = """
+[mapping]
+timezone = "UTC"
+[mapping.static]
+currency = "EUR"
+[mapping.fields]
+tx_id = "{id_column}"
+customer_id = "customer_id"
+payment_instrument = "card_hash"
+amount = {{ from = "amount", type = "decimal" }}
+occurred_at = {{ from = "created_at", type = "datetime" }}
+"""
+
+
+class TopicTimer:
+    """Records, per source primary key, when its record became readable (read_committed)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.seen: dict[str, float] = {}
+        self.count = 0
+        self.first = self.last = 0.0
+        self._stop = threading.Event()
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{topic}",
+                                   "auto.offset.reset": "earliest",
+                                   "isolation.level": "read_committed",
+                                   "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+        self._consumer.subscribe([topic])
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msgs = self._consumer.consume(10_000, 0.002)  # returns at the timeout or the count
+            now = time.time()
+            for msg in msgs:
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                pk = json.loads(msg.value())["source"]["pk"]
+                self.seen.setdefault(pk, now)
+                if not self.count:
+                    self.first = now
+                self.count += 1
+                self.last = now
+        self._consumer.close()
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.count >= n
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class CdcProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qsfraud", "cdc", "run", "--config", str(self.config),
+                 "--metrics-interval", "5"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while '"event": "start"' not in self.log.read_bytes()[offset:].decode(errors="replace"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"cdc did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        time.sleep(1.5)  # its first (idle) checkpoint is committed after a second
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(name: str, bootstrap: str, workdir: Path, source_toml: str, id_column: str,
+            write_one: Callable[[int], None], write_bulk: Callable[[int, int], None],
+            rate: float, seconds: float, rows: int) -> dict[str, float]:
+    retailer = f"bench{name}{int(time.time())}"
+    config = workdir / f"{name}.toml"
+    config.write_text(
+        f'retailer = "{retailer}"\n\n[source]\nid = "{retailer}"\nsnapshot = "never"\n'
+        f"{source_toml}\n[kafka]\nbootstrap_servers = \"{bootstrap}\"\npartitions = 3\n"
+        + MAPPING.format(id_column=id_column))
+    timer = TopicTimer(bootstrap, f"{retailer}.transactions")
+    proc = CdcProcess(config, workdir / f"{name}.log")
+    try:
+        proc.start()
+        # latency: one change per source transaction at `rate` changes/s
+        committed: dict[str, float] = {}
+        n = int(rate * seconds)
+        start = time.monotonic()
+        for i in range(n):
+            target = start + i / rate
+            delay = target - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            write_one(i)
+            committed[str(i)] = time.time()
+        achieved = n / (time.monotonic() - start)
+        if not timer.wait_for(n, 60):
+            raise RuntimeError(f"{name}: only {timer.count}/{n} records arrived")
+        lat = [(timer.seen[k] - t) * 1000 for k, t in committed.items()]
+        p50, p99 = statistics.median(lat), percentile(lat, 0.99)
+        print(f"{name}: latency at {achieved:.0f} changes/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+              f"max {max(lat):.1f} ms ({n} changes)", flush=True)
+
+        # throughput: a backlog of `rows` inserts written while the process is stopped
+        proc.stop()
+        t = time.monotonic()
+        write_bulk(n, rows)
+        print(f"{name}: wrote {rows} rows in {time.monotonic() - t:.1f} s; restarting cdc",
+              flush=True)
+        before = timer.count
+        timer.first = 0.0
+        count_at_start = timer.count
+        proc.start()
+        first_seen = time.time()
+        if not timer.wait_for(before + rows, 180):
+            raise RuntimeError(f"{name}: only {timer.count - before}/{rows} records arrived")
+        # rate from the first to the last record of the backlog
+        first = timer.first if timer.count > count_at_start and timer.first else first_seen
+        tput = (rows - 1) / max(timer.last - first, 1e-6)
+        print(f"{name}: throughput {tput:.0f} changes/s ({rows} changes in "
+              f"{timer.last - first:.2f} s)", flush=True)
+        return {"changes_per_s": round(tput, 1), "p50_ms": round(p50, 1),
+                "p99_ms": round(p99, 1)}
+    finally:
+        proc.stop()
+        timer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=30_000, help="backlog size for throughput")
+    parser.add_argument("--rate", type=float, default=500.0, help="changes/s for latency")
+    parser.add_argument("--seconds", type=float, default=10.0, help="latency phase length")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="qsfraud-bench-cdc-") as tmp:
+        workdir = Path(tmp)
+        stack = Stack(StackConfig.ephemeral(workdir / "stack"))
+        try:
+            t = time.monotonic()
+            stack.up()
+            print(f"stack up in {time.monotonic() - t:.1f} s", flush=True)
+            bootstrap = stack.kafka.bootstrap
+            db = stack.mariadb
+            conn = mysql.connector.connect(host=db.host, port=db.port, user=APP_USER.user,
+                                           password=APP_USER.password, database=DATABASE)
+            cur = conn.cursor()
+            cur.execute("CREATE TABLE bench_orders (id BIGINT PRIMARY KEY, customer_id "
+                        "VARCHAR(20), amount DECIMAL(12,2), created_at DATETIME(6), "
+                        "card_hash VARCHAR(64))")
+            now = datetime.now(UTC).replace(tzinfo=None)
+
+            def mysql_one(i: int) -> None:
+                cur.execute("INSERT INTO bench_orders VALUES (%s, %s, 12.50, %s, %s)",
+                            (i, f"c{i % 100}", now, f"h{i}"))
+                conn.commit()
+
+            def mysql_bulk(offset: int, n: int) -> None:
+                for s in range(offset, offset + n, 1000):
+                    cur.executemany("INSERT INTO bench_orders VALUES (%s, %s, 12.50, %s, %s)",
+                                    [(i, f"c{i % 100}", now, f"h{i}")
+                                     for i in range(s, min(s + 1000, offset + n))])
+                    conn.commit()
+
+            mysql_toml = (f'kind = "mysql"\nhost = "{db.host}"\nport = {db.port}\n'
+                          f'user = "{CDC_USER.user}"\npassword = "{CDC_USER.password}"\n'
+                          f'database = "{DATABASE}"\ntable = "bench_orders"\n')
+            results: dict[str, dict[str, float]] = {}
+            results["mysql"] = measure("mysql", bootstrap, workdir, mysql_toml, "id", mysql_one,
+                                       mysql_bulk, args.rate, args.seconds, args.rows)
+            conn.close()
+
+            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(stack.mongo.uri)
+            coll = client["shop"]["bench_orders"]
+            stamp = datetime.now(UTC)
+
+            def doc(i: int) -> dict[str, Any]:
+                return {"_id": i, "customer_id": f"c{i % 100}", "amount": "12.50",
+                        "created_at": stamp, "card_hash": f"h{i}"}
+
+            def mongo_one(i: int) -> None:
+                coll.insert_one(doc(i))
+
+            def mongo_bulk(offset: int, n: int) -> None:
+                for s in range(offset, offset + n, 1000):
+                    coll.insert_many([doc(i) for i in range(s, min(s + 1000, offset + n))])
+
+            mongo_toml = (f'kind = "mongo"\nuri = "{stack.mongo.uri}"\ndatabase = "shop"\n'
+                          'collection = "bench_orders"\n')
+            results["mongo"] = measure("mongo", bootstrap, workdir, mongo_toml, "_id", mongo_one,
+                                       mongo_bulk, args.rate, args.seconds, args.rows)
+            client.close()
+        finally:
+            stack.down()
+    print(json.dumps({
+        "mysql_changes_per_s": results["mysql"]["changes_per_s"],
+        "mongo_changes_per_s": results["mongo"]["changes_per_s"],
+        "mysql_p50_ms": results["mysql"]["p50_ms"], "mysql_p99_ms": results["mysql"]["p99_ms"],
+        "mongo_p50_ms": results["mongo"]["p50_ms"], "mongo_p99_ms": results["mongo"]["p99_ms"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
