@@ -102,7 +102,7 @@ def _float(d: dict[str, Any], name: str, *, minimum: float | None = None) -> flo
         raise SchemaError(name, f"expected a number, got {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SchemaError(name, f"expected a number, got {value!r}") from None
     if not math.isfinite(number):
         raise SchemaError(name, f"must be finite, got {value!r}")
@@ -119,7 +119,7 @@ def _int(d: dict[str, Any], name: str, default: int) -> int:
         raise SchemaError(name, f"expected an integer, got {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SchemaError(name, f"expected an integer, got {value!r}") from None
     if not number.is_integer() or number < 0:
         raise SchemaError(name, f"expected a non-negative integer, got {value!r}")

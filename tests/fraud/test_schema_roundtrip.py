@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import string
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fraud.schema import CHANNELS, LABEL_SOURCES, Decision, Label, Transaction
+from fraud.schema import CHANNELS, LABEL_SOURCES, Decision, Label, SchemaError, Transaction
 
 text = st.text(min_size=1, max_size=20)
 opt_text = st.none() | text
@@ -98,3 +99,11 @@ decisions = st.builds(
 @given(decisions)
 def test_decision_json_round_trip(decision: Decision) -> None:
     assert Decision.from_json(decision.to_json()) == decision
+
+
+@pytest.mark.parametrize("field", ["amount", "item_count"])
+def test_huge_integers_are_a_schema_error_not_an_overflow(field: str):
+    d = {"tx_id": "t", "retailer_id": "r", "amount": 1, "customer_id": "c",
+         "payment_instrument": "p", "occurred_at": 0, field: 10**400}
+    with pytest.raises(SchemaError, match=field):
+        Transaction.from_dict(d)
