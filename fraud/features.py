@@ -29,6 +29,7 @@ last timestamp, so results depend only on the order of events: same order, same 
 from __future__ import annotations
 
 import math
+import sys
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
@@ -73,75 +74,89 @@ def _feature_names() -> tuple[str, ...]:
     )
 
 
-FEATURE_NAMES: Final = _feature_names()
+FEATURE_NAMES: Final = tuple(sys.intern(name) for name in _feature_names())
 """Every key :meth:`FeatureExtractor.extract` returns, in a stable order."""
 
-
-def _entity_names(entity: str) -> tuple[str, ...]:
-    return (*(f"{entity}_n_{w}" for _, w in WINDOWS), *(f"{entity}_amt_{w}" for _, w in WINDOWS),
-            f"{entity}_since_last_log")
-
-
-_NAMES: Final = {e: _entity_names(e) for e in ("customer", "instrument", "device", "ip", "coupon")}
 _NEVER_LOG: Final = math.log1p(NEVER_SEEN_GAP)
+_NO_WINDOWS: Final = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, _NEVER_LOG)
 _log1p = math.log1p
+_sqrt = math.sqrt
+_sin = math.sin
+_cos = math.cos
+
+Windows = tuple[float, float, float, float, float, float, float]
 
 
-def _windows(st: dict[str, Any], ts: float, amount: float, f: dict[str, float],
-             names: tuple[str, ...]) -> None:
-    """Fill the entity's window features from ``st`` (events before ``ts``), then add the event.
+def _windows(st: dict[str, Any], ts: float, amount: float) -> Windows:
+    """The entity's window features from ``st`` (events before ``ts``), then add the event.
 
-    A timestamp earlier than the entity's last one is treated as that last one.
+    Returns ``(n_10m, n_1h, n_24h, amt_10m, amt_1h, amt_24h, since_last_log)``. A timestamp
+    earlier than the entity's last one is treated as that last one.
     """
-    n10, n1, n24, a10, a1, a24, since = names
     t: list[float] = st["t"]
     a: list[float] = st["a"]
     last = st.get("last")
     if last is None:
-        f[n10] = f[n1] = f[n24] = f[a10] = f[a1] = f[a24] = 0.0
-        f[since] = _NEVER_LOG
+        out: Windows = _NO_WINDOWS
     else:
         if ts < last:
             ts = last
-        gap = ts - last
+        since = _log1p(ts - last)
         if t and t[0] <= ts - HORIZON:
             k = bisect_right(t, ts - HORIZON)
             del t[:k]
             del a[:k]
         n = len(t)
         if not n:
-            f[n10] = f[n1] = f[n24] = f[a10] = f[a1] = f[a24] = 0.0
+            out = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, since)
         elif t[0] > ts - 600.0:  # everything inside the shortest window
-            f[n10] = f[n1] = f[n24] = float(n)
-            f[a10] = f[a1] = f[a24] = _log1p(sum(a))
+            fn = float(n)
+            s = _log1p(sum(a))
+            out = (fn, fn, fn, s, s, s, since)
         else:
             i1 = bisect_right(t, ts - 3600.0)
             i0 = bisect_right(t, ts - 600.0, i1)
-            f[n10] = float(n - i0)
-            f[n1] = float(n - i1)
-            f[n24] = float(n)
             s0 = sum(a[i0:]) if i0 < n else 0.0
             s1 = s0 + sum(a[i1:i0]) if i1 < i0 else s0
-            f[a10] = _log1p(s0)
-            f[a1] = _log1p(s1)
-            f[a24] = _log1p(s1 + sum(a[:i1]) if i1 else s1)
-        f[since] = _log1p(gap)
+            out = (float(n - i0), float(n - i1), float(n), _log1p(s0), _log1p(s1),
+                   _log1p(s1 + sum(a[:i1]) if i1 else s1), since)
         if n >= MAX_EVENTS:
             del t[0]
             del a[0]
     t.append(ts)
     a.append(amount)
     st["last"] = ts
+    return out
+
+
+def _counts(st: dict[str, Any], ts: float, amount: float) -> tuple[float, float]:
+    """``(n_1h, n_24h)`` of :func:`_windows` (same state update), without the amount sums."""
+    t: list[float] = st["t"]
+    a: list[float] = st["a"]
+    last = st.get("last")
+    if last is None:
+        n1 = n24 = 0.0
+    else:
+        if ts < last:
+            ts = last
+        if t and t[0] <= ts - HORIZON:
+            k = bisect_right(t, ts - HORIZON)
+            del t[:k]
+            del a[:k]
+        n = len(t)
+        n24 = float(n)
+        n1 = float(n - bisect_right(t, ts - 3600.0)) if n and t[0] <= ts - 600.0 else n24
+        if n >= MAX_EVENTS:
+            del t[0]
+            del a[0]
+    t.append(ts)
+    a.append(amount)
+    st["last"] = ts
+    return n1, n24
 
 
 def _new_entity() -> dict[str, Any]:
     return {"t": [], "a": [], "last": None}
-
-
-def _zero_entity(f: dict[str, float], names: tuple[str, ...]) -> None:
-    for name in names[:6]:
-        f[name] = 0.0
-    f[names[6]] = _NEVER_LOG
 
 
 def _remember(items: list[str], value: str) -> bool:
@@ -163,19 +178,44 @@ class FeatureExtractor:
     ``extract`` accepts a :class:`~fraud.schema.Transaction` or a mapping with the same field
     names (missing optional entities just yield zero features). ``prefix`` namespaces the state
     keys, e.g. per retailer when several retailers share one store.
+
+    :meth:`extract_values` is the same computation as a list in :data:`FEATURE_NAMES` order
+    (no dict), for callers that keep vectors positionally.
     """
+
+    __slots__ = ("_kc", "_kd", "_ki", "_kk", "_kp", "_prefix")
 
     names: tuple[str, ...] = FEATURE_NAMES
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
 
+    @property
+    def prefix(self) -> str:
+        """Namespace of this extractor's state keys."""
+        return self._prefix
+
+    @prefix.setter
+    def prefix(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._kc = prefix + "c:"
+        self._kp = prefix + "p:"
+        self._kd = prefix + "d:"
+        self._ki = prefix + "i:"
+        self._kk = prefix + "k:"
+
     def extract(
         self, tx: Transaction | Mapping[str, Any], state: KeyValueState
     ) -> dict[str, float]:
         """Features of ``tx`` from the state *before* it; then fold ``tx`` into ``state``."""
+        return dict(zip(FEATURE_NAMES, self.extract_values(tx, state), strict=True))
+
+    def extract_values(
+        self, tx: Transaction | Mapping[str, Any], state: KeyValueState
+    ) -> list[float]:
+        """:meth:`extract` as a list of values in :data:`FEATURE_NAMES` order."""
         if isinstance(tx, Transaction):
-            return self.extract_fields(
+            return self._values(
                 state, tx.occurred_at, tx.amount, tx.customer_id, tx.payment_instrument,
                 tx.device_id, tx.ip, tx.channel, tx.coupon_code, tx.item_count,
                 tx.address_mismatch,
@@ -184,7 +224,7 @@ class FeatureExtractor:
         ts = g("occurred_at")
         if not isinstance(ts, int | float):
             ts = parse_timestamp(ts, "occurred_at") if ts else 0.0
-        return self.extract_fields(
+        return self._values(
             state, float(ts), float(g("amount") or 0.0),
             _opt(g("customer_id")), _opt(g("payment_instrument")), _opt(g("device_id")),
             _opt(g("ip")), str(g("channel") or "web"), _opt(g("coupon_code")),
@@ -195,7 +235,9 @@ class FeatureExtractor:
         self, txs: Iterable[Transaction | Mapping[str, Any]], state: KeyValueState
     ) -> list[dict[str, float]]:
         """``extract`` for each transaction, in order."""
-        return [self.extract(tx, state) for tx in txs]
+        values = self.extract_values
+        names = FEATURE_NAMES
+        return [dict(zip(names, values(tx, state), strict=True)) for tx in txs]
 
     def extract_fields(
         self,
@@ -212,119 +254,138 @@ class FeatureExtractor:
         address_mismatch: bool = False,
     ) -> dict[str, float]:
         """The primitive form of :meth:`extract`; ``None`` entities give zero features."""
-        pre = self.prefix
-        amount_log = math.log1p(amount)
+        return dict(zip(FEATURE_NAMES, self._values(
+            state, ts, amount, customer, instrument, device, ip, channel, coupon, item_count,
+            address_mismatch), strict=True))
+
+    def _values(
+        self,
+        state: KeyValueState,
+        ts: float,
+        amount: float,
+        customer: str | None,
+        instrument: str | None,
+        device: str | None,
+        ip: str | None,
+        channel: str,
+        coupon: str | None,
+        item_count: int,
+        address_mismatch: bool,
+    ) -> list[float]:
+        amount_log = _log1p(amount)
         angle = (ts % 86400.0) * _TWO_PI_PER_DAY
-        f: dict[str, float] = {
-            "amount_log": amount_log,
-            "item_count": float(item_count),
-            "address_mismatch": 1.0 if address_mismatch else 0.0,
-            "channel_web": 1.0 if channel == "web" else 0.0,
-            "channel_app": 1.0 if channel == "app" else 0.0,
-            "channel_pos": 1.0 if channel == "pos" else 0.0,
-            "has_coupon": 1.0 if coupon else 0.0,
-            "hour_sin": math.sin(angle),
-            "hour_cos": math.cos(angle),
-        }
 
         # customer: windows, amount history, known devices and IPs
         if customer is not None:
-            key = pre + "c:" + customer
+            key = self._kc + customer
             cs = state.get(key) or _new_entity()
-            _windows(cs, ts, amount, f, _NAMES["customer"])
+            cw = _windows(cs, ts, amount)
             n = cs.get("n", 0)
-            if n >= 2 and cs["m2"] > 0.0:
-                z = (amount_log - cs["mu"]) / math.sqrt(cs["m2"] / n)
-                f["customer_amount_z"] = -10.0 if z < -10.0 else 10.0 if z > 10.0 else z
-            else:
-                f["customer_amount_z"] = 0.0
-            f["customer_new"] = 0.0 if n else 1.0
             if n:
+                mu = cs["mu"]
+                m2 = cs["m2"]
+                if n >= 2 and m2 > 0.0:
+                    z = (amount_log - mu) / _sqrt(m2 / n)
+                    amount_z = -10.0 if z < -10.0 else 10.0 if z > 10.0 else z
+                else:
+                    amount_z = 0.0
                 n1 = n + 1
-                d = amount_log - cs["mu"]
-                cs["mu"] += d / n1
-                cs["m2"] += d * (amount_log - cs["mu"])
+                d = amount_log - mu
+                mu += d / n1
+                cs["mu"] = mu
+                cs["m2"] = m2 + d * (amount_log - mu)
+                cs["n"] = n1
+                devs: list[str] = cs["dev"]
+                new_device = 1.0 if device is not None and _remember(devs, device) else 0.0
+                new_ip = 1.0 if ip is not None and _remember(cs["ip"], ip) else 0.0
+                customer_new = 0.0
             else:
-                n1 = 1
+                amount_z = 0.0
                 cs["mu"] = amount_log
                 cs["m2"] = 0.0
-                cs["dev"] = []
-                cs["ip"] = []
-            cs["n"] = n1
-            devs: list[str] = cs["dev"]
-            f["customer_new_device"] = (
-                1.0 if device is not None and _remember(devs, device) else 0.0
-            )
-            f["customer_devices"] = float(len(devs))
-            f["customer_new_ip"] = 1.0 if ip is not None and _remember(cs["ip"], ip) else 0.0
+                cs["dev"] = devs = [] if device is None else [device]
+                cs["ip"] = [] if ip is None else [ip]
+                cs["n"] = 1
+                new_device = 0.0 if device is None else 1.0
+                new_ip = 0.0 if ip is None else 1.0
+                customer_new = 1.0
+            devices = float(len(devs))
             state[key] = cs
         else:
-            _zero_entity(f, _NAMES["customer"])
-            f["customer_amount_z"] = 0.0
-            f["customer_new"] = 1.0
-            f["customer_new_device"] = 1.0 if device is not None else 0.0
-            f["customer_devices"] = 0.0
-            f["customer_new_ip"] = 1.0 if ip is not None else 0.0
+            cw = _NO_WINDOWS
+            amount_z = 0.0
+            customer_new = 1.0
+            new_device = 0.0 if device is None else 1.0
+            devices = 0.0
+            new_ip = 0.0 if ip is None else 1.0
 
         if instrument is not None:
-            key = pre + "p:" + instrument
+            key = self._kp + instrument
             ps = state.get(key) or _new_entity()
-            _windows(ps, ts, amount, f, _NAMES["instrument"])
+            pw = _windows(ps, ts, amount)
             state[key] = ps
         else:
-            _zero_entity(f, _NAMES["instrument"])
+            pw = _NO_WINDOWS
 
         # device: windows, distinct instruments and customers, coupon reuse
         reuse = 0.0
         if device is not None:
-            key = pre + "d:" + device
+            key = self._kd + device
             ds = state.get(key) or _new_entity()
-            _windows(ds, ts, amount, f, _NAMES["device"])
+            dw = _windows(ds, ts, amount)
             if "pi" not in ds:
                 ds["pi"] = []
                 ds["cu"] = []
                 ds["k"] = {}
                 ds["n"] = 0
+            pis: list[str] = ds["pi"]
+            cus: list[str] = ds["cu"]
             if instrument is not None:
-                _remember(ds["pi"], instrument)
+                _remember(pis, instrument)
             if customer is not None:
-                _remember(ds["cu"], customer)
-            f["device_instruments"] = float(len(ds["pi"]))
-            f["device_customers"] = float(len(ds["cu"]))
-            codes: dict[str, int] = ds["k"]
+                _remember(cus, customer)
+            dev_instruments = float(len(pis))
+            dev_customers = float(len(cus))
+            dn = ds["n"]
             if coupon:
+                codes: dict[str, int] = ds["k"]
                 used = codes.get(coupon, 0)
-                reuse = used / (ds["n"] + 1.0)
+                reuse = used / (dn + 1.0)
                 if used or len(codes) < MAX_COUPONS:
                     codes[coupon] = used + 1
-            ds["n"] += 1
+            ds["n"] = dn + 1
             state[key] = ds
         else:
-            _zero_entity(f, _NAMES["device"])
-            f["device_instruments"] = 0.0
-            f["device_customers"] = 0.0
-        f["coupon_reuse_rate"] = reuse
+            dw = _NO_WINDOWS
+            dev_instruments = dev_customers = 0.0
 
         if ip is not None:
-            key = pre + "i:" + ip
+            key = self._ki + ip
             ist = state.get(key) or _new_entity()
-            _windows(ist, ts, amount, f, _NAMES["ip"])
+            iw = _windows(ist, ts, amount)
             state[key] = ist
         else:
-            _zero_entity(f, _NAMES["ip"])
+            iw = _NO_WINDOWS
 
         if coupon:
-            key = pre + "k:" + coupon
+            key = self._kk + coupon
             ks = state.get(key) or _new_entity()
-            tmp: dict[str, float] = {}
-            _windows(ks, ts, amount, tmp, _NAMES["coupon"])
-            f["coupon_n_1h"] = tmp["coupon_n_1h"]
-            f["coupon_n_24h"] = tmp["coupon_n_24h"]
+            k1, k24 = _counts(ks, ts, amount)
             state[key] = ks
         else:
-            f["coupon_n_1h"] = 0.0
-            f["coupon_n_24h"] = 0.0
-        return f
+            k1 = k24 = 0.0
+
+        return [
+            amount_log, float(item_count), 1.0 if address_mismatch else 0.0,
+            1.0 if channel == "web" else 0.0, 1.0 if channel == "app" else 0.0,
+            1.0 if channel == "pos" else 0.0, 1.0 if coupon else 0.0,
+            _sin(angle), _cos(angle),
+            *cw, amount_z, customer_new, new_device, devices, new_ip,
+            *pw,
+            *dw, dev_instruments, dev_customers, reuse,
+            *iw,
+            k1, k24,
+        ]
 
 
 def _opt(value: Any) -> str | None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
@@ -93,6 +93,10 @@ _sqrt = math.sqrt
 _exp = math.exp
 
 
+def _by_contribution(term: tuple[str, float]) -> tuple[float, str]:
+    return -term[1], term[0]
+
+
 def _sigmoid(s: float) -> float:
     if s < -35.0:
         return 6.305116760146989e-16
@@ -101,12 +105,46 @@ def _sigmoid(s: float) -> float:
     return 1.0 / (1.0 + math.exp(-s))
 
 
+class _Layout:
+    """The model's statistics records aligned with one feature-key order (a fast-path cache).
+
+    ``srecs[i]``/``arecs[i]`` are the scaler/anomaly records of ``keys[i]`` (``None`` if the
+    model has none yet). Valid while the two stats dicts are the same objects with the same
+    sizes: records are only ever added to them, never replaced, except by swapping whole
+    dicts (``from_state``, ``load_shared``).
+    """
+
+    __slots__ = ("afull", "alen", "arecs", "astats", "keys", "sfull", "slen", "srecs", "sstats")
+
+    def __init__(
+        self, keys: tuple[str, ...], sstats: dict[str, list[float]],
+        astats: dict[str, list[float]],
+    ) -> None:
+        self.keys = keys
+        self.sstats = sstats
+        self.astats = astats
+        self.slen = len(sstats)
+        self.alen = len(astats)
+        sget, aget = sstats.get, astats.get
+        srecs = [sget(k) for k in keys]
+        arecs = [aget(k) for k in keys]
+        self.sfull = all(r is not None for r in srecs)
+        self.afull = all(r is not None for r in arecs)
+        self.srecs: list[list[float]] = srecs  # type: ignore[assignment]
+        self.arecs: list[list[float]] = arecs  # type: ignore[assignment]
+
+
 class RiskModel:
     """Online fraud-risk model with River-style ``learn_one``/``predict_proba_one``.
 
     Feature vectors are plain ``dict[str, float]`` (keys absent from a vector contribute
     nothing), so a vector stored at scoring time can be passed to ``learn_one`` when its label
     arrives. ``score_one`` also feeds the local anomaly statistics unless ``observe=False``.
+
+    Vectors that keep coming with the same keys in the same order (what
+    :class:`~fraud.features.FeatureExtractor` produces) take a fast path that walks the
+    statistics records aligned with that order instead of looking every key up; results are
+    identical to the general path, which handles any other vector.
     """
 
     def __init__(self, params: ModelParams | None = None, version: str = "local") -> None:
@@ -121,11 +159,28 @@ class RiskModel:
         self.n = 0
         self.n_pos = 0
         self.n_neg = 0
+        self._layout: _Layout | None = None
+        self._last_keys: tuple[str, ...] = ()
 
     @property
     def weights(self) -> dict[str, float]:
         """The linear weights by feature."""
         return {k: s[4] for k, s in self.scaler.stats.items()}
+
+    def _aligned(self, keys: tuple[str, ...]) -> _Layout | None:
+        """The records aligned with ``keys`` if that order repeats, else ``None``."""
+        lay = self._layout
+        sstats = self.scaler.stats
+        astats = self.anomaly.stats
+        if lay is not None and lay.keys == keys:
+            if (lay.sstats is sstats and lay.astats is astats and lay.slen == len(sstats)
+                    and lay.alen == len(astats)):
+                return lay
+        elif self._last_keys != keys:  # a new order: wait until it repeats
+            self._last_keys = keys
+            return None
+        lay = self._layout = _Layout(keys, sstats, astats)
+        return lay
 
     # -- scoring ---------------------------------------------------------------------------
     def _alpha(self) -> float:
@@ -134,6 +189,95 @@ class RiskModel:
 
     def score_one(self, x: Mapping[str, float], observe: bool = True) -> float:
         """Combined risk in [0, 1]; with ``observe`` the anomaly statistics learn ``x``."""
+        lay = self._aligned(tuple(x))
+        if lay is not None and lay.afull and (lay.sfull or not self.n_pos):
+            return self._score_aligned(lay, x.values(), observe, None)
+        return self._score_general(x, observe)
+
+    def score_and_explain(
+        self, x: Mapping[str, float], k: int = 3, observe: bool = True
+    ) -> tuple[float, list[tuple[str, float]]]:
+        """``(score_one(x, observe), contributions(x, k))`` in one pass over ``x``."""
+        lay = self._aligned(tuple(x))
+        if lay is not None and lay.afull and lay.sfull:
+            terms: list[tuple[str, float]] = []
+            score = self._score_aligned(lay, x.values(), observe, terms)
+            terms.sort(key=_by_contribution)
+            return score, terms[:k]
+        return self._score_general(x, observe), self.contributions(x, k)
+
+    def _score_aligned(
+        self, lay: _Layout, values: Iterable[float], observe: bool,
+        terms: list[tuple[str, float]] | None,
+    ) -> float:
+        """``score_one`` on values aligned with ``lay`` (all anomaly records present)."""
+        params = self.params
+        clip = params.clip
+        nclip = -clip
+        c2 = clip * clip
+        zz = 0.0
+        count = len(lay.keys)
+        n_pos = self.n_pos
+        dot = self.intercept
+        if n_pos or terms is not None:
+            # the supervised part only matters once a fraud label has been learned
+            if terms is None:
+                for v, s in zip(values, lay.srecs, strict=True):
+                    z = (v - s[1]) * s[3]
+                    if z > clip:
+                        z = clip
+                    elif z < nclip:
+                        z = nclip
+                    dot += s[4] * z
+            else:
+                append = terms.append
+                for key, v, s in zip(lay.keys, values, lay.srecs, strict=True):
+                    z = (v - s[1]) * s[3]
+                    if z > clip:
+                        z = clip
+                    elif z < nclip:
+                        z = nclip
+                    c = s[4] * z
+                    dot += c
+                    if c > 0.0:
+                        append((key, c))
+        if observe:
+            for v, a in zip(values, lay.arecs, strict=True):
+                n, mean, m2, inv = a
+                d = v - mean
+                z = d * inv
+                z *= z
+                zz += z if z < c2 else c2
+                n += 1.0
+                mean += d / n
+                m2 += d * (v - mean)
+                a[0] = n
+                a[1] = mean
+                a[2] = m2
+                a[3] = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
+            seen = self.anomaly_seen = self.anomaly_seen + 1
+        else:
+            for v, a in zip(values, lay.arecs, strict=True):
+                z = (v - a[1]) * a[3]
+                z *= z
+                zz += z if z < c2 else c2
+            seen = self.anomaly_seen
+        if seen > params.anomaly_min_events and count:
+            m = zz / count
+            anomaly = m / (m + params.anomaly_scale)
+        else:
+            anomaly = 0.0
+        if not n_pos:
+            return anomaly
+        alpha = (1.0 - params.anomaly_weight) * n_pos / (n_pos + params.warmup_positives)
+        if dot < -35.0:
+            dot = -35.0
+        elif dot > 35.0:
+            dot = 35.0
+        return alpha / (1.0 + _exp(-dot)) + (1.0 - alpha) * anomaly
+
+    def _score_general(self, x: Mapping[str, float], observe: bool) -> float:
+        """``score_one`` for any vector: one lookup per key and statistics."""
         stats = self.scaler.stats.get
         an = self.anomaly.stats
         anget = an.get
@@ -225,7 +369,7 @@ class RiskModel:
     def contributions(self, x: Mapping[str, float], k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` largest positive terms ``weight * z`` of the linear model, largest first."""
         terms = [t for t in self._terms(x) if t[1] > 0.0]
-        terms.sort(key=lambda t: (-t[1], t[0]))
+        terms.sort(key=_by_contribution)
         return terms[:k]
 
     # -- learning --------------------------------------------------------------------------
@@ -236,35 +380,16 @@ class RiskModel:
 
     def learn_one(self, x: Mapping[str, float], y: bool | int | float) -> None:
         """One SGD step on ``(x, y)`` after updating the scaler with ``x``."""
+        lay = self._aligned(tuple(x))
+        if lay is not None and lay.sfull:
+            recs = lay.srecs
+            zs: list[float] = []
+            dot = self._learn_scaler(x.values(), recs, zs.append)
+        else:
+            recs = []
+            zs = []
+            dot = self._learn_scaler_general(x, recs, zs)
         params = self.params
-        clip = params.clip
-        nclip = -clip
-        stats = self.scaler.stats
-        get = stats.get
-        recs: list[list[float]] = []
-        zs: list[float] = []
-        dot = self.intercept
-        for k, v in x.items():
-            s = get(k)
-            if s is None:
-                stats[k] = [1.0, v, 0.0, 0.0, 0.0]
-                continue
-            n = s[0] + 1.0
-            mean = s[1] + (v - s[1]) / n
-            m2 = s[2] + (v - s[1]) * (v - mean)
-            inv = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
-            s[0] = n
-            s[1] = mean
-            s[2] = m2
-            s[3] = inv
-            z = (v - mean) * inv
-            if z > clip:
-                z = clip
-            elif z < nclip:
-                z = nclip
-            recs.append(s)
-            zs.append(z)
-            dot += s[4] * z
         if dot < -35.0:
             dot = -35.0
         elif dot > 35.0:
@@ -291,6 +416,65 @@ class RiskModel:
             for s, z in zip(recs, zs, strict=True):
                 s[4] -= step * z
         self.intercept -= step
+
+    def _learn_scaler(
+        self, values: Iterable[float], recs: list[list[float]], push: Callable[[float], None]
+    ) -> float:
+        """Update the aligned scaler records with ``values``; push each clipped z; the dot."""
+        clip = self.params.clip
+        nclip = -clip
+        dot = self.intercept
+        for v, s in zip(values, recs, strict=True):
+            n, mean, m2, inv, w = s
+            n += 1.0
+            d = v - mean
+            mean += d / n
+            m2 += d * (v - mean)
+            inv = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
+            s[0] = n
+            s[1] = mean
+            s[2] = m2
+            s[3] = inv
+            z = (v - mean) * inv
+            if z > clip:
+                z = clip
+            elif z < nclip:
+                z = nclip
+            push(z)
+            dot += w * z
+        return dot
+
+    def _learn_scaler_general(
+        self, x: Mapping[str, float], recs: list[list[float]], zs: list[float]
+    ) -> float:
+        """:meth:`_learn_scaler` for any vector; new features get a record and no step."""
+        clip = self.params.clip
+        nclip = -clip
+        stats = self.scaler.stats
+        get = stats.get
+        dot = self.intercept
+        for k, v in x.items():
+            s = get(k)
+            if s is None:
+                stats[k] = [1.0, v, 0.0, 0.0, 0.0]
+                continue
+            n = s[0] + 1.0
+            mean = s[1] + (v - s[1]) / n
+            m2 = s[2] + (v - s[1]) * (v - mean)
+            inv = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
+            s[0] = n
+            s[1] = mean
+            s[2] = m2
+            s[3] = inv
+            z = (v - mean) * inv
+            if z > clip:
+                z = clip
+            elif z < nclip:
+                z = nclip
+            recs.append(s)
+            zs.append(z)
+            dot += s[4] * z
+        return dot
 
     def learn_many(
         self, xs: Sequence[Mapping[str, float]], ys: Sequence[bool | int | float]
