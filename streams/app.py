@@ -7,9 +7,9 @@ dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metr
 faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
 replays the signed config topic, then runs the faust worker.
 
-Writes: each batch's decisions, dead letters and changed table keys are produced as
-per-partition record batches straight on faust's aiokafka producer, and the batch is
-awaited until the broker acknowledged every record before the next batch is taken; only
+Writes: each batch's changed table keys, then its decisions and dead letters, are produced
+as per-partition record batches straight on faust's aiokafka producer, each awaited until
+the broker acknowledged every record before the next step; only
 then does ``take_events`` ack the batch's offsets, so committed offsets never run ahead of
 written decisions or state (at-least-once; redeliveries are answered from ``scored``).
 """
@@ -247,12 +247,15 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             if filled:
                 metrics.count("qsfraud_refetched_total", filled)
             result = pipeline.process_batch(batch)
+            # State first: once a decision is visible, the `scored` entry that answers a
+            # redelivery of its transaction must already be durable, or a crash in between
+            # would let the redelivery be decided afresh (and differently).
+            await publisher.publish(state_records())
             out: list[Produce] = [
                 (settings.decisions_topic, r.partition or 0, r.key, r.value)
                 for r in result.decisions
             ]
             out += dlq(result.dead_letters)
-            out += state_records()
             await publisher.publish(out)
             metrics.count("qsfraud_transactions_total", len(batch))
             metrics.processed(len(batch))
