@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
@@ -383,8 +383,7 @@ class RiskModel:
         lay = self._aligned(tuple(x))
         if lay is not None and lay.sfull:
             recs = lay.srecs
-            zs: list[float] = []
-            dot = self._learn_scaler(x.values(), recs, zs.append)
+            dot, zs = self._learn_scaler(x.values(), recs)
         else:
             recs = []
             zs = []
@@ -418,12 +417,13 @@ class RiskModel:
         self.intercept -= step
 
     def _learn_scaler(
-        self, values: Iterable[float], recs: list[list[float]], push: Callable[[float], None]
-    ) -> float:
-        """Update the aligned scaler records with ``values``; push each clipped z; the dot."""
+        self, values: Iterable[float], recs: list[list[float]]
+    ) -> tuple[float, list[float]]:
+        """Update the aligned scaler records with ``values``: ``(dot, clipped z-scores)``."""
         clip = self.params.clip
         nclip = -clip
         dot = self.intercept
+        zs: list[float] = []
         for v, s in zip(values, recs, strict=True):
             n, mean, m2, inv, w = s
             n += 1.0
@@ -440,9 +440,9 @@ class RiskModel:
                 z = clip
             elif z < nclip:
                 z = nclip
-            push(z)
+            zs.append(z)
             dot += w * z
-        return dot
+        return dot, zs
 
     def _learn_scaler_general(
         self, x: Mapping[str, float], recs: list[list[float]], zs: list[float]
