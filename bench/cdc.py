@@ -34,8 +34,9 @@ from typing import Any
 
 import mysql.connector
 import pymongo
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from cdc.kafka_sink import DEFAULT_OFFSETS_TOPIC
 from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,29 @@ class CdcProcess:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError(f"cdc did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
-        time.sleep(1.5)  # its first (idle) checkpoint is committed after a second
+
+    def wait_streaming(self, bootstrap: str, source_id: str, timeout: float = 60.0) -> None:
+        """Wait until the process has committed a checkpoint: it streams from there.
+
+        With ``snapshot = "never"`` the start position is taken when the reader starts (in a
+        child process, which can take seconds on a busy machine); rows written before it are
+        not part of the stream, so the writer must not begin earlier.
+        """
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-ckpt-{source_id}",
+                             "isolation.level": "read_committed", "enable.auto.commit": False,
+                             "auto.offset.reset": "earliest"})
+        consumer.assign([TopicPartition(DEFAULT_OFFSETS_TOPIC, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                msg = consumer.poll(0.1)
+                if msg is not None and msg.error() is None and msg.key() == source_id.encode():
+                    return
+                if self.proc is not None and self.proc.poll() is not None:
+                    break
+            raise RuntimeError(f"cdc committed no checkpoint:\n{self.log.read_text()[-3000:]}")
+        finally:
+            consumer.close()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -142,6 +165,7 @@ def measure(name: str, bootstrap: str, workdir: Path, source_toml: str, id_colum
     proc = CdcProcess(config, workdir / f"{name}.log")
     try:
         proc.start()
+        proc.wait_streaming(bootstrap, retailer)
         # latency: one change per source transaction at `rate` changes/s
         committed: dict[str, float] = {}
         n = int(rate * seconds)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
@@ -122,6 +122,38 @@ class FieldSpec:
     path: str | None = None
     timezone: tzinfo = UTC
     default: Any = None
+
+    def compile(self) -> Callable[[Mapping[str, Any]], Any]:
+        """A closure that does what :meth:`extract` does, with lookup and coercion chosen once.
+
+        Mapping runs once per change: the per-type dispatch of :meth:`_coerce` and the dotted
+        path walk are decided here instead. Types without a fast path (and ``path``) use
+        :meth:`extract` itself, so both always agree.
+        """
+        if self.path is not None or "." in self.source:
+            return self.extract
+        source, default, name, tz = self.source, self.default, self.name, self.timezone
+        coerce = self._coerce
+        fast = _FAST_COERCIONS.get(self.type)
+
+        def extract(row: Mapping[str, Any]) -> Any:
+            if source not in row:
+                return default
+            value = row[source]
+            if value is None:
+                return default
+            if fast is not None:
+                done, result = fast(value, tz)
+                if done:
+                    return result
+            try:
+                return coerce(value)
+            except MappingError:
+                raise
+            except Exception as exc:  # any coercion failure is a mapping failure for this field
+                raise MappingError(name, f"cannot convert {_short(value)}: {exc}") from None
+
+        return extract
 
     def extract(self, row: Mapping[str, Any]) -> Any:
         value = _lookup(row, self.source)
@@ -262,6 +294,43 @@ def _scalar(name: str, value: Any, tz: tzinfo) -> Any:
     raise MappingError(name, f"unsupported value type {type_name}")
 
 
+def _fast_auto(value: Any, tz: tzinfo) -> tuple[bool, Any]:
+    kind = type(value)
+    if kind is str or kind is int:
+        return True, value
+    if kind is datetime and value.tzinfo is not None:
+        return True, value.timestamp()
+    return False, None
+
+
+def _fast_string(value: Any, tz: tzinfo) -> tuple[bool, Any]:
+    if type(value) is str:
+        return True, value
+    if type(value) is int:
+        return True, str(value)
+    return False, None
+
+
+def _fast_decimal(value: Any, tz: tzinfo) -> tuple[bool, Any]:
+    # str(Decimal(str(d))) == str(d): building a Decimal from a string is exact
+    if type(value) is Decimal and value.is_finite():
+        return True, str(value)
+    return False, None
+
+
+def _fast_datetime(value: Any, tz: tzinfo) -> tuple[bool, Any]:
+    if type(value) is datetime:
+        return True, (value if value.tzinfo else value.replace(tzinfo=tz)).timestamp()
+    return False, None
+
+
+# exact shortcuts for the commonest (type, value) pairs; anything else goes through _coerce
+_FAST_COERCIONS: Final[dict[str, Callable[[Any, tzinfo], tuple[bool, Any]]]] = {
+    "auto": _fast_auto, "string": _fast_string, "decimal": _fast_decimal,
+    "datetime": _fast_datetime,
+}
+
+
 def _field_spec(name: str, spec: Any, tz: tzinfo) -> FieldSpec:
     if isinstance(spec, str):
         return FieldSpec(name=name, source=spec, timezone=tz)
@@ -291,6 +360,11 @@ class RowMapper:
     static: dict[str, Any] = field(default_factory=dict)
     extras: tuple[str, ...] = ()
     timezone: tzinfo = UTC
+    _compiled: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = field(
+        init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_compiled", tuple((s.name, s.compile()) for s in self.fields))
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> RowMapper:
@@ -319,10 +393,10 @@ class RowMapper:
         if not isinstance(row, Mapping):
             raise MappingError("row", f"expected a row/document, got {type(row).__name__}")
         data: dict[str, Any] = dict(self.static)
-        for spec in self.fields:
-            value = spec.extract(row)
+        for name, extract in self._compiled:
+            value = extract(row)
             if value is not None:
-                data[spec.name] = value
+                data[name] = value
         extras: dict[str, Any] = {}
         for column in self.extras:
             value = _lookup(row, column)
