@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Self
 
 SCHEMA_VERSION: Final = 1
 
@@ -207,8 +207,29 @@ def _looks_like_card_number(value: str) -> bool:
     return total % 10 == 0
 
 
+class JsonRecord:
+    """Versioned JSON in and out, for every record type below."""
+
+    __slots__ = ()
+    KIND: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Self:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        return cls.from_dict(_loads(data, cls.KIND))
+
+
 @dataclass(frozen=True, slots=True)
-class Transaction:
+class Transaction(JsonRecord):
     """One purchase as qsfraud sees it. ``payment_instrument`` is a hash, never a card number."""
 
     tx_id: str
@@ -285,16 +306,9 @@ class Transaction:
             "extras": dict(self.extras),
         }
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Transaction:
-        return cls.from_dict(_loads(data, cls.KIND))
-
 
 @dataclass(frozen=True, slots=True)
-class Label:
+class Label(JsonRecord):
     """Ground truth for one transaction, from a chargeback or an analyst's verdict.
 
     >>> Label.from_dict({"tx_id": "t1", "is_fraud": 1, "source": "analyst", "labelled_at": 5})
@@ -333,16 +347,9 @@ class Label:
             "retailer_id": self.retailer_id,
         }
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Label:
-        return cls.from_dict(_loads(data, cls.KIND))
-
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(JsonRecord):
     """What qsfraud decided for one transaction, and why.
 
     ``timings`` holds epoch seconds keyed by stage (``committed``, ``received``, ``decided``).
@@ -395,10 +402,3 @@ class Decision:
             "config_version": self.config_version,
             "timings": dict(self.timings),
         }
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Decision:
-        return cls.from_dict(_loads(data, cls.KIND))
