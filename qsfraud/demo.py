@@ -74,6 +74,34 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def cdc_toml(retailer: str, bootstrap: str, source: str, fields: str) -> str:
+    """A ``qsfraud cdc run`` config: the source's own settings and field mapping, the rest
+    shared (columns named alike in both databases are mapped here)."""
+    return f"""\
+retailer = "{retailer}"
+metrics_interval_s = 10
+
+[source]
+{source}
+[kafka]
+bootstrap_servers = "{bootstrap}"
+partitions = 4
+commit_interval_ms = 50
+key = "customer_id"
+
+[mapping]
+timezone = "UTC"
+
+[mapping.fields]
+{fields}currency = "currency"
+occurred_at = {{ from = "created_at", type = "datetime" }}
+channel = "channel"
+store_id = "store_id"
+terminal_id = "terminal_id"
+address_mismatch = {{ from = "address_mismatch", type = "bool" }}
+"""
+
+
 class MariaDBOrders(OrdersDatabase):
     """``shop.orders`` in MariaDB; device and IP live in a JSON column, as in many shops."""
 
@@ -110,11 +138,7 @@ class MariaDBOrders(OrdersDatabase):
         self.conn.commit()
 
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
-        return f"""\
-retailer = "{retailer}"
-metrics_interval_s = 10
-
-[source]
+        source = f"""\
 kind = "mysql"
 id = "{retailer}-orders"
 snapshot = "initial"
@@ -125,32 +149,18 @@ user = "{CDC_USER.user}"
 password = "{CDC_USER.password}"
 database = "{DATABASE}"
 table = "{ORDERS}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-partitions = 4
-commit_interval_ms = 50
-key = "customer_id"
-
-[mapping]
-timezone = "UTC"
-
-[mapping.fields]
+"""
+        fields = """\
 tx_id = "id"
 customer_id = "customer_id"
 payment_instrument = "card_hash"
-amount = {{ from = "amount", type = "decimal" }}
-currency = "currency"
-occurred_at = {{ from = "created_at", type = "datetime" }}
-channel = "channel"
-store_id = "store_id"
-terminal_id = "terminal_id"
+amount = { from = "amount", type = "decimal" }
 coupon_code = "coupon_code"
-item_count = {{ from = "item_count", type = "int", default = 1 }}
-address_mismatch = {{ from = "address_mismatch", type = "bool" }}
-device_id = {{ from = "attrs", type = "json", path = "device.id" }}
-ip = {{ from = "attrs", type = "json", path = "ip" }}
+item_count = { from = "item_count", type = "int", default = 1 }
+device_id = { from = "attrs", type = "json", path = "device.id" }
+ip = { from = "attrs", type = "json", path = "ip" }
 """
+        return cdc_toml(retailer, bootstrap, source, fields)
 
     def close(self) -> None:
         self.conn.close()
@@ -184,11 +194,7 @@ class MongoOrders(OrdersDatabase):
         ], ordered=True)
 
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
-        return f"""\
-retailer = "{retailer}"
-metrics_interval_s = 10
-
-[source]
+        source = f"""\
 kind = "mongo"
 id = "{retailer}-orders"
 snapshot = "initial"
@@ -197,32 +203,18 @@ uri = "{self.uri}"
 database = "{DATABASE}"
 collection = "{ORDERS}"
 max_await_ms = 50
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-partitions = 4
-commit_interval_ms = 50
-key = "customer_id"
-
-[mapping]
-timezone = "UTC"
-
-[mapping.fields]
-tx_id = {{ from = "_id", type = "string" }}
+"""
+        fields = """\
+tx_id = { from = "_id", type = "string" }
 customer_id = "customer.id"
 payment_instrument = "payment.token"
-amount = {{ from = "total", type = "decimal" }}
-currency = "currency"
-occurred_at = {{ from = "created_at", type = "datetime" }}
-channel = "channel"
-store_id = "store_id"
-terminal_id = "terminal_id"
+amount = { from = "total", type = "decimal" }
 coupon_code = "coupon"
-item_count = {{ from = "items", type = "int", default = 1 }}
-address_mismatch = {{ from = "address_mismatch", type = "bool" }}
+item_count = { from = "items", type = "int", default = 1 }
 device_id = "device.id"
 ip = "device.ip"
 """
+        return cdc_toml(retailer, bootstrap, source, fields)
 
     def close(self) -> None:
         self.client.close()

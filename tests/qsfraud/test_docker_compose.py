@@ -63,3 +63,13 @@ def test_qsfraud_roles_per_retailer(compose: dict[str, Any]):
         config = roles[name].split("--config ")[1].split()[0]
         assert (ROOT / config).is_file(), f"{name}: {config} is missing"
     assert (ROOT / "Dockerfile").is_file()
+
+
+def test_cdc_configs_of_the_compose_roles_are_valid(compose: dict[str, Any]):
+    from cdc.config import CdcConfig
+
+    for name in ("cdc-acme", "cdc-globex"):
+        path = command_text(compose["services"][name]).split("--config ")[1].split()[0]
+        config = CdcConfig.load(ROOT / path)
+        assert config.retailer == name.removeprefix("cdc-")
+        assert config.kafka["bootstrap_servers"] == "kafka:9092"
