@@ -22,16 +22,62 @@ row before it when the source has it (MySQL always; MongoDB with pre-images), el
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Final
+
+_orjson: Any
+try:  # optional: about ten times faster than the standard library for these records
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
 
 ENVELOPE_VERSION: Final = 1
 DLQ_VERSION: Final = 1
 
 
-def dumps(record: dict[str, Any]) -> bytes:
-    """Compact JSON bytes."""
+def _std_dumps(record: Any) -> bytes:
     return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+
+
+def dumps(record: dict[str, Any]) -> bytes:
+    """Compact JSON bytes; NaN/Infinity anywhere raise ValueError (as the standard library).
+
+    >>> dumps({"a": [1, 2.5, None, "é"]})
+    b'{"a":[1,2.5,null,"\xc3\xa9"]}'
+    """
+    if _orjson is not None and not _has_non_finite(record):
+        return dumps_finite(record)
+    return _std_dumps(record)
+
+
+def dumps_finite(record: Any) -> bytes:
+    """:func:`dumps` for records whose floats are known to be finite (no walk to check them).
+
+    For change envelopes and dead letters: their floats are validated canonical values
+    (:class:`fraud.schema.Transaction` rejects NaN/Infinity), :func:`cdc.mapping.json_safe`
+    output (non-finite floats become strings) and timestamps. ``orjson`` (when installed)
+    writes the same JSON values as the standard library, about ten times faster; it would
+    write NaN as null, hence the contract. Big integers and non-string keys take the
+    standard path.
+    """
+    if _orjson is not None:
+        try:
+            data: bytes = _orjson.dumps(record)
+            return data
+        except TypeError:  # orjson.JSONEncodeError: int beyond 64 bits, non-str key, ...
+            pass
+    return _std_dumps(record)
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def change_envelope(*, op: str, tx: dict[str, Any] | None, before: dict[str, Any] | None,

@@ -139,6 +139,24 @@ class KafkaTransactionalSink:
                 self.producer.poll(0.05)
         self.pending += 1
 
+    def produce_encoded(self, records: list[tuple[int, bytes, bytes | None]]) -> None:
+        """Produce records encoded by :class:`cdc.encoder.ChangeEncoder` (topic 0 or 1 = DLQ)."""
+        if not records:
+            return
+        if not self.in_transaction:
+            self.producer.begin_transaction()
+            self.in_transaction = True
+        produce = self.producer.produce
+        topics = (self.topic, self.dlq_topic)
+        for code, key, value in records:
+            while True:
+                try:
+                    produce(topics[code], key=key, value=value)
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+        self.pending += len(records)
+
     def write(self, key: str, record: dict[str, Any]) -> None:
         self._produce(self.topic, key.encode(), dumps(record))
 

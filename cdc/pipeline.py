@@ -1,12 +1,14 @@
 """One running CDC source: read, map, write to Kafka in transactions, report metrics.
 
 The source runs in a child process (``[source] reader = "process"``, the default) or a thread
-(``"thread"``) and hands whole source transactions over a bounded queue;
-the main thread maps each change, writes it (or a dead letter) inside the open Kafka
-transaction and commits with the source position at a source-transaction boundary: when the
-queue runs dry (low latency at low rates), when ``commit_interval_ms`` has passed or when
-``commit_max_events`` are pending (large batches at high rates). A snapshot is one Kafka
-transaction, so a crash during it leaves nothing visible and the snapshot starts again.
+(``"thread"``), which also maps and encodes each change (:class:`cdc.encoder.ChangeEncoder`:
+records or dead letters) and hands whole encoded source transactions over a bounded queue;
+the main thread produces them inside the open Kafka transaction and commits with the source
+position at a source-transaction boundary: when the queue runs dry (low latency at low rates),
+when ``commit_interval_ms`` has passed or when ``commit_max_events`` are pending (large
+batches at high rates). While a commit is in flight the reader goes on reading and encoding.
+A snapshot is one Kafka transaction, so a crash during it leaves nothing visible and the
+snapshot starts again.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from cdc.config import CdcConfig
-from cdc.envelope import change_envelope, dead_letter
+from cdc.encoder import ChangeEncoder, EncodedTransaction
 from cdc.kafka_sink import KafkaTransactionalSink
-from cdc.mapping import MappingError, RowMapper, json_safe
-from cdc.source import Change, Position, Source, SourceTransaction
+from cdc.mapping import RowMapper
+from cdc.source import Position, Source
 from cdc.source_process import DONE, SourceProcess
 
 _DONE = object()
@@ -105,12 +107,13 @@ class CdcPipeline:
                          default=str), file=self.log, flush=True)
 
     # --- reader thread ----------------------------------------------------------------------
-    def _read(self, checkpoint: Position | None) -> None:
+    def _read(self, checkpoint: Position | None, encoder: ChangeEncoder) -> None:
         try:
             for tx in self.source.run(checkpoint):
+                encoded = encoder.encode(tx)
                 while not self._stop.is_set():
                     try:
-                        self._queue.put(tx, timeout=0.2)
+                        self._queue.put(encoded, timeout=0.2)
                         break
                     except queue.Full:
                         continue
@@ -121,36 +124,14 @@ class CdcPipeline:
         else:
             self._queue.put(_DONE)
 
-    # --- mapping ------------------------------------------------------------------------------
-    def _write_change(self, change: Change, tx: SourceTransaction, source: dict[str, Any]) -> None:
-        where = {**source, "pk": change.pk, "snapshot": tx.snapshot, "position": tx.position}
-        row = change.before if change.op == "d" else change.after
-        try:
-            if change.error is not None:
-                raise MappingError("row", change.error)
-            canonical = self.mapper.map(row or {}).to_dict()
-        except MappingError as exc:
-            self.metrics.dead_letters += 1
-            self.sink.write_dead_letter(change.pk, dead_letter(
-                raw=json_safe({"before": change.before, "after": change.after}),
-                error=str(exc), field=exc.field, op=change.op, source=where,
-                committed_at=change.committed_at))
-            return
-        before: dict[str, Any] | None = None
-        if change.op == "u" and change.before is not None:
-            try:
-                before = self.mapper.map(change.before).to_dict()
-            except MappingError:
-                before = None
-        elif change.op == "d":
-            before = canonical
-        key = str(canonical.get(self.key_field) or change.pk)
-        self.sink.write(key, change_envelope(
-            op=change.op, tx=None if change.op == "d" else canonical, before=before,
-            source=where, committed_at=change.committed_at))
-        if change.op == "d" and (self.tombstones == "always"
-                                 or (self.tombstones == "auto" and self.sink.compacted)):
-            self.sink.write_tombstone(key)
+    def encoder(self) -> ChangeEncoder:
+        """The encoder the reader uses (after :meth:`KafkaTransactionalSink.ensure_topics`)."""
+        return ChangeEncoder(self.mapper, {**self.source.describe(), "id": self.config.source_id},
+                             key_field=self.key_field, tombstones=self.tombstones_on)
+
+    @property
+    def tombstones_on(self) -> bool:
+        return self.tombstones == "always" or (self.tombstones == "auto" and self.sink.compacted)
 
     # --- main loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -167,14 +148,14 @@ class CdcPipeline:
         child: SourceProcess | None = None
         reader: threading.Thread | None = None
         if self.use_process:
-            child = SourceProcess({**self.config.raw, "source": self.config.source}, checkpoint)
+            child = SourceProcess({**self.config.raw, "source": self.config.source}, checkpoint,
+                                  tombstones=self.tombstones_on)
             child.start()
             self._queue = child.queue
         else:
-            reader = threading.Thread(target=self._read, args=(checkpoint,), daemon=True,
-                                      name=f"cdc-reader-{self.config.source_id}")
+            reader = threading.Thread(target=self._read, args=(checkpoint, self.encoder()),
+                                      daemon=True, name=f"cdc-reader-{self.config.source_id}")
             reader.start()
-        source = {**self.source.describe(), "id": self.config.source_id}
         pending_times: list[float] = []
         pending_position: Position | None = None
         committed_position = checkpoint
@@ -208,13 +189,13 @@ class CdcPipeline:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, SourceTransaction):
+                if isinstance(item, EncodedTransaction):
                     if not pending_times:
                         batch_started = time.monotonic()
-                    for change in item.changes:
-                        self._write_change(change, item, source)
-                        pending_times.append(change.committed_at)
-                    complete = item.meta.get("complete", True) is not False
+                    self.sink.produce_encoded(item.records)
+                    self.metrics.dead_letters += item.dead_letters
+                    pending_times.extend(item.committed_ats)
+                    complete = item.complete
                     if complete:
                         pending_position = item.position
                     if item.snapshot and complete:

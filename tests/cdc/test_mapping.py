@@ -213,8 +213,9 @@ def test_compiled_fields_agree_with_the_generic_extract(row: dict[str, Any],
     assert outcomes[0] == outcomes[1]
 
 
-@pytest.mark.parametrize("value", [Decimal("12.50"), Decimal("-0"), Decimal("1E+6000"),
-                                   Decimal("0.000001"), Decimal("123456789012345678901234567890.5")])
+@pytest.mark.parametrize("value", [
+    Decimal("12.50"), Decimal("-0"), Decimal("1E+6000"), Decimal("0.000001"),
+    Decimal("123456789012345678901234567890.5")])
 def test_compiled_decimal_keeps_the_exact_text(value: Decimal):
     spec = RowMapper.from_config(BASE).fields[3]
     assert spec.compile()({"amount": value}) == spec.extract({"amount": value}) == str(value)
