@@ -4,8 +4,8 @@ Decoding the binlog (pure Python in ``mysql-replication``) costs about as much C
 encoding and producing; in one process both share the GIL. The child rebuilds the source from
 the config, runs :meth:`Source.run` from the checkpoint, maps and encodes each source
 transaction (:class:`cdc.encoder.ChangeEncoder`) and sends the encoded transactions (Kafka
-keys and values as bytes, with the position) over a bounded queue: bytes cross the pipe far
-more cheaply than source rows. It stops when asked, and exits by
+keys and values as bytes, with the position) over a pipe (bounded: backpressure): bytes cross
+it far more cheaply than source rows. It stops when asked, and exits by
 itself when its parent dies (even by SIGKILL), so a crashed CDC process leaves no reader behind.
 """
 
@@ -15,14 +15,23 @@ import contextlib
 import multiprocessing
 import multiprocessing.synchronize
 import os
+import pickle
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from cdc.source import Position, SourceError
 
+fcntl: Any
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
+
 DONE = "done"
+PIPE_BYTES = 1 << 20  # reader run-ahead: ~1,700 encoded changes
 
 
 def _watch_parent(parent_pid: int, stop: multiprocessing.synchronize.Event,
@@ -35,10 +44,19 @@ def _watch_parent(parent_pid: int, stop: multiprocessing.synchronize.Event,
         time.sleep(0.2)
 
 
+def _send(out: Any, item: Any) -> None:
+    out.send_bytes(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def run_source(config: dict[str, Any], checkpoint: Position | None, out: Any,
                stop: multiprocessing.synchronize.Event, parent_pid: int,
                tombstones: bool = False) -> None:
-    """Child process body: encoded transactions, then DONE or a SourceError, into ``out``."""
+    """Child process body: encoded transactions, then DONE or a SourceError, into ``out``.
+
+    ``out`` is the write end of a pipe: each item is pickled and written by the reading
+    thread itself (a ``multiprocessing.Queue`` would hand every item to a feeder thread, two
+    thread switches per source transaction). A full pipe blocks the reader: backpressure.
+    """
     from cdc.config import CdcConfig
     from cdc.encoder import ChangeEncoder
 
@@ -51,50 +69,81 @@ def run_source(config: dict[str, Any], checkpoint: Position | None, out: Any,
         threading.Thread(target=_watch_parent, args=(parent_pid, stop, source.stop),
                          daemon=True).start()
         for tx in source.run(checkpoint):
-            encoded = encoder.encode(tx)
-            while not stop.is_set():
-                try:
-                    out.put(encoded, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+            _send(out, encoder.encode(tx))
             if stop.is_set():
                 break
     except BaseException as exc:
         error = exc if isinstance(exc, SourceError) else SourceError(
             f"{type(exc).__name__}: {exc}")
-        out.put(error)
+        with contextlib.suppress(OSError):
+            _send(out, error)
     else:
-        out.put(DONE)
+        with contextlib.suppress(OSError):
+            _send(out, DONE)
     finally:
         if source is not None:
             source.close()
         out.close()
-        out.join_thread()
+
+
+def _grow_pipe(conn: Any, size: int = PIPE_BYTES) -> None:
+    """Let the reader run ahead (while a Kafka commit is in flight) by up to ``size`` bytes."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if set_size is None:
+        return
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        limit = size
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(conn.fileno(), set_size, min(size, limit))
+
+
+class PipeQueue:
+    """The parent's end of the pipe, with the two queue methods the pipeline uses."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def get(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise queue.Empty
+        try:
+            data = self.conn.recv_bytes()
+        except EOFError:
+            raise SourceError("the reader process exited without a word (killed?)") from None
+        return pickle.loads(data)
+
+    def empty(self) -> bool:
+        return not self.conn.poll(0)
 
 
 class SourceProcess:
-    """The child process and its queue, as seen from the pipeline."""
+    """The child process and the pipe it writes to, as seen from the pipeline."""
 
     def __init__(self, config: dict[str, Any], checkpoint: Position | None,
-                 maxsize: int = 2000, tombstones: bool = False) -> None:
+                 tombstones: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.queue: Any = ctx.Queue(maxsize=maxsize)
+        reader, self._writer = ctx.Pipe(duplex=False)
+        _grow_pipe(self._writer)
+        self.queue = PipeQueue(reader)
         self.stop_event = ctx.Event()
         self.process = ctx.Process(target=run_source, daemon=True, name="cdc-source",
-                                   args=(config, checkpoint, self.queue, self.stop_event,
+                                   args=(config, checkpoint, self._writer, self.stop_event,
                                          os.getpid(), tombstones))
 
     def start(self) -> None:
         self.process.start()
+        self._writer.close()  # the child holds it now: EOF here means the child is gone
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()
         deadline = time.monotonic() + timeout
         while self.process.is_alive() and time.monotonic() < deadline:
-            # drain, so that a child blocked on a full queue can finish
-            with contextlib.suppress(queue.Empty, EOFError, OSError):
+            # drain, so that a child blocked on a full pipe can finish
+            with contextlib.suppress(queue.Empty, EOFError, OSError, SourceError):
                 self.queue.get(timeout=0.05)
         if self.process.is_alive():
             self.process.kill()
         self.process.join(5)
+        self.queue.conn.close()
