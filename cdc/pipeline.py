@@ -2,11 +2,12 @@
 
 The source runs in a child process (``[source] reader = "process"``, the default) or a thread
 (``"thread"``), which also maps and encodes each change (:class:`cdc.encoder.ChangeEncoder`:
-records or dead letters) and hands whole encoded source transactions over a bounded queue;
-the main thread produces them inside the open Kafka transaction and commits with the source
-position at a source-transaction boundary: when the queue runs dry (low latency at low rates),
-when ``commit_interval_ms`` has passed or when ``commit_max_events`` are pending (large
-batches at high rates). While a commit is in flight the reader goes on reading and encoding.
+records or dead letters) and hands whole encoded source transactions over a bounded pipe (a
+queue for the thread); the main thread produces them inside the open Kafka transaction and
+commits with the source position at a source-transaction boundary: when the queue runs dry
+(low latency at low rates), when ``commit_interval_ms`` has passed or when
+``commit_max_events`` are pending (large batches at high rates). While a commit is in flight
+the reader goes on reading and encoding (up to the pipe's 1 MiB).
 A snapshot is one Kafka transaction, so a crash during it leaves nothing visible and the
 snapshot starts again.
 """
