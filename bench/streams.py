@@ -85,6 +85,8 @@ class LabelFeeder(threading.Thread):
         self.bootstrap, self.retailer, self.truth, self.share = bootstrap, retailer, truth, share
         self.decided: dict[str, float] = {}
         self.stop_flag = threading.Event()
+        self.all_decided = threading.Event()
+        """Set once every transaction was seen decided; ``sent`` is final from then on."""
         self.sent = 0
 
     def run(self) -> None:
@@ -109,9 +111,17 @@ class LabelFeeder(threading.Thread):
                     p.produce(f"{self.retailer}.labels", key=customer,
                               value=json.dumps(label).encode())
                     self.sent += 1
+            if len(self.decided) >= len(self.truth):
+                self.all_decided.set()
             p.poll(0)
         p.flush(10)
         consumer.close()
+
+
+def labels_seen(metrics: str) -> int:
+    """Labels a worker consumed (any outcome), from its /metrics text."""
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.splitlines()
+               if line.startswith("qsfraud_labels_total{"))
 
 
 def rate_of(decided: dict[str, float]) -> float:
@@ -172,17 +182,20 @@ def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: 
     worker = Worker(bootstrap, retailer, tmp)
     try:
         deadline = time.monotonic() + 180
-        while len(feeder.decided) < len(txs) and time.monotonic() < deadline:
+        while not feeder.all_decided.is_set() and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(1.0)
+        # and until the worker has consumed every label sent, as the plain loop does
         text = worker.metrics()
+        while labels_seen(text) < feeder.sent and time.monotonic() < deadline:
+            time.sleep(0.5)
+            text = worker.metrics()
     finally:
         feeder.stop_flag.set()
         worker.stop()
         feeder.join()
     learned = [line for line in text.splitlines() if line.startswith("qsfraud_labels_total")]
     return {"rate": rate_of(feeder.decided), "decided": len(feeder.decided),
-            "labels_sent": feeder.sent, "labels": learned}
+            "labels_sent": feeder.sent, "labels_consumed": labels_seen(text), "labels": learned}
 
 
 def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float) -> dict:
@@ -203,13 +216,20 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float) -> dic
                     "queue.buffering.max.messages": 1_000_000})
     features_log = settings.changelog_topic(FEATURES_TABLE)
     scored_log = settings.changelog_topic(SCORED_TABLE)
+    learned_total = 0
     decided = 0
+    labels_done = 0
     last_commit = time.monotonic()
     deadline = time.monotonic() + 180
     try:
-        while decided < len(txs) and time.monotonic() < deadline:
+        # Until every transaction is decided and every label the feeder sent (it sends one
+        # as it sees a decision) has been consumed and learned, as the worker does.
+        while time.monotonic() < deadline and (
+                decided < len(txs) or not feeder.all_decided.is_set()
+                or labels_done < feeder.sent):
             msgs = [m for m in consumer.consume(500, 0.01) if m.error() is None]
             if not msgs:
+                out.poll(0)
                 continue
             tx_recs, label_recs = [], []
             for m in msgs:
@@ -219,17 +239,18 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float) -> dic
                 (label_recs if m.topic() == settings.labels_topic else tx_recs).append(rec)
             result = pipeline.process_batch(tx_recs)
             learned = pipeline.learn_batch(label_recs)
+            labels_done += len(label_recs)
+            learned_total += learned.learned
+            # the worker's write order: table state, then decisions and dead letters
+            for topic, store in ((features_log, pipeline.features),
+                                 (scored_log, pipeline.scored)):
+                for p, k, v in store.drain_encoded():
+                    out.produce(topic, key=k, value=v, partition=p)
             for r in result.decisions:
                 out.produce(settings.decisions_topic, key=r.key, value=r.value,
                             partition=r.partition or 0)
             for r in [*result.dead_letters, *learned.dead_letters]:
                 out.produce(settings.dlq_topic, key=r.key, value=r.value, partition=0)
-            for topic, changes in ((features_log, pipeline.features.drain()),
-                                   (scored_log, pipeline.scored.drain())):
-                for p, k, v in changes:
-                    out.produce(topic, key=json.dumps(k).encode(),
-                                value=None if v is None else json.dumps(v).encode(),
-                                partition=p)
             out.poll(0)
             decided += len(result.decisions)
             if time.monotonic() - last_commit > 1.0:
@@ -237,15 +258,13 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float) -> dic
                 consumer.commit(asynchronous=False)
                 last_commit = time.monotonic()
         out.flush(30)
-        deadline = time.monotonic() + 30
-        while len(feeder.decided) < len(txs) and time.monotonic() < deadline:
-            time.sleep(0.1)
     finally:
         consumer.close()
         feeder.stop_flag.set()
         feeder.join()
     return {"rate": rate_of(feeder.decided), "decided": len(feeder.decided),
-            "labels_sent": feeder.sent, "model": pipeline.model_version}
+            "labels_sent": feeder.sent, "labels_consumed": labels_done,
+            "learned": learned_total, "model": pipeline.model_version}
 
 
 def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, seconds: float,
@@ -318,10 +337,12 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
     print(f"generated {len(data)} rows in {time.monotonic() - t:.1f} s", flush=True)
     a = bench_worker(bootstrap, backlog, args.label_share, tmp)
     print(f"(a) faust worker: {a['rate']:,.0f} tx/s over {a['decided']} decisions, "
-          f"{a['labels_sent']} labels sent; {a['labels']}", flush=True)
+          f"{a['labels_sent']} labels sent, {a['labels_consumed']} consumed; {a['labels']}",
+          flush=True)
     b = bench_limit(bootstrap, backlog, args.label_share)
     print(f"(b) plain confluent-kafka loop, same pipeline: {b['rate']:,.0f} tx/s over "
-          f"{b['decided']} decisions, {b['labels_sent']} labels, model {b['model']}", flush=True)
+          f"{b['decided']} decisions, {b['labels_sent']} labels sent, {b['labels_consumed']} "
+          f"consumed, {b['learned']} learned, model {b['model']}", flush=True)
     c = bench_latency(bootstrap, data[args.transactions:], args.rate, args.latency_seconds, tmp)
     print(f"(c) produce -> decision visible at {args.rate:g} tx/s: p50 {c['p50_ms']:.1f} ms, "
           f"p99 {c['p99_ms']:.1f} ms, max {c['max_ms']:.1f} ms over {c['samples']} samples",

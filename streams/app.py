@@ -17,7 +17,6 @@ written decisions or state (at-least-once; redeliveries are answered from ``scor
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -35,7 +34,7 @@ from pqc.keys import load_registry
 from streams.checkpoints import checkpoint_value, model_from_checkpoints
 from streams.config_stream import ConfigApplier, ConfigDocument, ConfigFollower, Outcome
 from streams.metrics import WorkerMetrics
-from streams.scoring import InputRecord, OutputRecord, ScoringPipeline, TrackedStore, dumps
+from streams.scoring import InputRecord, OutputRecord, ScoringPipeline, TrackedStore
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
 from streams.topics import ensure_topics, read_topic, watermarks, worker_topics
 
@@ -61,13 +60,10 @@ class WorkerRuntime:
         self.metrics.gauge("qsfraud_config_version", self.pipeline.config.version)
 
 
-def _table_key(key: str) -> bytes:
-    return json.dumps(key).encode()
-
-
-def changelog_records(topic: str, changes: list[tuple[int, str, Any]]) -> list[Produce]:
-    """Table changes as faust changelog records (json key and value; None = delete)."""
-    return [(topic, p, _table_key(k), None if v is None else dumps(v)) for p, k, v in changes]
+def changelog_records(topic: str, store: TrackedStore) -> list[Produce]:
+    """``store``'s changes since the last drain as faust changelog records (JSON key and
+    value, as faust's json serializer writes them; None = delete)."""
+    return [(topic, p, k, v) for p, k, v in store.drain_encoded()]
 
 
 class BatchPublisher:
@@ -224,8 +220,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         return out
 
     def state_records() -> list[Produce]:
-        return [*changelog_records(features_changelog, pipeline.features.drain()),
-                *changelog_records(scored_changelog, pipeline.scored.drain())]
+        return [*changelog_records(features_changelog, pipeline.features),
+                *changelog_records(scored_changelog, pipeline.scored)]
 
     def dlq(records: list[OutputRecord]) -> list[Produce]:
         return [(settings.dlq_topic, 0, r.key, r.value) for r in records]
@@ -377,6 +373,10 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     runtime, follower = prepare(settings)
     app = create_app(settings, runtime)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # faust's progress spinner (on at --loglevel warn and above) sets the root logger to
+    # DEBUG so it can spin on every record: aiokafka then builds a debug record for every
+    # request it sends (~3% of a busy worker's time). No spinner: the root keeps the level.
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     finally:

@@ -49,6 +49,9 @@ SCORE_OPS: Final = frozenset(("c", "r", "u"))
 """CDC ops that carry a transaction to decide (``d``, a deleted row, is skipped)."""
 
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_decode = json.JSONDecoder().decode
+_json_str: Any = json.encoder.encode_basestring_ascii
+"""``json.dumps`` of a ``str`` (what it calls for one, with the default ``ensure_ascii``)."""
 
 
 def dumps(value: Any) -> bytes:
@@ -116,10 +119,7 @@ def parse_transaction(value: bytes | None) -> ParsedTransaction:
     """
     if value is None:
         raise BadRecord("empty", "no value (tombstone)")
-    try:
-        doc = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRecord("not-json", str(exc).split(":")[0]) from None
+    doc = _loads(value)
     if not isinstance(doc, dict):
         raise BadRecord("invalid", f"expected a JSON object, got {type(doc).__name__}")
     committed: Any = None
@@ -140,6 +140,25 @@ def parse_transaction(value: bytes | None) -> ParsedTransaction:
     except SchemaError as exc:
         raise BadRecord("invalid", str(exc)) from None
     return ParsedTransaction(tx, op, _time(committed))
+
+
+def _loads(value: bytes) -> Any:
+    """``json.loads(value)``, skipping its encoding sniffing for the usual ``{``...UTF-8 record.
+
+    A record that starts with ``{`` has no BOM and no NUL in its first two bytes, so
+    ``json.loads`` would decode it as UTF-8 (with ``surrogatepass``); a strict decode that
+    fails falls back to ``json.loads`` itself, so results and errors are the same.
+    """
+    try:
+        if value[:1] == b"{":
+            try:
+                text = value.decode()
+            except UnicodeDecodeError:
+                return json.loads(value)
+            return _decode(text)
+        return json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRecord("not-json", str(exc).split(":")[0]) from None
 
 
 def _deleted(doc: dict[str, Any]) -> Transaction:
@@ -213,6 +232,8 @@ class TrackedStore:
         )
         self.partition = 0
         self.dirty: dict[str, int] = {}
+        self.encoded: dict[str, bytes] = {}
+        """Changelog values already encoded by the writer (see :meth:`set_on`)."""
 
     def get(self, key: str, default: Any = None, /) -> Any:
         return self.data.get(key, default)
@@ -220,20 +241,29 @@ class TrackedStore:
     def __setitem__(self, key: str, value: Any, /) -> None:
         self.data[key] = value
         self.dirty[key] = self.key_partition[key] = self.partition
+        if self.encoded:
+            self.encoded.pop(key, None)
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def set_on(self, partition: int, key: str, value: Any) -> None:
-        """Write ``key`` whose changelog partition is ``partition``."""
+    def set_on(self, partition: int, key: str, value: Any, encoded: bytes | None = None) -> None:
+        """Write ``key`` whose changelog partition is ``partition``; ``encoded``, if given,
+        must be ``dumps(value)`` (the writer had it at hand; :meth:`drain_encoded` uses it)."""
         self.data[key] = value
         self.dirty[key] = self.key_partition[key] = partition
+        if encoded is not None:
+            self.encoded[key] = encoded
+        elif self.encoded:
+            self.encoded.pop(key, None)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; its changelog gets a tombstone."""
         if key in self.data:
             del self.data[key]
             self.dirty[key] = self.key_partition.pop(key, self.partition)
+            if self.encoded:
+                self.encoded.pop(key, None)
 
     def drain(self) -> list[tuple[int, str, Any]]:
         """``(partition, key, value or None)`` for every key changed since the last drain."""
@@ -242,6 +272,32 @@ class TrackedStore:
         get = self.data.get
         out = [(p, k, get(k)) for k, p in self.dirty.items()]
         self.dirty = {}
+        self.encoded = {}
+        return out
+
+    def drain_encoded(self) -> list[tuple[int, bytes, bytes | None]]:
+        """:meth:`drain` in faust's changelog wire form: ``(partition, JSON key, JSON value
+        or None)``, byte for byte ``json.dumps(key)`` and :func:`dumps` of the value.
+
+        >>> s = TrackedStore()
+        >>> s.set_on(1, "a", {"x": 1}, b'{"x":1}')
+        >>> s["b"] = [2.5]
+        >>> s.drain_encoded()
+        [(1, b'"a"', b'{"x":1}'), (0, b'"b"', b'[2.5]')]
+        """
+        if not self.dirty:
+            return []
+        get = self.data.get
+        encoded = self.encoded
+        out = []
+        for k, p in self.dirty.items():
+            raw = encoded.get(k)
+            if raw is None:
+                v = get(k)
+                raw = None if v is None else _dumps(v).encode()
+            out.append((p, _json_str(k).encode(), raw))
+        self.dirty = {}
+        self.encoded = {}
         return out
 
     def expire(self, now: float, ttl_s: float, max_entries: int) -> int:
@@ -331,51 +387,67 @@ class ScoringPipeline:
         top = policy.top_reasons
         model = self.model
         version = self.model_version
-        extract = self.extractor.extract
+        extract = self.extractor.extract_values
+        score_one = model.score_one
+        contribute = model.contributions
         features = self.features
         scored = self.scored
+        scored_get = scored.data.get
+        set_scored = scored.set_on
         names = self.names
+        retailer = self.retailer
         out = BatchResult()
         actions = out.actions
+        decisions = out.decisions
+        latencies = out.latencies
+        # the tail of every `scored` changelog value this batch: `..."at":<received>,"l":0,`
+        at_tail = b',"at":' + _dumps(received).encode() + b',"l":0,"p":'
         for rec in records:
             try:
                 parsed = parse_transaction(rec.value)
             except BadRecord as exc:
-                out.dead_letters.append(dead_letter(rec, exc.reason, exc.message, self.retailer))
+                out.dead_letters.append(dead_letter(rec, exc.reason, exc.message, retailer))
                 continue
             tx = parsed.tx
             if parsed.op not in SCORE_OPS:
                 out.skipped += 1
                 continue
-            if tx.retailer_id != self.retailer:
+            if tx.retailer_id != retailer:
                 out.dead_letters.append(dead_letter(
                     rec, "wrong-retailer", f"retailer_id {tx.retailer_id!r} on the topic of "
-                    f"{self.retailer!r}", self.retailer))
+                    f"{retailer!r}", retailer))
                 continue
-            prior = scored.get(tx.tx_id)
+            tx_id = tx.tx_id
+            prior = scored_get(tx_id)
             if prior is not None:  # redelivered: the same record, no learning, no state
                 out.duplicates += 1
-                out.decisions.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
+                decisions.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
                 continue
-            features.partition = rec.partition
-            x = extract(tx, features)
-            score = model.score_one(x)
+            partition = rec.partition
+            features.partition = partition
+            values = extract(tx, features)
+            x = dict(zip(names, values, strict=True))
+            score = score_one(x)
+            contributions = contribute(x, top) if top else ()
             timings = {"received": received}
             if parsed.committed_at is not None:
                 timings["committed"] = parsed.committed_at
-            if rec.timestamp is not None:
-                timings["produced"] = rec.timestamp
-            contributions = model.contributions(x, top) if top else ()
+            stamp = rec.timestamp
+            if stamp is not None:
+                timings["produced"] = stamp
             decision = decide(tx, score, policy, contributions, x, version, timings).to_dict()
-            scored.set_on(rec.partition, tx.tx_id, {
-                "d": decision, "x": [x[n] for n in names], "at": received, "l": 0,
-                "p": rec.partition,
-            })
-            out.decisions.append(OutputRecord(rec.key, dumps(decision), rec.partition))
+            encoded = _dumps(decision).encode()
+            # dumps({"d": decision, "x": values, "at": received, "l": 0, "p": partition}),
+            # reusing the decision's encoding
+            set_scored(partition, tx_id, {
+                "d": decision, "x": values, "at": received, "l": 0, "p": partition,
+            }, b'{"d":' + encoded + b',"x":' + _dumps(values).encode() + at_tail
+               + str(partition).encode() + b"}")
+            decisions.append(OutputRecord(rec.key, encoded, partition))
             action = decision["action"]
             actions[action] = actions.get(action, 0) + 1
-            if rec.timestamp is not None:
-                out.latencies.append(decision["timings"]["decided"] - rec.timestamp)
+            if stamp is not None:
+                latencies.append(decision["timings"]["decided"] - stamp)
         return out
 
     def learn_batch(self, records: Iterable[InputRecord]) -> LabelResult:

@@ -145,3 +145,26 @@ def test_expiry_by_ttl_and_size_writes_tombstones():
     assert sorted(store.data) == ["t4", "t5"]
     assert sorted(store.drain()) == [(0, "t0", None), (0, "t2", None), (1, "t1", None),
                                      (1, "t3", None)]
+
+
+def test_changelog_records_are_the_json_of_the_stored_values():
+    from streams.scoring import dumps
+
+    def expected(store: TrackedStore) -> list:
+        get = store.data.get
+        return [(p, json.dumps(k).encode(), None if get(k) is None else dumps(get(k)))
+                for k, p in store.dirty.items()]
+
+    pipe = ScoringPipeline("acme")
+    pipe.process_batch([record(tx(i, customer=f"c{i % 3}"), partition=i % 4) for i in range(30)])
+    pipe.learn_batch([label(f"t{i}", fraud=i % 2 == 0) for i in range(0, 30, 3)])
+    pipe.process_batch([record(tx(i, customer=f"c{i % 3}"), partition=i % 4)
+                        for i in range(25, 40)])
+    for store in (pipe.features, pipe.scored):
+        want = expected(store)
+        assert want and store.drain_encoded() == want
+        assert store.drain_encoded() == [] and store.drain() == []
+    pipe.learn_batch([label("t30")])
+    pipe.scored.expire(now=1e12, ttl_s=1.0, max_entries=10**6)  # tombstones
+    want = expected(pipe.scored)
+    assert len(want) == 40 and pipe.scored.drain_encoded() == want
