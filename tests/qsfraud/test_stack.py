@@ -47,6 +47,13 @@ def test_config_rejects_unknown_settings(tmp_path: Path):
 
 def test_up_status_down_leaves_no_process(tmp_path: Path):
     env = ports_env(tmp_path / "stack")
+    try:
+        check_up_status_down(env, tmp_path)
+    finally:
+        run_cli("stack", "down", env=env)  # whatever failed above, leave nothing running
+
+
+def check_up_status_down(env: dict[str, str], tmp_path: Path) -> None:
     up = run_cli("stack", "up", env=env)
     assert up.returncode == 0, up.stderr
     assert "stack ready" in up.stdout
