@@ -85,6 +85,8 @@ def format_timestamp(ts: float) -> str:
 
 def _str(d: dict[str, Any], name: str, *, required: bool = True, default: str | None = None) -> Any:
     value = d.get(name)
+    if type(value) is str and value:  # the common case, first: this runs per event
+        return value
     if value is None or value == "":
         if required:
             raise SchemaError(name, "is required")
@@ -96,6 +98,8 @@ def _str(d: dict[str, Any], name: str, *, required: bool = True, default: str | 
 
 def _float(d: dict[str, Any], name: str, *, minimum: float | None = None) -> float:
     value = d.get(name)
+    if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
+        return value
     if value is None:
         raise SchemaError(name, "is required")
     if isinstance(value, bool):
@@ -155,9 +159,16 @@ def _choice(d: dict[str, Any], name: str, choices: tuple[str, ...], default: str
     return text
 
 
+_ENVELOPE_KEYS: Final = frozenset(("v", "kind", "extras"))
+
+
 def _extras(d: dict[str, Any], known: frozenset[str]) -> dict[str, ExtraValue]:
     extras: dict[str, ExtraValue] = {}
     nested = d.get("extras")
+    if (nested is None or (type(nested) is dict and not nested)) and (
+        d.keys() - known <= _ENVELOPE_KEYS
+    ):
+        return extras  # nothing beyond the schema: the common case
     if nested is not None and not isinstance(nested, dict):
         raise SchemaError("extras", f"expected an object, got {type(nested).__name__}")
     for key, value in [*d.items(), *(nested or {}).items()]:

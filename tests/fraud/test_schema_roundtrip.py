@@ -107,3 +107,22 @@ def test_huge_integers_are_a_schema_error_not_an_overflow(field: str):
          "payment_instrument": "p", "occurred_at": 0, field: 10**400}
     with pytest.raises(SchemaError, match=field):
         Transaction.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("amount", float("nan"), "must be finite"), ("amount", -0.5, "must be >= 0"),
+     ("customer_id", "", "is required"), ("extras", [], "expected an object"),
+     ("extras", 0, "expected an object")],
+)
+def test_fast_paths_keep_the_checks(field: str, value: object, message: str):
+    d = {"tx_id": "t", "retailer_id": "r", "amount": 1.0, "customer_id": "c",
+         "payment_instrument": "p", "occurred_at": 0, field: value}
+    with pytest.raises(SchemaError, match=message):
+        Transaction.from_dict(d)
+
+
+def test_unknown_fields_beside_an_empty_extras_are_kept():
+    d = {"tx_id": "t", "retailer_id": "r", "amount": 1.0, "customer_id": "c",
+         "payment_instrument": "p", "occurred_at": 0, "extras": {}, "tier": "gold"}
+    assert Transaction.from_dict(d).extras == {"tier": "gold"}
