@@ -170,8 +170,9 @@ class Worker:
                 self.proc.wait()
 
 
-def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: Path) -> dict:
-    retailer = "bench_worker"
+def load_retailer(bootstrap: str, retailer: str, data: list[dict[str, Any]],
+                  share: float) -> tuple[WorkerSettings, LabelFeeder]:
+    """Topics created, every transaction produced, and the label feeder running."""
     settings = WorkerSettings(retailer, bootstrap)
     ensure_topics(bootstrap, worker_topics(settings))
     txs = [as_transaction(r, retailer) for r in data]
@@ -179,6 +180,12 @@ def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: 
     truth = {r["tx_id"]: (r["customer_id"], bool(r["is_fraud"])) for r in data}
     feeder = LabelFeeder(bootstrap, retailer, truth, share)
     feeder.start()
+    return settings, feeder
+
+
+def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: Path) -> dict:
+    retailer = "bench_worker"
+    _, feeder = load_retailer(bootstrap, retailer, data, share)
     worker = Worker(bootstrap, retailer, tmp)
     try:
         deadline = time.monotonic() + 180
@@ -201,13 +208,7 @@ def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: 
 def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float) -> dict:
     """The same pipeline in a plain confluent-kafka loop, same records written."""
     retailer = "bench_plain"
-    settings = WorkerSettings(retailer, bootstrap)
-    ensure_topics(bootstrap, worker_topics(settings))
-    txs = [as_transaction(r, retailer) for r in data]
-    produce_all(bootstrap, settings.transactions_topic, txs)
-    truth = {r["tx_id"]: (r["customer_id"], bool(r["is_fraud"])) for r in data}
-    feeder = LabelFeeder(bootstrap, retailer, truth, share)
-    feeder.start()
+    settings, feeder = load_retailer(bootstrap, retailer, data, share)
     pipeline = ScoringPipeline(retailer)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{retailer}-loop",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
@@ -225,7 +226,7 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float) -> dic
         # Until every transaction is decided and every label the feeder sent (it sends one
         # as it sees a decision) has been consumed and learned, as the worker does.
         while time.monotonic() < deadline and (
-                decided < len(txs) or not feeder.all_decided.is_set()
+                decided < len(data) or not feeder.all_decided.is_set()
                 or labels_done < feeder.sent):
             msgs = [m for m in consumer.consume(500, 0.01) if m.error() is None]
             if not msgs:
