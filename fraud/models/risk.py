@@ -45,6 +45,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
+import numpy as np
+
+from fraud.models.kernels import learn_rows, score_rows
 from fraud.models.linear import empty_linear, merge_linear
 from fraud.models.scaler import RunningScaler, merge_scalers
 from fraud.schema import SchemaError
@@ -89,8 +92,9 @@ class ModelParams:
         return cls(**values)
 
 
-_sqrt = math.sqrt
 _exp = math.exp
+_NO_ROWS = np.empty(0, dtype=np.int64)
+_NO_CONTRIBUTIONS = np.empty(0)
 
 
 def _by_contribution(term: tuple[str, float]) -> tuple[float, str]:
@@ -105,33 +109,73 @@ def _sigmoid(s: float) -> float:
     return 1.0 / (1.0 + math.exp(-s))
 
 
-class _Layout:
-    """The model's statistics records aligned with one feature-key order (a fast-path cache).
+class _StatsTable:
+    """Per-feature statistics records as the rows of one float64 array, by feature name.
 
-    ``srecs[i]``/``arecs[i]`` are the scaler/anomaly records of ``keys[i]`` (``None`` if the
-    model has none yet). Valid while the two stats dicts are the same objects with the same
-    sizes: records are only ever added to them, never replaced, except by swapping whole
-    dicts (``from_state``, ``load_shared``).
+    Rows are allocated in the order features are first seen (the order they are exported
+    in) and never move or go away; a new row is all zeros until the compiled loop fills it.
     """
 
-    __slots__ = ("afull", "alen", "arecs", "astats", "keys", "sfull", "slen", "srecs", "sstats")
+    __slots__ = ("data", "index", "names", "width")
 
-    def __init__(
-        self, keys: tuple[str, ...], sstats: dict[str, list[float]],
-        astats: dict[str, list[float]],
-    ) -> None:
-        self.keys = keys
-        self.sstats = sstats
-        self.astats = astats
-        self.slen = len(sstats)
-        self.alen = len(astats)
-        sget, aget = sstats.get, astats.get
-        srecs = [sget(k) for k in keys]
-        arecs = [aget(k) for k in keys]
-        self.sfull = all(r is not None for r in srecs)
-        self.afull = all(r is not None for r in arecs)
-        self.srecs: list[list[float]] = srecs  # type: ignore[assignment]
-        self.arecs: list[list[float]] = arecs  # type: ignore[assignment]
+    def __init__(self, width: int, capacity: int = 64) -> None:
+        self.width = width
+        self.data = np.zeros((capacity, width))
+        self.index: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def add(self, key: str, record: Sequence[float] | None = None) -> int:
+        row = len(self.names)
+        if row == self.data.shape[0]:
+            grown = np.zeros((2 * row, self.width))
+            grown[:row] = self.data
+            self.data = grown
+        self.index[key] = row
+        self.names.append(key)
+        if record is not None:
+            self.data[row] = record
+        return row
+
+    def rows(self, keys: Sequence[str], create: bool) -> np.ndarray:
+        """The row of each key; a missing key gets a new row with ``create``, else -1."""
+        get = self.index.get
+        if create:
+            add = self.add
+            return np.array([r if (r := get(k)) is not None else add(k) for k in keys],
+                            dtype=np.int64)
+        return np.array([get(k, -1) for k in keys], dtype=np.int64)
+
+    def records(self) -> list[tuple[str, list[float]]]:
+        return list(zip(self.names, self.data[:len(self.names)].tolist(), strict=True))
+
+    def scaler(self, clip: float) -> RunningScaler:
+        """A snapshot of the ``[count, mean, m2, 1/std]`` columns as a :class:`RunningScaler`."""
+        out = RunningScaler(clip)
+        out.stats = {k: r[:4] for k, r in self.records()}
+        return out
+
+    @classmethod
+    def from_scaler(cls, scaler: RunningScaler, width: int) -> _StatsTable:
+        table = cls(width, max(64, len(scaler.stats)))
+        pad = [0.0] * (width - 4)
+        for k, s in scaler.stats.items():
+            table.add(k, [*s[:4], *pad])
+        return table
+
+
+class _Rows:
+    """The rows of one key order in both tables; valid while neither table grows."""
+
+    __slots__ = ("afull", "alen", "arows", "keys", "sfull", "slen", "srows")
+
+    def __init__(self, keys: tuple[str, ...], srows: np.ndarray, arows: np.ndarray,
+                 slen: int, alen: int) -> None:
+        self.keys, self.srows, self.arows, self.slen, self.alen = keys, srows, arows, slen, alen
+        self.sfull = not srows.size or srows.min() >= 0
+        self.afull = not arows.size or arows.min() >= 0
 
 
 class RiskModel:
@@ -141,194 +185,96 @@ class RiskModel:
     nothing), so a vector stored at scoring time can be passed to ``learn_one`` when its label
     arrives. ``score_one`` also feeds the local anomaly statistics unless ``observe=False``.
 
-    Vectors that keep coming with the same keys in the same order (what
-    :class:`~fraud.features.FeatureExtractor` produces) take a fast path that walks the
-    statistics records aligned with that order instead of looking every key up; results are
-    identical to the general path, which handles any other vector.
+    The statistics live in float64 tables walked by compiled loops
+    (:mod:`fraud.models.kernels`); the rows of a key order that keeps repeating (what
+    :class:`~fraud.features.FeatureExtractor` produces) are looked up once.
     """
 
     def __init__(self, params: ModelParams | None = None, version: str = "local") -> None:
         self.params = params or ModelParams()
         self.version = version
-        # supervised scaler; each feature's list is [count, mean, m2, 1/std, weight]
-        self.scaler = RunningScaler(self.params.clip)
-        # local anomaly statistics; [count, mean, m2, 1/std]
-        self.anomaly = RunningScaler(self.params.clip)
+        # supervised scaler and weights: [count, mean, m2, 1/std, weight] per feature
+        self._scaler = _StatsTable(5)
+        # local anomaly statistics: [count, mean, m2, 1/std] per feature
+        self._anomaly = _StatsTable(4)
         self.anomaly_seen = 0
         self.intercept = 0.0
         self.n = 0
         self.n_pos = 0
         self.n_neg = 0
-        self._layout: _Layout | None = None
-        self._last_keys: tuple[str, ...] = ()
+        self._rows: _Rows | None = None
 
     @property
     def weights(self) -> dict[str, float]:
         """The linear weights by feature."""
-        return {k: s[4] for k, s in self.scaler.stats.items()}
+        return {k: r[4] for k, r in self._scaler.records()}
 
-    def _aligned(self, keys: tuple[str, ...]) -> _Layout | None:
-        """The records aligned with ``keys`` if that order repeats, else ``None``."""
-        lay = self._layout
-        sstats = self.scaler.stats
-        astats = self.anomaly.stats
-        if lay is not None and lay.keys == keys:
-            if (lay.sstats is sstats and lay.astats is astats and lay.slen == len(sstats)
-                    and lay.alen == len(astats)):
-                return lay
-        elif self._last_keys != keys:  # a new order: wait until it repeats
-            self._last_keys = keys
-            return None
-        lay = self._layout = _Layout(keys, sstats, astats)
-        return lay
+    @property
+    def scaler(self) -> RunningScaler:
+        """A snapshot of the supervised scaler's statistics."""
+        return self._scaler.scaler(self.params.clip)
+
+    @property
+    def anomaly(self) -> RunningScaler:
+        """A snapshot of the local anomaly statistics."""
+        return self._anomaly.scaler(self.params.clip)
+
+    def _rows_for(self, keys: tuple[str, ...], learn: bool, observe: bool) -> _Rows:
+        """Rows of ``keys``; allocates scaler rows to ``learn`` and anomaly rows to ``observe``."""
+        sc, an = self._scaler, self._anomaly
+        rows = self._rows
+        if (rows is None or rows.keys != keys or rows.slen != len(sc) or rows.alen != len(an)
+                or (learn and not rows.sfull) or (observe and not rows.afull)):
+            srows = sc.rows(keys, learn)
+            arows = an.rows(keys, observe)
+            rows = self._rows = _Rows(keys, srows, arows, len(sc), len(an))
+        return rows
 
     # -- scoring ---------------------------------------------------------------------------
     def _alpha(self) -> float:
         p = self.params
         return (1.0 - p.anomaly_weight) * self.n_pos / (self.n_pos + p.warmup_positives)
 
+    def _run(self, x: Mapping[str, float], observe: bool,
+             contributions: np.ndarray = _NO_CONTRIBUTIONS) -> tuple[float, float]:
+        keys = tuple(x)
+        rows = self._rows_for(keys, False, observe)
+        values = np.fromiter(x.values(), np.float64, len(keys))
+        dot, zz = score_rows(self._scaler.data, self._anomaly.data, rows.srows, rows.arows,
+                             values, self.params.clip, self.intercept, observe, contributions)
+        if observe:
+            self.anomaly_seen += 1
+        return dot, zz
+
+    def _blend(self, dot: float, zz: float, count: int) -> float:
+        params = self.params
+        if self.anomaly_seen > params.anomaly_min_events and count:
+            m = zz / count
+            anomaly = m / (m + params.anomaly_scale)
+        else:
+            anomaly = 0.0
+        n_pos = self.n_pos
+        if not n_pos:
+            return anomaly
+        alpha = (1.0 - params.anomaly_weight) * n_pos / (n_pos + params.warmup_positives)
+        if dot < -35.0:
+            dot = -35.0
+        elif dot > 35.0:
+            dot = 35.0
+        return alpha / (1.0 + _exp(-dot)) + (1.0 - alpha) * anomaly
+
     def score_one(self, x: Mapping[str, float], observe: bool = True) -> float:
         """Combined risk in [0, 1]; with ``observe`` the anomaly statistics learn ``x``."""
-        lay = self._aligned(tuple(x))
-        if lay is not None and lay.afull and (lay.sfull or not self.n_pos):
-            return self._score_aligned(lay, x.values(), observe, None)
-        return self._score_general(x, observe)
+        dot, zz = self._run(x, observe)
+        return self._blend(dot, zz, len(x))
 
     def score_and_explain(
         self, x: Mapping[str, float], k: int = 3, observe: bool = True
     ) -> tuple[float, list[tuple[str, float]]]:
         """``(score_one(x, observe), contributions(x, k))`` in one pass over ``x``."""
-        lay = self._aligned(tuple(x))
-        if lay is not None and lay.afull and lay.sfull:
-            terms: list[tuple[str, float]] = []
-            score = self._score_aligned(lay, x.values(), observe, terms)
-            terms.sort(key=_by_contribution)
-            return score, terms[:k]
-        return self._score_general(x, observe), self.contributions(x, k)
-
-    def _score_aligned(
-        self, lay: _Layout, values: Iterable[float], observe: bool,
-        terms: list[tuple[str, float]] | None,
-    ) -> float:
-        """``score_one`` on values aligned with ``lay`` (all anomaly records present)."""
-        params = self.params
-        clip = params.clip
-        nclip = -clip
-        c2 = clip * clip
-        zz = 0.0
-        count = len(lay.keys)
-        n_pos = self.n_pos
-        dot = self.intercept
-        if n_pos or terms is not None:
-            # the supervised part only matters once a fraud label has been learned
-            if terms is None:
-                for v, s in zip(values, lay.srecs, strict=True):
-                    z = (v - s[1]) * s[3]
-                    if z > clip:
-                        z = clip
-                    elif z < nclip:
-                        z = nclip
-                    dot += s[4] * z
-            else:
-                append = terms.append
-                for key, v, s in zip(lay.keys, values, lay.srecs, strict=True):
-                    z = (v - s[1]) * s[3]
-                    if z > clip:
-                        z = clip
-                    elif z < nclip:
-                        z = nclip
-                    c = s[4] * z
-                    dot += c
-                    if c > 0.0:
-                        append((key, c))
-        if observe:
-            for v, a in zip(values, lay.arecs, strict=True):
-                n, mean, m2, inv = a
-                d = v - mean
-                z = d * inv
-                z *= z
-                zz += z if z < c2 else c2
-                n += 1.0
-                mean += d / n
-                m2 += d * (v - mean)
-                a[0] = n
-                a[1] = mean
-                a[2] = m2
-                a[3] = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
-            seen = self.anomaly_seen = self.anomaly_seen + 1
-        else:
-            for v, a in zip(values, lay.arecs, strict=True):
-                z = (v - a[1]) * a[3]
-                z *= z
-                zz += z if z < c2 else c2
-            seen = self.anomaly_seen
-        if seen > params.anomaly_min_events and count:
-            m = zz / count
-            anomaly = m / (m + params.anomaly_scale)
-        else:
-            anomaly = 0.0
-        if not n_pos:
-            return anomaly
-        alpha = (1.0 - params.anomaly_weight) * n_pos / (n_pos + params.warmup_positives)
-        if dot < -35.0:
-            dot = -35.0
-        elif dot > 35.0:
-            dot = 35.0
-        return alpha / (1.0 + _exp(-dot)) + (1.0 - alpha) * anomaly
-
-    def _score_general(self, x: Mapping[str, float], observe: bool) -> float:
-        """``score_one`` for any vector: one lookup per key and statistics."""
-        stats = self.scaler.stats.get
-        an = self.anomaly.stats
-        anget = an.get
-        params = self.params
-        clip = params.clip
-        nclip = -clip
-        c2 = clip * clip
-        dot = self.intercept
-        zz = 0.0
-        for k, v in x.items():
-            s = stats(k)
-            if s is not None:
-                z = (v - s[1]) * s[3]
-                if z > clip:
-                    z = clip
-                elif z < nclip:
-                    z = nclip
-                dot += s[4] * z
-            a = anget(k)
-            if a is None:
-                if observe:
-                    an[k] = [1.0, v, 0.0, 0.0]
-                continue
-            d = v - a[1]
-            z = d * a[3]
-            z *= z
-            zz += z if z < c2 else c2
-            if observe:
-                n = a[0] + 1.0
-                mean = a[1] + d / n
-                m2 = a[2] + d * (v - mean)
-                a[0] = n
-                a[1] = mean
-                a[2] = m2
-                a[3] = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
-        if observe:
-            self.anomaly_seen += 1
-        if self.anomaly_seen > params.anomaly_min_events and x:
-            m = zz / len(x)
-            anomaly = m / (m + params.anomaly_scale)
-        else:
-            anomaly = 0.0
-        n_pos = self.n_pos
-        if not n_pos:
-            return anomaly
-        alpha = (1.0 - params.anomaly_weight) * n_pos / (n_pos + params.warmup_positives)
-        if dot < -35.0:
-            dot = -35.0
-        elif dot > 35.0:
-            dot = 35.0
-        return alpha / (1.0 + _exp(-dot)) + (1.0 - alpha) * anomaly
+        terms = np.empty(len(x))
+        dot, zz = self._run(x, observe, terms)
+        return self._blend(dot, zz, len(x)), _top(tuple(x), terms, k)
 
     def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = True) -> list[float]:
         """``score_one`` for each vector, in order (the batch form for the hot path)."""
@@ -352,129 +298,48 @@ class RiskModel:
         """The anomaly part alone, in [0, 1)."""
         if not x or self.anomaly_seen <= self.params.anomaly_min_events:
             return 0.0
-        z = self.anomaly.transform_one(x)
-        m = sum(v * v for v in z.values()) / len(x)
+        _, zz = self._run(x, False)
+        m = zz / len(x)
         return m / (m + self.params.anomaly_scale)
 
     def _terms(self, x: Mapping[str, float]) -> list[tuple[str, float]]:
-        stats, clip = self.scaler.stats, self.params.clip
-        out = []
-        for k, v in x.items():
-            s = stats.get(k)
-            if s is not None:
-                z = (v - s[1]) * s[3]
-                out.append((k, s[4] * (clip if z > clip else -clip if z < -clip else z)))
-        return out
+        """``(feature, weight * z)`` of every feature of ``x`` the scaler has, in order."""
+        terms = np.empty(len(x))
+        self._run(x, False, terms)
+        return [(k, c) for k, c in zip(x, terms.tolist(), strict=True) if c == c]
 
     def contributions(self, x: Mapping[str, float], k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` largest positive terms ``weight * z`` of the linear model, largest first."""
-        terms = [t for t in self._terms(x) if t[1] > 0.0]
-        terms.sort(key=_by_contribution)
-        return terms[:k]
+        terms = np.empty(len(x))
+        self._run(x, False, terms)
+        return _top(tuple(x), terms, k)
 
     # -- learning --------------------------------------------------------------------------
     def observe_one(self, x: Mapping[str, float]) -> None:
         """Update only the anomaly statistics (unlabelled traffic)."""
-        self.anomaly.learn_one(x)
-        self.anomaly_seen += 1
+        self._run(x, True)
 
     def learn_one(self, x: Mapping[str, float], y: bool | int | float) -> None:
         """One SGD step on ``(x, y)`` after updating the scaler with ``x``."""
-        lay = self._aligned(tuple(x))
-        if lay is not None and lay.sfull:
-            recs = lay.srecs
-            dot, zs = self._learn_scaler(x.values(), recs)
-        else:
-            recs = []
-            zs = []
-            dot = self._learn_scaler_general(x, recs, zs)
+        keys = tuple(x)
+        rows = self._rows_for(keys, True, False)
         params = self.params
-        if dot < -35.0:
-            dot = -35.0
-        elif dot > 35.0:
-            dot = 35.0
-        p = 1.0 / (1.0 + _exp(-dot))
+        weight = 1.0
         if y:
             weight = (self.n_neg + 1.0) / (self.n_pos + 1.0)
             if weight > params.max_pos_weight:
                 weight = params.max_pos_weight
             elif weight < 1.0:
                 weight = 1.0
-            g = (p - 1.0) * weight
             self.n_pos += 1
         else:
-            g = p
             self.n_neg += 1
         self.n += 1
-        step = params.learning_rate * g
-        decay = 1.0 - params.learning_rate * params.l2
-        if decay != 1.0:
-            for s, z in zip(recs, zs, strict=True):
-                s[4] = s[4] * decay - step * z
-        else:
-            for s, z in zip(recs, zs, strict=True):
-                s[4] -= step * z
+        step = learn_rows(self._scaler.data, rows.srows,
+                          np.fromiter(x.values(), np.float64, len(keys)), params.clip,
+                          self.intercept, bool(y), weight, params.learning_rate,
+                          1.0 - params.learning_rate * params.l2)
         self.intercept -= step
-
-    def _learn_scaler(
-        self, values: Iterable[float], recs: list[list[float]]
-    ) -> tuple[float, list[float]]:
-        """Update the aligned scaler records with ``values``: ``(dot, clipped z-scores)``."""
-        clip = self.params.clip
-        nclip = -clip
-        dot = self.intercept
-        zs: list[float] = []
-        for v, s in zip(values, recs, strict=True):
-            n, mean, m2, inv, w = s
-            n += 1.0
-            d = v - mean
-            mean += d / n
-            m2 += d * (v - mean)
-            inv = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
-            s[0] = n
-            s[1] = mean
-            s[2] = m2
-            s[3] = inv
-            z = (v - mean) * inv
-            if z > clip:
-                z = clip
-            elif z < nclip:
-                z = nclip
-            zs.append(z)
-            dot += w * z
-        return dot, zs
-
-    def _learn_scaler_general(
-        self, x: Mapping[str, float], recs: list[list[float]], zs: list[float]
-    ) -> float:
-        """:meth:`_learn_scaler` for any vector; new features get a record and no step."""
-        clip = self.params.clip
-        nclip = -clip
-        stats = self.scaler.stats
-        get = stats.get
-        dot = self.intercept
-        for k, v in x.items():
-            s = get(k)
-            if s is None:
-                stats[k] = [1.0, v, 0.0, 0.0, 0.0]
-                continue
-            n = s[0] + 1.0
-            mean = s[1] + (v - s[1]) / n
-            m2 = s[2] + (v - s[1]) * (v - mean)
-            inv = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
-            s[0] = n
-            s[1] = mean
-            s[2] = m2
-            s[3] = inv
-            z = (v - mean) * inv
-            if z > clip:
-                z = clip
-            elif z < nclip:
-                z = nclip
-            recs.append(s)
-            zs.append(z)
-            dot += s[4] * z
-        return dot
 
     def learn_many(
         self, xs: Sequence[Mapping[str, float]], ys: Sequence[bool | int | float]
@@ -515,7 +380,8 @@ class RiskModel:
         """Replace scaler + linear by ``state``'s (e.g. a new global model); keep local anomaly."""
         other = RiskModel.from_state(state)
         self.version = other.version
-        self.scaler = other.scaler
+        self._scaler = other._scaler
+        self._rows = None
         self.intercept = other.intercept
         self.n, self.n_pos, self.n_neg = other.n, other.n_pos, other.n_neg
 
@@ -526,7 +392,7 @@ class RiskModel:
         params = ModelParams.from_dict(state.get("params"))
         model = cls(params, version=str(state.get("version", "")))
         try:
-            model.scaler = RunningScaler.from_dict(state["scaler"], params.clip)
+            scaler = RunningScaler.from_dict(state["scaler"], params.clip)
             linear = state["linear"]
             weights = {str(k): float(v) for k, v in linear["weights"].items()}
             model.intercept = float(linear["intercept"])
@@ -534,21 +400,36 @@ class RiskModel:
             model.n_pos = int(linear["n_pos"])
             model.n_neg = int(linear["n_neg"])
             if state.get("anomaly"):
-                model.anomaly = RunningScaler.from_dict(state["anomaly"], params.clip)
+                anomaly = RunningScaler.from_dict(state["anomaly"], params.clip)
+                model._anomaly = _StatsTable.from_scaler(anomaly, 4)
                 counts = state["anomaly"]["counts"].values()
                 model.anomaly_seen = int(max(counts, default=0))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SchemaError("model", f"malformed model state: {exc!r}") from None
-        stats = model.scaler.stats
+        stats = scaler.stats
         for k in weights:
             if k not in stats:
                 stats[k] = [1.0, 0.0, 0.0, 0.0]
-        for k, s in stats.items():
-            s.append(weights.get(k, 0.0))
+        table = model._scaler = _StatsTable.from_scaler(scaler, 5)
+        for k, w in weights.items():
+            table.data[table.index[k], 4] = w
         return model
 
     def to_json(self) -> bytes:
         return json.dumps(self.export_state(), separators=(",", ":")).encode()
+
+
+def _top(keys: tuple[str, ...], terms: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The ``k`` largest positive ``(key, term)`` pairs, largest first (ties by key)."""
+    positive = np.flatnonzero(terms > 0.0)
+    if k <= 0 or not positive.size:
+        return []
+    if positive.size > k:  # keep everything tied with the k-th largest, then sort those
+        kth = np.partition(terms[positive], positive.size - k)[positive.size - k]
+        positive = positive[terms[positive] >= kth]
+    found = [(keys[i], terms[i].item()) for i in positive.tolist()]
+    found.sort(key=_by_contribution)
+    return found[:k]
 
 
 def _check_state(state: Any) -> None:

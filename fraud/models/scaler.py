@@ -48,7 +48,8 @@ class RunningScaler:
             s[0] = n
             s[1] += d / n
             s[2] += d * (v - s[1])
-            s[3] = 1.0 / math.sqrt(s[2] / n) if s[2] > 0.0 else 0.0
+            var = s[2] / n  # 0 also when a tiny m2 underflows: no division by zero
+            s[3] = 1.0 / math.sqrt(var) if var > 0.0 else 0.0
 
     def transform_one(self, x: Mapping[str, float]) -> dict[str, float]:
         stats, clip = self.stats, self.clip

@@ -1,0 +1,145 @@
+"""Compiled per-event loops of :class:`~fraud.models.risk.RiskModel` (numba, no Python objects).
+
+The model keeps its per-feature statistics as rows of float64 arrays: the scaler table
+``S[row] = [count, mean, m2, 1/std, weight]`` and the anomaly table
+``A[row] = [count, mean, m2, 1/std]``. A vector arrives as its values plus, per value, the row
+of its feature in each table (``-1``: the table has no record for it). A row whose count is 0
+was just allocated for a feature the table has not seen: the loop creates its record there.
+
+The loops are the model's arithmetic written out element by element in the order of the
+vector, so every result is bit-identical to the plain-Python model they replace
+(``tests/fraud/test_fast_paths.py``); ``fastmath`` stays off for that reason. Compiled code is
+cached next to this file (``cache=True``), so a process after the first pays no compile time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+FloatArray = Any  # numpy float64 arrays; numba functions are untyped for mypy
+
+
+@njit(cache=True, nogil=True)
+def score_rows(S: FloatArray, A: FloatArray, srows: Any, arows: Any, values: FloatArray,
+               clip: float, intercept: float, observe: bool,
+               contributions: FloatArray) -> tuple[float, float]:  # pragma: no cover - compiled
+    """``(dot, zz)``: the linear score and the sum of clipped squared anomaly z-scores.
+
+    With ``observe`` the anomaly statistics learn the values (new records start at the value).
+    ``contributions[i]`` receives ``weight * z`` of value ``i`` (NaN without a scaler record)
+    when it is as long as ``values``; pass an empty array to skip that.
+    """
+    nclip = -clip
+    c2 = clip * clip
+    explain = contributions.shape[0] == values.shape[0]
+    dot = intercept
+    zz = 0.0
+    for i in range(values.shape[0]):
+        v = values[i]
+        r = srows[i]
+        if r >= 0:
+            z = (v - S[r, 1]) * S[r, 3]
+            if z > clip:
+                z = clip
+            elif z < nclip:
+                z = nclip
+            c = S[r, 4] * z
+            dot += c
+            if explain:
+                contributions[i] = c
+        elif explain:
+            contributions[i] = np.nan
+        a = arows[i]
+        if a < 0:
+            continue
+        n = A[a, 0]
+        if n == 0.0:  # a row allocated for a new record
+            if observe:
+                A[a, 0] = 1.0
+                A[a, 1] = v
+                A[a, 2] = 0.0
+                A[a, 3] = 0.0
+            continue
+        mean = A[a, 1]
+        d = v - mean
+        z = d * A[a, 3]
+        z *= z
+        zz += z if z < c2 else c2
+        if observe:
+            n += 1.0
+            mean += d / n
+            m2 = A[a, 2] + d * (v - mean)
+            A[a, 0] = n
+            A[a, 1] = mean
+            A[a, 2] = m2
+            var = m2 / n  # 0 also when a tiny m2 underflows: no division by zero
+            A[a, 3] = 1.0 / math.sqrt(var) if var > 0.0 else 0.0
+    return dot, zz
+
+
+@njit(cache=True, nogil=True)
+def learn_rows(S: FloatArray, srows: Any, values: FloatArray, clip: float, intercept: float,
+               positive: bool, pos_weight: float, learning_rate: float,
+               decay: float) -> float:  # pragma: no cover - compiled
+    """One SGD step: update the scaler rows, then the weights; returns the intercept's step.
+
+    A new record (count 0) starts at the value and takes no step, like a feature the model
+    has never seen.
+    """
+    nclip = -clip
+    k = values.shape[0]
+    zs = np.empty(k)
+    seen = np.zeros(k, dtype=np.bool_)
+    dot = intercept
+    for i in range(k):
+        v = values[i]
+        r = srows[i]
+        n = S[r, 0]
+        if n == 0.0:
+            S[r, 0] = 1.0
+            S[r, 1] = v
+            S[r, 2] = 0.0
+            S[r, 3] = 0.0
+            S[r, 4] = 0.0
+            continue
+        n += 1.0
+        mean = S[r, 1]
+        d = v - mean
+        mean += d / n
+        m2 = S[r, 2] + d * (v - mean)
+        var = m2 / n
+        inv = 1.0 / math.sqrt(var) if var > 0.0 else 0.0
+        S[r, 0] = n
+        S[r, 1] = mean
+        S[r, 2] = m2
+        S[r, 3] = inv
+        z = (v - mean) * inv
+        if z > clip:
+            z = clip
+        elif z < nclip:
+            z = nclip
+        zs[i] = z
+        seen[i] = True
+        dot += S[r, 4] * z
+    if dot < -35.0:
+        dot = -35.0
+    elif dot > 35.0:
+        dot = 35.0
+    p = 1.0 / (1.0 + math.exp(-dot))
+    g = (p - 1.0) * pos_weight if positive else p
+    step = learning_rate * g
+    if decay != 1.0:
+        for i in range(k):
+            if seen[i]:
+                r = srows[i]
+                S[r, 4] = S[r, 4] * decay - step * zs[i]
+    else:
+        for i in range(k):
+            if seen[i]:
+                r = srows[i]
+                S[r, 4] -= step * zs[i]
+    return step
