@@ -35,7 +35,10 @@ import logging
 import time
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from math import fsum, isfinite
 from typing import Any, Final
+
+import orjson
 
 from fraud.decisions import decide
 from fraud.features import FEATURE_NAMES, FeatureExtractor
@@ -48,7 +51,8 @@ log = logging.getLogger(__name__)
 SCORE_OPS: Final = frozenset(("c", "r", "u"))
 """CDC ops that carry a transaction to decide (``d``, a deleted row, is skipped)."""
 
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_std_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_orjson_dumps = orjson.dumps
 _decode = json.JSONDecoder().decode
 _json_str: Any = json.encoder.encode_basestring_ascii
 """``json.dumps`` of a ``str`` (what it calls for one, with the default ``ensure_ascii``)."""
@@ -57,10 +61,19 @@ _json_str: Any = json.encoder.encode_basestring_ascii
 def dumps(value: Any) -> bytes:
     """Compact JSON bytes, the wire form of every record the worker writes.
 
+    orjson writes the same JSON values as ``json.dumps``, about ten times faster (encoding
+    was most of a transaction's cost). It would write NaN/Infinity as null, so values must be
+    finite: transactions are validated (:class:`fraud.schema.Transaction`), so are the
+    timestamps and amounts in the feature state, and :meth:`ScoringPipeline.process_batch`
+    dead-letters a transaction whose features are not.
+
     >>> dumps({"a": [1, 2.5]})
     b'{"a":[1,2.5]}'
     """
-    return _dumps(value).encode()
+    try:
+        return _orjson_dumps(value)
+    except TypeError:  # an int beyond 64 bits, a non-str key: the standard library can
+        return _std_dumps(value).encode()
 
 
 class BadRecord(ValueError):
@@ -294,7 +307,7 @@ class TrackedStore:
             raw = encoded.get(k)
             if raw is None:
                 v = get(k)
-                raw = None if v is None else _dumps(v).encode()
+                raw = None if v is None else dumps(v)
             out.append((p, _json_str(k).encode(), raw))
         self.dirty = {}
         self.encoded = {}
@@ -389,7 +402,7 @@ class ScoringPipeline:
         version = self.model_version
         extract = self.extractor.extract_values
         score_one = model.score_one
-        contribute = model.contributions
+        score_and_explain = model.score_and_explain
         features = self.features
         scored = self.scored
         scored_get = scored.data.get
@@ -401,7 +414,7 @@ class ScoringPipeline:
         decisions = out.decisions
         latencies = out.latencies
         # the tail of every `scored` changelog value this batch: `..."at":<received>,"l":0,`
-        at_tail = b',"at":' + _dumps(received).encode() + b',"l":0,"p":'
+        at_tail = b',"at":' + dumps(received) + b',"l":0,"p":'
         for rec in records:
             try:
                 parsed = parse_transaction(rec.value)
@@ -426,9 +439,15 @@ class ScoringPipeline:
             partition = rec.partition
             features.partition = partition
             values = extract(tx, features)
+            if not isfinite(fsum(values)):  # cannot happen with validated input; guards dumps
+                out.dead_letters.append(dead_letter(
+                    rec, "non-finite-features", f"features {values!r}", retailer))
+                continue
             x = dict(zip(names, values, strict=True))
-            score = score_one(x)
-            contributions = contribute(x, top) if top else ()
+            if top:
+                score, contributions = score_and_explain(x, top)
+            else:
+                score, contributions = score_one(x), []
             timings = {"received": received}
             if parsed.committed_at is not None:
                 timings["committed"] = parsed.committed_at
@@ -436,12 +455,12 @@ class ScoringPipeline:
             if stamp is not None:
                 timings["produced"] = stamp
             decision = decide(tx, score, policy, contributions, x, version, timings).to_dict()
-            encoded = _dumps(decision).encode()
+            encoded = dumps(decision)
             # dumps({"d": decision, "x": values, "at": received, "l": 0, "p": partition}),
             # reusing the decision's encoding
             set_scored(partition, tx_id, {
                 "d": decision, "x": values, "at": received, "l": 0, "p": partition,
-            }, b'{"d":' + encoded + b',"x":' + _dumps(values).encode() + at_tail
+            }, b'{"d":' + encoded + b',"x":' + dumps(values) + at_tail
                + str(partition).encode() + b"}")
             decisions.append(OutputRecord(rec.key, encoded, partition))
             action = decision["action"]
