@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -227,3 +231,97 @@ def test_sequence_must_fit_64_bits(parties):
         seal_to_aggregator(parties, seq=2**64)
     with pytest.raises(ValueError):
         seal_to_aggregator(parties, seq=-1)
+
+
+# ------------------------------------------------- large payloads: hashed while a helper encrypts
+
+
+def record_encrypt_threads(monkeypatch) -> list[str]:
+    """Names of the threads that ran the KEM + AES-GCM part of each seal."""
+    names: list[str] = []
+    real = envelope._encrypt
+
+    def spy(*args):
+        names.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(envelope, "_encrypt", spy)
+    return names
+
+
+@pytest.mark.parametrize("size", [envelope.PARALLEL_MIN - 1, envelope.PARALLEL_MIN, 2 << 20])
+def test_large_payloads_are_encrypted_by_a_helper_and_round_trip(parties, monkeypatch, size):
+    names = record_encrypt_threads(monkeypatch)
+    payload = os.urandom(size)
+    blob = seal_to_aggregator(parties, payload)
+    assert (names[0] != threading.current_thread().name) == (size >= envelope.PARALLEL_MIN)
+    assert names[0].startswith("pqc-seal") == (size >= envelope.PARALLEL_MIN)
+    assert open_at_aggregator(parties, blob)[0] == payload
+
+
+def test_inline_and_helper_paths_make_the_same_format(parties, monkeypatch):
+    payload = os.urandom(300_000)
+    monkeypatch.setattr(envelope, "PARALLEL_MIN", 1 << 40)  # everything in this thread
+    inline = seal_to_aggregator(parties, payload, seq=1)
+    monkeypatch.setattr(envelope, "PARALLEL_MIN", 0)  # everything through the helper
+    helper = seal_to_aggregator(parties, os.urandom(10), seq=2)
+    assert open_at_aggregator(parties, inline)[0] == payload
+    assert len(open_at_aggregator(parties, helper)[0]) == 10
+
+
+@pytest.mark.parametrize("where", ["body start", "body middle", "tag", "signature"])
+def test_tampering_with_a_large_envelope_is_caught(parties, where):
+    payload = os.urandom(1 << 20)
+    blob = bytearray(seal_to_aggregator(parties, payload))
+    header = envelope.read_header(bytes(blob))
+    body_start = header.header_length + header.kem_length
+    body_end = body_start + header.body_length
+    position = {
+        "body start": body_start,
+        "body middle": (body_start + body_end) // 2,
+        "tag": body_end - 1,
+        "signature": len(blob) - 100,
+    }[where]
+    blob[position] ^= 0x01
+    with pytest.raises(TamperedEnvelope):
+        open_at_aggregator(parties, bytes(blob))
+    # the rejected envelope consumed nothing: the same sequence number still opens
+    assert open_at_aggregator(parties, seal_to_aggregator(parties, payload))[0] == payload
+
+
+def test_a_helper_error_reaches_the_caller_and_the_next_seal_works(parties):
+    good = parties.retailer.registry.current_kem_key("aggregator")
+    broken = dataclasses.replace(good, public_key=good.public_key[:-1])
+    payload = os.urandom(envelope.PARALLEL_MIN)
+    with pytest.raises(ValueError, match="public key"):
+        envelope.seal(payload, parties.retailer.identity, broken, "model-update", 1, now=NOW)
+    assert open_at_aggregator(parties, seal_to_aggregator(parties, payload))[0] == payload
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_seal_works_in_a_forked_child(parties):
+    """A child inherits the helper pool but not its threads: it must make its own."""
+    payload = os.urandom(envelope.PARALLEL_MIN)
+    seal_to_aggregator(parties, payload)  # the parent's helper pool now exists
+    pid = os.fork()
+    if pid == 0:  # the child: seal, open, exit at once without running pytest's teardown
+        code = 1
+        try:
+            code = (
+                0
+                if open_at_aggregator(parties, seal_to_aggregator(parties, payload, seq=2))[0]
+                == payload
+                else 1
+            )
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("seal hung in a forked child")

@@ -6,6 +6,8 @@ never a payload.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,3 +124,23 @@ def test_every_byte_flip_of_a_signed_document(parties):
             envelope.verify_document(
                 bytes(changed), parties.retailer.registry, freshness=InMemoryFreshness(), now=NOW
             )
+
+
+def test_byte_flips_in_a_large_envelope(shared_parties):
+    """The same rules for an envelope sealed on the helper-thread path: every byte of the
+    header and KEM ciphertext, the ends of the body (tag included), a sample of the rest."""
+    parties = shared_parties
+    recipient = parties.retailer.registry.current_kem_key("aggregator")
+    payload = random.Random(5).randbytes(envelope.PARALLEL_MIN + 100)
+    blob = envelope.seal(payload, parties.retailer.identity, recipient, PURPOSE, 9, now=NOW)
+    header = envelope.read_header(blob)
+    assert try_open(parties, blob)[0] == payload
+    body_start = header.header_length + header.kem_length
+    body_end = body_start + header.body_length
+    positions = {*range(body_start + 64), *range(body_end - 64, len(blob), 7)}
+    positions |= set(random.Random(6).sample(range(body_start, body_end), 200))
+    for position in sorted(positions):
+        changed = bytearray(blob)
+        changed[position] ^= 0x01
+        with pytest.raises(expected_errors(position, header)):
+            try_open(parties, bytes(changed))

@@ -4,12 +4,14 @@ and an envelope opened and made by a from-the-spec implementation of docs/envelo
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import struct
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dilithium_py.ml_dsa import ML_DSA_65
@@ -17,7 +19,7 @@ from kyber_py.ml_kem import ML_KEM_768
 
 from pqc import envelope
 from pqc.backend import get_backend
-from pqc.errors import TamperedEnvelope
+from pqc.errors import MalformedEnvelope, TamperedEnvelope
 from pqc.freshness import InMemoryFreshness
 from pqc.keys import TrustedKey, init_keystore, key_id, save_store_registry
 
@@ -61,30 +63,29 @@ def test_mldsa_our_signature_their_verification():
 # ------------------------------------------------- docs/envelope.md, implemented independently
 
 
-def spec_body_digest(body: bytes) -> bytes:
-    return hashlib.sha256(body).digest()
-
-
-def spec_kdf(secret: bytes, prefix: bytes) -> tuple[bytes, bytes]:
-    okm = HKDF(hashes.SHA256(), 44, salt=None, info=b"qsfraud/v1/aes-256-gcm" + prefix).derive(
+def spec_kdf(secret: bytes, prefix: bytes) -> tuple[bytes, bytes, bytes]:
+    okm = HKDF(hashes.SHA256(), 76, salt=None, info=b"qsfraud/v2/aes-256-gcm" + prefix).derive(
         secret
     )
-    return okm[:32], okm[32:]
+    return okm[:32], okm[32:44], okm[44:76]
+
+
+def spec_binding(bind_key: bytes, payload: bytes) -> bytes:
+    return hmac.new(bind_key, hashlib.sha256(payload).digest(), "sha256").digest()
 
 
 def spec_open(blob: bytes, dk: bytes, x25519_private: bytes | None, signer_pk: bytes) -> bytes:
     magic, version, kem_id, aead_id, sig_id = struct.unpack_from(">4sBBBB", blob)
-    assert (magic, version, aead_id, sig_id) == (b"QSFE", 1, 1, 1)
+    assert (magic, version, aead_id, sig_id) == (b"QSFE", 2, 1, 1)
     body_length, purpose_length = struct.unpack_from(">QB", blob, 56)
     header_end = 65 + purpose_length
     purpose = blob[65:header_end]
     kem_length = {1: 1088, 2: 1120}[kem_id]
     body_start = header_end + kem_length
+    prefix = blob[:body_start]
     body = blob[body_start : body_start + body_length]
     signature = blob[body_start + body_length :]
     assert len(signature) == 3309
-    message = blob[:body_start] + spec_body_digest(body)
-    assert ML_DSA_65.verify(signer_pk, message, signature, ctx=b"qsfraud/v1/" + purpose)
     kem_ct = blob[header_end:body_start]
     secret = ML_KEM_768.decaps(dk, kem_ct[:1088])
     if kem_id == 2:
@@ -92,8 +93,11 @@ def spec_open(blob: bytes, dk: bytes, x25519_private: bytes | None, signer_pk: b
         mine = x25519.X25519PrivateKey.from_private_bytes(x25519_private)
         peer = x25519.X25519PublicKey.from_public_bytes(kem_ct[1088:])
         secret += mine.exchange(peer)
-    key, nonce = spec_kdf(secret, blob[:body_start])
-    return AESGCM(key).decrypt(nonce, body, blob[:body_start])
+    key, nonce, bind_key = spec_kdf(secret, prefix)
+    payload = AESGCM(key).decrypt(nonce, body, prefix)
+    message = prefix + body[-16:] + spec_binding(bind_key, payload)
+    assert ML_DSA_65.verify(signer_pk, message, signature, ctx=b"qsfraud/v1/" + purpose)
+    return payload
 
 
 @pytest.mark.parametrize("kem_algorithm", ["X25519MLKEM768", "ML-KEM-768"])
@@ -129,7 +133,7 @@ def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path):
     header = struct.pack(
         ">4sBBBB16s16sQQQB",
         b"QSFE",
-        1,
+        2,
         2,
         1,
         1,
@@ -141,9 +145,9 @@ def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path):
         len(purpose),
     )
     prefix = header + purpose + kem_ct
-    key, nonce = spec_kdf(secret, prefix)
+    key, nonce, bind_key = spec_kdf(secret, prefix)
     body = AESGCM(key).encrypt(nonce, payload, prefix)
-    message = prefix + spec_body_digest(body)
+    message = prefix + body[-16:] + spec_binding(bind_key, payload)
     signature = ML_DSA_65.sign(signer_sk, message, ctx=b"qsfraud/v1/model-update")
     blob = prefix + body + signature
     got, meta = envelope.open(
@@ -158,4 +162,110 @@ def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path):
             receiver.registry,
             freshness=InMemoryFreshness(),
             now=NOW,
+        )
+
+
+# ------------------------------------------------- what the signature must bind, from the spec
+
+
+def gf128_multiply(x: int, y: int) -> int:
+    """Multiplication in GCM's GF(2^128) (SP 800-38D, algorithm 1; blocks as big-endian ints)."""
+    z, v = 0, y
+    for bit in range(127, -1, -1):
+        if (x >> bit) & 1:
+            z ^= v
+        v = (v >> 1) ^ (0xE1 << 120) if v & 1 else v >> 1
+    return z
+
+
+def test_recipient_cannot_swap_the_ciphertext_under_the_same_tag(tmp_path):
+    """The recipient knows the AES key, and GCM is not key-committing: it can change two
+    ciphertext blocks so that the tag stays the same. The payload binding in the signed
+    message is what catches that (docs/envelope.md, "Why the signature covers ...")."""
+    sender = init_keystore(tmp_path / "s", "retailer-1", "retailer")
+    receiver = init_keystore(tmp_path / "r", "aggregator", "aggregator")
+    sender.registry.trust(receiver.public_keys())
+    receiver.registry.trust(sender.public_keys())
+    payload = os.urandom(1 << 20)
+    recipient = sender.registry.current_kem_key("aggregator")
+    blob = envelope.seal(payload, sender.identity, recipient, "model-update", 1, now=NOW)
+    header = envelope.read_header(blob)
+    body_start = header.header_length + header.kem_length
+    prefix, body = blob[:body_start], blob[body_start : body_start + header.body_length]
+    kem = BACKEND.kem("X25519MLKEM768")
+    secret = kem.decapsulate(receiver.kem.current.private, prefix[header.header_length :])
+    key, nonce, _ = spec_kdf(secret, prefix)
+    # GHASH is linear: adding d to ciphertext block j and d*H to block j+1 keeps it
+    h = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(bytes(16))
+    d = int.from_bytes(os.urandom(16), "big") | 1
+    dh = gf128_multiply(d, int.from_bytes(h, "big"))
+    forged = bytearray(body)
+    j = 1000 * 16
+    for offset, delta in ((j, d), (j + 16, dh)):
+        block = int.from_bytes(forged[offset : offset + 16], "big") ^ delta
+        forged[offset : offset + 16] = block.to_bytes(16, "big")
+    assert bytes(forged[-16:]) == body[-16:]
+    other_payload = AESGCM(key).decrypt(nonce, bytes(forged), prefix)  # GCM accepts it
+    assert other_payload != payload
+    forged_blob = prefix + bytes(forged) + blob[body_start + header.body_length :]
+    with pytest.raises(TamperedEnvelope, match="signature"):
+        envelope.open(
+            forged_blob, receiver.kem, receiver.registry, freshness=InMemoryFreshness(), now=NOW
+        )
+    got, _ = envelope.open(
+        blob, receiver.kem, receiver.registry, freshness=InMemoryFreshness(), now=NOW
+    )
+    assert got == payload
+
+
+def spec_document(version: int, signer_sk: bytes, signer_pk: bytes, payload: bytes) -> bytes:
+    purpose = b"config"
+    header = struct.pack(
+        ">4sBBBB16s16sQQQB",
+        b"QSFE",
+        version,
+        0,
+        0,
+        1,
+        key_id("ML-DSA-65", signer_pk),
+        bytes(16),
+        5,
+        int(NOW * 1000),
+        len(payload),
+        len(purpose),
+    )
+    header += purpose
+    message = header + hashlib.sha256(payload).digest()
+    return header + payload + ML_DSA_65.sign(signer_sk, message, ctx=b"qsfraud/v1/config")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_signed_documents_of_both_versions_verify(tmp_path, version):
+    reader = init_keystore(tmp_path / "r", "retailer-1", "retailer")
+    signer_pk, signer_sk = ML_DSA_65.keygen()
+    reader.registry.add(TrustedKey("admin-9", "admin", "signature", "ML-DSA-65", signer_pk, NOW))
+    doc = spec_document(version, signer_sk, signer_pk, b'{"thresholds": {"verify": 0.6}}')
+    got, meta = envelope.verify_document(
+        doc, reader.registry, freshness=InMemoryFreshness(), roles={"admin"}, now=NOW
+    )
+    assert got == b'{"thresholds": {"verify": 0.6}}' and meta.sender == "admin-9"
+    other = bytearray(doc)
+    other[4] = 3 - version  # the version byte is signed
+    with pytest.raises(TamperedEnvelope):
+        envelope.verify_document(
+            bytes(other), reader.registry, freshness=InMemoryFreshness(), now=NOW
+        )
+
+
+def test_version_1_sealed_envelopes_are_refused(tmp_path):
+    sender = init_keystore(tmp_path / "s", "retailer-1", "retailer")
+    receiver = init_keystore(tmp_path / "r", "aggregator", "aggregator")
+    sender.registry.trust(receiver.public_keys())
+    receiver.registry.trust(sender.public_keys())
+    recipient = sender.registry.current_kem_key("aggregator")
+    blob = bytearray(envelope.seal(b"x", sender.identity, recipient, "model-update", 1, now=NOW))
+    blob[4] = 1
+    with pytest.raises(MalformedEnvelope, match="version 1"):
+        envelope.open(
+            bytes(blob), receiver.kem, receiver.registry, freshness=InMemoryFreshness(), now=NOW
         )
