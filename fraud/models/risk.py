@@ -47,7 +47,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from fraud.models.kernels import learn_rows, score_rows
+from fraud.models.kernels import learn_rows, score_rows, top_positive
 from fraud.models.linear import empty_linear, merge_linear
 from fraud.models.scaler import RunningScaler, merge_scalers
 from fraud.schema import SchemaError
@@ -421,15 +421,15 @@ class RiskModel:
 
 def _top(keys: tuple[str, ...], terms: np.ndarray, k: int) -> list[tuple[str, float]]:
     """The ``k`` largest positive ``(key, term)`` pairs, largest first (ties by key)."""
-    positive = np.flatnonzero(terms > 0.0)
-    if k <= 0 or not positive.size:
+    if k <= 0:
         return []
-    if positive.size > k:  # keep everything tied with the k-th largest, then sort those
-        kth = np.partition(terms[positive], positive.size - k)[positive.size - k]
-        positive = positive[terms[positive] >= kth]
-    found = [(keys[i], terms[i].item()) for i in positive.tolist()]
-    found.sort(key=_by_contribution)
-    return found[:k]
+    *chosen, tie = top_positive(terms, k).tolist()
+    values = terms.tolist()
+    if tie:  # rare: equal terms near the top are ordered by feature name
+        found = [(key, c) for key, c in zip(keys, values, strict=True) if c > 0.0]
+        found.sort(key=_by_contribution)
+        return found[:k]
+    return [(keys[i], values[i]) for i in chosen if i >= 0]
 
 
 def _check_state(state: Any) -> None:
