@@ -268,6 +268,12 @@ def _scratch(size: int) -> memoryview:
     return memoryview(buffer)[:size]
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 _helpers: tuple[int, ThreadPoolExecutor] | None = None
 
 
@@ -280,10 +286,13 @@ def _helper_pool() -> ThreadPoolExecutor:
     global _helpers
     pid, helpers = _helpers or (0, None)
     if helpers is None or pid != os.getpid():
-        workers = min(4, os.cpu_count() or 1)
+        workers = min(4, usable_cpus())
         helpers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pqc-seal")
         _helpers = (os.getpid(), helpers)
     return helpers
+
+
+_SINGLE_CPU = usable_cpus() < 2
 
 
 # ----------------------------------------------------------------------------- seal / sign
@@ -319,7 +328,7 @@ def seal(
         purpose,
     )
     with _scratch(len(payload) + GCM_TAG_SIZE) as body:
-        if len(payload) < PARALLEL_MIN:
+        if len(payload) < PARALLEL_MIN or _SINGLE_CPU:  # a helper would only take turns
             digest = body_digest(payload)
             prefix, bind_key = _encrypt(kem, recipient.public_key, header, payload, body)
         else:
@@ -426,7 +435,7 @@ def open(  # shadows the builtin on purpose: envelope.open is the API
         payload = aead.decrypt(nonce, body, prefix)
     except (InvalidTag, ValueError) as exc:
         raise TamperedEnvelope(
-            f"envelope signed as {trusted.name} does not decrypt (changed, or not for this key)"
+            f"envelope claiming to come from {trusted.name} does not decrypt: it was changed"
         ) from exc
     tag = bytes(body[-GCM_TAG_SIZE:])
     message = prefix + tag + payload_binding(bind_key, body_digest(payload))

@@ -251,6 +251,7 @@ def record_encrypt_threads(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("size", [envelope.PARALLEL_MIN - 1, envelope.PARALLEL_MIN, 2 << 20])
 def test_large_payloads_are_encrypted_by_a_helper_and_round_trip(parties, monkeypatch, size):
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)  # as on any machine with 2+ CPUs
     names = record_encrypt_threads(monkeypatch)
     payload = os.urandom(size)
     blob = seal_to_aggregator(parties, payload)
@@ -259,11 +260,21 @@ def test_large_payloads_are_encrypted_by_a_helper_and_round_trip(parties, monkey
     assert open_at_aggregator(parties, blob)[0] == payload
 
 
+def test_one_cpu_seals_in_the_calling_thread(parties, monkeypatch):
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", True)
+    names = record_encrypt_threads(monkeypatch)
+    payload = os.urandom(envelope.PARALLEL_MIN)
+    blob = seal_to_aggregator(parties, payload)
+    assert names == [threading.current_thread().name]
+    assert open_at_aggregator(parties, blob)[0] == payload
+
+
 def test_inline_and_helper_paths_make_the_same_format(parties, monkeypatch):
     payload = os.urandom(300_000)
     monkeypatch.setattr(envelope, "PARALLEL_MIN", 1 << 40)  # everything in this thread
     inline = seal_to_aggregator(parties, payload, seq=1)
     monkeypatch.setattr(envelope, "PARALLEL_MIN", 0)  # everything through the helper
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
     helper = seal_to_aggregator(parties, os.urandom(10), seq=2)
     assert open_at_aggregator(parties, inline)[0] == payload
     assert len(open_at_aggregator(parties, helper)[0]) == 10
@@ -299,8 +310,9 @@ def test_a_helper_error_reaches_the_caller_and_the_next_seal_works(parties):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_seal_works_in_a_forked_child(parties):
+def test_seal_works_in_a_forked_child(parties, monkeypatch):
     """A child inherits the helper pool but not its threads: it must make its own."""
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
     payload = os.urandom(envelope.PARALLEL_MIN)
     seal_to_aggregator(parties, payload)  # the parent's helper pool now exists
     pid = os.fork()

@@ -126,9 +126,10 @@ def test_every_byte_flip_of_a_signed_document(parties):
             )
 
 
-def test_byte_flips_in_a_large_envelope(shared_parties):
+def test_byte_flips_in_a_large_envelope(shared_parties, monkeypatch):
     """The same rules for an envelope sealed on the helper-thread path: every byte of the
     header and KEM ciphertext, the ends of the body (tag included), a sample of the rest."""
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
     parties = shared_parties
     recipient = parties.retailer.registry.current_kem_key("aggregator")
     payload = random.Random(5).randbytes(envelope.PARALLEL_MIN + 100)
