@@ -8,8 +8,8 @@ faust's web server. :func:`run_worker` creates the topics, restores the model ch
 replays the signed config topic, then runs the faust worker.
 
 Writes: each batch's changed table keys, then its decisions and dead letters, are produced
-as per-partition record batches straight on faust's aiokafka producer, each awaited until
-the broker acknowledged every record before the next step; only
+with a confluent-kafka (librdkafka) producer, each step awaited until the broker
+acknowledged every record before the next step; only
 then does ``take_events`` ack the batch's offsets, so committed offsets never run ahead of
 written decisions or state (at-least-once; redeliveries are answered from ``scored``).
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from fraud.models import RiskModel
 from pqc.freshness import TimeWindow
@@ -67,29 +67,42 @@ def changelog_records(topic: str, store: TrackedStore) -> list[Produce]:
 
 
 class BatchPublisher:
-    """Produce many records as one record batch per topic partition; wait for all acks."""
+    """Produce records with librdkafka (batched in C, not record by record in Python, as
+    faust's aiokafka producer does); :meth:`publish` returns once the broker acknowledged
+    every record produced so far, and raises if any of them failed."""
 
-    def __init__(self, app: faust.App) -> None:
-        self.app = app
+    def __init__(self, bootstrap: str, linger_ms: float = 2.0) -> None:
+        self.producer = Producer({
+            "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+            "linger.ms": linger_ms, "queue.buffering.max.messages": 1_000_000,
+            "delivery.report.only.error": True, "log.connection.close": False,
+        })
 
-    async def publish(self, records: Sequence[Produce]) -> None:
+    async def publish(self, records: Sequence[Produce], timeout_s: float = 60.0) -> None:
         if not records:
             return
-        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
-        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        failures: list[str] = []  # this call's own (another agent may flush concurrently)
+
+        def on_delivery(error: Any, message: Any) -> None:
+            if error is not None:
+                failures.append(f"{message.topic()}[{message.partition()}]: {error}")
+
+        produce = self.producer.produce
         for topic, partition, key, value in records:
-            groups.setdefault((topic, partition), []).append((key, value))
-        futures = []
-        for (topic, partition), items in groups.items():
-            batch = producer.create_batch()
-            for key, value in items:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(await producer.send_batch(batch, topic, partition=partition))
-                    batch = producer.create_batch()
-                    if batch.append(key=key, value=value, timestamp=None) is None:
-                        raise ValueError(f"record of {len(value or b'')} bytes is too large")
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*futures)
+            while True:
+                try:
+                    produce(topic, value, key, partition, on_delivery=on_delivery)
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain it
+                    await asyncio.sleep(0.005)
+                    self.producer.poll(0)
+        loop = asyncio.get_running_loop()
+        # flush() waits (GIL released) in a thread: the event loop keeps serving the agents
+        pending = await loop.run_in_executor(None, self.producer.flush, timeout_s)
+        if failures or pending:
+            raise KafkaException(f"{len(failures) + pending} records not written: "
+                                 f"{'; '.join(failures[:3]) or 'timed out'}")
+
 
 
 class GapFiller:
@@ -205,7 +218,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         setattr(pipeline, attr, TrackedStore(store.data, store._key_partition))
     features_changelog = settings.changelog_topic(FEATURES_TABLE)
     scored_changelog = settings.changelog_topic(SCORED_TABLE)
-    publisher = BatchPublisher(app)
+    publisher = BatchPublisher(settings.bootstrap)
     transactions = app.topic(settings.transactions_topic, partitions=n,
                              key_serializer="raw", value_serializer="raw")
     labels = app.topic(settings.labels_topic, partitions=n,
