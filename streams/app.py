@@ -75,7 +75,7 @@ class BatchPublisher:
         self.producer = Producer({
             "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
             "linger.ms": linger_ms, "queue.buffering.max.messages": 1_000_000,
-            "delivery.report.only.error": True, "log.connection.close": False,
+            "log.connection.close": False,
         })
 
     async def publish(self, records: Sequence[Produce], timeout_s: float = 60.0) -> None:
