@@ -34,8 +34,8 @@ MONGO_KEYS: Final = frozenset({"uri", "uri_env", "database", "collection", "pre_
                                "max_await_ms"})
 COMMON_KEYS: Final = frozenset({"kind", "id", "snapshot", "on_history_lost", "reader"})
 KAFKA_KEYS: Final = frozenset({"bootstrap_servers", "partitions", "offsets_topic",
-                               "commit_interval_ms", "commit_max_events", "key", "tombstones",
-                               "producer", "transaction_timeout_ms"})
+                               "commit_interval_ms", "commit_max_events", "commit_gap_ms", "key",
+                               "tombstones", "producer", "transaction_timeout_ms"})
 
 
 def _require(table: dict[str, Any], key: str, where: str) -> Any:
@@ -138,6 +138,7 @@ class CdcConfig:
         kafka.setdefault("offsets_topic", DEFAULT_OFFSETS_TOPIC)
         kafka.setdefault("commit_interval_ms", 100)
         kafka.setdefault("commit_max_events", 10_000)
+        kafka.setdefault("commit_gap_ms", 10)
         kafka.setdefault("key", "customer_id")
         kafka.setdefault("tombstones", "auto")
         kafka.setdefault("transaction_timeout_ms", 600_000)
