@@ -20,6 +20,9 @@ Positions: ``{"start_at": [seconds, increment]}`` or ``{"resume_token": {...}}``
 from __future__ import annotations
 
 import copy
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -212,37 +215,99 @@ class MongoChangeStreamSource(Source):
         pending_token: Any = None
         last_idle_token: Any = None
         with self._watch(position) as changes:
-            while not self.stopping.is_set():
-                try:
-                    event = changes.try_next()
-                except pymongo.errors.OperationFailure as exc:
-                    raise self._translate(exc) from None
-                except pymongo.errors.PyMongoError as exc:
-                    if self.stopping.is_set():
-                        return
-                    raise SourceError(f"change stream failed: {exc}") from None
-                if event is None:
-                    if pending:
+            feed = _ChangeFeed(changes, self.stopping)
+            try:
+                for event, idle_token in feed:
+                    if event is None:
+                        if pending:
+                            yield SourceTransaction(pending, {"resume_token": pending_token})
+                            pending, pending_txn = [], None
+                        token = idle_token
+                        if (token is not None and token != pending_token
+                                and token != last_idle_token):
+                            last_idle_token = token
+                            yield SourceTransaction([], {"resume_token": token})
+                        continue
+                    txn = ((str(event["lsid"].get("id")), int(event["txnNumber"]))
+                           if "lsid" in event and "txnNumber" in event else None)
+                    if pending and (txn is None or txn != pending_txn):
                         yield SourceTransaction(pending, {"resume_token": pending_token})
-                        pending, pending_txn = [], None
-                    token = changes.resume_token
-                    if token is not None and token != pending_token and token != last_idle_token:
-                        last_idle_token = token
-                        yield SourceTransaction([], {"resume_token": token})
-                    continue
-                txn = ((str(event["lsid"].get("id")), int(event["txnNumber"]))
-                       if "lsid" in event and "txnNumber" in event else None)
-                if pending and (txn is None or txn != pending_txn):
-                    yield SourceTransaction(pending, {"resume_token": pending_token})
-                    pending = []
-                change = self._change(event)
-                pending_token = event["_id"]
-                if txn is None:
-                    yield SourceTransaction([change], {"resume_token": pending_token})
-                else:
-                    pending.append(change)
-                    pending_txn = txn
+                        pending = []
+                    change = self._change(event)
+                    pending_token = event["_id"]
+                    if txn is None:
+                        yield SourceTransaction([change], {"resume_token": pending_token})
+                    else:
+                        pending.append(change)
+                        pending_txn = txn
+            except pymongo.errors.OperationFailure as exc:
+                raise self._translate(exc) from None
+            except pymongo.errors.PyMongoError as exc:
+                if self.stopping.is_set():
+                    return
+                raise SourceError(f"change stream failed: {exc}") from None
+            finally:
+                feed.close()  # before the change stream closes: it is the feed thread's
 
     def close(self) -> None:
         self.stop()
         self.client.close()
+
+
+class _ChangeFeed:
+    """Reads a change stream in a thread, so the next batch is on its way while this one is
+    mapped and encoded.
+
+    Reading one event at a time, the reader waited for each ``getMore`` (SecantusDB answers
+    with ~200 events after ~25 ms) and then spent about as long on the batch: read and
+    processing took turns. Iterating yields ``(event, None)`` per change and ``(None,
+    resume_token)`` when a ``getMore`` found nothing (the token may have moved on); errors of
+    the stream are raised where the iteration is.
+    """
+
+    AHEAD = 10_000  # events read but not yet taken: beyond this the thread waits
+
+    def __init__(self, changes: Any, stopping: threading.Event) -> None:
+        self._changes = changes
+        self._stopping = stopping
+        self._closed = threading.Event()
+        self._items: queue.SimpleQueue[tuple[Any, Any, BaseException | None]] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cdc-mongo-feed")
+        self._thread.start()
+
+    def _run(self) -> None:
+        put, items = self._items.put, self._items
+        try:
+            while not (self._closed.is_set() or self._stopping.is_set()):
+                event = self._changes.try_next()
+                if event is None:
+                    put((None, self._changes.resume_token, None))
+                    continue
+                put((event, None, None))
+                while items.qsize() > self.AHEAD and not self._closed.is_set():
+                    time.sleep(0.002)
+        except BaseException as exc:  # handed to the iterating thread
+            put((None, None, exc))
+            return
+        put((None, None, StopIteration()))
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        get = self._items.get
+        while True:
+            try:
+                event, token, error = get(timeout=0.2)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._items.empty():
+                    return
+                continue
+            if error is not None:
+                if isinstance(error, StopIteration):
+                    return
+                raise error
+            yield event, token
+
+    def close(self) -> None:
+        """Stop the thread (it notices within ``max_await_ms``) and wait for it."""
+        self._closed.set()
+        self._thread.join(10)
