@@ -61,6 +61,7 @@ class TopicTimer:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.seen: dict[str, float] = {}
+        self.encoded: dict[str, float] = {}  # envelope produced_at: encoded by the reader
         self.track_keys = True
         self.count = 0
         self.first = self.last = 0.0
@@ -81,7 +82,10 @@ class TopicTimer:
                 if msg.error() is not None or msg.value() is None:
                     continue
                 if self.track_keys:  # parsing costs CPU the CDC process shares: only for latency
-                    self.seen.setdefault(json.loads(msg.value())["source"]["pk"], now)
+                    record = json.loads(msg.value())
+                    pk = record["source"]["pk"]
+                    self.seen.setdefault(pk, now)
+                    self.encoded.setdefault(pk, float(record["produced_at"]))
                 if not self.count:
                     self.first = now
                 self.count += 1
@@ -197,6 +201,13 @@ def measure(name: str, bootstrap: str, workdir: Path, source_toml: str, id_colum
         p50, p99 = statistics.median(lat), percentile(lat, 0.99)
         print(f"{name}: latency at {achieved:.0f} changes/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
               f"max {max(lat):.1f} ms ({n} changes)", flush=True)
+        # where it goes: source commit -> encoded in the reader (the envelope's produced_at)
+        # -> readable on Kafka (pipe, produce, Kafka transaction commit, markers, fetch)
+        read = [(timer.encoded[k] - t) * 1000 for k, t in committed.items()]
+        rest = [(timer.seen[k] - timer.encoded[k]) * 1000 for k in committed]
+        print(f"{name}:   commit -> encoded in the reader p50 {statistics.median(read):.1f} p99 "
+              f"{percentile(read, 0.99):.1f} ms; encoded -> readable p50 "
+              f"{statistics.median(rest):.1f} p99 {percentile(rest, 0.99):.1f} ms", flush=True)
 
         # throughput: a backlog of `rows` inserts written while the process is stopped
         proc.stop()
