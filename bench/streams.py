@@ -19,13 +19,10 @@ import argparse
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from fraud.generator import GeneratorConfig, generate  # noqa: E402
 from fraud.schema import Transaction  # noqa: E402
+from qsfraud.worker_process import WorkerProcess  # noqa: E402
 from streams.scoring import InputRecord, ScoringPipeline  # noqa: E402
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings  # noqa: E402
 from streams.topics import ensure_topics, worker_topics  # noqa: E402
@@ -129,45 +127,9 @@ def rate_of(decided: dict[str, float]) -> float:
     return (len(times) - 1) / max(times[-1] - times[0], 1e-9) if len(times) > 1 else 0.0
 
 
-class Worker:
-    def __init__(self, bootstrap: str, retailer: str, tmp: Path) -> None:
-        from qsfraud.stack import free_port
-
-        self.port = free_port()
-        self.log = tmp / f"worker-{retailer}.log"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "qsfraud", "worker", "--retailer", retailer,
-                 "--bootstrap", bootstrap, "--web-port", str(self.port), "--datadir",
-                 str(tmp / "data"), "--loglevel", "warn", "--trust", str(tmp / "none.json")],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.retailer = retailer
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.log.read_text()[-2000:]}")
-            try:
-                if f'topic="{self.retailer}.transactions"' in self.metrics():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("worker not ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_worker(bootstrap: str, retailer: str, tmp: Path, wait: bool) -> WorkerProcess:
+    return WorkerProcess(bootstrap, retailer, tmp, "--loglevel", "warn",
+                         "--trust", str(tmp / "none.json")).start(wait=wait)
 
 
 def load_retailer(bootstrap: str, retailer: str, data: list[dict[str, Any]],
@@ -186,7 +148,7 @@ def load_retailer(bootstrap: str, retailer: str, data: list[dict[str, Any]],
 def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: Path) -> dict:
     retailer = "bench_worker"
     _, feeder = load_retailer(bootstrap, retailer, data, share)
-    worker = Worker(bootstrap, retailer, tmp)
+    worker = start_worker(bootstrap, retailer, tmp, wait=False)
     try:
         deadline = time.monotonic() + 180
         while not feeder.all_decided.is_set() and time.monotonic() < deadline:
@@ -274,10 +236,9 @@ def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, secon
     settings = WorkerSettings(retailer, bootstrap)
     ensure_topics(bootstrap, worker_topics(settings))
     txs = [as_transaction(r, retailer) for r in data]
-    worker = Worker(bootstrap, retailer, tmp)
+    worker = start_worker(bootstrap, retailer, tmp, wait=True)
     latencies: list[float] = []
     try:
-        worker.wait_ready()
         time.sleep(2.0)
         done = threading.Event()
         consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-latency",

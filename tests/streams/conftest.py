@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +12,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from pqc.keys import KeyStore, init_keystore
-from qsfraud.stack import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from qsfraud.worker_process import WorkerProcess
 
 
 def transaction(i: int, retailer: str, customer: str | None = None, **extra: Any) -> dict:
@@ -83,84 +76,13 @@ def decisions_by_tx(messages: list[Any]) -> dict[str, list[bytes]]:
     return by_tx
 
 
-class WorkerProcess:
-    """``python -m qsfraud worker`` as a subprocess, with its log file and metrics port."""
-
-    def __init__(self, bootstrap: str, retailer: str, tmp: Path, *extra: str) -> None:
-        self.bootstrap = bootstrap
-        self.retailer = retailer
-        self.tmp = tmp
-        self.extra = list(extra)
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.tmp / f"worker-{self.retailer}-{self.starts}.log"
-
-    def start(self, wait: bool = True) -> WorkerProcess:
-        self.starts += 1
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "qsfraud", "worker", "--retailer", self.retailer,
-               "--bootstrap", self.bootstrap, "--web-port", str(self.port),
-               "--datadir", str(self.tmp / "data"), "--checkpoint-interval", "1",
-               *self.extra]
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        """Until the worker has its partitions (the lag gauge appears)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited:\n{self.log_tail()}")
-            try:
-                if f'topic="{self.retailer}.transactions"' in self.metrics():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        """kill -9."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
 @pytest.fixture
 def worker_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
     def make(retailer: str, *extra: str) -> WorkerProcess:
-        w = WorkerProcess(kafka_bootstrap, retailer, tmp_path, *extra)
+        w = WorkerProcess(kafka_bootstrap, retailer, tmp_path, "--checkpoint-interval", "1",
+                          *extra)
         workers.append(w)
         return w
 
