@@ -16,6 +16,7 @@ Runs its own ephemeral Kafka unless ``--bootstrap`` is given. The last line is J
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -261,6 +262,10 @@ def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, secon
             p.flush(30)
             done.set()
 
+        # this process's own full collections (numba, numpy... imported) would pause the
+        # reader for ~80 ms and show up as latency: freeze what exists now
+        gc.collect()
+        gc.freeze()
         feeder = threading.Thread(target=feed, daemon=True)
         started = time.time()
         feeder.start()

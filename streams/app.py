@@ -17,6 +17,7 @@ written decisions or state (at-least-once; redeliveries are answered from ``scor
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -385,6 +386,10 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
         pass
     runtime, follower = prepare(settings)
     app = create_app(settings, runtime)
+    # Everything so far (imported modules: faust, numba, numpy...) lives as long as the
+    # process. Frozen, it is no longer walked by each full collection: ~80 ms a pause here.
+    gc.collect()
+    gc.freeze()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     # faust's progress spinner (on at --loglevel warn and above) sets the root logger to
     # DEBUG so it can spin on every record: aiokafka then builds a debug record for every
