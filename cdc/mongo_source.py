@@ -105,6 +105,7 @@ class MongoChangeStreamSource(Source):
         self.uri, self.database, self.collection = uri, database, collection
         self.pre_images = pre_images
         self.max_await_ms = max_await_ms
+        self._feed: _ChangeFeed | None = None
         self.client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             uri, serverSelectionTimeoutMS=10_000, tz_aware=True)
 
@@ -215,7 +216,7 @@ class MongoChangeStreamSource(Source):
         pending_token: Any = None
         last_idle_token: Any = None
         with self._watch(position) as changes:
-            feed = _ChangeFeed(changes, self.stopping)
+            feed = self._feed = _ChangeFeed(changes, self.stopping)
             try:
                 for event, idle_token in feed:
                     if event is None:
@@ -247,7 +248,12 @@ class MongoChangeStreamSource(Source):
                     return
                 raise SourceError(f"change stream failed: {exc}") from None
             finally:
+                self._feed = None
                 feed.close()  # before the change stream closes: it is the feed thread's
+
+    def ready(self) -> bool:
+        feed = self._feed
+        return feed is not None and feed.ready()
 
     def close(self) -> None:
         self.stop()
@@ -273,6 +279,8 @@ class _ChangeFeed:
         self._closed = threading.Event()
         self._items: queue.SimpleQueue[tuple[Any, Any, BaseException | None]] = \
             queue.SimpleQueue()
+        self._events_in = 0  # counted by the feed thread only
+        self._events_out = 0  # counted by the iterating thread only
         self._thread = threading.Thread(target=self._run, daemon=True, name="cdc-mongo-feed")
         self._thread.start()
 
@@ -284,6 +292,7 @@ class _ChangeFeed:
                 if event is None:
                     put((None, self._changes.resume_token, None))
                     continue
+                self._events_in += 1
                 put((event, None, None))
                 while items.qsize() > self.AHEAD and not self._closed.is_set():
                     time.sleep(0.002)
@@ -305,7 +314,13 @@ class _ChangeFeed:
                 if isinstance(error, StopIteration):
                     return
                 raise error
+            if event is not None:
+                self._events_out += 1
             yield event, token
+
+    def ready(self) -> bool:
+        """A change event is read and waiting (not only an empty ``getMore``)."""
+        return self._events_in > self._events_out
 
     def close(self) -> None:
         """Stop the thread (it notices within ``max_await_ms``) and wait for it."""

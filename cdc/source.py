@@ -107,6 +107,11 @@ class Source(ABC):
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
 
+    def ready(self) -> bool:
+        """True when the next transaction is already read and can be had without waiting
+        (a hint: the reader hands what is ready over in one go)."""
+        return False
+
     # --- the shared run loop ------------------------------------------------------------------
     def stop(self) -> None:
         self.stopping.set()

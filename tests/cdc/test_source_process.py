@@ -30,3 +30,17 @@ def test_items_arrive_in_order_then_eof_is_a_source_error() -> None:
     writer.close()
     with pytest.raises(SourceError, match="reader process exited"):
         pipe.get(timeout=1)
+
+
+def test_a_list_message_is_handed_out_one_by_one() -> None:
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    pipe = PipeQueue(reader)
+    items = [EncodedTransaction([(0, b"k", b"{}")], [1.0], {"pos": i}) for i in range(3)]
+    _send(writer, items)
+    _send(writer, DONE)
+    assert pipe.get(timeout=1) == items[0]
+    assert not pipe.empty()  # two more of the same message are waiting
+    assert [pipe.get(timeout=1), pipe.get(timeout=1)] == items[1:]
+    assert pipe.get(timeout=1) == DONE
+    assert pipe.empty()
+    writer.close()
