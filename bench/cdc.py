@@ -1,7 +1,8 @@
 """CDC throughput and commit-to-Kafka latency, per source, on a throw-away local stack.
 
-Run with ``qsfraud bench cdc [--rows N] [--rate R] [--seconds S]``. It starts its own
-ephemeral stack (Kafka, MariaDB, the MongoDB server) on free ports and stops it at the end.
+Run with ``qsfraud bench cdc [--rows N] [--rate R] [--seconds S] [--warmup W]``. It starts
+its own ephemeral stack (Kafka, MariaDB, the MongoDB server) on free ports and stops it at the
+end.
 For each source (MySQL binlog, MongoDB change stream) ``qsfraud cdc run`` runs as a separate
 process, as in production, and a ``read_committed`` consumer in this process measures:
 
@@ -9,7 +10,11 @@ process, as in production, and a ``read_committed`` consumer in this process mea
   per transaction; MongoDB: what is due is inserted with one ``insert_many``, since
   ``insert_one`` alone cannot reach 500/s on SecantusDB; each document is still its own
   change event); latency is the time from the writer's commit call returning to the record
-  being readable on Kafka by a ``read_committed`` consumer (p50/p99, ms);
+  being readable on Kafka by a ``read_committed`` consumer (p50/p99, ms). The same writer
+  runs ``--warmup`` seconds (default 10) before that, not measured: the stack has just been
+  started, and a fresh Kafka broker is several times slower to commit transactions until
+  its JIT has compiled the hot paths (``--warmup 0`` shows it). A second line splits the
+  latency at the envelope's ``produced_at`` (encoded in the reader, right after reading);
 * throughput: with the CDC process stopped, ``--rows`` inserts are committed (1,000 per
   transaction); the process is started again and the rate at which it turns that binlog/oplog
   backlog into committed Kafka records is measured (first to last record read).
@@ -160,7 +165,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(name: str, bootstrap: str, workdir: Path, source_toml: str, id_column: str,
             write_one: Callable[[int], None], write_bulk: Callable[[int, int], None],
-            rate: float, seconds: float, rows: int,
+            rate: float, seconds: float, rows: int, warmup: float = 0.0,
             write_due: Callable[[list[int]], None] | None = None) -> dict[str, float]:
     retailer = f"bench{name}{int(time.time())}"
     config = workdir / f"{name}.toml"
@@ -176,31 +181,44 @@ def measure(name: str, bootstrap: str, workdir: Path, source_toml: str, id_colum
         # latency: changes at `rate` changes/s; each change is committed on its own (MySQL: one
         # row per transaction); when the writer falls behind schedule it catches up with
         # write_due(ids) (Mongo: one insert_many; each document is still its own change)
-        committed: dict[str, float] = {}
+        def write_at_rate(first: int, n: int) -> tuple[dict[str, float], float]:
+            committed: dict[str, float] = {}
+            start = time.monotonic()
+            i = 0
+            while i < n:
+                due = min(n, int((time.monotonic() - start) * rate) + 1, i + 50)
+                if due <= i:
+                    time.sleep(max(0.0, start + i / rate - time.monotonic()))
+                    continue
+                ids = range(first + i, first + due)
+                if write_due is None:
+                    for k in ids:
+                        write_one(k)
+                        committed[str(k)] = time.time()
+                else:
+                    write_due(list(ids))
+                    now = time.time()  # the call returned: every one of them is committed
+                    committed.update((str(k), now) for k in ids)
+                i = due
+            return committed, n / (time.monotonic() - start)
+
+        # warm-up, not measured: the same load first, so that the figures are those of
+        # running services (a broker just started compiles its hot paths for tens of seconds)
+        n_warm = int(rate * warmup)
+        if n_warm:
+            write_at_rate(0, n_warm)
+            if not timer.wait_for(n_warm, 60):
+                raise RuntimeError(f"{name}: only {timer.count}/{n_warm} warm-up records")
         n = int(rate * seconds)
-        start = time.monotonic()
-        i = 0
-        while i < n:
-            due = min(n, int((time.monotonic() - start) * rate) + 1, i + 50)
-            if due <= i:
-                time.sleep(max(0.0, start + i / rate - time.monotonic()))
-                continue
-            if write_due is None:
-                for k in range(i, due):
-                    write_one(k)
-                    committed[str(k)] = time.time()
-            else:
-                write_due(list(range(i, due)))
-                now = time.time()  # the call returned: every one of them is committed
-                committed.update((str(k), now) for k in range(i, due))
-            i = due
-        achieved = n / (time.monotonic() - start)
+        committed, achieved = write_at_rate(n_warm, n)
+        n += n_warm
         if not timer.wait_for(n, 60):
             raise RuntimeError(f"{name}: only {timer.count}/{n} records arrived")
         lat = [(timer.seen[k] - t) * 1000 for k, t in committed.items()]
         p50, p99 = statistics.median(lat), percentile(lat, 0.99)
         print(f"{name}: latency at {achieved:.0f} changes/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-              f"max {max(lat):.1f} ms ({n} changes)", flush=True)
+              f"max {max(lat):.1f} ms ({len(lat)} changes, after {warmup:g} s of warm-up)",
+              flush=True)
         # where it goes: source commit -> encoded in the reader (the envelope's produced_at)
         # -> readable on Kafka (pipe, produce, Kafka transaction commit, markers, fetch)
         read = [(timer.encoded[k] - t) * 1000 for k, t in committed.items()]
@@ -240,6 +258,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30_000, help="backlog size for throughput")
     parser.add_argument("--rate", type=float, default=500.0, help="changes/s for latency")
     parser.add_argument("--seconds", type=float, default=10.0, help="latency phase length")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="seconds at --rate before the latency phase (not measured)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="qsfraud-bench-cdc-") as tmp:
@@ -276,7 +296,8 @@ def main() -> None:
                           f'database = "{DATABASE}"\ntable = "bench_orders"\n')
             results: dict[str, dict[str, float]] = {}
             results["mysql"] = measure("mysql", bootstrap, workdir, mysql_toml, "id", mysql_one,
-                                       mysql_bulk, args.rate, args.seconds, args.rows)
+                                       mysql_bulk, args.rate, args.seconds, args.rows,
+                                       warmup=args.warmup)
             conn.close()
 
             client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(stack.mongo.uri)
@@ -302,6 +323,7 @@ def main() -> None:
                           'collection = "bench_orders"\n')
             results["mongo"] = measure("mongo", bootstrap, workdir, mongo_toml, "_id", mongo_one,
                                        mongo_bulk, args.rate, args.seconds, args.rows,
+                                       warmup=args.warmup,
                                        write_due=mongo_due)
             client.close()
         finally:
