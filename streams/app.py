@@ -35,7 +35,13 @@ from pqc.keys import load_registry
 from streams.checkpoints import checkpoint_value, model_from_checkpoints
 from streams.config_stream import ConfigApplier, ConfigDocument, ConfigFollower, Outcome
 from streams.metrics import WorkerMetrics
-from streams.scoring import InputRecord, OutputRecord, ScoringPipeline, TrackedStore
+from streams.scoring import (
+    InputRecord,
+    OutputRecord,
+    ScoredStore,
+    ScoringPipeline,
+    TrackedStore,
+)
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
 from streams.topics import ensure_topics, read_topic, watermarks, worker_topics
 
@@ -207,16 +213,19 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     )
     pipeline, metrics = runtime.pipeline, runtime.metrics
 
-    def table(name: str) -> Any:
-        schema: Any = faust.Schema(key_serializer="json", value_serializer="json")
-        return app.Table(name, partitions=n, schema=schema, use_partitioner=False,
-                         recovery_buffer_size=10_000)
+    def table(name: str, value_type: type | None) -> Any:
+        # faust picks the changelog's value serializer from value_type: bytes -> "raw"
+        schema: Any = faust.Schema(key_serializer="json",
+                                   value_serializer="raw" if value_type is bytes else "json")
+        return app.Table(name, partitions=n, schema=schema, value_type=value_type,
+                         use_partitioner=False, recovery_buffer_size=10_000)
 
-    features_table, scored_table = table(FEATURES_TABLE), table(SCORED_TABLE)
     # The pipeline writes into the tables' memory stores; the publisher writes the changelog.
-    for tbl, attr in ((features_table, "features"), (scored_table, "scored")):
-        store: Any = tbl.data
-        setattr(pipeline, attr, TrackedStore(store.data, store._key_partition))
+    # `scored` values stay the JSON bytes of the changelog (ScoredStore decodes on read).
+    features: Any = table(FEATURES_TABLE, None).data
+    scored: Any = table(SCORED_TABLE, bytes).data
+    pipeline.features = TrackedStore(features.data, features._key_partition)
+    pipeline.scored = ScoredStore(scored.data, scored._key_partition)
     features_changelog = settings.changelog_topic(FEATURES_TABLE)
     scored_changelog = settings.changelog_topic(SCORED_TABLE)
     publisher = BatchPublisher(settings.bootstrap)

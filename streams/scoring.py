@@ -53,6 +53,7 @@ SCORE_OPS: Final = frozenset(("c", "r", "u"))
 
 _std_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _orjson_dumps = orjson.dumps
+_orjson_loads = orjson.loads
 _decode = json.JSONDecoder().decode
 _json_str: Any = json.encoder.encode_basestring_ascii
 """``json.dumps`` of a ``str`` (what it calls for one, with the default ``ensure_ascii``)."""
@@ -245,79 +246,91 @@ class TrackedStore:
         )
         self.partition = 0
         self.dirty: dict[str, int] = {}
-        self.encoded: dict[str, bytes] = {}
-        """Changelog values already encoded by the writer (see :meth:`set_on`)."""
 
     def get(self, key: str, default: Any = None, /) -> Any:
         return self.data.get(key, default)
 
     def __setitem__(self, key: str, value: Any, /) -> None:
-        self.data[key] = value
-        self.dirty[key] = self.key_partition[key] = self.partition
-        if self.encoded:
-            self.encoded.pop(key, None)
+        self.set_on(self.partition, key, value)
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def set_on(self, partition: int, key: str, value: Any, encoded: bytes | None = None) -> None:
-        """Write ``key`` whose changelog partition is ``partition``; ``encoded``, if given,
-        must be ``dumps(value)`` (the writer had it at hand; :meth:`drain_encoded` uses it)."""
+    def set_on(self, partition: int, key: str, value: Any) -> None:
+        """Write ``key`` whose changelog partition is ``partition``."""
         self.data[key] = value
         self.dirty[key] = self.key_partition[key] = partition
-        if encoded is not None:
-            self.encoded[key] = encoded
-        elif self.encoded:
-            self.encoded.pop(key, None)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; its changelog gets a tombstone."""
         if key in self.data:
             del self.data[key]
             self.dirty[key] = self.key_partition.pop(key, self.partition)
-            if self.encoded:
-                self.encoded.pop(key, None)
 
     def drain(self) -> list[tuple[int, str, Any]]:
         """``(partition, key, value or None)`` for every key changed since the last drain."""
         if not self.dirty:
             return []
-        get = self.data.get
+        get = self.get
         out = [(p, k, get(k)) for k, p in self.dirty.items()]
         self.dirty = {}
-        self.encoded = {}
         return out
+
+    def _encoded(self, key: str) -> bytes | None:
+        value = self.data.get(key)
+        return None if value is None else dumps(value)
 
     def drain_encoded(self) -> list[tuple[int, bytes, bytes | None]]:
         """:meth:`drain` in faust's changelog wire form: ``(partition, JSON key, JSON value
         or None)``, byte for byte ``json.dumps(key)`` and :func:`dumps` of the value.
 
         >>> s = TrackedStore()
-        >>> s.set_on(1, "a", {"x": 1}, b'{"x":1}')
+        >>> s.set_on(1, "a", {"x": 1})
         >>> s["b"] = [2.5]
         >>> s.drain_encoded()
         [(1, b'"a"', b'{"x":1}'), (0, b'"b"', b'[2.5]')]
         """
         if not self.dirty:
             return []
-        get = self.data.get
-        encoded = self.encoded
-        out = []
-        for k, p in self.dirty.items():
-            raw = encoded.get(k)
-            if raw is None:
-                v = get(k)
-                raw = None if v is None else dumps(v)
-            out.append((p, _json_str(k).encode(), raw))
+        encoded = self._encoded
+        out = [(p, _json_str(k).encode(), encoded(k)) for k, p in self.dirty.items()]
         self.dirty = {}
-        self.encoded = {}
         return out
 
-    def expire(self, now: float, ttl_s: float, max_entries: int) -> int:
-        """Drop ``scored`` entries older than ``ttl_s`` or beyond ``max_entries`` (oldest
-        first, in insertion order); returns how many went.
 
-        >>> s = TrackedStore()
+class ScoredStore(TrackedStore):
+    """The ``scored`` table: each value is held as its JSON bytes (what its changelog record
+    carries, so faust's table uses the raw serializer) and decoded when read.
+
+    An entry is written once per transaction and read again only for a redelivery or a
+    label, and a worker keeps up to millions of them: as bytes they take about half the
+    memory and nothing for the garbage collector to walk (as dicts, ~5 tracked containers
+    each, every full collection would pause the worker for seconds).
+
+    >>> s = ScoredStore()
+    >>> s.set_on(2, "t1", {"at": 5.0, "l": 0})
+    >>> s.data["t1"], s.get("t1")["at"], s.drain_encoded()
+    (b'{"at":5.0,"l":0}', 5.0, [(2, b'"t1"', b'{"at":5.0,"l":0}')])
+    """
+
+    def get(self, key: str, default: Any = None, /) -> Any:
+        raw = self.data.get(key)
+        return default if raw is None else _orjson_loads(raw)
+
+    def set_on(self, partition: int, key: str, value: Any, encoded: bytes | None = None) -> None:
+        """Write ``key``; ``encoded``, if given, must be ``dumps(value)`` (the writer had it)."""
+        self.data[key] = dumps(value) if encoded is None else encoded
+        self.dirty[key] = self.key_partition[key] = partition
+
+    def _encoded(self, key: str) -> bytes | None:
+        raw: bytes | None = self.data.get(key)
+        return raw
+
+    def expire(self, now: float, ttl_s: float, max_entries: int) -> int:
+        """Drop entries older than ``ttl_s`` or beyond ``max_entries`` (oldest first, in
+        insertion order); returns how many went.
+
+        >>> s = ScoredStore()
         >>> for i in range(5):
         ...     s[f"t{i}"] = {"at": float(i)}
         >>> s.expire(now=10.0, ttl_s=8.0, max_entries=2), sorted(s.data)
@@ -326,7 +339,8 @@ class TrackedStore:
         cutoff = now - ttl_s
         excess = len(self.data) - max_entries
         doomed = []
-        for key, value in self.data.items():
+        for key, raw in self.data.items():
+            value = _orjson_loads(raw)
             if excess > 0 or (isinstance(value, dict) and value.get("at", now) < cutoff):
                 doomed.append(key)
                 excess -= 1
@@ -370,13 +384,13 @@ class ScoringPipeline:
         model: RiskModel | None = None,
         config: ConfigDocument | None = None,
         features: TrackedStore | None = None,
-        scored: TrackedStore | None = None,
+        scored: ScoredStore | None = None,
     ) -> None:
         self.retailer = retailer
         self.config = config or ConfigDocument.default()
         self.model = model or RiskModel(self.config.policy.model)
         self.features = features if features is not None else TrackedStore()
-        self.scored = scored if scored is not None else TrackedStore()
+        self.scored = scored if scored is not None else ScoredStore()
         self.extractor = FeatureExtractor()
         self.names: tuple[str, ...] = FEATURE_NAMES
 
@@ -434,7 +448,8 @@ class ScoringPipeline:
             prior = scored_get(tx_id)
             if prior is not None:  # redelivered: the same record, no learning, no state
                 out.duplicates += 1
-                decisions.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
+                decisions.append(OutputRecord(rec.key, dumps(_orjson_loads(prior)["d"]),
+                                              rec.partition))
                 continue
             partition = rec.partition
             features.partition = partition

@@ -11,6 +11,7 @@ from streams.config_stream import ConfigDocument
 from streams.scoring import (
     BadRecord,
     InputRecord,
+    ScoredStore,
     ScoringPipeline,
     TrackedStore,
     parse_transaction,
@@ -136,7 +137,7 @@ def test_config_swap_applies_to_the_next_batch():
 
 
 def test_expiry_by_ttl_and_size_writes_tombstones():
-    store = TrackedStore()
+    store = ScoredStore()
     for i in range(6):
         store.set_on(i % 2, f"t{i}", {"at": float(i)})
     store.drain()
@@ -151,7 +152,7 @@ def test_changelog_records_are_the_json_of_the_stored_values():
     from streams.scoring import dumps
 
     def expected(store: TrackedStore) -> list:
-        get = store.data.get
+        get = store.get  # the value as the pipeline reads it
         return [(p, json.dumps(k).encode(), None if get(k) is None else dumps(get(k)))
                 for k, p in store.dirty.items()]
 
