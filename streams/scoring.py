@@ -6,9 +6,9 @@ bench's plain confluent-kafka loop run this same code. State lives in two
 write those keys to the changelog after the batch:
 
 * ``features``: the :class:`fraud.features.FeatureExtractor` entity state;
-* ``scored``: ``tx_id -> {"d": decision, "x": feature vector, "at": received, "l": learned,
-  "p": partition}``, the dedup table and the feature store for labels (bounded by TTL and
-  size, see :meth:`TrackedStore.expire`).
+* ``scored`` (a :class:`ScoredStore`, entries held as JSON bytes): ``tx_id -> {"d": decision,
+  "x": feature vector, "at": received, "l": learned, "p": partition}``, the dedup table and
+  the feature store for labels (bounded by TTL and size, see :meth:`ScoredStore.expire`).
 
 A transaction already in ``scored`` (a redelivery after a rebalance or restart) yields the
 identical decision record and touches neither the feature state nor the model.
