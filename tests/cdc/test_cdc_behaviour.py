@@ -3,6 +3,7 @@ lost history (purged binlog, Mongo code 286), graceful stop, and real-mongod-onl
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -367,3 +368,29 @@ def test_real_mongod_post_images_are_exact(real_mongod_uri: str, kafka_bootstrap
     seq = [(env["op"], (env["tx"] or env["before"])["extras"]["version"])
            for _, env, _ in out.records]
     assert seq == [("c", 1), *[("u", v) for v in range(2, 7)], ("d", 6)]
+
+
+def test_the_next_kafka_transaction_waits_commit_gap_ms_and_nothing_is_lost_or_repeated(
+    mariadb: MariaDBService, kafka_bootstrap: str, unique_name: str, running: Any,
+    topic_reader: Any,
+):
+    conn = mysql_table(mariadb, unique_name)
+    cfg = config(unique_name, kafka_bootstrap, mysql_source(mariadb, unique_name),
+                 commit_gap_ms=300)
+    out = topic_reader(kafka_bootstrap, cfg.topic)
+    commits: list[float] = []
+    r = running(cfg)
+    r.pipeline.on_commit = lambda position: commits.append(time.monotonic())
+    deadline = time.monotonic() + 60
+    while not commits and time.monotonic() < deadline:  # the (empty) snapshot's checkpoint
+        time.sleep(0.02)
+    for i in range(1, 61):  # one row per source transaction, ~50 per second
+        insert_rows(conn, unique_name, [good(i)])
+        time.sleep(0.02)
+    assert out.wait_for(60, 60), (len(out.records), r.error)
+    r.stop()
+    streamed = commits[1:]
+    gaps = [b - a for a, b in itertools.pairwise(streamed)]
+    assert gaps and min(gaps) >= 0.29, gaps  # each waited for the gap, then committed a batch
+    assert len(streamed) <= 10, len(streamed)  # ~1.2 s of changes in 300 ms steps
+    assert sorted(int(env["tx"]["tx_id"]) for _, env, _ in out.records) == list(range(1, 61))
