@@ -1,7 +1,7 @@
 """The faust app of one retailer: score, decide and learn on every transaction.
 
 ``create_app(settings, runtime)`` builds the app: two agents (``<R>.transactions`` ->
-decisions, ``<R>.labels`` -> learning) that take batches with ``stream.take_events``, two
+decisions, ``<R>.labels`` -> learning) that take batches with :func:`event_batches`, two
 changelog-backed tables on the memory store (``features``: entity state; ``scored``: the
 dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metrics`` on
 faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
@@ -9,9 +9,9 @@ replays the signed config topic, then runs the faust worker.
 
 Writes: each batch's changed table keys, then its decisions and dead letters, are produced
 with a confluent-kafka (librdkafka) producer, each step awaited until the broker
-acknowledged every record before the next step; only
-then does ``take_events`` ack the batch's offsets, so committed offsets never run ahead of
-written decisions or state (at-least-once; redeliveries are answered from ``scored``).
+acknowledged every record before the next step; only then are the batch's events acked
+(their offsets committable), so committed offsets never run ahead of written decisions or
+state (at-least-once; redeliveries are answered from ``scored``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +185,44 @@ class GapFiller:
         self._consumer.close()
 
 
+async def event_batches(app: faust.App, stream: Any, max_events: int) -> AsyncIterator[list[Any]]:
+    """Batches of the events waiting on an agent's channel, at most ``max_events`` each.
+
+    Instead of ``stream.take_events``: faust's stream iterator spends an event-loop turn
+    (``sleep(0)``), sensor calls and a context variable on every event, and ``take_events``
+    waits for a timer before it hands over a short batch. Here the first event is awaited
+    and whatever else is queued is taken at once, so a batch is what arrived while the last
+    one was processed: one event at low rates, up to ``max_events`` under load. The caller
+    acks the events once their results are written. Events faust's stream would skip (flow
+    control paused, or fetched in an older consumer generation: around a rebalance) are
+    acked unprocessed, as the stream does; :class:`GapFiller` reads those offsets again.
+    """
+    channel = aiter(stream.channel)  # subscribes a queue to the topic, as the stream does
+    queue = channel.queue
+    consumer = app.consumer
+    acking_topics = app.topics.acking_topics
+    flow_control = app.flow_control
+    while True:
+        events = [await queue.get()]
+        get_nowait = queue.get_nowait
+        while len(events) < max_events and not queue.empty():
+            events.append(get_nowait())
+        active = flow_control.is_active()
+        generation = app.consumer_generation_id
+        batch = []
+        for event in events:
+            message = event.message
+            if not active or message.generation_id != generation:
+                event.ack()
+                continue
+            if message.topic in acking_topics and not message.tracked:
+                message.tracked = True
+                consumer.track_message(message)
+            batch.append(event)
+        if batch:
+            yield batch
+
+
 def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     """The faust app of ``settings.retailer``'s workers (consumer group ``settings.app_id``)."""
     n = settings.partitions
@@ -260,8 +298,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     @app.agent(transactions, name="decide")
     async def decide(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size,
-                                               within=settings.batch_within_s):
+        async for events in event_batches(app, stream, settings.batch_size):
             batch, filled = gaps[settings.transactions_topic].fill(records_of(events))
             if filled:
                 metrics.count("qsfraud_refetched_total", filled)
@@ -276,6 +313,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             ]
             out += dlq(result.dead_letters)
             await publisher.publish(out)
+            for event in events:  # written: their offsets may be committed
+                event.ack()
             metrics.count("qsfraud_transactions_total", len(batch))
             metrics.processed(len(batch))
             for action, count in result.actions.items():
@@ -293,10 +332,12 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_size, within=0.05):
+        async for events in event_batches(app, stream, settings.batch_size):
             batch, _filled = gaps[settings.labels_topic].fill(records_of(events))
             result = pipeline.learn_batch(batch)
             await publisher.publish([*dlq(result.dead_letters), *state_records()])
+            for event in events:
+                event.ack()
             for outcome in ("learned", "unknown", "duplicate"):
                 value = getattr(result, outcome)
                 if value:
