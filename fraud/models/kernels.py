@@ -146,32 +146,28 @@ def learn_rows(S: FloatArray, srows: Any, values: FloatArray, clip: float, inter
 
 
 @njit(cache=True, nogil=True)
-def top_positive(terms: FloatArray, k: int) -> Any:  # pragma: no cover - compiled
-    """Indices of the ``k`` largest positive ``terms``, largest first, padded with -1, then a
-    last element that is 1 if two of the ``k + 1`` largest are equal (the caller orders ties
-    by name), else 0."""
-    chosen = np.full(k + 2, -1, dtype=np.int64)
-    values = np.empty(k + 1)
+def top_positive(terms: FloatArray, ranks: Any, k: int) -> Any:  # pragma: no cover - compiled
+    """Indices of the ``k`` largest positive ``terms``, largest first, padded with -1; equal
+    terms are ordered by ``ranks`` (each feature name's place in sorted order)."""
+    chosen = np.full(k, -1, dtype=np.int64)
+    values = np.empty(k)
     size = 0
     for i in range(terms.shape[0]):
         c = terms[i]
         if not c > 0.0:
             continue
-        if size == k + 1 and not c > values[k]:
+        r = ranks[i]
+        if size == k and not (c > values[k - 1] or (c == values[k - 1]
+                                                   and r < ranks[chosen[k - 1]])):
             continue
-        j = size if size < k + 1 else k  # when full, the smallest kept one goes
-        while j > 0 and c > values[j - 1]:
+        j = size if size < k else k - 1  # when full, the last kept one goes
+        while j > 0 and (c > values[j - 1] or (c == values[j - 1]
+                                               and r < ranks[chosen[j - 1]])):
             chosen[j] = chosen[j - 1]
             values[j] = values[j - 1]
             j -= 1
         chosen[j] = i
         values[j] = c
-        if size < k + 1:
+        if size < k:
             size += 1
-    tie = 0
-    for j in range(1, size):
-        if values[j] == values[j - 1]:
-            tie = 1
-    chosen[k + 1] = tie
-    chosen[k] = -1
     return chosen

@@ -169,13 +169,24 @@ class _StatsTable:
 class _Rows:
     """The rows of one key order in both tables; valid while neither table grows."""
 
-    __slots__ = ("afull", "alen", "arows", "keys", "sfull", "slen", "srows")
+    __slots__ = ("_ranks", "afull", "alen", "arows", "keys", "sfull", "slen", "srows")
 
     def __init__(self, keys: tuple[str, ...], srows: np.ndarray, arows: np.ndarray,
                  slen: int, alen: int) -> None:
         self.keys, self.srows, self.arows, self.slen, self.alen = keys, srows, arows, slen, alen
         self.sfull = not srows.size or srows.min() >= 0
         self.afull = not arows.size or arows.min() >= 0
+        self._ranks: np.ndarray | None = None
+
+    @property
+    def ranks(self) -> np.ndarray:
+        """Each key's place in sorted order: how equal contributions are ordered."""
+        if self._ranks is None:
+            keys = self.keys
+            ranks = np.empty(len(keys), dtype=np.int64)
+            ranks[sorted(range(len(keys)), key=keys.__getitem__)] = np.arange(len(keys))
+            self._ranks = ranks
+        return self._ranks
 
 
 class RiskModel:
@@ -236,7 +247,7 @@ class RiskModel:
         return (1.0 - p.anomaly_weight) * self.n_pos / (self.n_pos + p.warmup_positives)
 
     def _run(self, x: Mapping[str, float], observe: bool,
-             contributions: np.ndarray = _NO_CONTRIBUTIONS) -> tuple[float, float]:
+             contributions: np.ndarray = _NO_CONTRIBUTIONS) -> tuple[float, float, _Rows]:
         keys = tuple(x)
         rows = self._rows_for(keys, False, observe)
         values = np.fromiter(x.values(), np.float64, len(keys))
@@ -244,7 +255,7 @@ class RiskModel:
                              values, self.params.clip, self.intercept, observe, contributions)
         if observe:
             self.anomaly_seen += 1
-        return dot, zz
+        return dot, zz, rows
 
     def _blend(self, dot: float, zz: float, count: int) -> float:
         params = self.params
@@ -265,7 +276,7 @@ class RiskModel:
 
     def score_one(self, x: Mapping[str, float], observe: bool = True) -> float:
         """Combined risk in [0, 1]; with ``observe`` the anomaly statistics learn ``x``."""
-        dot, zz = self._run(x, observe)
+        dot, zz, _ = self._run(x, observe)
         return self._blend(dot, zz, len(x))
 
     def score_and_explain(
@@ -273,8 +284,8 @@ class RiskModel:
     ) -> tuple[float, list[tuple[str, float]]]:
         """``(score_one(x, observe), contributions(x, k))`` in one pass over ``x``."""
         terms = np.empty(len(x))
-        dot, zz = self._run(x, observe, terms)
-        return self._blend(dot, zz, len(x)), _top(tuple(x), terms, k)
+        dot, zz, rows = self._run(x, observe, terms)
+        return self._blend(dot, zz, len(x)), _top(rows, terms, k)
 
     def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = True) -> list[float]:
         """``score_one`` for each vector, in order (the batch form for the hot path)."""
@@ -298,7 +309,7 @@ class RiskModel:
         """The anomaly part alone, in [0, 1)."""
         if not x or self.anomaly_seen <= self.params.anomaly_min_events:
             return 0.0
-        _, zz = self._run(x, False)
+        _, zz, _ = self._run(x, False)
         m = zz / len(x)
         return m / (m + self.params.anomaly_scale)
 
@@ -311,8 +322,8 @@ class RiskModel:
     def contributions(self, x: Mapping[str, float], k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` largest positive terms ``weight * z`` of the linear model, largest first."""
         terms = np.empty(len(x))
-        self._run(x, False, terms)
-        return _top(tuple(x), terms, k)
+        _, _, rows = self._run(x, False, terms)
+        return _top(rows, terms, k)
 
     # -- learning --------------------------------------------------------------------------
     def observe_one(self, x: Mapping[str, float]) -> None:
@@ -419,17 +430,12 @@ class RiskModel:
         return json.dumps(self.export_state(), separators=(",", ":")).encode()
 
 
-def _top(keys: tuple[str, ...], terms: np.ndarray, k: int) -> list[tuple[str, float]]:
+def _top(rows: _Rows, terms: np.ndarray, k: int) -> list[tuple[str, float]]:
     """The ``k`` largest positive ``(key, term)`` pairs, largest first (ties by key)."""
     if k <= 0:
         return []
-    *chosen, tie = top_positive(terms, k).tolist()
-    values = terms.tolist()
-    if tie:  # rare: equal terms near the top are ordered by feature name
-        found = [(key, c) for key, c in zip(keys, values, strict=True) if c > 0.0]
-        found.sort(key=_by_contribution)
-        return found[:k]
-    return [(keys[i], values[i]) for i in chosen if i >= 0]
+    keys, values = rows.keys, terms.tolist()
+    return [(keys[i], values[i]) for i in top_positive(terms, rows.ranks, k).tolist() if i >= 0]
 
 
 def _check_state(state: Any) -> None:
