@@ -7,11 +7,12 @@ dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metr
 faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
 replays the signed config topic, then runs the faust worker.
 
-Writes: each batch's changed table keys, then its decisions and dead letters, are produced
-with a confluent-kafka (librdkafka) producer, each step awaited until the broker
-acknowledged every record before the next step; only then are the batch's events acked
-(their offsets committable), so committed offsets never run ahead of written decisions or
-state (at-least-once; redeliveries are answered from ``scored``).
+Writes: each batch's changed table keys are produced with a confluent-kafka (librdkafka)
+producer and awaited until the broker acknowledged them; then its decisions and dead letters
+are produced, and acknowledged by the next batch's wait (or when the input goes idle); only
+then are the batch's events acked (their offsets committable). So a decision is never
+visible before its ``scored`` entry is durable, and committed offsets never run ahead of
+written decisions (at-least-once; redeliveries are answered from ``scored``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +77,9 @@ def changelog_records(topic: str, store: TrackedStore) -> list[Produce]:
 
 class BatchPublisher:
     """Produce records with librdkafka (batched in C, not record by record in Python, as
-    faust's aiokafka producer does); :meth:`publish` returns once the broker acknowledged
-    every record produced so far, and raises if any of them failed."""
+    faust's aiokafka producer does). :meth:`flush` returns once the broker acknowledged every
+    record produced so far and raises if any failed; each agent has its own publisher, so a
+    failure is reported to the agent whose record it was."""
 
     def __init__(self, bootstrap: str, linger_ms: float = 2.0) -> None:
         self.producer = Producer({
@@ -85,17 +87,15 @@ class BatchPublisher:
             "linger.ms": linger_ms, "queue.buffering.max.messages": 1_000_000,
             "log.connection.close": False,
         })
+        self.failures: list[str] = []
 
-    async def publish(self, records: Sequence[Produce], timeout_s: float = 60.0) -> None:
-        if not records:
-            return
-        failures: list[str] = []  # this call's own (another agent may flush concurrently)
+    def _on_delivery(self, error: Any, message: Any) -> None:
+        if error is not None:
+            self.failures.append(f"{message.topic()}[{message.partition()}]: {error}")
 
-        def on_delivery(error: Any, message: Any) -> None:
-            if error is not None:
-                failures.append(f"{message.topic()}[{message.partition()}]: {error}")
-
-        produce = self.producer.produce
+    async def produce(self, records: Sequence[Produce]) -> None:
+        """Hand ``records`` to librdkafka (sent in the background; see :meth:`flush`)."""
+        produce, on_delivery = self.producer.produce, self._on_delivery
         for topic, partition, key, value in records:
             while True:
                 try:
@@ -104,13 +104,22 @@ class BatchPublisher:
                 except BufferError:  # the local queue is full: let deliveries drain it
                     await asyncio.sleep(0.005)
                     self.producer.poll(0)
+
+    async def flush(self, timeout_s: float = 60.0) -> None:
+        """Until everything produced so far is acknowledged; raises if anything failed."""
         loop = asyncio.get_running_loop()
         # flush() waits (GIL released) in a thread: the event loop keeps serving the agents
         pending = await loop.run_in_executor(None, self.producer.flush, timeout_s)
-        if failures or pending:
+        if self.failures or pending:
+            failures, self.failures = self.failures, []
             raise KafkaException(f"{len(failures) + pending} records not written: "
                                  f"{'; '.join(failures[:3]) or 'timed out'}")
 
+    async def publish(self, records: Sequence[Produce], timeout_s: float = 60.0) -> None:
+        """:meth:`produce` then :meth:`flush`."""
+        if records:
+            await self.produce(records)
+            await self.flush(timeout_s)
 
 
 class GapFiller:
@@ -186,7 +195,10 @@ class GapFiller:
         self._consumer.close()
 
 
-async def event_batches(app: faust.App, stream: Any, max_events: int) -> AsyncIterator[list[Any]]:
+async def event_batches(
+    app: faust.App, stream: Any, max_events: int,
+    on_idle: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[list[Any]]:
     """Batches of the events waiting on an agent's channel, at most ``max_events`` each.
 
     Instead of ``stream.take_events``: faust's stream iterator spends an event-loop turn
@@ -194,7 +206,8 @@ async def event_batches(app: faust.App, stream: Any, max_events: int) -> AsyncIt
     waits for a timer before it hands over a short batch. Here the first event is awaited
     and whatever else is queued is taken at once, so a batch is what arrived while the last
     one was processed: one event at low rates, up to ``max_events`` under load. The caller
-    acks the events once their results are written. Events faust's stream would skip (flow
+    acks the events once their results are written; ``on_idle`` runs whenever the queue is
+    empty, before waiting for the next event. Events faust's stream would skip (flow
     control paused, or fetched in an older consumer generation: around a rebalance) are
     acked unprocessed, as the stream does; :class:`GapFiller` reads those offsets again.
     """
@@ -204,6 +217,8 @@ async def event_batches(app: faust.App, stream: Any, max_events: int) -> AsyncIt
     acking_topics = app.topics.acking_topics
     flow_control = app.flow_control
     while True:
+        if on_idle is not None and queue.empty():
+            await on_idle()
         events = [await queue.get()]
         get_nowait = queue.get_nowait
         while len(events) < max_events and not queue.empty():
@@ -318,23 +333,38 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     @app.agent(transactions, name="decide")
     async def decide(stream: Any) -> None:
-        async for events in event_batches(app, stream, settings.batch_size):
+        out = BatchPublisher(settings.bootstrap)  # this agent's own: its flushes, its failures
+        unconfirmed: list[Any] = []  # events whose decisions are produced but not yet acked
+
+        async def confirm() -> None:
+            """Wait until everything produced is acknowledged, then ack those events."""
+            nonlocal unconfirmed
+            await out.flush()
+            for event in unconfirmed:  # their decisions are written: offsets may be committed
+                event.ack()
+            unconfirmed = []
+
+        async def on_idle() -> None:
+            if unconfirmed:
+                await confirm()
+
+        async for events in event_batches(app, stream, settings.batch_size, on_idle):
             batch, filled = gaps[settings.transactions_topic].fill(records_of(events))
             if filled:
                 metrics.count("qsfraud_refetched_total", filled)
             result = pipeline.process_batch(batch)
             # State first: once a decision is visible, the `scored` entry that answers a
             # redelivery of its transaction must already be durable, or a crash in between
-            # would let the redelivery be decided afresh (and differently).
-            await publisher.publish(state_records())
-            out: list[Produce] = [
-                (settings.decisions_topic, r.partition or 0, r.key, r.value)
-                for r in result.decisions
-            ]
-            out += dlq(result.dead_letters)
-            await publisher.publish(out)
-            for event in events:  # written: their offsets may be committed
-                event.ack()
+            # would let the redelivery be decided afresh (and differently). This flush also
+            # confirms the previous batch's decisions, which were on their way meanwhile.
+            await out.produce(state_records())
+            await confirm()
+            await out.produce([
+                *((settings.decisions_topic, r.partition or 0, r.key, r.value)
+                  for r in result.decisions),
+                *dlq(result.dead_letters),
+            ])
+            unconfirmed = list(events)  # acked by the next batch's flush, or when idle
             metrics.count("qsfraud_transactions_total", len(batch))
             metrics.processed(len(batch))
             for action, count in result.actions.items():
