@@ -179,12 +179,16 @@ def test_a_label_changes_the_model_and_state_survives_a_restart(
     p.produce(f"{retailer}.labels", key=b"solo", value=json.dumps(label).encode())
     p.produce(f"{retailer}.labels", key=b"x", value=json.dumps({**label, "tx_id": "nope"}))
     p.flush(30)
+    unknown = 'qsfraud_labels_total{retailer="' + retailer + '",outcome="unknown"} 1'
     deadline = time.monotonic() + 30
-    while 'version="local+1"' not in worker.metrics() and time.monotonic() < deadline:
+    # the two labels may come in separate batches (one per partition): wait for both
+    while time.monotonic() < deadline:
+        text = worker.metrics()
+        if 'version="local+1"' in text and unknown in text:
+            break
         time.sleep(0.2)
-    text = worker.metrics()
     assert 'version="local+1"' in text
-    assert 'qsfraud_labels_total{retailer="' + retailer + '",outcome="unknown"} 1' in text
+    assert unknown in text
 
     other = kit.transaction(2, retailer, customer="other")
     kit.produce_transactions(kafka_bootstrap, retailer, [other])
