@@ -102,10 +102,7 @@ def _windows(st: dict[str, Any], ts: float, amount: float) -> Windows:
         if ts < last:
             ts = last
         since = _log1p(ts - last)
-        if t and t[0] <= ts - HORIZON:
-            k = bisect_right(t, ts - HORIZON)
-            del t[:k]
-            del a[:k]
+        _prune(t, a, ts)
         n = len(t)
         if not n:
             out = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, since)
@@ -120,12 +117,7 @@ def _windows(st: dict[str, Any], ts: float, amount: float) -> Windows:
             s1 = s0 + sum(a[i1:i0]) if i1 < i0 else s0
             out = (float(n - i0), float(n - i1), float(n), _log1p(s0), _log1p(s1),
                    _log1p(s1 + sum(a[:i1]) if i1 else s1), since)
-        if n >= MAX_EVENTS:
-            del t[0]
-            del a[0]
-    t.append(ts)
-    a.append(amount)
-    st["last"] = ts
+    _add(st, t, a, ts, amount)
     return out
 
 
@@ -139,20 +131,30 @@ def _counts(st: dict[str, Any], ts: float, amount: float) -> tuple[float, float]
     else:
         if ts < last:
             ts = last
-        if t and t[0] <= ts - HORIZON:
-            k = bisect_right(t, ts - HORIZON)
-            del t[:k]
-            del a[:k]
+        _prune(t, a, ts)
         n = len(t)
         n24 = float(n)
         n1 = float(n - bisect_right(t, ts - 3600.0)) if n and t[0] <= ts - 600.0 else n24
-        if n >= MAX_EVENTS:
-            del t[0]
-            del a[0]
+    _add(st, t, a, ts, amount)
+    return n1, n24
+
+
+def _prune(t: list[float], a: list[float], ts: float) -> None:
+    """Drop the events that are more than :data:`HORIZON` before ``ts``."""
+    if t and t[0] <= ts - HORIZON:
+        k = bisect_right(t, ts - HORIZON)
+        del t[:k]
+        del a[:k]
+
+
+def _add(st: dict[str, Any], t: list[float], a: list[float], ts: float, amount: float) -> None:
+    """Append the event (dropping the oldest beyond :data:`MAX_EVENTS`); it is the last now."""
+    if len(t) >= MAX_EVENTS:
+        del t[0]
+        del a[0]
     t.append(ts)
     a.append(amount)
     st["last"] = ts
-    return n1, n24
 
 
 def _new_entity() -> dict[str, Any]:

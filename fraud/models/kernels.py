@@ -132,16 +132,10 @@ def learn_rows(S: FloatArray, srows: Any, values: FloatArray, clip: float, inter
     p = 1.0 / (1.0 + math.exp(-dot))
     g = (p - 1.0) * pos_weight if positive else p
     step = learning_rate * g
-    if decay != 1.0:
-        for i in range(k):
-            if seen[i]:
-                r = srows[i]
-                S[r, 4] = S[r, 4] * decay - step * zs[i]
-    else:
-        for i in range(k):
-            if seen[i]:
-                r = srows[i]
-                S[r, 4] -= step * zs[i]
+    for i in range(k):
+        if seen[i]:
+            r = srows[i]
+            S[r, 4] = S[r, 4] * decay - step * zs[i]  # w * 1.0 is exactly w: no l2, no change
     return step
 
 

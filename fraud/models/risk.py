@@ -93,7 +93,6 @@ class ModelParams:
 
 
 _exp = math.exp
-_NO_ROWS = np.empty(0, dtype=np.int64)
 _NO_CONTRIBUTIONS = np.empty(0)
 
 
@@ -242,10 +241,6 @@ class RiskModel:
         return rows
 
     # -- scoring ---------------------------------------------------------------------------
-    def _alpha(self) -> float:
-        p = self.params
-        return (1.0 - p.anomaly_weight) * self.n_pos / (self.n_pos + p.warmup_positives)
-
     def _run(self, x: Mapping[str, float], observe: bool,
              contributions: np.ndarray = _NO_CONTRIBUTIONS) -> tuple[float, float, _Rows]:
         keys = tuple(x)
