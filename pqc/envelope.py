@@ -243,6 +243,17 @@ def payload_binding(bind_key: bytes, payload_digest: bytes) -> bytes:
     return hmac.digest(bind_key, payload_digest, "sha256")
 
 
+def sealed_message(prefix: bytes, tag: bytes, bind_key: bytes, payload_digest: bytes) -> bytes:
+    """What a sealed envelope's signature covers: header || KEM ciphertext, the GCM tag and
+    :func:`payload_binding` (``docs/envelope.md``)."""
+    return prefix + tag + payload_binding(bind_key, payload_digest)
+
+
+def document_message(header: bytes | memoryview, body: bytes | memoryview) -> bytes:
+    """What a signed document's signature covers: header || SHA-256(body)."""
+    return bytes(header) + body_digest(body)
+
+
 def _derive(shared_secret: bytes, prefix: bytes) -> tuple[AESGCM, bytes, bytes]:
     """The AES-256-GCM key, the nonce and the binding key of one envelope."""
     okm = HKDF(
@@ -335,7 +346,7 @@ def seal(
             digest, (prefix, bind_key) = _hash_while_encrypting(
                 kem, recipient.public_key, header, payload, body
             )
-        message = prefix + bytes(body[-GCM_TAG_SIZE:]) + payload_binding(bind_key, digest)
+        message = sealed_message(prefix, bytes(body[-GCM_TAG_SIZE:]), bind_key, digest)
         return b"".join((prefix, body, _sign(sender, message, purpose)))
 
 
@@ -381,7 +392,7 @@ def sign_document(
     header = _header(
         0, AEAD_NONE, signer.key_id, NO_RECIPIENT, seq, int(now * 1000), len(payload), purpose
     )
-    signature = _sign(signer, header + body_digest(payload), purpose)
+    signature = _sign(signer, document_message(header, payload), purpose)
     return b"".join((header, payload, signature))
 
 
@@ -438,7 +449,7 @@ def open(  # shadows the builtin on purpose: envelope.open is the API
             f"envelope claiming to come from {trusted.name} does not decrypt: it was changed"
         ) from exc
     tag = bytes(body[-GCM_TAG_SIZE:])
-    message = prefix + tag + payload_binding(bind_key, body_digest(payload))
+    message = sealed_message(prefix, tag, bind_key, body_digest(payload))
     meta = _authenticate(view, header, trusted, message, recipient.backend, purpose, roles)
     window.check(header.timestamp_ms, now)
     freshness.advance(trusted.name, header.purpose, header.sequence)
@@ -468,7 +479,7 @@ def verify_document(
     trusted = registry.sender(header.sender_key_id, now)
     view = memoryview(blob)
     body = view[header.header_length : header.header_length + header.body_length]
-    message = bytes(view[: header.header_length]) + body_digest(body)
+    message = document_message(view[: header.header_length], body)
     meta = _authenticate(view, header, trusted, message, backend or get_backend(), purpose, roles)
     window.check(header.timestamp_ms, now)
     freshness.advance(trusted.name, header.purpose, header.sequence)
