@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from cdc.encoder import ChangeEncoder
 from cdc.kafka_sink import DEFAULT_OFFSETS_TOPIC
 from cdc.mapping import ConfigError, RowMapper
 from cdc.source import HISTORY_LOST_ACTIONS, SNAPSHOT_MODES, Source
@@ -151,6 +152,11 @@ class CdcConfig:
         mapper = RowMapper.from_config(mapping)
         return cls(retailer=retailer, source=source, kafka=kafka, mapper=mapper,
                    metrics_interval_s=float(data.get("metrics_interval_s", 10.0)), raw=data)
+
+    def change_encoder(self, source: Source, tombstones: bool) -> ChangeEncoder:
+        """The encoder that turns ``source``'s transactions into this config's records."""
+        return ChangeEncoder(self.mapper, {**source.describe(), "id": self.source_id},
+                             key_field=str(self.kafka["key"]), tombstones=tombstones)
 
     def build_source(self) -> Source:
         """The configured source (connections are opened lazily)."""

@@ -94,7 +94,6 @@ class CdcPipeline:
             producer_config=dict(k.get("producer") or {}),
             transaction_timeout_ms=int(k["transaction_timeout_ms"]),
         )
-        self.key_field = str(k["key"])
         self.commit_interval_s = float(k["commit_interval_ms"]) / 1000.0
         self.commit_max_events = int(k["commit_max_events"])
         self.commit_gap_s = float(k["commit_gap_ms"]) / 1000.0
@@ -133,8 +132,7 @@ class CdcPipeline:
 
     def encoder(self) -> ChangeEncoder:
         """The encoder the reader uses (after :meth:`KafkaTransactionalSink.ensure_topics`)."""
-        return ChangeEncoder(self.mapper, {**self.source.describe(), "id": self.config.source_id},
-                             key_field=self.key_field, tombstones=self.tombstones_on)
+        return self.config.change_encoder(self.source, self.tombstones_on)
 
     @property
     def tombstones_on(self) -> bool:

@@ -60,14 +60,12 @@ def run_source(config: dict[str, Any], checkpoint: Position | None, out: Any,
     thread switches per source transaction). A full pipe blocks the reader: backpressure.
     """
     from cdc.config import CdcConfig
-    from cdc.encoder import ChangeEncoder
 
     source = None
     try:
         cfg = CdcConfig.from_dict(config)
         source = cfg.build_source()
-        encoder = ChangeEncoder(cfg.mapper, {**source.describe(), "id": cfg.source_id},
-                                key_field=str(cfg.kafka["key"]), tombstones=tombstones)
+        encoder = cfg.change_encoder(source, tombstones)
         threading.Thread(target=_watch_parent, args=(parent_pid, stop, source.stop),
                          daemon=True).start()
         batch: list[Any] = []
