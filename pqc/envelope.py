@@ -6,9 +6,11 @@ then AES-256-GCM) and signs it with the sender's ML-DSA-65 key; :func:`open` che
 :func:`sign_document` / :func:`verify_document` do the same without encryption, for
 documents every reader may see (e.g. configuration signed by an admin).
 
-Sealing a large payload hashes it in the calling thread while a helper thread runs the KEM
-and AES-GCM (both release the GIL), so the signature can start sooner; see "Why" in
-``docs/envelope.md`` for the signed message that makes this possible.
+The signature of a sealed envelope covers a keyed, chunked digest of the payload and not the
+ciphertext, so sealing a large payload hashes it on two threads (hashlib releases the GIL)
+and then signs while a helper thread runs AES-GCM; opening hashes the decrypted payload on
+two threads. See "Why" in ``docs/envelope.md`` for the signed message that makes this
+possible.
 
 >>> import tempfile
 >>> from pqc.keys import init_keystore
@@ -37,9 +39,10 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -59,8 +62,9 @@ from pqc.freshness import DEFAULT_WINDOW, FreshnessStore, TimeWindow
 from pqc.keys import KEM_KIND, KEY_ID_SIZE, Identity, KemKeyring, Registry, TrustedKey
 
 MAGIC = b"QSFE"
-VERSION = 2
-DOCUMENT_VERSIONS = (1, 2)  # a signed document is the same in both; sealed envelopes: 2 only
+VERSION = 3  # of sealed envelopes; they are transient Kafka messages, so only this one opens
+DOCUMENT_VERSION = 2  # signed documents did not change in version 3: still written as 2
+DOCUMENT_VERSIONS = (1, 2)  # a signed document is the same in both
 KEM_IDS = {0: None, 1: ML_KEM_768, 2: X25519_ML_KEM_768}
 KEM_SIZES = {0: 0, 1: 1088, 2: 1120}
 AEAD_NONE, AEAD_AES_256_GCM = 0, 1
@@ -70,10 +74,13 @@ GCM_TAG_SIZE = 16
 FIXED = struct.Struct(">4sBBBB16s16sQQQB")  # everything up to and including the purpose length
 PURPOSE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 CONTEXT_PREFIX = b"qsfraud/v1/"
-KDF_LABEL = b"qsfraud/v2/aes-256-gcm"
+KDF_LABEL = b"qsfraud/v3/aes-256-gcm"
+DIGEST_LABEL = b"qsfraud/v3/chunked-sha256"
+CHUNK_SIZE = 256 * 1024  # of the chunked payload digest: part of the format, never change it
 KEY_SIZE, NONCE_SIZE, BIND_KEY_SIZE = 32, 12, 32
 PARALLEL_MIN = 64 * 1024  # below this, a helper thread costs more than the overlap saves
 NO_RECIPIENT = bytes(KEY_ID_SIZE)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -141,13 +148,14 @@ def _header(
     timestamp_ms: int,
     body_length: int,
     purpose: str,
+    version: int = VERSION,
 ) -> bytes:
     raw = check_purpose(purpose).encode("ascii")
     if not 0 <= seq < 2**64:
         raise ValueError("the sequence number must fit in 64 bits unsigned")
     fixed = FIXED.pack(
         MAGIC,
-        VERSION,
+        version,
         kem_id,
         aead_id,
         1,
@@ -179,12 +187,17 @@ def read_header(blob: bytes) -> Header:
     )
     if magic != MAGIC:
         raise MalformedEnvelope("not a qsfraud envelope (bad magic)")
-    if version not in DOCUMENT_VERSIONS:
+    if version not in (*DOCUMENT_VERSIONS, VERSION):
         raise MalformedEnvelope(f"unsupported envelope version {version}")
     if kem_id not in KEM_IDS:
         raise MalformedEnvelope(f"unknown KEM id {kem_id}")
     if kem_id != 0 and version != VERSION:
-        raise MalformedEnvelope(f"unsupported version {version} for a sealed envelope")
+        raise MalformedEnvelope(
+            f"unsupported version {version} for a sealed envelope: only version {VERSION} "
+            "is opened (the sender must be upgraded)"
+        )
+    if kem_id == 0 and version not in DOCUMENT_VERSIONS:
+        raise MalformedEnvelope(f"unsupported version {version} for a signed document")
     if sig_id not in SIGNATURE_IDS:
         raise MalformedEnvelope(f"unknown signature id {sig_id}")
     if (kem_id == 0) != (aead_id == AEAD_NONE) or aead_id not in (AEAD_NONE, AEAD_AES_256_GCM):
@@ -224,8 +237,7 @@ def read_header(blob: bytes) -> Header:
 
 
 def body_digest(body: bytes | memoryview) -> bytes:
-    """SHA-256: of a signed document's body (what its signature covers instead of the body),
-    and of a sealed envelope's payload (the inner part of :func:`payload_binding`).
+    """SHA-256 of a signed document's body: what its signature covers instead of the body.
 
     >>> body_digest(b"abc").hex()[:16]
     'ba7816bf8f01cfea'
@@ -233,20 +245,58 @@ def body_digest(body: bytes | memoryview) -> bytes:
     return hashlib.sha256(body).digest()
 
 
+def chunk_count(length: int) -> int:
+    """How many :data:`CHUNK_SIZE` chunks a payload of ``length`` bytes has (an empty payload
+    is one empty chunk).
+
+    >>> chunk_count(0), chunk_count(1), chunk_count(CHUNK_SIZE), chunk_count(CHUNK_SIZE + 1)
+    (1, 1, 1, 2)
+    """
+    return max(1, -(-length // CHUNK_SIZE))
+
+
+def combine_chunk_digests(length: int, chunk_digests: list[bytes]) -> bytes:
+    """``SHA-256(DIGEST_LABEL || u64(length) || SHA-256(chunk_0) || SHA-256(chunk_1) || ...)``:
+    the payload digest of a sealed envelope from the digests of its chunks."""
+    if len(chunk_digests) != chunk_count(length):
+        raise ValueError(f"a {length}-byte payload has {chunk_count(length)} chunks")
+    return hashlib.sha256(
+        b"".join((DIGEST_LABEL, length.to_bytes(8, "big"), *chunk_digests))
+    ).digest()
+
+
+def payload_digest(payload: bytes | memoryview) -> bytes:
+    """The chunked SHA-256 of a sealed envelope's payload (``docs/envelope.md``), computed in
+    this thread. :class:`_ChunkHasher` computes the same on several threads.
+
+    >>> payload_digest(b"abc").hex()[:16]
+    '5510101536a5f442'
+    """
+    view = memoryview(payload)
+    return combine_chunk_digests(
+        len(view),
+        [
+            hashlib.sha256(view[start : start + CHUNK_SIZE]).digest()
+            for start in range(0, max(1, len(view)), CHUNK_SIZE)
+        ],
+    )
+
+
 def payload_binding(bind_key: bytes, payload_digest: bytes) -> bytes:
-    """``HMAC-SHA-256(bind_key, SHA-256(payload))``: what a sealed envelope's signature covers
+    """``HMAC-SHA-256(bind_key, payload_digest)``: what a sealed envelope's signature covers
     instead of the payload. Keyed, so the public signature confirms no guess of the payload.
 
-    >>> payload_binding(bytes(32), body_digest(b"abc")).hex()[:16]
-    '0b18f2bc0fb54605'
+    >>> payload_binding(bytes(32), payload_digest(b"abc")).hex()[:16]
+    '28ac1d18c5043a76'
     """
     return hmac.digest(bind_key, payload_digest, "sha256")
 
 
-def sealed_message(prefix: bytes, tag: bytes, bind_key: bytes, payload_digest: bytes) -> bytes:
-    """What a sealed envelope's signature covers: header || KEM ciphertext, the GCM tag and
-    :func:`payload_binding` (``docs/envelope.md``)."""
-    return prefix + tag + payload_binding(bind_key, payload_digest)
+def sealed_message(prefix: bytes, bind_key: bytes, payload_digest: bytes) -> bytes:
+    """What a sealed envelope's signature covers: header || KEM ciphertext, then
+    :func:`payload_binding` (``docs/envelope.md``). Not the ciphertext, nor its tag: so the
+    signature need not wait for AES-GCM."""
+    return prefix + payload_binding(bind_key, payload_digest)
 
 
 def document_message(header: bytes | memoryview, body: bytes | memoryview) -> bytes:
@@ -261,6 +311,58 @@ def _derive(shared_secret: bytes, prefix: bytes) -> tuple[AESGCM, bytes, bytes]:
     ).derive(shared_secret)
     nonce_end = KEY_SIZE + NONCE_SIZE
     return AESGCM(okm[:KEY_SIZE]), okm[KEY_SIZE:nonce_end], okm[nonce_end:]
+
+
+class _ChunkHasher:
+    """:func:`payload_digest` of one payload, by every thread that calls :meth:`work`.
+
+    Each thread takes the next chunk not yet taken until none is left, so a helper that
+    starts late (or never: its CPU is busy) only takes fewer chunks. hashlib releases the GIL
+    while it hashes a chunk, so two threads hash on two CPUs.
+    """
+
+    def __init__(self, payload: bytes | memoryview) -> None:
+        self._view = memoryview(payload)
+        self._digests = [b""] * chunk_count(len(self._view))
+        self._next = 0
+        self._busy = 0
+        self._error: BaseException | None = None
+        self._idle = threading.Condition(threading.Lock())
+
+    @property
+    def chunks(self) -> int:
+        return len(self._digests)
+
+    def work(self) -> None:
+        """Hash chunks until none is left to take (or one failed)."""
+        while True:
+            with self._idle:
+                index = self._next
+                if index >= len(self._digests) or self._error is not None:
+                    return
+                self._next += 1
+                self._busy += 1
+            try:
+                start = index * CHUNK_SIZE
+                chunk = self._view[start : start + CHUNK_SIZE]
+                self._digests[index] = hashlib.sha256(chunk).digest()
+            except BaseException as exc:  # re-raised by result(), in the caller's thread
+                self._error = exc
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._idle.notify_all()
+
+    def result(self) -> bytes:
+        """Work too, wait for the chunks other threads took, and combine (or raise)."""
+        self.work()
+        with self._idle:
+            while self._busy:
+                self._idle.wait()
+        if self._error is not None:
+            raise self._error
+        return combine_chunk_digests(len(self._view), self._digests)
 
 
 _scratch_local = threading.local()
@@ -289,7 +391,7 @@ _helpers: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _helper_pool() -> ThreadPoolExecutor:
-    """The process's helper threads for :func:`seal`.
+    """The process's helper threads for :func:`seal` and :func:`open`.
 
     Made again after a fork: a child inherits the executor but not its threads, and would
     wait forever for a job that no thread runs. (No lock: a race only makes a spare pool.)
@@ -301,6 +403,27 @@ def _helper_pool() -> ThreadPoolExecutor:
         helpers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pqc-seal")
         _helpers = (os.getpid(), helpers)
     return helpers
+
+
+def _submit(job: Callable[..., T], *args: Any) -> Future[T] | None:
+    """``job(*args)`` on a helper thread; None if the interpreter is shutting down (no new
+    threads then: the caller does it in turn)."""
+    try:
+        return _helper_pool().submit(job, *args)
+    except RuntimeError:
+        return None
+
+
+def _parallel(length: int) -> bool:
+    return length >= PARALLEL_MIN and not _SINGLE_CPU  # else a helper would only take turns
+
+
+def _digest(payload: bytes | memoryview) -> bytes:
+    """:func:`payload_digest`, split over this thread and a helper if that pays."""
+    hasher = _ChunkHasher(payload)
+    if hasher.chunks > 1 and _parallel(len(payload)):
+        _submit(hasher.work)
+    return hasher.result()
 
 
 _SINGLE_CPU = usable_cpus() < 2
@@ -339,49 +462,66 @@ def seal(
         purpose,
     )
     with _scratch(len(payload) + GCM_TAG_SIZE) as body:
-        if len(payload) < PARALLEL_MIN or _SINGLE_CPU:  # a helper would only take turns
-            digest = body_digest(payload)
-            prefix, bind_key = _encrypt(kem, recipient.public_key, header, payload, body)
+        if not _parallel(len(payload)):
+            digest = payload_digest(payload)
+            prefix, aead, nonce, bind_key = _encapsulate(kem, recipient.public_key, header)
+            _encrypt(aead, nonce, prefix, payload, body)
+            signature = _sign(sender, sealed_message(prefix, bind_key, digest), purpose)
         else:
-            digest, (prefix, bind_key) = _hash_while_encrypting(
-                kem, recipient.public_key, header, payload, body
+            prefix, signature = _seal_on_two_threads(
+                kem, recipient.public_key, header, payload, body, sender, purpose
             )
-        message = sealed_message(prefix, bytes(body[-GCM_TAG_SIZE:]), bind_key, digest)
-        return b"".join((prefix, body, _sign(sender, message, purpose)))
+        return b"".join((prefix, body, signature))
 
 
-def _encrypt(
-    kem: KEM, public_key: bytes, header: bytes, payload: bytes, body: memoryview
-) -> tuple[bytes, bytes]:
-    """Encapsulate to ``public_key``, encrypt ``payload`` into ``body`` (ciphertext || tag);
-    return the prefix (header || KEM ciphertext) and the binding key."""
+def _encapsulate(kem: KEM, public_key: bytes, header: bytes) -> tuple[bytes, AESGCM, bytes, bytes]:
+    """Encapsulate to ``public_key``; return the prefix (header || KEM ciphertext), the AEAD,
+    the nonce and the binding key."""
     secret, kem_ciphertext = kem.encapsulate(public_key)
     prefix = header + kem_ciphertext
-    aead, nonce, bind_key = _derive(secret, prefix)
+    return (prefix, *_derive(secret, prefix))
+
+
+def _encrypt(aead: AESGCM, nonce: bytes, prefix: bytes, payload: bytes, body: memoryview) -> None:
+    """AES-256-GCM: ``body`` = ciphertext || tag of ``payload``, with the prefix as AAD."""
     aead.encrypt_into(nonce, payload, prefix, body)
-    return prefix, bind_key
 
 
-def _hash_while_encrypting(
-    kem: KEM, public_key: bytes, header: bytes, payload: bytes, body: memoryview
-) -> tuple[bytes, tuple[bytes, bytes]]:
-    """SHA-256(payload) here while a helper thread runs :func:`_encrypt`: the signature needs
-    both, and they take about as long (~0.7 and ~0.6 ms per MiB). hashlib releases the GIL
-    for the whole call, so the helper gets it at once; AES-GCM releases it too."""
+def _seal_on_two_threads(
+    kem: KEM,
+    public_key: bytes,
+    header: bytes,
+    payload: bytes,
+    body: memoryview,
+    sender: Identity,
+    purpose: str,
+) -> tuple[bytes, bytes]:
+    """The prefix and the signature of :func:`seal`, with ``body`` encrypted by a helper.
+
+    The signature needs the prefix, the binding key and the payload digest, not the
+    ciphertext. So: the KEM here (it holds the GIL) while a helper wakes up, then the payload's
+    chunks hashed by both threads, then the signature here while the helper runs AES-GCM
+    (ML-DSA signing, SHA-256 and AES-GCM all release the GIL).
+    """
+    hasher = _ChunkHasher(payload)
+    if hasher.chunks > 1:
+        _submit(hasher.work)  # if it never runs, this thread hashes every chunk
+    prefix, aead, nonce, bind_key = _encapsulate(kem, public_key, header)
+    digest = hasher.result()
+    job = _submit(_encrypt, aead, nonce, prefix, payload, body)
+    if job is None:
+        _encrypt(aead, nonce, prefix, payload, body)
     try:
-        job = _helper_pool().submit(_encrypt, kem, public_key, header, payload, body)
-    except RuntimeError:  # the interpreter is shutting down: no new threads, do it in turn
-        return body_digest(payload), _encrypt(kem, public_key, header, payload, body)
-    try:
-        digest = body_digest(payload)
+        signature = _sign(sender, sealed_message(prefix, bind_key, digest), purpose)
     finally:
-        try:
-            encrypted = job.result()
-        except BaseException:
-            if not job.done():  # interrupted: the helper may still write into the buffer
-                _scratch_local.buffer = None
-            raise
-    return digest, encrypted
+        if job is not None:
+            try:
+                job.result()
+            except BaseException:
+                if not job.done():  # interrupted: the helper may still write into the buffer
+                    _scratch_local.buffer = None
+                raise
+    return prefix, signature
 
 
 def sign_document(
@@ -390,7 +530,15 @@ def sign_document(
     """Sign ``payload`` (not encrypted: anyone can read it) as ``signer``."""
     now = time.time() if now is None else now
     header = _header(
-        0, AEAD_NONE, signer.key_id, NO_RECIPIENT, seq, int(now * 1000), len(payload), purpose
+        0,
+        AEAD_NONE,
+        signer.key_id,
+        NO_RECIPIENT,
+        seq,
+        int(now * 1000),
+        len(payload),
+        purpose,
+        DOCUMENT_VERSION,
     )
     signature = _sign(signer, document_message(header, payload), purpose)
     return b"".join((header, payload, signature))
@@ -421,8 +569,9 @@ def open(  # shadows the builtin on purpose: envelope.open is the API
     envelope parses, its sender is trusted (and in ``roles`` if given), it is sealed to one of
     ``recipient``'s unexpired keys, it decrypts, its signature verifies, its purpose is
     ``purpose`` (if given), its timestamp is inside ``window`` and its sequence number is new.
-    The signature covers the decrypted payload, so decryption comes first; the payload is
-    returned only once everything has passed.
+    The signature covers the decrypted payload's digest, so decryption comes first (a large
+    payload is then hashed on two threads); the payload is returned only once everything has
+    passed.
     """
     now = time.time() if now is None else now
     header = read_header(blob)
@@ -448,8 +597,7 @@ def open(  # shadows the builtin on purpose: envelope.open is the API
         raise TamperedEnvelope(
             f"envelope claiming to come from {trusted.name} does not decrypt: it was changed"
         ) from exc
-    tag = bytes(body[-GCM_TAG_SIZE:])
-    message = sealed_message(prefix, tag, bind_key, body_digest(payload))
+    message = sealed_message(prefix, bind_key, _digest(payload))
     meta = _authenticate(view, header, trusted, message, recipient.backend, purpose, roles)
     window.check(header.timestamp_ms, now)
     freshness.advance(trusted.name, header.purpose, header.sequence)

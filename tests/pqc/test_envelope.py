@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import signal
 import threading
@@ -233,11 +234,11 @@ def test_sequence_must_fit_64_bits(parties):
         seal_to_aggregator(parties, seq=-1)
 
 
-# ------------------------------------------------- large payloads: hashed while a helper encrypts
+# ------------------------------- large payloads: hashed on two threads, encrypted while signing
 
 
 def record_encrypt_threads(monkeypatch) -> list[str]:
-    """Names of the threads that ran the KEM + AES-GCM part of each seal."""
+    """Names of the threads that ran the AES-GCM part of each seal."""
     names: list[str] = []
     real = envelope._encrypt
 
@@ -300,13 +301,69 @@ def test_tampering_with_a_large_envelope_is_caught(parties, where):
     assert open_at_aggregator(parties, seal_to_aggregator(parties, payload))[0] == payload
 
 
-def test_a_helper_error_reaches_the_caller_and_the_next_seal_works(parties):
+def test_a_kem_error_reaches_the_caller_and_the_next_seal_works(parties):
     good = parties.retailer.registry.current_kem_key("aggregator")
     broken = dataclasses.replace(good, public_key=good.public_key[:-1])
     payload = os.urandom(envelope.PARALLEL_MIN)
     with pytest.raises(ValueError, match="public key"):
         envelope.seal(payload, parties.retailer.identity, broken, "model-update", 1, now=NOW)
     assert open_at_aggregator(parties, seal_to_aggregator(parties, payload))[0] == payload
+
+
+def test_an_encryption_error_in_the_helper_reaches_the_caller(parties, monkeypatch):
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
+    real = envelope._encrypt
+    threads: list[str] = []
+
+    def failing(*args):
+        threads.append(threading.current_thread().name)
+        raise MemoryError("no room for the ciphertext")
+
+    monkeypatch.setattr(envelope, "_encrypt", failing)
+    payload = os.urandom(3 * envelope.CHUNK_SIZE)
+    with pytest.raises(MemoryError, match="ciphertext"):
+        seal_to_aggregator(parties, payload)
+    assert threads and threads[0].startswith("pqc-seal")
+    monkeypatch.setattr(envelope, "_encrypt", real)
+    assert open_at_aggregator(parties, seal_to_aggregator(parties, payload))[0] == payload
+
+
+def test_a_hashing_error_reaches_the_caller(parties, monkeypatch):
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
+    payload = os.urandom(4 * envelope.CHUNK_SIZE)
+
+    class Broken:  # every full chunk fails, on whichever thread hashes it
+        @staticmethod
+        def sha256(data=b""):
+            if len(data) == envelope.CHUNK_SIZE:
+                raise MemoryError("hashing failed")
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr(envelope, "hashlib", Broken)
+    with pytest.raises(MemoryError, match="hashing failed"):
+        seal_to_aggregator(parties, payload)
+    monkeypatch.setattr(envelope, "hashlib", hashlib)
+    assert open_at_aggregator(parties, seal_to_aggregator(parties, payload))[0] == payload
+
+
+def test_a_hashing_error_on_the_other_thread_is_raised_by_result(monkeypatch):
+    payload = os.urandom(3 * envelope.CHUNK_SIZE)
+    caller = threading.current_thread()
+
+    class Broken:  # fails on any thread but the caller's
+        @staticmethod
+        def sha256(data=b""):
+            if threading.current_thread() is not caller:
+                raise MemoryError("helper failed")
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr(envelope, "hashlib", Broken)
+    hasher = envelope._ChunkHasher(payload)
+    helper = threading.Thread(target=hasher.work)
+    helper.start()
+    helper.join()
+    with pytest.raises(MemoryError, match="helper failed"):
+        hasher.result()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import random
 import struct
+import threading
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -64,19 +66,28 @@ def test_mldsa_our_signature_their_verification():
 
 
 def spec_kdf(secret: bytes, prefix: bytes) -> tuple[bytes, bytes, bytes]:
-    okm = HKDF(hashes.SHA256(), 76, salt=None, info=b"qsfraud/v2/aes-256-gcm" + prefix).derive(
+    okm = HKDF(hashes.SHA256(), 76, salt=None, info=b"qsfraud/v3/aes-256-gcm" + prefix).derive(
         secret
     )
     return okm[:32], okm[32:44], okm[44:76]
 
 
+def spec_digest(payload: bytes) -> bytes:
+    """The chunked SHA-256 of a payload, as docs/envelope.md defines it."""
+    chunks = [payload[i : i + 262144] for i in range(0, len(payload), 262144)] or [b""]
+    leaves = b"".join(hashlib.sha256(chunk).digest() for chunk in chunks)
+    return hashlib.sha256(
+        b"qsfraud/v3/chunked-sha256" + struct.pack(">Q", len(payload)) + leaves
+    ).digest()
+
+
 def spec_binding(bind_key: bytes, payload: bytes) -> bytes:
-    return hmac.new(bind_key, hashlib.sha256(payload).digest(), "sha256").digest()
+    return hmac.new(bind_key, spec_digest(payload), "sha256").digest()
 
 
 def spec_open(blob: bytes, dk: bytes, x25519_private: bytes | None, signer_pk: bytes) -> bytes:
     magic, version, kem_id, aead_id, sig_id = struct.unpack_from(">4sBBBB", blob)
-    assert (magic, version, aead_id, sig_id) == (b"QSFE", 2, 1, 1)
+    assert (magic, version, aead_id, sig_id) == (b"QSFE", 3, 1, 1)
     body_length, purpose_length = struct.unpack_from(">QB", blob, 56)
     header_end = 65 + purpose_length
     purpose = blob[65:header_end]
@@ -95,7 +106,7 @@ def spec_open(blob: bytes, dk: bytes, x25519_private: bytes | None, signer_pk: b
         secret += mine.exchange(peer)
     key, nonce, bind_key = spec_kdf(secret, prefix)
     payload = AESGCM(key).decrypt(nonce, body, prefix)
-    message = prefix + body[-16:] + spec_binding(bind_key, payload)
+    message = prefix + spec_binding(bind_key, payload)
     assert ML_DSA_65.verify(signer_pk, message, signature, ctx=b"qsfraud/v1/" + purpose)
     return payload
 
@@ -106,7 +117,7 @@ def test_spec_implementation_opens_our_envelope(tmp_path, kem_algorithm):
     receiver = init_keystore(tmp_path / "r", "aggregator", "aggregator", kem_algorithm)
     sender.registry.trust(receiver.public_keys())
     recipient = sender.registry.current_kem_key("aggregator")
-    payload = os.urandom(300_000)
+    payload = os.urandom(600_000)  # three chunks
     blob = envelope.seal(payload, sender.identity, recipient, "model-update", 4, now=NOW)
     seed = receiver.kem.current.private.seed
     _ek, dk = ML_KEM_768.key_derive(seed[:64])
@@ -114,7 +125,12 @@ def test_spec_implementation_opens_our_envelope(tmp_path, kem_algorithm):
     assert spec_open(blob, dk, x_private, sender.identity.current.private.public_key) == payload
 
 
-def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path):
+@pytest.mark.parametrize(
+    "payload",
+    [b"an update from another implementation", random.Random(3).randbytes(700_000)],
+    ids=["one chunk", "three chunks"],
+)
+def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path, payload):
     receiver = init_keystore(tmp_path / "r", "aggregator", "aggregator")
     # the sender's keys come from dilithium-py only: our code never saw its private key
     signer_pk, signer_sk = ML_DSA_65.keygen()
@@ -128,12 +144,11 @@ def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path):
     peer = x25519.X25519PublicKey.from_public_bytes(recipient_pk[1184:])
     secret = ml_secret + ephemeral.exchange(peer)
     kem_ct = ml_ct + ephemeral.public_key().public_bytes_raw()
-    payload = b"an update from another implementation"
     purpose = b"model-update"
     header = struct.pack(
         ">4sBBBB16s16sQQQB",
         b"QSFE",
-        2,
+        3,
         2,
         1,
         1,
@@ -147,7 +162,7 @@ def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path):
     prefix = header + purpose + kem_ct
     key, nonce, bind_key = spec_kdf(secret, prefix)
     body = AESGCM(key).encrypt(nonce, payload, prefix)
-    message = prefix + body[-16:] + spec_binding(bind_key, payload)
+    message = prefix + spec_binding(bind_key, payload)
     signature = ML_DSA_65.sign(signer_sk, message, ctx=b"qsfraud/v1/model-update")
     blob = prefix + body + signature
     got, meta = envelope.open(
@@ -257,15 +272,120 @@ def test_signed_documents_of_both_versions_verify(tmp_path, version):
         )
 
 
-def test_version_1_sealed_envelopes_are_refused(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_sealed_envelopes_are_refused(tmp_path, version):
     sender = init_keystore(tmp_path / "s", "retailer-1", "retailer")
     receiver = init_keystore(tmp_path / "r", "aggregator", "aggregator")
     sender.registry.trust(receiver.public_keys())
     receiver.registry.trust(sender.public_keys())
     recipient = sender.registry.current_kem_key("aggregator")
     blob = bytearray(envelope.seal(b"x", sender.identity, recipient, "model-update", 1, now=NOW))
-    blob[4] = 1
-    with pytest.raises(MalformedEnvelope, match="version 1"):
+    blob[4] = version
+    with pytest.raises(MalformedEnvelope, match=f"version {version} for a sealed envelope"):
         envelope.open(
             bytes(blob), receiver.kem, receiver.registry, freshness=InMemoryFreshness(), now=NOW
         )
+
+
+def spec_v2_sealed(
+    recipient_pk: bytes, signer_pk: bytes, signer_sk: bytes, payload: bytes
+) -> bytes:
+    """A sealed envelope of version 2 (M = prefix || tag || HMAC(bind_key, SHA-256(payload)),
+    HKDF info qsfraud/v2/aes-256-gcm), made as the version 2 specification said."""
+    ml_secret, ml_ct = ML_KEM_768.encaps(recipient_pk[:1184])
+    ephemeral = x25519.X25519PrivateKey.generate()
+    secret = ml_secret + ephemeral.exchange(
+        x25519.X25519PublicKey.from_public_bytes(recipient_pk[1184:])
+    )
+    purpose = b"model-update"
+    header = struct.pack(
+        ">4sBBBB16s16sQQQB",
+        b"QSFE",
+        2,
+        2,
+        1,
+        1,
+        key_id("ML-DSA-65", signer_pk),
+        key_id("X25519MLKEM768", recipient_pk),
+        12,
+        int(NOW * 1000),
+        len(payload) + 16,
+        len(purpose),
+    )
+    prefix = header + purpose + ml_ct + ephemeral.public_key().public_bytes_raw()
+    okm = HKDF(hashes.SHA256(), 76, salt=None, info=b"qsfraud/v2/aes-256-gcm" + prefix).derive(
+        secret
+    )
+    body = AESGCM(okm[:32]).encrypt(okm[32:44], payload, prefix)
+    binding = hmac.new(okm[44:], hashlib.sha256(payload).digest(), "sha256").digest()
+    message = prefix + body[-16:] + binding
+    return prefix + body + ML_DSA_65.sign(signer_sk, message, ctx=b"qsfraud/v1/model-update")
+
+
+def test_a_genuine_version_2_sealed_envelope_is_refused(tmp_path):
+    receiver = init_keystore(tmp_path / "r", "aggregator", "aggregator")
+    signer_pk, signer_sk = ML_DSA_65.keygen()
+    receiver.registry.add(
+        TrustedKey("retailer-9", "retailer", "signature", "ML-DSA-65", signer_pk, NOW)
+    )
+    recipient_pk = receiver.kem.current.private.public_key
+    blob = spec_v2_sealed(recipient_pk, signer_pk, signer_sk, b"an old update")
+    seen = InMemoryFreshness()
+    with pytest.raises(MalformedEnvelope, match="version 2 for a sealed envelope"):
+        envelope.open(blob, receiver.kem, receiver.registry, freshness=seen, now=NOW)
+    # relabelled as version 3 it is still no envelope: HKDF label and signed message differ
+    relabelled = bytearray(blob)
+    relabelled[4] = 3
+    with pytest.raises(TamperedEnvelope):
+        envelope.open(bytes(relabelled), receiver.kem, receiver.registry, freshness=seen, now=NOW)
+    assert seen.last_sequence("retailer-9", "model-update") is None
+
+
+def test_a_signed_document_of_version_3_is_malformed(tmp_path):
+    """Version 3 changed sealed envelopes only: documents are still written as version 2."""
+    reader = init_keystore(tmp_path / "r", "retailer-1", "retailer")
+    signer_pk, signer_sk = ML_DSA_65.keygen()
+    reader.registry.add(TrustedKey("admin-9", "admin", "signature", "ML-DSA-65", signer_pk, NOW))
+    doc = spec_document(3, signer_sk, signer_pk, b"{}")
+    with pytest.raises(MalformedEnvelope, match="version 3 for a signed document"):
+        envelope.verify_document(doc, reader.registry, freshness=InMemoryFreshness(), now=NOW)
+    admin = init_keystore(tmp_path / "a", "admin-1", "admin")
+    assert envelope.sign_document(b"{}", admin.identity, "config", 1)[4] == 2
+
+
+# ------------------------------------------------- the chunked payload digest, from the spec
+
+CHUNK = 256 * 1024
+
+
+def test_chunked_digest_known_value():
+    payload = bytes(i % 251 for i in range(2 * CHUNK + 1000))  # chunks of 256, 256, ~1 KiB
+    expected = "51798ef80bccd2b237ed1ad8b969d80b5ecbdabbbb312e4283e8d7920e59ab07"
+    assert spec_digest(payload).hex() == expected
+    assert envelope.payload_digest(payload).hex() == expected
+    assert envelope.CHUNK_SIZE == CHUNK
+    # the empty payload is one empty chunk
+    empty = hashlib.sha256(
+        b"qsfraud/v3/chunked-sha256" + bytes(8) + hashlib.sha256(b"").digest()
+    ).digest()
+    assert envelope.payload_digest(b"") == spec_digest(b"") == empty
+    # the length is bound: a payload and the same one plus a zero byte differ
+    assert envelope.payload_digest(payload) != envelope.payload_digest(payload + b"\0")
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 4 * CHUNK, 4 * CHUNK + 7, 9 * CHUNK - 3]
+)
+def test_chunked_digest_is_the_same_inline_and_on_two_threads(monkeypatch, size):
+    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
+    payload = random.Random(size).randbytes(size)
+    inline = envelope.payload_digest(payload)
+    assert inline == spec_digest(payload)
+    assert envelope._digest(payload) == inline  # through the helper pool where it pays
+    hasher = envelope._ChunkHasher(payload)  # two threads that certainly both hash
+    other = threading.Thread(target=hasher.work)
+    other.start()
+    try:
+        assert hasher.result() == inline
+    finally:
+        other.join()
