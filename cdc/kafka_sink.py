@@ -45,7 +45,11 @@ class KafkaTransactionalSink:
             "transactional.id": self.transactional_id,
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 1,  # commit_transaction() waits for the linger: keep it short
+            # commit_transaction() flushes, and a flush sends at once whatever the linger
+            # (librdkafka >= 1.8), so the linger only packs records *within* a transaction:
+            # on a backlog, 1 ms meant ~1,000 small produce requests/s; 20 ms took the Mongo
+            # backlog from ~5,200 to ~5,700 changes/s (the broker shares the 2 cores)
+            "linger.ms": 20,
             "batch.num.messages": 10_000,
             "queue.buffering.max.messages": 500_000,
             "compression.type": "lz4",

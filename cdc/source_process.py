@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cdc.encoder import EncodedTransaction
 from cdc.source import Position, SourceError
 
 fcntl: Any
@@ -33,7 +34,7 @@ except ImportError:  # pragma: no cover - not on Windows
 
 DONE = "done"
 PIPE_BYTES = 1 << 20  # reader run-ahead: ~1,700 encoded changes
-BATCH_MAX = 200  # per pipe message: at ~130 us per change, the first waits <= ~26 ms
+BATCH_MAX = 200  # changes per pipe message: at ~130 us per change, the first waits <= ~26 ms
 
 
 def _watch_parent(parent_pid: int, stop: multiprocessing.synchronize.Event,
@@ -68,14 +69,20 @@ def run_source(config: dict[str, Any], checkpoint: Position | None, out: Any,
         encoder = cfg.change_encoder(source, tombstones)
         threading.Thread(target=_watch_parent, args=(parent_pid, stop, source.stop),
                          daemon=True).start()
-        batch: list[Any] = []
+        batch: list[EncodedTransaction] = []
+        changes = 0
         for tx in source.run(checkpoint):
-            batch.append(encoder.encode(tx))
+            encoded = encoder.encode(tx)
+            # consecutive single-change transactions (a change stream without multi-document
+            # transactions) travel as one
+            if not (batch and batch[-1].absorb(encoded)):
+                batch.append(encoded)
+            changes += len(tx.changes)
             # one pipe message for what was read without waiting: pickling, the pipe and the
             # parent's loop cost per message, and a change stream delivers ~200 at a time
-            if len(batch) >= BATCH_MAX or not source.ready():
+            if changes >= BATCH_MAX or len(batch) >= BATCH_MAX or not source.ready():
                 _send(out, batch[0] if len(batch) == 1 else batch)
-                batch = []
+                batch, changes = [], 0
             if stop.is_set():
                 break
         if batch:

@@ -1,4 +1,5 @@
-"""The change-stream feed thread: order, empty getMores with their token, errors, ready()."""
+"""The change-stream feed thread (order, empty getMores with their token, errors, ready())
+and the mapping of events to changes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Any
 
 import pymongo.errors
 import pytest
+from bson.timestamp import Timestamp
 
-from cdc.mongo_source import _ChangeFeed
+from cdc.mongo_source import MongoChangeStreamSource, _ChangeFeed
+from cdc.source import SourceError
 
 
 class FakeStream:
@@ -88,3 +91,21 @@ def test_stopping_ends_the_iteration() -> None:
     assert [e for e, _ in feed if e is not None] == []
     assert time.monotonic() - started < 5
     feed.close()
+
+
+def test_events_that_change_no_row_are_skipped_and_the_end_of_the_stream_is_an_error() -> None:
+    # no server-side $match any more: kinds other than row changes are dropped by the source
+    source = MongoChangeStreamSource("s", uri="mongodb://127.0.0.1:9", database="d",
+                                     collection="c")  # MongoClient connects lazily
+    try:
+        event = {"operationType": "createIndexes", "clusterTime": None, "_id": {"_data": "1"}}
+        assert source._change(event) is None
+        insert = {"operationType": "insert", "documentKey": {"_id": 7},
+                  "fullDocument": {"_id": 7}, "clusterTime": Timestamp(5, 1),
+                  "_id": {"_data": "2"}}
+        change = source._change(insert)
+        assert change is not None and (change.op, change.pk, change.committed_at) == ("c", "7", 5.0)
+        with pytest.raises(SourceError, match="drop event"):
+            source._change({"operationType": "drop"})
+    finally:
+        source.close()
