@@ -507,12 +507,13 @@ def _seal_on_two_threads(
     if hasher.chunks > 1:
         _submit(hasher.work)  # if it never runs, this thread hashes every chunk
     prefix, aead, nonce, bind_key = _encapsulate(kem, public_key, header)
-    digest = hasher.result()
+    message = sealed_message(prefix, bind_key, hasher.result())
+    # only now: the helper takes the GIL as it wakes, and HMAC releases it (signing does too)
     job = _submit(_encrypt, aead, nonce, prefix, payload, body)
     if job is None:
         _encrypt(aead, nonce, prefix, payload, body)
     try:
-        signature = _sign(sender, sealed_message(prefix, bind_key, digest), purpose)
+        signature = _sign(sender, message, purpose)
     finally:
         if job is not None:
             try:
