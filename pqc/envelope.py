@@ -8,9 +8,9 @@ documents every reader may see (e.g. configuration signed by an admin).
 
 The signature of a sealed envelope covers a keyed, chunked digest of the payload and not the
 ciphertext, so sealing a large payload hashes it on two threads (hashlib releases the GIL)
-and then signs while a helper thread runs AES-GCM; opening hashes the decrypted payload on
-two threads. See "Why" in ``docs/envelope.md`` for the signed message that makes this
-possible.
+and then signs while a helper thread runs AES-GCM (and makes a spare KEM encapsulation for the
+next seal to the same key); opening hashes the decrypted payload on two threads. See "Why" and
+"Spare encapsulations" in ``docs/envelope.md``.
 
 >>> import tempfile
 >>> from pqc.keys import init_keystore
@@ -478,13 +478,54 @@ def _encapsulate(kem: KEM, public_key: bytes, header: bytes) -> tuple[bytes, AES
     """Encapsulate to ``public_key``; return the prefix (header || KEM ciphertext), the AEAD,
     the nonce and the binding key."""
     secret, kem_ciphertext = kem.encapsulate(public_key)
-    prefix = header + kem_ciphertext
+    return _keys(secret, header + kem_ciphertext)
+
+
+def _keys(secret: bytes, prefix: bytes) -> tuple[bytes, AESGCM, bytes, bytes]:
     return (prefix, *_derive(secret, prefix))
 
 
 def _encrypt(aead: AESGCM, nonce: bytes, prefix: bytes, payload: bytes, body: memoryview) -> None:
     """AES-256-GCM: ``body`` = ciphertext || tag of ``payload``, with the prefix as AAD."""
     aead.encrypt_into(nonce, payload, prefix, body)
+
+
+# Spare KEM encapsulations: (pid, algorithm, public key) -> (shared secret, KEM ciphertext).
+# The helper makes one while the calling thread signs (that core is idle then) for the next
+# seal to the same key; each is taken out (dict.pop: atomic) and used once, never in another
+# process (the pid is part of the key, so a forked child makes its own).
+_spares: dict[tuple[int, str, bytes], tuple[bytes, bytes]] = {}
+SPARES_MAX = 16
+
+
+def _take_spare(kem: KEM, public_key: bytes) -> tuple[bytes, bytes] | None:
+    return _spares.pop((os.getpid(), kem.algorithm, bytes(public_key)), None)
+
+
+def _make_spare(kem: KEM, public_key: bytes) -> None:
+    key = (os.getpid(), kem.algorithm, bytes(public_key))
+    if key not in _spares:
+        spare = kem.encapsulate(public_key)
+        if len(_spares) >= SPARES_MAX:
+            _spares.clear()
+        _spares[key] = spare
+
+
+def _encrypt_and_make_spare(
+    aead: AESGCM,
+    nonce: bytes,
+    prefix: bytes,
+    payload: bytes,
+    body: memoryview,
+    kem: KEM,
+    public_key: bytes,
+    signed: threading.Event,
+) -> None:
+    """AES-GCM, then a spare KEM encapsulation unless the signature is done already (the
+    caller would wait for it: the KEM holds the GIL)."""
+    _encrypt(aead, nonce, prefix, payload, body)
+    if not signed.is_set():
+        _make_spare(kem, public_key)
 
 
 def _seal_on_two_threads(
@@ -499,22 +540,32 @@ def _seal_on_two_threads(
     """The prefix and the signature of :func:`seal`, with ``body`` encrypted by a helper.
 
     The signature needs the prefix, the binding key and the payload digest, not the
-    ciphertext. So: the KEM here (it holds the GIL) while a helper wakes up, then the payload's
-    chunks hashed by both threads, then the signature here while the helper runs AES-GCM
-    (ML-DSA signing, SHA-256 and AES-GCM all release the GIL).
+    ciphertext. So: the KEM here (or a spare one, made during the previous seal to this key)
+    while a helper wakes up, then the payload's chunks hashed by both threads, then the
+    signature here while the helper runs AES-GCM and makes a spare KEM encapsulation for the
+    next seal (ML-DSA signing, SHA-256 and AES-GCM release the GIL; the KEM holds it, which
+    is why it is best kept out of the way of the hashing).
     """
     hasher = _ChunkHasher(payload)
     if hasher.chunks > 1:
         _submit(hasher.work)  # if it never runs, this thread hashes every chunk
-    prefix, aead, nonce, bind_key = _encapsulate(kem, public_key, header)
+    spare = _take_spare(kem, public_key)
+    if spare is None:
+        prefix, aead, nonce, bind_key = _encapsulate(kem, public_key, header)
+    else:
+        prefix, aead, nonce, bind_key = _keys(spare[0], header + spare[1])
     message = sealed_message(prefix, bind_key, hasher.result())
     # only now: the helper takes the GIL as it wakes, and HMAC releases it (signing does too)
-    job = _submit(_encrypt, aead, nonce, prefix, payload, body)
+    signed = threading.Event()
+    job = _submit(
+        _encrypt_and_make_spare, aead, nonce, prefix, payload, body, kem, public_key, signed
+    )
     if job is None:
         _encrypt(aead, nonce, prefix, payload, body)
     try:
         signature = _sign(sender, message, purpose)
     finally:
+        signed.set()
         if job is not None:
             try:
                 job.result()
