@@ -540,15 +540,16 @@ def _seal_on_two_threads(
     """The prefix and the signature of :func:`seal`, with ``body`` encrypted by a helper.
 
     The signature needs the prefix, the binding key and the payload digest, not the
-    ciphertext. So: the KEM here (or a spare one, made during the previous seal to this key)
-    while a helper wakes up, then the payload's chunks hashed by both threads, then the
-    signature here while the helper runs AES-GCM and makes a spare KEM encapsulation for the
-    next seal (ML-DSA signing, SHA-256 and AES-GCM release the GIL; the KEM holds it, which
-    is why it is best kept out of the way of the hashing).
+    ciphertext. So: the payload's chunks hashed by both threads; the KEM (or a spare one, made
+    during the previous seal to this key) here once no chunk is left to take, while the helper
+    finishes its last one; then the signature here while the helper runs AES-GCM and makes a
+    spare KEM encapsulation for the next seal (ML-DSA signing, SHA-256 and AES-GCM release the
+    GIL; the KEM holds it, so it would stop the helper between chunks).
     """
     hasher = _ChunkHasher(payload)
     if hasher.chunks > 1:
         _submit(hasher.work)  # if it never runs, this thread hashes every chunk
+    hasher.work()
     spare = _take_spare(kem, public_key)
     if spare is None:
         prefix, aead, nonce, bind_key = _encapsulate(kem, public_key, header)
