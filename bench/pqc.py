@@ -6,11 +6,11 @@ same machine load; figures are medians in milliseconds. The last printed line is
 object with ``seal_1mb_ms``, ``open_1mb_ms``, ``aesgcm_1mb_ms`` (encryption) and
 ``pq_overhead_ms`` (the larger of seal and open, minus AES-256-GCM, for 1 MiB), plus the
 other figures and a breakdown of the 1 MiB overhead. From 64 KiB on (with two or more
-CPUs), ``seal`` hashes the payload's 256 KiB chunks on two threads, runs the KEM (or takes a
-spare encapsulation made during its previous seal to the same key) as the hashing ends, then
-signs while a helper thread runs AES-GCM; ``open`` hashes the decrypted payload on two threads.
-``seal_inline_1mb_ms`` is the same seal with everything in one thread (timed alternately with
-the normal one), to show what the overlap saves on this machine at this load.
+CPUs), ``seal`` hashes the payload's 256 KiB chunks on two threads, runs the KEM as the
+hashing ends, then signs while a helper thread runs AES-GCM; ``open`` hashes the decrypted
+payload on two threads. ``seal_inline_1mb_ms`` is the same seal with everything in one
+thread (timed alternately with the normal one), to show what the overlap saves on this
+machine at this load.
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "1 MiB seal, by part: "
         + ", ".join(f"{name.removesuffix('_ms')} {ms:.3f}" for name, ms in breakdown.items())
-        + "; chunked_sha256 (sha256 on two threads), then kem_encapsulate (or a spare one made"
-        " during the previous seal), then the signature while a helper runs AES-GCM"
+        + "; chunked_sha256 (sha256 on two threads), then kem_encapsulate, then the signature"
+        " while a helper runs AES-GCM"
     )
     figures.update({k: round(v, 3) for k, v in breakdown.items()})
     figures["pq_overhead_ms"] = figures["pq_overhead_1mb_ms"]

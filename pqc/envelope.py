@@ -8,9 +8,8 @@ documents every reader may see (e.g. configuration signed by an admin).
 
 The signature of a sealed envelope covers a keyed, chunked digest of the payload and not the
 ciphertext, so sealing a large payload hashes it on two threads (hashlib releases the GIL)
-and then signs while a helper thread runs AES-GCM (and makes a spare KEM encapsulation for the
-next seal to the same key); opening hashes the decrypted payload on two threads. See "Why" and
-"Spare encapsulations" in ``docs/envelope.md``.
+and then signs while a helper thread runs AES-GCM; opening hashes the decrypted payload on two
+threads. See "Why the signature covers these bytes" in ``docs/envelope.md``.
 
 >>> import tempfile
 >>> from pqc.keys import init_keystore
@@ -490,44 +489,6 @@ def _encrypt(aead: AESGCM, nonce: bytes, prefix: bytes, payload: bytes, body: me
     aead.encrypt_into(nonce, payload, prefix, body)
 
 
-# Spare KEM encapsulations: (pid, algorithm, public key) -> (shared secret, KEM ciphertext).
-# The helper makes one while the calling thread signs (that core is idle then) for the next
-# seal to the same key; each is taken out (dict.pop: atomic) and used once, never in another
-# process (the pid is part of the key, so a forked child makes its own).
-_spares: dict[tuple[int, str, bytes], tuple[bytes, bytes]] = {}
-SPARES_MAX = 16
-
-
-def _take_spare(kem: KEM, public_key: bytes) -> tuple[bytes, bytes] | None:
-    return _spares.pop((os.getpid(), kem.algorithm, bytes(public_key)), None)
-
-
-def _make_spare(kem: KEM, public_key: bytes) -> None:
-    key = (os.getpid(), kem.algorithm, bytes(public_key))
-    if key not in _spares:
-        spare = kem.encapsulate(public_key)
-        if len(_spares) >= SPARES_MAX:
-            _spares.clear()
-        _spares[key] = spare
-
-
-def _encrypt_and_make_spare(
-    aead: AESGCM,
-    nonce: bytes,
-    prefix: bytes,
-    payload: bytes,
-    body: memoryview,
-    kem: KEM,
-    public_key: bytes,
-    signed: threading.Event,
-) -> None:
-    """AES-GCM, then a spare KEM encapsulation unless the signature is done already (the
-    caller would wait for it: the KEM holds the GIL)."""
-    _encrypt(aead, nonce, prefix, payload, body)
-    if not signed.is_set():
-        _make_spare(kem, public_key)
-
-
 def _seal_on_two_threads(
     kem: KEM,
     public_key: bytes,
@@ -540,33 +501,24 @@ def _seal_on_two_threads(
     """The prefix and the signature of :func:`seal`, with ``body`` encrypted by a helper.
 
     The signature needs the prefix, the binding key and the payload digest, not the
-    ciphertext. So: the payload's chunks hashed by both threads; the KEM (or a spare one, made
-    during the previous seal to this key) here once no chunk is left to take, while the helper
-    finishes its last one; then the signature here while the helper runs AES-GCM and makes a
-    spare KEM encapsulation for the next seal (ML-DSA signing, SHA-256 and AES-GCM release the
-    GIL; the KEM holds it, so it would stop the helper between chunks).
+    ciphertext. So: the payload's chunks hashed by both threads; the KEM here once no chunk is
+    left to take, while the helper finishes its last one; then the signature here while the
+    helper runs AES-GCM (ML-DSA signing, SHA-256 and AES-GCM release the GIL; the KEM holds
+    it, so it would stop the helper between chunks).
     """
     hasher = _ChunkHasher(payload)
     if hasher.chunks > 1:
         _submit(hasher.work)  # if it never runs, this thread hashes every chunk
     hasher.work()
-    spare = _take_spare(kem, public_key)
-    if spare is None:
-        prefix, aead, nonce, bind_key = _encapsulate(kem, public_key, header)
-    else:
-        prefix, aead, nonce, bind_key = _keys(spare[0], header + spare[1])
+    prefix, aead, nonce, bind_key = _encapsulate(kem, public_key, header)
     message = sealed_message(prefix, bind_key, hasher.result())
     # only now: the helper takes the GIL as it wakes, and HMAC releases it (signing does too)
-    signed = threading.Event()
-    job = _submit(
-        _encrypt_and_make_spare, aead, nonce, prefix, payload, body, kem, public_key, signed
-    )
+    job = _submit(_encrypt, aead, nonce, prefix, payload, body)
     if job is None:
         _encrypt(aead, nonce, prefix, payload, body)
     try:
         signature = _sign(sender, message, purpose)
     finally:
-        signed.set()
         if job is not None:
             try:
                 job.result()

@@ -371,27 +371,6 @@ def kem_ciphertext(blob: bytes) -> bytes:
     return blob[header.header_length : header.header_length + header.kem_length]
 
 
-def test_a_spare_kem_encapsulation_is_used_once_and_only_in_its_process(parties, monkeypatch):
-    monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
-    monkeypatch.setattr(envelope, "_spares", {})
-    recipient = parties.retailer.registry.current_kem_key("aggregator")
-    kem = parties.retailer.identity.backend.kem(recipient.algorithm)
-    payload = os.urandom(2 * envelope.CHUNK_SIZE)
-    envelope._make_spare(kem, recipient.public_key)
-    ((_, spare_ciphertext),) = envelope._spares.values()
-    monkeypatch.setattr(envelope, "_make_spare", lambda *args: None)  # no new spares
-    first = seal_to_aggregator(parties, payload, seq=1)
-    assert kem_ciphertext(first) == spare_ciphertext and not envelope._spares
-    second = seal_to_aggregator(parties, payload, seq=2)
-    assert kem_ciphertext(second) != spare_ciphertext
-    assert open_at_aggregator(parties, first)[0] == open_at_aggregator(parties, second)[0]
-    # a spare made by another process (as a forked child sees its parent's) is not taken
-    parent = (os.getpid() + 1, kem.algorithm, bytes(recipient.public_key))
-    envelope._spares[parent] = kem.encapsulate(recipient.public_key)
-    third = seal_to_aggregator(parties, payload, seq=3)
-    assert kem_ciphertext(third) != envelope._spares[parent][1]
-
-
 def test_concurrent_seals_never_share_a_kem_ciphertext(parties, monkeypatch):
     monkeypatch.setattr(envelope, "_SINGLE_CPU", False)
     recipient = parties.retailer.registry.current_kem_key("aggregator")
