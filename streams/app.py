@@ -29,6 +29,7 @@ from typing import Any
 
 import faust
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from fraud.models import RiskModel
@@ -262,6 +263,64 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - faust's loop
+        """faust 0.15's ``Consumer._drain_messages`` with one change: a message is handed to
+        the topic with ``await callback(message)`` while the flow is not suspended, instead
+        of ``wait_first(callback(message), suspend_flow.wait())`` for every message, which
+        makes four tasks and an ``asyncio.wait`` each time: measured ~15 % of a busy worker.
+        While the flow is suspended (a rebalance) faust's own way is kept; a callback that
+        blocks on a full channel is released by the agent, which keeps taking events (and
+        acks unprocessed the ones that arrive while the flow is off)."""
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        suspended = self.suspend_flow.is_set
+        read_offsets = self._read_offset
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(faust_consumer.CONSUMER_FETCHING)
+                ait = getmany(timeout=1.0)
+                await asyncio.sleep(0)  # getmany may return at once, again and again
+                if not self.should_stop:
+                    async for tp, message in ait:
+                        since_yield += 1
+                        if since_yield > 100:
+                            await asyncio.sleep(0)
+                            since_yield = 0
+                        offset = message.offset
+                        r_offset = read_offsets.get(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # already read (faust logs these at dev level)
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        if suspended():
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        else:
+                            await callback(message)
+                        read_offsets[tp] = offset
+                self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
 
 
 def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
