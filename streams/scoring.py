@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ SCORE_OPS: Final = frozenset(("c", "r", "u"))
 _std_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _orjson_dumps = orjson.dumps
 _orjson_loads = orjson.loads
-_decode = json.JSONDecoder().decode
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 _json_str: Any = json.encoder.encode_basestring_ascii
 """``json.dumps`` of a ``str`` (what it calls for one, with the default ``ensure_ascii``)."""
 
@@ -157,19 +158,22 @@ def parse_transaction(value: bytes | None) -> ParsedTransaction:
 
 
 def _loads(value: bytes) -> Any:
-    """``json.loads(value)``, skipping its encoding sniffing for the usual ``{``...UTF-8 record.
+    """``json.loads(value)``, by orjson when it can (~3x faster here).
 
-    A record that starts with ``{`` has no BOM and no NUL in its first two bytes, so
-    ``json.loads`` would decode it as UTF-8 (with ``surrogatepass``); a strict decode that
-    fails falls back to ``json.loads`` itself, so results and errors are the same.
+    orjson gives the same values for JSON both accept, except integers beyond 64 bits (a
+    float there), so a record with a run of 19 digits goes to ``json.loads``; so does what
+    orjson refuses (NaN/Infinity literals, lone surrogates, a BOM, malformed text). Results
+    and errors are those of the standard library.
+
+    >>> _loads(b'{"tx_id": 123456789012345678901234567890, "a": 1.5}')
+    {'tx_id': 123456789012345678901234567890, 'a': 1.5}
     """
+    if _LONG_DIGITS.search(value) is None:
+        try:
+            return _orjson_loads(value)
+        except orjson.JSONDecodeError:
+            pass
     try:
-        if value[:1] == b"{":
-            try:
-                text = value.decode()
-            except UnicodeDecodeError:
-                return json.loads(value)
-            return _decode(text)
         return json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRecord("not-json", str(exc).split(":")[0]) from None

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fraud.features import FeatureExtractor
+from streams import scoring
 from streams.config_stream import ConfigDocument
 from streams.scoring import (
     BadRecord,
@@ -169,3 +173,15 @@ def test_changelog_records_are_the_json_of_the_stored_values():
     pipe.scored.expire(now=1e12, ttl_s=1.0, max_entries=10**6)  # tombstones
     want = expected(pipe.scored)
     assert len(want) == 40 and pipe.scored.drain_encoded() == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+))
+def test_record_parsing_gives_what_the_standard_library_gives(value: Any) -> None:
+    # orjson first, json.loads for what orjson reads differently (big integers) or refuses
+    data = json.dumps(value).encode()
+    assert repr(scoring._loads(data)) == repr(json.loads(data))
