@@ -247,6 +247,9 @@ async def event_batches(
             yield batch
 
 
+GC_FREEZE_INTERVAL_S = 5.0
+FULL_COLLECTION_INTERVAL_S = 3600.0
+
 FETCH_MAX_WAIT_MS = 50
 """How long a fetch may wait at the broker for new records (faust hard-codes 1,500 ms)."""
 
@@ -490,6 +493,25 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                                       settings.scored_max_entries)
         if gone:
             await publisher.publish(state_records())
+
+    full_collection_due = time.monotonic() + FULL_COLLECTION_INTERVAL_S
+
+    @app.timer(interval=GC_FREEZE_INTERVAL_S)
+    async def freeze_long_lived() -> None:
+        # The tables' state (entity windows: many small dicts and lists) is what the
+        # garbage collector's oldest generation walks: measured 260 ms per full collection
+        # at 40k transactions, every ~10 s at 1,000 tx/s, collecting nothing (that state is
+        # freed by reference counting). Frozen, it is no longer walked. What may hide
+        # there is collected by a full collection once an hour.
+        nonlocal full_collection_due
+        if time.monotonic() >= full_collection_due:
+            full_collection_due = time.monotonic() + FULL_COLLECTION_INTERVAL_S
+            started = time.perf_counter()
+            gc.unfreeze()
+            found = gc.collect()
+            log.info("full garbage collection: %d objects in %.0f ms", found,
+                     (time.perf_counter() - started) * 1000)
+        gc.freeze()
 
     def collect(m: WorkerMetrics) -> None:
         m.gauge("qsfraud_model_info", 1, version=pipeline.model_version)
