@@ -1,8 +1,8 @@
 """CDC throughput and commit-to-Kafka latency, per source, on a throw-away local stack.
 
-Run with ``qsfraud bench cdc [--rows N] [--rate R] [--seconds S] [--warmup W]``. It starts
-its own ephemeral stack (Kafka, MariaDB, the MongoDB server) on free ports and stops it at the
-end.
+Run with ``qsfraud bench cdc [--rows N] [--rate R] [--seconds S] [--warmup W] [--sources S]``
+(``--sources mongo`` measures one source; the JSON then has only its keys). It starts its own
+ephemeral stack (Kafka, MariaDB, the MongoDB server) on free ports and stops it at the end.
 For each source (MySQL binlog, MongoDB change stream) ``qsfraud cdc run`` runs as a separate
 process, as in production, and a ``read_committed`` consumer in this process measures:
 
