@@ -483,8 +483,10 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     @app.timer(interval=settings.checkpoint_interval_s)
     async def checkpoint() -> None:
         value = checkpoint_value(settings.retailer, pipeline.model, pipeline.config.version)
-        await app.producer.send_and_wait(settings.checkpoints_topic, settings.retailer.encode(),
-                                         value, 0, None, None)
+        # the same librdkafka producer as the other writes: faust's aiokafka producer would
+        # be a second client, in Python, for one record every few seconds
+        await publisher.publish([(settings.checkpoints_topic, 0, settings.retailer.encode(),
+                                  value)])
         metrics.count("qsfraud_checkpoints_total")
 
     @app.timer(interval=min(60.0, max(1.0, settings.scored_ttl_s / 10)))
