@@ -266,19 +266,12 @@ def combine_chunk_digests(length: int, chunk_digests: list[bytes]) -> bytes:
 
 def payload_digest(payload: bytes | memoryview) -> bytes:
     """The chunked SHA-256 of a sealed envelope's payload (``docs/envelope.md``), computed in
-    this thread. :class:`_ChunkHasher` computes the same on several threads.
+    this thread (:func:`_digest` lets a helper thread take chunks too).
 
     >>> payload_digest(b"abc").hex()[:16]
     '5510101536a5f442'
     """
-    view = memoryview(payload)
-    return combine_chunk_digests(
-        len(view),
-        [
-            hashlib.sha256(view[start : start + CHUNK_SIZE]).digest()
-            for start in range(0, max(1, len(view)), CHUNK_SIZE)
-        ],
-    )
+    return _ChunkHasher(payload).result()
 
 
 def payload_binding(bind_key: bytes, payload_digest: bytes) -> bytes:
@@ -477,10 +470,7 @@ def _encapsulate(kem: KEM, public_key: bytes, header: bytes) -> tuple[bytes, AES
     """Encapsulate to ``public_key``; return the prefix (header || KEM ciphertext), the AEAD,
     the nonce and the binding key."""
     secret, kem_ciphertext = kem.encapsulate(public_key)
-    return _keys(secret, header + kem_ciphertext)
-
-
-def _keys(secret: bytes, prefix: bytes) -> tuple[bytes, AESGCM, bytes, bytes]:
+    prefix = header + kem_ciphertext
     return (prefix, *_derive(secret, prefix))
 
 

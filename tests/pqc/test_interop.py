@@ -85,6 +85,33 @@ def spec_binding(bind_key: bytes, payload: bytes) -> bytes:
     return hmac.new(bind_key, spec_digest(payload), "sha256").digest()
 
 
+def spec_sealed_prefix(
+    version: int, recipient_pk: bytes, signer_pk: bytes, seq: int, payload_length: int
+) -> tuple[bytes, bytes]:
+    """The shared secret and the prefix (header, purpose ``model-update``, X25519MLKEM768
+    ciphertext) of a sealed envelope to ``recipient_pk``, made as the specification says."""
+    ml_secret, ml_ct = ML_KEM_768.encaps(recipient_pk[:1184])
+    ephemeral = x25519.X25519PrivateKey.generate()
+    peer = x25519.X25519PublicKey.from_public_bytes(recipient_pk[1184:])
+    purpose = b"model-update"
+    header = struct.pack(
+        ">4sBBBB16s16sQQQB",
+        b"QSFE",
+        version,
+        2,
+        1,
+        1,
+        key_id("ML-DSA-65", signer_pk),
+        key_id("X25519MLKEM768", recipient_pk),
+        seq,
+        int(NOW * 1000),
+        payload_length + 16,
+        len(purpose),
+    )
+    prefix = header + purpose + ml_ct + ephemeral.public_key().public_bytes_raw()
+    return ml_secret + ephemeral.exchange(peer), prefix
+
+
 def spec_open(blob: bytes, dk: bytes, x25519_private: bytes | None, signer_pk: bytes) -> bytes:
     magic, version, kem_id, aead_id, sig_id = struct.unpack_from(">4sBBBB", blob)
     assert (magic, version, aead_id, sig_id) == (b"QSFE", 3, 1, 1)
@@ -139,27 +166,7 @@ def test_our_open_accepts_a_spec_envelope_and_rejects_a_bad_one(tmp_path, payloa
     )
     save_store_registry(receiver)
     recipient_pk = receiver.kem.current.private.public_key
-    ml_secret, ml_ct = ML_KEM_768.encaps(recipient_pk[:1184])
-    ephemeral = x25519.X25519PrivateKey.generate()
-    peer = x25519.X25519PublicKey.from_public_bytes(recipient_pk[1184:])
-    secret = ml_secret + ephemeral.exchange(peer)
-    kem_ct = ml_ct + ephemeral.public_key().public_bytes_raw()
-    purpose = b"model-update"
-    header = struct.pack(
-        ">4sBBBB16s16sQQQB",
-        b"QSFE",
-        3,
-        2,
-        1,
-        1,
-        key_id("ML-DSA-65", signer_pk),
-        key_id("X25519MLKEM768", recipient_pk),
-        11,
-        int(NOW * 1000),
-        len(payload) + 16,
-        len(purpose),
-    )
-    prefix = header + purpose + kem_ct
+    secret, prefix = spec_sealed_prefix(3, recipient_pk, signer_pk, 11, len(payload))
     key, nonce, bind_key = spec_kdf(secret, prefix)
     body = AESGCM(key).encrypt(nonce, payload, prefix)
     message = prefix + spec_binding(bind_key, payload)
@@ -292,27 +299,7 @@ def spec_v2_sealed(
 ) -> bytes:
     """A sealed envelope of version 2 (M = prefix || tag || HMAC(bind_key, SHA-256(payload)),
     HKDF info qsfraud/v2/aes-256-gcm), made as the version 2 specification said."""
-    ml_secret, ml_ct = ML_KEM_768.encaps(recipient_pk[:1184])
-    ephemeral = x25519.X25519PrivateKey.generate()
-    secret = ml_secret + ephemeral.exchange(
-        x25519.X25519PublicKey.from_public_bytes(recipient_pk[1184:])
-    )
-    purpose = b"model-update"
-    header = struct.pack(
-        ">4sBBBB16s16sQQQB",
-        b"QSFE",
-        2,
-        2,
-        1,
-        1,
-        key_id("ML-DSA-65", signer_pk),
-        key_id("X25519MLKEM768", recipient_pk),
-        12,
-        int(NOW * 1000),
-        len(payload) + 16,
-        len(purpose),
-    )
-    prefix = header + purpose + ml_ct + ephemeral.public_key().public_bytes_raw()
+    secret, prefix = spec_sealed_prefix(2, recipient_pk, signer_pk, 12, len(payload))
     okm = HKDF(hashes.SHA256(), 76, salt=None, info=b"qsfraud/v2/aes-256-gcm" + prefix).derive(
         secret
     )
