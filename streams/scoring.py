@@ -321,9 +321,13 @@ class ScoredStore(TrackedStore):
         raw = self.data.get(key)
         return default if raw is None else _orjson_loads(raw)
 
-    def set_on(self, partition: int, key: str, value: Any, encoded: bytes | None = None) -> None:
-        """Write ``key``; ``encoded``, if given, must be ``dumps(value)`` (the writer had it)."""
-        self.data[key] = dumps(value) if encoded is None else encoded
+    def set_on(self, partition: int, key: str, value: Any) -> None:
+        self.set_encoded(partition, key, dumps(value))
+
+    def set_encoded(self, partition: int, key: str, raw: bytes) -> None:
+        """Write ``key`` as ``raw``, which must be :func:`dumps` of its value (for a writer
+        that has the encoding at hand already)."""
+        self.data[key] = raw
         self.dirty[key] = self.key_partition[key] = partition
 
     def _encoded(self, key: str) -> bytes | None:
@@ -423,8 +427,8 @@ class ScoringPipeline:
         score_and_explain = model.score_and_explain
         features = self.features
         scored = self.scored
-        scored_get = scored.data.get
-        set_scored = scored.set_on
+        scored_get = scored.get
+        set_scored = scored.set_encoded
         names = self.names
         retailer = self.retailer
         out = BatchResult()
@@ -452,8 +456,7 @@ class ScoringPipeline:
             prior = scored_get(tx_id)
             if prior is not None:  # redelivered: the same record, no learning, no state
                 out.duplicates += 1
-                decisions.append(OutputRecord(rec.key, dumps(_orjson_loads(prior)["d"]),
-                                              rec.partition))
+                decisions.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
                 continue
             partition = rec.partition
             features.partition = partition
@@ -477,10 +480,8 @@ class ScoringPipeline:
             encoded = dumps(decision)
             # dumps({"d": decision, "x": values, "at": received, "l": 0, "p": partition}),
             # reusing the decision's encoding
-            set_scored(partition, tx_id, {
-                "d": decision, "x": values, "at": received, "l": 0, "p": partition,
-            }, b'{"d":' + encoded + b',"x":' + dumps(values) + at_tail
-               + str(partition).encode() + b"}")
+            set_scored(partition, tx_id, b'{"d":' + encoded + b',"x":' + dumps(values)
+                       + at_tail + str(partition).encode() + b"}")
             decisions.append(OutputRecord(rec.key, encoded, partition))
             action = decision["action"]
             actions[action] = actions.get(action, 0) + 1
