@@ -40,6 +40,9 @@ class StackConfig:
     kafka_controller_port: int = DEFAULT_PORTS["kafka_controller_port"]
     mariadb_port: int = DEFAULT_PORTS["mariadb_port"]
     mongo_port: int = DEFAULT_PORTS["mongo_port"]
+    kafka_full_jit: bool = False
+    """The broker's JVM with both JIT compilers (see :class:`KafkaService`): for long runs
+    under load, such as benchmarks; the quick (C1-only) JIT suits short-lived stacks."""
 
     @classmethod
     def load(
@@ -79,10 +82,11 @@ class StackConfig:
         return cfg
 
     @classmethod
-    def ephemeral(cls, root: Path) -> StackConfig:
+    def ephemeral(cls, root: Path, kafka_full_jit: bool = False) -> StackConfig:
         """Free loopback ports and a private folder: for tests and throw-away stacks."""
         return cls(root=root.resolve(), kafka_port=free_port(), kafka_controller_port=free_port(),
-                   mariadb_port=free_port(), mongo_port=free_port())
+                   mariadb_port=free_port(), mongo_port=free_port(),
+                   kafka_full_jit=kafka_full_jit)
 
 
 class Stack:
@@ -91,7 +95,8 @@ class Stack:
     def __init__(self, config: StackConfig | None = None) -> None:
         self.config = config or StackConfig.load()
         c = self.config
-        self.kafka = KafkaService(c.root, c.host, c.kafka_port, c.kafka_controller_port)
+        self.kafka = KafkaService(c.root, c.host, c.kafka_port, c.kafka_controller_port,
+                                  full_jit=c.kafka_full_jit)
         self.mariadb = MariaDBService(c.root, c.host, c.mariadb_port)
         self.mongo = MongoService(c.root, c.host, c.mongo_port)
         self.services: dict[str, Service] = {
