@@ -6,7 +6,11 @@
 (b) the same :class:`streams.scoring.ScoringPipeline` in a plain confluent-kafka
     consume -> score -> produce loop, writing the same records (decisions and changelogs),
     learning from the same share of labels;
-(c) produce -> decision visible latency at a steady rate (default 1,000 tx/s) through a worker.
+(c) produce -> decision visible latency at a steady rate (default 1,000 tx/s) through a worker,
+    counted after ``--warmup-seconds`` (20) at that rate.
+
+Before (a), one unmeasured run of (b) under another retailer warms up the fresh broker (its
+JIT compilers would otherwise take a core during (a)).
 
 Throughputs come from the ``decided`` timestamps in the decision records (first to last).
 Runs its own ephemeral Kafka unless ``--bootstrap`` is given. The last line is JSON:
@@ -350,7 +354,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--warmup-seconds", type=float, default=20.0,
-                        help="steady rate before latencies count (the broker's JIT settles)")
+                        help="seconds at the steady rate before latencies count (the new "
+                        "worker and the broker settle)")
     parser.add_argument("--bootstrap", help="use this Kafka instead of an ephemeral one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qsfraud-bench-streams-") as tmpdir:
@@ -360,8 +365,8 @@ def main() -> int:
         else:
             from qsfraud.stack import Stack, StackConfig
 
-            # the full JIT: a broker under minutes of load, as in production (phases (a) and
-            # (b) warm it up before the latency is measured)
+            # the full JIT: a broker under minutes of load, as in production (warmed up
+            # before anything is measured, see run())
             stack = Stack(StackConfig.ephemeral(tmp / "stack", kafka_full_jit=True))
             try:
                 stack.up(["kafka"])
