@@ -85,6 +85,18 @@ def spec_binding(bind_key: bytes, payload: bytes) -> bytes:
     return hmac.new(bind_key, spec_digest(payload), "sha256").digest()
 
 
+def spec_header(
+    version: int, kem_id: int, aead_id: int, sender_id: bytes, recipient_id: bytes, seq: int,
+    body_length: int, purpose: bytes,
+) -> bytes:
+    """An envelope header as the specification lays it out (ML-DSA-65, timestamp ``NOW``),
+    purpose included."""
+    return struct.pack(
+        ">4sBBBB16s16sQQQB", b"QSFE", version, kem_id, aead_id, 1, sender_id, recipient_id,
+        seq, int(NOW * 1000), body_length, len(purpose),
+    ) + purpose
+
+
 def spec_sealed_prefix(
     version: int, recipient_pk: bytes, signer_pk: bytes, seq: int, payload_length: int
 ) -> tuple[bytes, bytes]:
@@ -93,22 +105,10 @@ def spec_sealed_prefix(
     ml_secret, ml_ct = ML_KEM_768.encaps(recipient_pk[:1184])
     ephemeral = x25519.X25519PrivateKey.generate()
     peer = x25519.X25519PublicKey.from_public_bytes(recipient_pk[1184:])
-    purpose = b"model-update"
-    header = struct.pack(
-        ">4sBBBB16s16sQQQB",
-        b"QSFE",
-        version,
-        2,
-        1,
-        1,
-        key_id("ML-DSA-65", signer_pk),
-        key_id("X25519MLKEM768", recipient_pk),
-        seq,
-        int(NOW * 1000),
-        payload_length + 16,
-        len(purpose),
-    )
-    prefix = header + purpose + ml_ct + ephemeral.public_key().public_bytes_raw()
+    header = spec_header(version, 2, 1, key_id("ML-DSA-65", signer_pk),
+                         key_id("X25519MLKEM768", recipient_pk), seq, payload_length + 16,
+                         b"model-update")
+    prefix = header + ml_ct + ephemeral.public_key().public_bytes_raw()
     return ml_secret + ephemeral.exchange(peer), prefix
 
 
@@ -241,22 +241,8 @@ def test_recipient_cannot_swap_the_ciphertext_under_the_same_tag(tmp_path):
 
 
 def spec_document(version: int, signer_sk: bytes, signer_pk: bytes, payload: bytes) -> bytes:
-    purpose = b"config"
-    header = struct.pack(
-        ">4sBBBB16s16sQQQB",
-        b"QSFE",
-        version,
-        0,
-        0,
-        1,
-        key_id("ML-DSA-65", signer_pk),
-        bytes(16),
-        5,
-        int(NOW * 1000),
-        len(payload),
-        len(purpose),
-    )
-    header += purpose
+    header = spec_header(version, 0, 0, key_id("ML-DSA-65", signer_pk), bytes(16), 5,
+                         len(payload), b"config")
     message = header + hashlib.sha256(payload).digest()
     return header + payload + ML_DSA_65.sign(signer_sk, message, ctx=b"qsfraud/v1/config")
 
