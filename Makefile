@@ -5,15 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo clean stack-up stack-down stack-status
+.PHONY: install liboqs lint test demo clean stack-up stack-down stack-status
 
-install: $(STAMP)
+install: $(STAMP) liboqs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,oqs]'
 	@touch $(STAMP)
+
+# The optional oqs backend's library, in the venv (pqc.backend.find_liboqs looks there). A
+# failed build is not fatal: the backend stays unavailable and its tests are skipped.
+liboqs: $(STAMP)
+	@scripts/build-liboqs $(VENV) || echo "make: liboqs was not built (see above);" \
+	  "the oqs backend stays unavailable and its tests are skipped" >&2
 
 lint: install
 	$(BIN)/ruff check .

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes.util
 import hashlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -142,18 +143,34 @@ class Backend:
 def find_liboqs() -> str | None:
     """The path of an installed liboqs shared library, or None.
 
-    Looks in ``$OQS_INSTALL_PATH/lib*`` and then asks ``ctypes.util.find_library("oqs")``.
-    Only when this finds a library may ``oqs`` (liboqs-python) be imported: without one,
-    importing it tries to download and build liboqs.
+    Looks in ``$OQS_INSTALL_PATH/lib*``, then in this Python environment's ``lib`` (where
+    ``make`` builds one: ``scripts/build-liboqs``), then asks
+    ``ctypes.util.find_library("oqs")``. Only when this finds a library may ``oqs``
+    (liboqs-python) be imported: without one, importing it tries to download and build liboqs.
     """
-    root = os.environ.get("OQS_INSTALL_PATH")
-    if root:
-        for lib in ("lib", "lib64"):
-            for name in ("liboqs.so", "liboqs.dylib", "oqs.dll"):
-                path = os.path.join(root, lib, name)
-                if os.path.isfile(path):
-                    return path
+    for root in (os.environ.get("OQS_INSTALL_PATH"), sys.prefix):
+        path = _liboqs_under(root) if root else None
+        if path is not None:
+            return path
     return ctypes.util.find_library("oqs")
+
+
+def liboqs_install_path(library: str) -> str | None:
+    """The ``OQS_INSTALL_PATH`` under which liboqs-python finds ``library`` (None for a
+    library on the system's search path)."""
+    lib_dir = os.path.dirname(library)
+    if os.path.basename(lib_dir) in ("lib", "lib64"):
+        return os.path.dirname(lib_dir)
+    return None
+
+
+def _liboqs_under(root: str) -> str | None:
+    for lib in ("lib", "lib64"):
+        for name in ("liboqs.so", "liboqs.dylib", "oqs.dll"):
+            path = os.path.join(root, lib, name)
+            if os.path.isfile(path):
+                return path
+    return None
 
 
 BACKENDS = ("cryptography", "oqs")
