@@ -5,7 +5,9 @@ AES-256-GCM encryption are timed alternately (as are open and decryption), so bo
 same machine load; figures are medians in milliseconds. The last printed line is a JSON
 object with ``seal_1mb_ms``, ``open_1mb_ms``, ``aesgcm_1mb_ms`` (encryption) and
 ``pq_overhead_ms`` (the larger of seal and open, minus AES-256-GCM, for 1 MiB), plus the
-other figures and a breakdown of the 1 MiB overhead. From 64 KiB on (with two or more
+other figures and a breakdown of the 1 MiB overhead. Where the other backend is installed too
+(liboqs: ``make`` builds it), its 1 MiB row follows, under keys prefixed with its name
+(``oqs_pq_overhead_1mb_ms``). From 64 KiB on (with two or more
 CPUs), ``seal`` hashes the payload's 256 KiB chunks on two threads, runs the KEM as the
 hashing ends, then signs while a helper thread runs AES-GCM; ``open`` hashes the decrypted
 payload on two threads. ``seal_inline_1mb_ms`` is the same seal with everything in one
@@ -34,7 +36,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     del sys.path[0]
 
 from pqc import envelope
-from pqc.backend import ML_DSA_65, X25519_ML_KEM_768, get_backend
+from pqc.backend import BACKENDS, ML_DSA_65, X25519_ML_KEM_768, Backend, get_backend
+from pqc.errors import BackendUnavailable
 from pqc.freshness import InMemoryFreshness
 from pqc.keys import init_keystore
 
@@ -68,6 +71,69 @@ def median_ms(run: Callable[[], object], rounds: int) -> float:
     return statistics.median(times) / 1e6
 
 
+class Parties:
+    """A sender and a recipient (the aggregator) with keys made by one backend."""
+
+    def __init__(self, backend: Backend, kem: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.sender = init_keystore(Path(tmp) / "s", "retailer-1", "retailer", backend=backend)
+            self.receiver = init_keystore(
+                Path(tmp) / "r", "aggregator", "aggregator", kem, backend=backend
+            )
+        self.sender.registry.trust(self.receiver.public_keys())
+        self.receiver.registry.trust(self.sender.public_keys())
+        self.recipient = self.sender.registry.current_kem_key("aggregator")
+
+
+def payload_row(parties: Parties, label: str, prefix: str = "") -> dict[str, float]:
+    """Seal/open of one payload size next to AES-256-GCM; prints the table row."""
+    aead, nonce, aad = AESGCM(os.urandom(32)), os.urandom(12), os.urandom(80)
+    payload, rounds = os.urandom(SIZES[label]), ROUNDS[label]
+    sender, receiver = parties.sender, parties.receiver
+
+    def seal(i: int) -> bytes:
+        return envelope.seal(payload, sender.identity, parties.recipient, "model-update", i)
+
+    def encrypt(_i: int) -> bytes:
+        return aead.encrypt(nonce, payload, aad)
+
+    seal_ms, enc_ms = alternate(seal, encrypt, rounds)
+    blobs = [seal(i) for i in range(rounds + 1)]
+    sealed = encrypt(0)
+    seen = InMemoryFreshness()
+
+    def open_(i: int) -> bytes:
+        return envelope.open(blobs[i], receiver.kem, receiver.registry, freshness=seen)[0]
+
+    def decrypt(_i: int) -> bytes:
+        return aead.decrypt(nonce, sealed, aad)
+
+    open_ms, dec_ms = alternate(open_, decrypt, rounds)
+    overhead = max(seal_ms, open_ms) - enc_ms
+    print(
+        f"{prefix + label:>8} {seal_ms:8.3f} {open_ms:8.3f} {enc_ms:12.3f} {dec_ms:12.3f}"
+        f" {overhead:12.3f} {len(blobs[0]):15,d}"
+    )
+    return {
+        f"seal_{label}_ms": round(seal_ms, 3),
+        f"open_{label}_ms": round(open_ms, 3),
+        f"aesgcm_{label}_ms": round(enc_ms, 3),
+        f"aesgcm_decrypt_{label}_ms": round(dec_ms, 3),
+        f"pq_overhead_{label}_ms": round(overhead, 3),
+    }
+
+
+def other_backend(chosen: Backend) -> Backend | None:
+    """The other backend, if it is installed here (liboqs is optional)."""
+    for name in BACKENDS:
+        if name != chosen.name:
+            try:
+                return get_backend(name)
+            except BackendUnavailable:
+                return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qsfraud bench pqc", description=__doc__)
     parser.add_argument(
@@ -76,16 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, help="cryptography (default) or oqs")
     args = parser.parse_args(argv)
     backend = get_backend(args.backend)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sender = init_keystore(Path(tmp) / "s", "retailer-1", "retailer", backend=backend)
-        receiver = init_keystore(
-            Path(tmp) / "r", "aggregator", "aggregator", args.kem, backend=backend
-        )
-    sender.registry.trust(receiver.public_keys())
-    receiver.registry.trust(sender.public_keys())
-    recipient = sender.registry.current_kem_key("aggregator")
-    aead, nonce, aad = AESGCM(os.urandom(32)), os.urandom(12), os.urandom(80)
+    parties = Parties(backend, args.kem)
+    sender, recipient = parties.sender, parties.recipient
 
     load = os.getloadavg()[0]
     print(
@@ -97,42 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         f" {'PQ overhead':>12} {'envelope bytes':>15}   (ms, medians)"
     )
     figures: dict[str, float] = {}
-    for label, size in SIZES.items():
-        payload = os.urandom(size)
-        rounds = ROUNDS[label]
-
-        def seal(i: int, payload: bytes = payload) -> bytes:
-            return envelope.seal(payload, sender.identity, recipient, "model-update", i)
-
-        def encrypt(_i: int, payload: bytes = payload) -> bytes:
-            return aead.encrypt(nonce, payload, aad)
-
-        seal_ms, enc_ms = alternate(seal, encrypt, rounds)
-        blobs = [seal(i) for i in range(rounds + 1)]
-        sealed = encrypt(0)
-        seen = InMemoryFreshness()
-
-        def open_(i: int, blobs: list[bytes] = blobs, seen: InMemoryFreshness = seen) -> bytes:
-            return envelope.open(blobs[i], receiver.kem, receiver.registry, freshness=seen)[0]
-
-        def decrypt(_i: int, sealed: bytes = sealed) -> bytes:
-            return aead.decrypt(nonce, sealed, aad)
-
-        open_ms, dec_ms = alternate(open_, decrypt, rounds)
-        overhead = max(seal_ms, open_ms) - enc_ms
-        print(
-            f"{label:>8} {seal_ms:8.3f} {open_ms:8.3f} {enc_ms:12.3f} {dec_ms:12.3f}"
-            f" {overhead:12.3f} {len(blobs[0]):15,d}"
-        )
-        figures.update(
-            {
-                f"seal_{label}_ms": round(seal_ms, 3),
-                f"open_{label}_ms": round(open_ms, 3),
-                f"aesgcm_{label}_ms": round(enc_ms, 3),
-                f"aesgcm_decrypt_{label}_ms": round(dec_ms, 3),
-                f"pq_overhead_{label}_ms": round(overhead, 3),
-            }
-        )
+    for label in SIZES:
+        figures.update(payload_row(parties, label))
+    other = other_backend(backend)
+    if other is not None:
+        row = payload_row(Parties(other, args.kem), "1mb", prefix=f"{other.name} ")
+        figures.update({f"{other.name}_{key}": value for key, value in row.items()})
 
     payload = os.urandom(SIZES["1mb"])
 
@@ -185,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     figures["pq_overhead_ms"] = figures["pq_overhead_1mb_ms"]
     print(
         f"post-quantum overhead per 1 MiB envelope: {figures['pq_overhead_ms']:.3f} ms"
-        " (target < 2 ms)"
+        f" with {backend.name}"
+        + (
+            f", {figures[f'{other.name}_pq_overhead_1mb_ms']:.3f} ms with {other.name}"
+            if other is not None
+            else ""
+        )
+        + " (target < 2 ms)"
     )
     result = {
         "seal_1mb_ms": figures["seal_1mb_ms"],
