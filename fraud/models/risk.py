@@ -429,8 +429,9 @@ def _top(rows: _Rows, terms: np.ndarray, k: int) -> list[tuple[str, float]]:
     """The ``k`` largest positive ``(key, term)`` pairs, largest first (ties by key)."""
     if k <= 0:
         return []
-    keys, values = rows.keys, terms.tolist()
-    return [(keys[i], values[i]) for i in top_positive(terms, rows.ranks, k).tolist() if i >= 0]
+    keys = rows.keys  # three floats out of the array, not all ~50 of them (terms.tolist())
+    return [(keys[i], float(terms[i])) for i in top_positive(terms, rows.ranks, k).tolist()
+            if i >= 0]
 
 
 def _check_state(state: Any) -> None:
