@@ -124,13 +124,14 @@ def payload_row(parties: Parties, label: str, prefix: str = "") -> dict[str, flo
 
 
 def other_backend(chosen: Backend) -> Backend | None:
-    """The other backend, if it is installed here (liboqs is optional)."""
+    """The first other backend installed here (liboqs is optional), or None."""
     for name in BACKENDS:
-        if name != chosen.name:
-            try:
-                return get_backend(name)
-            except BackendUnavailable:
-                return None
+        if name == chosen.name:
+            continue
+        try:
+            return get_backend(name)
+        except BackendUnavailable:
+            continue
     return None
 
 
