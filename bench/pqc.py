@@ -186,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
 
     scheme, kem = backend.signature(ML_DSA_65), backend.kem(args.kem)
     message = os.urandom(1300)
-    mib = os.urandom(SIZES["1mb"])
     breakdown = {
         "mldsa65_sign_ms": median_ms(
             lambda: scheme.sign(sender.identity.current.private, message, b"qsfraud/v1/x"), 200
@@ -200,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             200,
         ),
-        "sha256_1mb_ms": median_ms(lambda: hashlib.sha256(mib).digest(), 100),
-        "chunked_sha256_1mb_ms": median_ms(lambda: envelope._digest(mib), 100),
+        "sha256_1mb_ms": median_ms(lambda: hashlib.sha256(payload).digest(), 100),
+        "chunked_sha256_1mb_ms": median_ms(lambda: envelope._digest(payload), 100),
         "kem_encapsulate_ms": median_ms(lambda: kem.encapsulate(recipient.public_key), 200),
     }
     print(
@@ -212,16 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     figures.update({k: round(v, 3) for k, v in breakdown.items()})
     figures["pq_overhead_ms"] = figures["pq_overhead_1mb_ms"]
-    print(
-        f"post-quantum overhead per 1 MiB envelope: {figures['pq_overhead_ms']:.3f} ms"
-        f" with {backend.name}"
-        + (
-            f", {figures[f'{other.name}_pq_overhead_1mb_ms']:.3f} ms with {other.name}"
-            if other is not None
-            else ""
-        )
-        + " (target < 2 ms)"
-    )
+    overheads = [f"{figures['pq_overhead_ms']:.3f} ms with {backend.name}"]
+    if other is not None:
+        overheads.append(f"{figures[f'{other.name}_pq_overhead_1mb_ms']:.3f} ms with {other.name}")
+    print(f"post-quantum overhead per 1 MiB envelope: {', '.join(overheads)} (target < 2 ms)")
     result = {
         "seal_1mb_ms": figures["seal_1mb_ms"],
         "open_1mb_ms": figures["open_1mb_ms"],

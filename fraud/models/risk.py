@@ -429,7 +429,7 @@ def _top(rows: _Rows, terms: np.ndarray, k: int) -> list[tuple[str, float]]:
     """The ``k`` largest positive ``(key, term)`` pairs, largest first (ties by key)."""
     if k <= 0:
         return []
-    keys = rows.keys  # three floats out of the array, not all ~50 of them (terms.tolist())
+    keys = rows.keys  # the k chosen floats out of the array, not all ~50 (terms.tolist())
     return [(keys[i], float(terms[i])) for i in top_positive(terms, rows.ranks, k).tolist()
             if i >= 0]
 
