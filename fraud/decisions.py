@@ -247,6 +247,19 @@ def _as_mapping(tx: Transaction | Mapping[str, Any]) -> Mapping[str, Any]:
     return tx
 
 
+def _listed(tx: Transaction | Mapping[str, Any], lists: Mapping[str, frozenset[str]],
+            tag: str) -> list[str]:
+    """``<tag>:<entity>`` for each of ``tx``'s entities found in its list."""
+    hits = []
+    for kind, name in _LIST_FIELDS.items():
+        ids = lists[kind]
+        if ids:  # most lists are empty: no field lookup then
+            value = getattr(tx, name) if isinstance(tx, Transaction) else tx.get(name)
+            if value is not None and value in ids:
+                hits.append(f"{tag}:{kind[:-1]}")
+    return hits
+
+
 def decide(
     tx: Transaction | Mapping[str, Any],
     score: float,
@@ -260,27 +273,23 @@ def decide(
 
     Reasons: list hits (``blocklist:device``, ``allowlist:customer``), fired rules
     (``rule:<name>``), the score band (``score>=hold``) and the top feature contributions.
+    ``features`` are needed only by rules on ``feature:<name>`` fields.
     """
-    t = _as_mapping(tx)
-    feats = features or {}
     score = 0.0 if not score > 0.0 else 1.0 if score > 1.0 else float(score)
-    reasons: list[str] = []
+    reasons = _listed(tx, config.block, "blocklist")
     action = ""
-    for kind, name in _LIST_FIELDS.items():
-        value = t.get(name)
-        if value is not None and value in config.block[kind]:
-            reasons.append(f"blocklist:{kind[:-1]}")
-    fired = [r for r in config.rules if r.fires(t, score, feats)]
+    fired: list[Rule] = []
+    if config.rules:
+        t = _as_mapping(tx)
+        feats = features or {}
+        fired = [r for r in config.rules if r.fires(t, score, feats)]
     for rule in fired:
         if rule.action == "block":
             reasons.append(f"rule:{rule.name}")
     if reasons:
         action = "block"
     else:
-        for kind, name in _LIST_FIELDS.items():
-            value = t.get(name)
-            if value is not None and value in config.allow[kind]:
-                reasons.append(f"allowlist:{kind[:-1]}")
+        reasons = _listed(tx, config.allow, "allowlist")
         if reasons:
             action = "allow"
     if not action:
@@ -295,9 +304,13 @@ def decide(
         reasons += [f"{k} {c:+.2f}" for k, c in list(contributions)[: config.top_reasons]]
     stamp = dict(timings or {})
     stamp.setdefault("decided", time.time())
+    if isinstance(tx, Transaction):
+        tx_id, retailer_id = tx.tx_id, tx.retailer_id
+    else:
+        tx_id, retailer_id = str(tx.get("tx_id") or ""), str(tx.get("retailer_id") or "")
     return Decision(
-        tx_id=str(t.get("tx_id") or ""),
-        retailer_id=str(t.get("retailer_id") or ""),
+        tx_id=tx_id,
+        retailer_id=retailer_id,
         score=score,
         action=action,
         reasons=tuple(reasons),

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from math import fsum, isfinite
 from typing import Any, Final
 
+import numpy as np
 import orjson
 
 from fraud.decisions import decide
@@ -418,28 +419,29 @@ class ScoringPipeline:
     def process_batch(
         self, records: Sequence[InputRecord], now: float | None = None
     ) -> BatchResult:
-        """Decide every transaction in ``records``; bad ones become dead letters."""
+        """Decide every transaction in ``records``; bad ones become dead letters.
+
+        Three passes: parse, dedup and extract each record's features in order; score all
+        new transactions with one compiled call (:meth:`RiskModel.score_and_explain_many`,
+        the same scores as one by one); decide and encode each. Decisions come out in input
+        order.
+        """
         received = time.time() if now is None else now
         config = self.config
         policy = config.policy
         top = policy.top_reasons
-        model = self.model
-        version = self.model_version
         extract = self.extractor.extract_values
-        score_one = model.score_one
-        score_and_explain = model.score_and_explain
         features = self.features
         scored = self.scored
         scored_get = scored.get
-        set_scored = scored.set_encoded
-        names = self.names
         retailer = self.retailer
         out = BatchResult()
-        actions = out.actions
         decisions = out.decisions
-        latencies = out.latencies
-        # the tail of every `scored` changelog value this batch: `..."at":<received>,"l":0,`
-        at_tail = b',"at":' + dumps(received) + b',"l":0,"p":'
+        slots: list[OutputRecord | None] = []  # decisions in input order, new ones filled last
+        fresh: list[tuple[InputRecord, ParsedTransaction, int]] = []  # (record, tx, slot)
+        vectors: list[list[float]] = []
+        first_slot: dict[str, int] = {}  # tx_id -> slot of its first delivery in this batch
+        repeats: list[tuple[InputRecord, int, int]] = []  # (record, its slot, first slot)
         for rec in records:
             try:
                 parsed = parse_transaction(rec.value)
@@ -459,38 +461,76 @@ class ScoringPipeline:
             prior = scored_get(tx_id)
             if prior is not None:  # redelivered: the same record, no learning, no state
                 out.duplicates += 1
-                decisions.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
+                slots.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
                 continue
-            partition = rec.partition
-            features.partition = partition
+            if tx_id in first_slot:  # twice in this batch: the first one's record, later
+                out.duplicates += 1
+                repeats.append((rec, len(slots), first_slot[tx_id]))
+                slots.append(None)
+                continue
+            features.partition = rec.partition
             values = extract(tx, features)
             if not isfinite(fsum(values)):  # cannot happen with validated input; guards dumps
                 out.dead_letters.append(dead_letter(
                     rec, "non-finite-features", f"features {values!r}", retailer))
                 continue
-            x = dict(zip(names, values, strict=True))
-            if top:
-                score, contributions = score_and_explain(x, top)
-            else:
-                score, contributions = score_one(x), []
+            first_slot[tx_id] = len(slots)
+            fresh.append((rec, parsed, len(slots)))
+            vectors.append(values)
+            slots.append(None)
+        if fresh:
+            self._decide_fresh(fresh, vectors, slots, out, received, top)
+        for rec, slot, first in repeats:
+            original = slots[first]
+            assert original is not None
+            slots[slot] = OutputRecord(rec.key, original.value, rec.partition)
+        decisions.extend(r for r in slots if r is not None)
+        return out
+
+    def _decide_fresh(
+        self,
+        fresh: list[tuple[InputRecord, ParsedTransaction, int]],
+        vectors: list[list[float]],
+        slots: list[OutputRecord | None],
+        out: BatchResult,
+        received: float,
+        top: int,
+    ) -> None:
+        """Score ``vectors`` in one call, then decide, record and encode each transaction."""
+        config = self.config
+        policy = config.policy
+        names = self.names
+        version = self.model_version
+        scores, explained = self.model.score_and_explain_many(
+            names, np.array(vectors, dtype=np.float64), top)
+        set_scored = self.scored.set_encoded
+        actions = out.actions
+        latencies = out.latencies
+        with_features = bool(policy.rules)  # rules may read features; nothing else does
+        # the tail of every `scored` changelog value this batch: `..."at":<received>,"l":0,`
+        at_tail = b',"at":' + dumps(received) + b',"l":0,"p":'
+        for (rec, parsed, slot), values, score, contributions in zip(
+                fresh, vectors, scores, explained, strict=True):
+            tx = parsed.tx
+            partition = rec.partition
             timings = {"received": received}
             if parsed.committed_at is not None:
                 timings["committed"] = parsed.committed_at
             stamp = rec.timestamp
             if stamp is not None:
                 timings["produced"] = stamp
+            x = dict(zip(names, values, strict=True)) if with_features else None
             decision = decide(tx, score, policy, contributions, x, version, timings).to_dict()
             encoded = dumps(decision)
             # dumps({"d": decision, "x": values, "at": received, "l": 0, "p": partition}),
             # reusing the decision's encoding
-            set_scored(partition, tx_id, b'{"d":' + encoded + b',"x":' + dumps(values)
+            set_scored(partition, tx.tx_id, b'{"d":' + encoded + b',"x":' + dumps(values)
                        + at_tail + str(partition).encode() + b"}")
-            decisions.append(OutputRecord(rec.key, encoded, partition))
+            slots[slot] = OutputRecord(rec.key, encoded, partition)
             action = decision["action"]
             actions[action] = actions.get(action, 0) + 1
             if stamp is not None:
                 latencies.append(decision["timings"]["decided"] - stamp)
-        return out
 
     def learn_batch(self, records: Iterable[InputRecord]) -> LabelResult:
         """Learn from each label whose transaction is still in ``scored``, at most once."""

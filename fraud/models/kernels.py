@@ -165,3 +165,31 @@ def top_positive(terms: FloatArray, ranks: Any, k: int) -> Any:  # pragma: no co
         if size < k:
             size += 1
     return chosen
+
+
+@njit(cache=True, nogil=True)
+def score_matrix(S: FloatArray, A: FloatArray, srows: Any, arows: Any, X: FloatArray,
+                 clip: float, intercept: float, observe: bool, ranks: Any,
+                 k: int) -> tuple[Any, Any, Any, Any]:  # pragma: no cover - compiled
+    """:func:`score_rows` and, with ``k``, :func:`top_positive` for each row of ``X`` in
+    order (one call for a batch): ``(dots, zzs, chosen, chosen_terms)``, where row ``j`` of
+    ``chosen`` holds the indices of its ``k`` largest positive terms (padded with -1) and
+    ``chosen_terms`` those terms."""
+    n = X.shape[0]
+    dots = np.empty(n)
+    zzs = np.empty(n)
+    chosen = np.full((n, k), -1, dtype=np.int64)
+    chosen_terms = np.zeros((n, k))
+    terms = np.empty(X.shape[1] if k > 0 else 0)
+    for j in range(n):
+        dot, zz = score_rows(S, A, srows, arows, X[j], clip, intercept, observe, terms)
+        dots[j] = dot
+        zzs[j] = zz
+        if k > 0:
+            top = top_positive(terms, ranks, k)
+            for m in range(k):
+                i = top[m]
+                chosen[j, m] = i
+                if i >= 0:
+                    chosen_terms[j, m] = terms[i]
+    return dots, zzs, chosen, chosen_terms

@@ -47,7 +47,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from fraud.models.kernels import learn_rows, score_rows, top_positive
+from fraud.models.kernels import learn_rows, score_matrix, score_rows, top_positive
 from fraud.models.linear import empty_linear, merge_linear
 from fraud.models.scaler import RunningScaler, merge_scalers
 from fraud.schema import SchemaError
@@ -281,6 +281,41 @@ class RiskModel:
         terms = np.empty(len(x))
         dot, zz, rows = self._run(x, observe, terms)
         return self._blend(dot, zz, len(x)), _top(rows, terms, k)
+
+    def score_and_explain_many(
+        self, keys: tuple[str, ...], X: np.ndarray, k: int = 3, observe: bool = True
+    ) -> tuple[list[float], list[list[tuple[str, float]]]]:
+        """``score_and_explain`` of each row of ``X`` (values of ``keys``, in that order), in
+        order, with one compiled call for all rows: the same scores and contributions,
+        bit for bit, and the same anomaly statistics afterwards.
+
+        >>> model = RiskModel()
+        >>> rows = np.array([[3.0, 1.0], [3.5, 0.0], [9.0, 7.0]])
+        >>> twin = RiskModel()
+        >>> [twin.score_and_explain({"a": r[0], "b": r[1]}, 2) for r in rows.tolist()] == [
+        ...     *zip(*model.score_and_explain_many(("a", "b"), rows, 2))]
+        True
+        """
+        if X.ndim != 2 or X.shape[1] != len(keys):
+            raise ValueError(f"expected rows of {len(keys)} values, got shape {X.shape}")
+        if not X.shape[0]:
+            return [], []
+        rows = self._rows_for(keys, False, observe)
+        values = np.ascontiguousarray(X, dtype=np.float64)
+        top = max(k, 0)
+        dots, zzs, chosen, chosen_terms = score_matrix(
+            self._scaler.data, self._anomaly.data, rows.srows, rows.arows, values,
+            self.params.clip, self.intercept, observe, rows.ranks, top)
+        blend = self._blend
+        width = len(keys)
+        scores = []
+        for dot, zz in zip(dots.tolist(), zzs.tolist(), strict=True):
+            if observe:  # each row's blend sees the count after its own observation
+                self.anomaly_seen += 1
+            scores.append(blend(dot, zz, width))
+        explained = [[(keys[i], c) for i, c in zip(ids, cs, strict=True) if i >= 0]
+                     for ids, cs in zip(chosen.tolist(), chosen_terms.tolist(), strict=True)]
+        return scores, explained
 
     def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = True) -> list[float]:
         """``score_one`` for each vector, in order (the batch form for the hot path)."""

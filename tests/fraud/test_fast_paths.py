@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -161,3 +162,30 @@ def test_model_equals_the_reference_on_the_feature_stream() -> None:
             new.load_shared(new.export_shared())
             ref.load_shared(ref.export_shared())
     assert new.export_state() == ref.export_state()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.booleans(), st.integers(0, 4)), max_size=25),
+       st.integers(0, 40))
+def test_batch_scoring_equals_the_reference_row_by_row(
+        batches: list[tuple[int, bool, int]], min_events: int) -> None:
+    """``score_and_explain_many`` on batches (learning between them) against the reference's
+    ``score_one`` + ``contributions`` per row: scores, reasons and state all equal."""
+    rng = random.Random(len(batches) * 41 + min_events)
+    params = {"anomaly_min_events": min_events}
+    new = RiskModel(ref_risk.ModelParams.from_dict(params))
+    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(params))
+    for size, observe, k in batches:
+        rows = [[rng.choice((0.0, 1.0, rng.gauss(3, 2), rng.uniform(-50, 50))) for _ in KEYS]
+                for _ in range(size)]
+        scores, tops = new.score_and_explain_many(KEYS, np.array(rows).reshape(size, len(KEYS)),
+                                                  k, observe)
+        for row, score, top in zip(rows, scores, tops, strict=True):
+            x = dict(zip(KEYS, row, strict=True))
+            assert score == ref.score_one(x, observe=observe)
+            assert top == ref.contributions(x, k)
+        for row in rows[:2]:
+            y = rng.random() < 0.3
+            new.learn_one(dict(zip(KEYS, row, strict=True)), y)
+            ref.learn_one(dict(zip(KEYS, row, strict=True)), y)
+        assert new.export_state() == ref.export_state()

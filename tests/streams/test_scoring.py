@@ -86,6 +86,41 @@ def test_a_redelivered_transaction_gets_the_identical_record_and_no_state_change
     assert pipe.features.drain() == [] and pipe.scored.drain() == []
 
 
+def test_one_batch_decides_as_record_by_record_in_input_order():
+    """Batch scoring (one compiled call) changes nothing: the same records, state and model
+    as one record per batch; a transaction twice in a batch gets the first one's record."""
+    txs = [tx(i, customer=f"c{i % 3}") for i in range(30)]
+    recs = [record(t, partition=i % 4, offset=i) for i, t in enumerate(txs)]
+    recs.insert(7, record(txs[2], partition=2, offset=99))
+    recs.insert(12, record(b"{"))
+    one_by_one, batched = ScoringPipeline("acme"), ScoringPipeline("acme")
+    expected = [d.value for r in recs for d in one_by_one.process_batch([r], now=5.0).decisions]
+    out = batched.process_batch(recs, now=5.0)
+    assert out.decisions[7].value == out.decisions[2].value and out.duplicates == 1
+    assert [d.partition for d in out.decisions][:8] == [0, 1, 2, 3, 0, 1, 2, 2]
+
+    def undated(raw: bytes) -> dict:  # all but the wall-clock time of the decision
+        doc = json.loads(raw)
+        del doc.get("d", doc)["timings"]["decided"]
+        return doc
+
+    assert [undated(d.value) for d in out.decisions] == [undated(v) for v in expected]
+    assert batched.features.data == one_by_one.features.data
+    assert {k: undated(v) for k, v in batched.scored.data.items()} == {
+        k: undated(v) for k, v in one_by_one.scored.data.items()}
+    assert batched.model.export_state() == one_by_one.model.export_state()
+
+
+def test_a_rule_on_a_feature_fires():
+    pipe = ScoringPipeline("acme")
+    rule = {"name": "busy", "field": "feature:customer_n_1h", "op": ">=", "value": 2,
+            "action": "verify"}
+    pipe.apply_config(ConfigDocument.default().updated({"rules": [rule]}, version=2))
+    out = pipe.process_batch([record(tx(i)) for i in range(4)])
+    fired = ["rule:busy" in json.loads(d.value)["reasons"] for d in out.decisions]
+    assert fired == [False, False, True, True]
+
+
 def test_features_match_the_fraud_core_on_a_plain_dict():
     pipe = ScoringPipeline("acme")
     txs = [tx(i, customer=f"c{i % 2}") for i in range(6)]
