@@ -318,7 +318,8 @@ class RiskModel:
         return scores, explained
 
     def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = True) -> list[float]:
-        """``score_one`` for each vector, in order (the batch form for the hot path)."""
+        """``score_one`` for each vector, in order (:meth:`score_and_explain_many` is the
+        hot path's batch form)."""
         score = self.score_one
         return [score(x, observe) for x in xs]
 
