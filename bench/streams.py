@@ -13,6 +13,8 @@ Before (a), one unmeasured run of (b) under another retailer warms up the fresh 
 JIT compilers would otherwise take a core during (a)).
 
 Throughputs come from the ``decided`` timestamps in the decision records (first to last).
+First, the pipeline alone is timed in process (``pipeline_us_per_tx``): the machine's speed
+at the time of the run, against which the other figures can be read.
 Runs its own ephemeral Kafka unless ``--bootstrap`` is given. The last line is JSON:
 ``{"worker_tx_per_s", "limit_tx_per_s", "ratio", "p50_ms", "p99_ms", ...}``.
 """
@@ -312,12 +314,31 @@ def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, secon
             "max_ms": latencies[-1] * 1000.0}
 
 
+def pipeline_cost(data: list[dict[str, Any]], batch: int = 500) -> float:
+    """Microseconds a transaction through the pipeline alone (no Kafka), best of three: how
+    fast this machine is right now (on the shared 2-vCPU VM it varies up to 2x by the hour)."""
+    records = [InputRecord(json.dumps(as_transaction(r, "calibration")).encode(), None, i % 4,
+                           i, None, "") for i, r in enumerate(data)]
+    best = float("inf")
+    for _ in range(3):
+        pipeline = ScoringPipeline("calibration")
+        started = time.perf_counter()
+        for i in range(0, len(records), batch):
+            pipeline.process_batch(records[i:i + batch])
+            pipeline.features.drain_encoded()
+            pipeline.scored.drain_encoded()
+        best = min(best, time.perf_counter() - started)
+    return best / len(records) * 1e6
+
+
 def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
     t = time.monotonic()
     data = rows(args.transactions + int(args.rate * (args.warmup_seconds
                                                      + args.latency_seconds)))
     backlog = data[: args.transactions]
     print(f"generated {len(data)} rows in {time.monotonic() - t:.1f} s", flush=True)
+    cost = pipeline_cost(backlog[:10_000])
+    print(f"the pipeline alone, in process: {cost:.1f} us a transaction", flush=True)
     # A fresh broker's JIT compilers take a core for a minute or so of load: the same
     # traffic as (b) once, unmeasured, so that (a) and (b) both meet a warm broker.
     t = time.monotonic()
@@ -344,6 +365,7 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
         "p99_ms": round(c["p99_ms"], 2),
         "transactions": args.transactions,
         "latency_rate_tx_per_s": args.rate,
+        "pipeline_us_per_tx": round(cost, 1),
         "cpus": os.cpu_count(),
     }
 
