@@ -41,7 +41,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from fraud.decisions import decide
+from fraud.decisions import PolicyConfig, decide
 from fraud.features import FEATURE_NAMES, FeatureExtractor
 from fraud.models import RiskModel
 from fraud.schema import Label, SchemaError, Transaction
@@ -427,9 +427,7 @@ class ScoringPipeline:
         order.
         """
         received = time.time() if now is None else now
-        config = self.config
-        policy = config.policy
-        top = policy.top_reasons
+        policy = self.config.policy  # once: a config swap applies between batches
         extract = self.extractor.extract_values
         features = self.features
         scored = self.scored
@@ -479,7 +477,7 @@ class ScoringPipeline:
             vectors.append(values)
             slots.append(None)
         if fresh:
-            self._decide_fresh(fresh, vectors, slots, out, received, top)
+            self._decide_fresh(fresh, vectors, slots, out, received, policy)
         for rec, slot, first in repeats:
             original = slots[first]
             assert original is not None
@@ -494,15 +492,14 @@ class ScoringPipeline:
         slots: list[OutputRecord | None],
         out: BatchResult,
         received: float,
-        top: int,
+        policy: PolicyConfig,
     ) -> None:
-        """Score ``vectors`` in one call, then decide, record and encode each transaction."""
-        config = self.config
-        policy = config.policy
+        """Score ``vectors`` in one call, then decide, record and encode each transaction
+        with ``policy`` (the batch's: read once, as the config thread may swap it)."""
         names = self.names
         version = self.model_version
         scores, explained = self.model.score_and_explain_many(
-            names, np.array(vectors, dtype=np.float64), top)
+            names, np.array(vectors, dtype=np.float64), policy.top_reasons)
         set_scored = self.scored.set_encoded
         actions = out.actions
         latencies = out.latencies
