@@ -247,6 +247,11 @@ def _as_mapping(tx: Transaction | Mapping[str, Any]) -> Mapping[str, Any]:
     return tx
 
 
+def _field(tx: Transaction | Mapping[str, Any], name: str) -> Any:
+    """One field of ``tx``, without building :func:`_as_mapping`'s dict of all of them."""
+    return getattr(tx, name) if isinstance(tx, Transaction) else tx.get(name)
+
+
 def _listed(tx: Transaction | Mapping[str, Any], lists: Mapping[str, frozenset[str]],
             tag: str) -> list[str]:
     """``<tag>:<entity>`` for each of ``tx``'s entities found in its list."""
@@ -254,7 +259,7 @@ def _listed(tx: Transaction | Mapping[str, Any], lists: Mapping[str, frozenset[s
     for kind, name in _LIST_FIELDS.items():
         ids = lists[kind]
         if ids:  # most lists are empty: no field lookup then
-            value = getattr(tx, name) if isinstance(tx, Transaction) else tx.get(name)
+            value = _field(tx, name)
             if value is not None and value in ids:
                 hits.append(f"{tag}:{kind[:-1]}")
     return hits
@@ -304,13 +309,9 @@ def decide(
         reasons += [f"{k} {c:+.2f}" for k, c in list(contributions)[: config.top_reasons]]
     stamp = dict(timings or {})
     stamp.setdefault("decided", time.time())
-    if isinstance(tx, Transaction):
-        tx_id, retailer_id = tx.tx_id, tx.retailer_id
-    else:
-        tx_id, retailer_id = str(tx.get("tx_id") or ""), str(tx.get("retailer_id") or "")
     return Decision(
-        tx_id=tx_id,
-        retailer_id=retailer_id,
+        tx_id=str(_field(tx, "tx_id") or ""),
+        retailer_id=str(_field(tx, "retailer_id") or ""),
         score=score,
         action=action,
         reasons=tuple(reasons),
