@@ -278,9 +278,9 @@ class RiskModel:
         self, x: Mapping[str, float], k: int = 3, observe: bool = True
     ) -> tuple[float, list[tuple[str, float]]]:
         """``(score_one(x, observe), contributions(x, k))`` in one pass over ``x``."""
-        terms = np.empty(len(x))
-        dot, zz, rows = self._run(x, observe, terms)
-        return self._blend(dot, zz, len(x)), _top(rows, terms, k)
+        values = np.fromiter(x.values(), np.float64, len(x)).reshape(1, len(x))
+        scores, explained = self.score_and_explain_many(tuple(x), values, k, observe)
+        return scores[0], explained[0]
 
     def score_and_explain_many(
         self, keys: tuple[str, ...], X: np.ndarray, k: int = 3, observe: bool = True
@@ -292,7 +292,8 @@ class RiskModel:
         >>> model = RiskModel()
         >>> rows = np.array([[3.0, 1.0], [3.5, 0.0], [9.0, 7.0]])
         >>> twin = RiskModel()
-        >>> [twin.score_and_explain({"a": r[0], "b": r[1]}, 2) for r in rows.tolist()] == [
+        >>> xs = [{"a": a, "b": b} for a, b in rows.tolist()]
+        >>> [(twin.score_one(x), twin.contributions(x, 2)) for x in xs] == [
         ...     *zip(*model.score_and_explain_many(("a", "b"), rows, 2))]
         True
         """
