@@ -20,6 +20,7 @@ fraud.schema.SchemaError: amount: must be >= 0, got -3.0
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -162,11 +163,17 @@ def _choice(d: dict[str, Any], name: str, choices: tuple[str, ...], default: str
 _ENVELOPE_KEYS: Final = frozenset(("v", "kind", "extras"))
 
 
+@functools.cache
+def _with_envelope(known: frozenset[str]) -> frozenset[str]:
+    """``known`` and the envelope's keys: one superset test per record, no new set."""
+    return known | _ENVELOPE_KEYS
+
+
 def _extras(d: dict[str, Any], known: frozenset[str]) -> dict[str, ExtraValue]:
     extras: dict[str, ExtraValue] = {}
     nested = d.get("extras")
     if (nested is None or (type(nested) is dict and not nested)) and (
-        d.keys() - known <= _ENVELOPE_KEYS
+        _with_envelope(known).issuperset(d)
     ):
         return extras  # nothing beyond the schema: the common case
     if nested is not None and not isinstance(nested, dict):

@@ -259,7 +259,9 @@ class TrackedStore:
         return self.data.get(key, default)
 
     def __setitem__(self, key: str, value: Any, /) -> None:
-        self.set_on(self.partition, key, value)
+        # set_on's body, not a call to it: the feature extractor writes ~4 keys a transaction
+        self.data[key] = value
+        self.dirty[key] = self.key_partition[key] = self.partition
 
     def __len__(self) -> int:
         return len(self.data)
@@ -324,6 +326,9 @@ class ScoredStore(TrackedStore):
     def get(self, key: str, default: Any = None, /) -> Any:
         raw = self.data.get(key)
         return default if raw is None else _orjson_loads(raw)
+
+    def __setitem__(self, key: str, value: Any, /) -> None:
+        self.set_encoded(self.partition, key, dumps(value))
 
     def set_on(self, partition: int, key: str, value: Any) -> None:
         self.set_encoded(partition, key, dumps(value))
