@@ -404,7 +404,8 @@ class _Consumer(faust_aiokafka.Consumer):
                         route = known[1]
                         if route is not None and flow_active() and not route[0].full():
                             queue, on_high, on_drop = route
-                            message.incref(1)
+                            # incref(1) without its lock: no other thread has seen it yet
+                            message.refcount += 1
                             queue.put_nowait_enhanced(
                                 event_type(app, message.key, message.value, message.headers,
                                            message),
