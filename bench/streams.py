@@ -152,14 +152,32 @@ def load_retailer(bootstrap: str, retailer: str, data: list[dict[str, Any]],
     return settings, feeder
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) process ``pid`` has used; None without
+    Linux's /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: Path) -> dict:
     retailer = "bench_worker"
     _, feeder = load_retailer(bootstrap, retailer, data, share)
     worker = start_worker(bootstrap, retailer, tmp, wait=False)
+    assert worker.proc is not None
+    # the worker's CPU per transaction between 5 % and 95 % decided (past its start-up):
+    # what a transaction costs it, whatever else the shared cores were doing meanwhile
+    marks = [len(data) // 20, len(data) - len(data) // 20]
+    seen: list[tuple[int, float | None]] = []
     try:
         deadline = time.monotonic() + 180
         while not feeder.all_decided.is_set() and time.monotonic() < deadline:
-            time.sleep(0.2)
+            decided = len(feeder.decided)
+            if len(seen) < len(marks) and decided >= marks[len(seen)]:
+                seen.append((decided, process_cpu_s(worker.proc.pid)))
+            time.sleep(0.02)
         # and until the worker has consumed every label sent, as the plain loop does
         text = worker.metrics()
         while labels_seen(text) < feeder.sent and time.monotonic() < deadline:
@@ -170,8 +188,12 @@ def bench_worker(bootstrap: str, data: list[dict[str, Any]], share: float, tmp: 
         worker.stop()
         feeder.join()
     learned = [line for line in text.splitlines() if line.startswith("qsfraud_labels_total")]
+    cpu_us = None
+    if len(seen) == 2 and seen[0][1] is not None and seen[1][1] is not None:
+        cpu_us = (seen[1][1] - seen[0][1]) / max(1, seen[1][0] - seen[0][0]) * 1e6
     return {"rate": rate_of(feeder.decided), "decided": len(feeder.decided),
-            "labels_sent": feeder.sent, "labels_consumed": labels_seen(text), "labels": learned}
+            "labels_sent": feeder.sent, "labels_consumed": labels_seen(text), "labels": learned,
+            "cpu_us_per_tx": cpu_us}
 
 
 def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float,
@@ -345,9 +367,10 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
     bench_limit(bootstrap, backlog, args.label_share, retailer="bench_warmup")
     print(f"broker warmed up with the plain loop in {time.monotonic() - t:.1f} s", flush=True)
     a = bench_worker(bootstrap, backlog, args.label_share, tmp)
+    cpu = a["cpu_us_per_tx"]
     print(f"(a) faust worker: {a['rate']:,.0f} tx/s over {a['decided']} decisions, "
-          f"{a['labels_sent']} labels sent, {a['labels_consumed']} consumed; {a['labels']}",
-          flush=True)
+          f"{a['labels_sent']} labels sent, {a['labels_consumed']} consumed; {a['labels']}; "
+          f"worker CPU {'?' if cpu is None else f'{cpu:.0f}'} us a transaction", flush=True)
     b = bench_limit(bootstrap, backlog, args.label_share)
     print(f"(b) plain confluent-kafka loop, same pipeline: {b['rate']:,.0f} tx/s over "
           f"{b['decided']} decisions, {b['labels_sent']} labels sent, {b['labels_consumed']} "
@@ -366,6 +389,7 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
         "transactions": args.transactions,
         "latency_rate_tx_per_s": args.rate,
         "pipeline_us_per_tx": round(cost, 1),
+        "worker_cpu_us_per_tx": None if cpu is None else round(cpu, 1),
         "cpus": os.cpu_count(),
     }
 
