@@ -315,7 +315,7 @@ class _Consumer(faust_aiokafka.Consumer):
             if active is None or tp in active or tp in buffered:
                 yield tp, to_message(tp, record)
 
-    def _direct_route(self, tp: Any, handler: Any) -> tuple[Any, Any, Any] | None:
+    def _direct_route(self, tp: Any) -> tuple[Any, Any, Any] | None:
         """``(queue, on_pressure_high, on_pressure_drop)`` of the one channel that reads
         ``tp`` if its schema is :class:`RawSchema`, else None (faust's handler then)."""
         conductor: Any = self.app.topics
@@ -369,6 +369,8 @@ class _Consumer(faust_aiokafka.Consumer):
         flow_active = app.flow_control.is_active
         wait_until_ebb = app.producer.buffer.wait_until_ebb
         event_type: Any = app.conf.Event
+        # tp -> (faust's handler for it, direct route or None); looked up again whenever
+        # faust rebuilds its handlers (a rebalance or a new subscription)
         routes: dict[Any, tuple[Any, tuple[Any, Any, Any] | None]] = {}
         since_yield = 0
         try:
@@ -400,7 +402,7 @@ class _Consumer(faust_aiokafka.Consumer):
                         handler = handlers.get(tp)
                         known = routes.get(tp)
                         if known is None or known[0] is not handler:
-                            known = routes[tp] = (handler, self._direct_route(tp, handler))
+                            known = routes[tp] = (handler, self._direct_route(tp))
                         route = known[1]
                         if route is not None and flow_active() and not route[0].full():
                             queue, on_high, on_drop = route

@@ -328,7 +328,7 @@ class ScoredStore(TrackedStore):
         return default if raw is None else _orjson_loads(raw)
 
     def __setitem__(self, key: str, value: Any, /) -> None:
-        self.set_encoded(self.partition, key, dumps(value))
+        self.set_on(self.partition, key, value)
 
     def set_on(self, partition: int, key: str, value: Any) -> None:
         self.set_encoded(partition, key, dumps(value))
