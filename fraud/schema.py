@@ -172,14 +172,13 @@ def _with_envelope(known: frozenset[str]) -> frozenset[str]:
 def _extras(d: dict[str, Any], known: frozenset[str]) -> dict[str, ExtraValue]:
     extras: dict[str, ExtraValue] = {}
     nested = d.get("extras")
-    if (nested is None or (type(nested) is dict and not nested)) and (
-        _with_envelope(known).issuperset(d)
-    ):
+    not_extra = _with_envelope(known)
+    if (nested is None or (type(nested) is dict and not nested)) and not_extra.issuperset(d):
         return extras  # nothing beyond the schema: the common case
     if nested is not None and not isinstance(nested, dict):
         raise SchemaError("extras", f"expected an object, got {type(nested).__name__}")
     for key, value in [*d.items(), *(nested or {}).items()]:
-        if key in known or key in ("v", "kind", "extras"):
+        if key in not_extra:
             continue
         if value is None or isinstance(value, bool | int | str):
             extras[str(key)] = value
