@@ -7,12 +7,13 @@ dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metr
 faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
 replays the signed config topic, then runs the faust worker.
 
-Writes: each batch's changed table keys are produced with a confluent-kafka (librdkafka)
-producer and awaited until the broker acknowledged them; then its decisions and dead letters
-are produced, and acknowledged by the next batch's wait (or when the input goes idle); only
-then are the batch's events acked (their offsets committable). So a decision is never
-visible before its ``scored`` entry is durable, and committed offsets never run ahead of
-written decisions (at-least-once; redeliveries are answered from ``scored``).
+Writes: each batch's changed table keys are produced by a :class:`BatchPublisher` (one
+produce request for all partitions) and awaited until the broker acknowledged them; then
+its decisions and dead letters are produced, and acknowledged by the next batch's wait (or
+when the input goes idle); only then are the batch's events acked (their offsets
+committable). So a decision is never visible before its ``scored`` entry is durable, and
+committed offsets never run ahead of written decisions (at-least-once; redeliveries are
+answered from ``scored``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from aiokafka import AIOKafkaProducer
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -78,60 +80,90 @@ def changelog_records(topic: str, store: TrackedStore) -> list[Produce]:
 
 
 class BatchPublisher:
-    """Produce records with librdkafka (batched in C, not record by record in Python, as
-    faust's aiokafka producer does). :meth:`flush` returns once the broker acknowledged every
-    record produced so far and raises if any failed; each agent has its own publisher, so a
-    failure is reported to the agent whose record it was."""
+    """Writes records to Kafka, all that :meth:`produce` got since the last :meth:`flush` in
+    one produce request: one batch a partition, built in C by aiokafka's batch builder.
 
-    def __init__(self, bootstrap: str, linger_ms: float = 2.0) -> None:
-        self.producer = Producer({
-            "bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
-            "linger.ms": linger_ms, "queue.buffering.max.messages": 1_000_000,
-            "log.connection.close": False,
-            # a report (a call into Python) only for a record that failed: ~6 records are
-            # written per transaction, and flush() waits for the others all the same
-            "delivery.report.only.error": True, "on_delivery": self._on_delivery,
-        })
-        self.failures: list[str] = []
+    librdkafka sends a request per partition, and a broker serves one request at a time per
+    connection: a batch's state (two changelogs) and decisions took 12 requests one after
+    another. :meth:`flush` returns once the broker acknowledged every record produced so far
+    and raises if any failed. Each agent has its own publisher, so a failure is reported to
+    the agent whose record it was. Idempotent, so a retried request is written once.
+    """
 
-    def _on_delivery(self, error: Any, message: Any) -> None:
-        if error is not None:
-            self.failures.append(f"{message.topic()}[{message.partition()}]: {error}")
+    def __init__(self, bootstrap: str, max_batch_bytes: int = 512 * 1024) -> None:
+        self.bootstrap = bootstrap
+        self.max_batch_bytes = max_batch_bytes
+        self._producer: AIOKafkaProducer | None = None
+        self._sent: list[tuple[str, int, asyncio.Future[Any]]] = []
+        self._failures: list[str] = []
+
+    async def _started(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            # created on the loop that uses it (aiokafka binds a producer to its loop)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                max_batch_size=self.max_batch_bytes, linger_ms=0)
+            await producer.start()
+            self._producer = producer
+        return self._producer
 
     async def produce(self, records: Sequence[Produce]) -> None:
-        """Hand ``records`` to librdkafka (sent in the background; see :meth:`flush`)."""
-        produce = self.producer.produce
+        """Queue ``records``; they go out in one request once this returns (see :meth:`flush`)."""
+        if not records:
+            return
+        producer = await self._started()
+        batches: dict[tuple[str, int], Any] = {}
         for topic, partition, key, value in records:
-            while True:
-                try:
-                    produce(topic, value, key, partition)
-                    break
-                except BufferError:  # the local queue is full: let deliveries drain it
-                    await asyncio.sleep(0.005)
-                    self.producer.poll(0)
+            batch = batches.get((topic, partition))
+            if batch is None:
+                batch = batches[topic, partition] = producer.create_batch()
+            if batch.append(timestamp=None, key=key, value=value) is None:  # full
+                await self._send(producer, batch, topic, partition)
+                batch = batches[topic, partition] = producer.create_batch()
+                if batch.append(timestamp=None, key=key, value=value) is None:
+                    self._failures.append(f"{topic}[{partition}]: a record of "
+                                          f"{len(value or b'')} bytes, over the batch size")
+        for (topic, partition), batch in batches.items():
+            await self._send(producer, batch, topic, partition)
+
+    async def _send(self, producer: AIOKafkaProducer, batch: Any, topic: str,
+                    partition: int) -> None:
+        if batch.record_count():
+            self._sent.append((topic, partition,
+                               await producer.send_batch(batch, topic, partition=partition)))
 
     async def flush(self, timeout_s: float = 60.0) -> None:
         """Until everything produced so far is acknowledged; raises if anything failed."""
-        # flush(0) sends at once (no linger) and serves delivery reports here, on the loop.
-        # Measured at 1,000 tx/s: flush() in an executor thread took 13 ms (p50) instead of
-        # ~3: each report batch needed the GIL in that thread, and then the result needed it
-        # back on the loop, while the loop's own work held it.
-        flush = self.producer.flush
-        deadline = time.monotonic() + timeout_s
-        pending = flush(0)
-        while pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
-            pending = flush(0)
-        if self.failures or pending:
-            failures, self.failures = self.failures, []
-            raise KafkaException(f"{len(failures) + pending} records not written: "
-                                 f"{'; '.join(failures[:3]) or 'timed out'}")
+        sent, self._sent = self._sent, []
+        if sent:
+            try:
+                results = await asyncio.wait_for(asyncio.gather(
+                    *(future for _, _, future in sent), return_exceptions=True), timeout_s)
+            except TimeoutError:
+                results = [TimeoutError(f"not acknowledged in {timeout_s:g} s")] * len(sent)
+            self._failures.extend(
+                f"{topic}[{partition}]: {result!r}"
+                for (topic, partition, _), result in zip(sent, results, strict=True)
+                if isinstance(result, BaseException))
+        if self._failures:
+            failures, self._failures = self._failures, []
+            # a refused batch used up its sequence numbers: the idempotent producer's next
+            # batch to that partition would be refused as out of order, so start afresh
+            await self.stop()
+            raise KafkaException(f"{len(failures)} batches not written: "
+                                 f"{'; '.join(failures[:3])}")
 
     async def publish(self, records: Sequence[Produce], timeout_s: float = 60.0) -> None:
         """:meth:`produce` then :meth:`flush`."""
         if records:
             await self.produce(records)
             await self.flush(timeout_s)
+
+    async def stop(self) -> None:
+        """Flush what is produced, then close the connection."""
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
 
 
 class GapFiller:
@@ -503,6 +535,11 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     app.on_partitions_assigned.connect(forget_positions)  # type: ignore[arg-type]
 
+    async def stop_publisher(sender: Any, **kwargs: Any) -> None:
+        await publisher.stop()
+
+    app.on_before_shutdown.connect(stop_publisher)  # type: ignore[arg-type]
+
     @app.agent(transactions, name="decide")
     async def decide(stream: Any) -> None:
         out = BatchPublisher(settings.bootstrap)  # this agent's own: its flushes, its failures
@@ -520,37 +557,40 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             if unconfirmed:
                 await confirm()
 
-        async for events in event_batches(app, stream, settings.batch_size, on_idle):
-            batch, filled = gaps[settings.transactions_topic].fill(records_of(events))
-            if filled:
-                metrics.count("qsfraud_refetched_total", filled)
-            result = pipeline.process_batch(batch)
-            # State first: once a decision is visible, the `scored` entry that answers a
-            # redelivery of its transaction must already be durable, or a crash in between
-            # would let the redelivery be decided afresh (and differently). This flush also
-            # confirms the previous batch's decisions, which were on their way meanwhile.
-            await out.produce(state_records())
-            await confirm()
-            await out.produce([
-                *((settings.decisions_topic, r.partition or 0, r.key, r.value)
-                  for r in result.decisions),
-                *dlq(result.dead_letters),
-            ])
-            unconfirmed = list(events)  # acked by the next batch's flush, or when idle
-            metrics.count("qsfraud_transactions_total", len(batch))
-            metrics.processed(len(batch))
-            for action, count in result.actions.items():
-                metrics.count("qsfraud_decisions_total", count, action=action)
-            if result.duplicates:
-                metrics.count("qsfraud_decisions_total", result.duplicates, action="duplicate")
-                metrics.count("qsfraud_duplicates_total", result.duplicates)
-            if result.dead_letters:
-                metrics.count("qsfraud_dead_letters_total", len(result.dead_letters))
-                log.warning("%d bad transaction records sent to %s", len(result.dead_letters),
-                            settings.dlq_topic)
-            if result.skipped:
-                metrics.count("qsfraud_skipped_total", result.skipped)
-            metrics.observe_latencies(result.latencies)
+        try:
+            async for events in event_batches(app, stream, settings.batch_size, on_idle):
+                batch, filled = gaps[settings.transactions_topic].fill(records_of(events))
+                if filled:
+                    metrics.count("qsfraud_refetched_total", filled)
+                result = pipeline.process_batch(batch)
+                # State first: once a decision is visible, the `scored` entry that answers a
+                # redelivery of its transaction must already be durable, or a crash in between
+                # would let the redelivery be decided afresh (and differently). This flush also
+                # confirms the previous batch's decisions, which were on their way meanwhile.
+                await out.produce(state_records())
+                await confirm()
+                await out.produce([
+                    *((settings.decisions_topic, r.partition or 0, r.key, r.value)
+                      for r in result.decisions),
+                    *dlq(result.dead_letters),
+                ])
+                unconfirmed = list(events)  # acked by the next batch's flush, or when idle
+                metrics.count("qsfraud_transactions_total", len(batch))
+                metrics.processed(len(batch))
+                for action, count in result.actions.items():
+                    metrics.count("qsfraud_decisions_total", count, action=action)
+                if result.duplicates:
+                    metrics.count("qsfraud_decisions_total", result.duplicates, action="duplicate")
+                    metrics.count("qsfraud_duplicates_total", result.duplicates)
+                if result.dead_letters:
+                    metrics.count("qsfraud_dead_letters_total", len(result.dead_letters))
+                    log.warning("%d bad transaction records sent to %s", len(result.dead_letters),
+                                settings.dlq_topic)
+                if result.skipped:
+                    metrics.count("qsfraud_skipped_total", result.skipped)
+                metrics.observe_latencies(result.latencies)
+        finally:
+            await out.stop()
 
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
@@ -571,8 +611,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     @app.timer(interval=settings.checkpoint_interval_s)
     async def checkpoint() -> None:
         value = checkpoint_value(settings.retailer, pipeline.model, pipeline.config.version)
-        # the same librdkafka producer as the other writes: faust's aiokafka producer would
-        # be a second client, in Python, for one record every few seconds
+        # the publisher of the label agent's writes: faust's own producer would be another
+        # client for one record every few seconds
         await publisher.publish([(settings.checkpoints_topic, 0, settings.retailer.encode(),
                                   value)])
         metrics.count("qsfraud_checkpoints_total")
