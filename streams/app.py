@@ -94,17 +94,22 @@ class BatchPublisher:
         self.bootstrap = bootstrap
         self.max_batch_bytes = max_batch_bytes
         self._producer: AIOKafkaProducer | None = None
+        self._starting: asyncio.Lock | None = None
         self._sent: list[tuple[str, int, asyncio.Future[Any]]] = []
         self._failures: list[str] = []
 
     async def _started(self) -> AIOKafkaProducer:
         if self._producer is None:
-            # created on the loop that uses it (aiokafka binds a producer to its loop)
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                max_batch_size=self.max_batch_bytes, linger_ms=0)
-            await producer.start()
-            self._producer = producer
+            # created on the loop that uses it (aiokafka binds a producer to its loop); the
+            # lock: the label agent and the timers share a publisher
+            self._starting = self._starting or asyncio.Lock()
+            async with self._starting:
+                if self._producer is None:
+                    producer = AIOKafkaProducer(
+                        bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                        max_batch_size=self.max_batch_bytes, linger_ms=0)
+                    await producer.start()
+                    self._producer = producer
         return self._producer
 
     async def produce(self, records: Sequence[Produce]) -> None:
