@@ -134,8 +134,10 @@ class BatchPublisher:
     async def _send(self, producer: AIOKafkaProducer, batch: Any, topic: str,
                     partition: int) -> None:
         if batch.record_count():
-            self._sent.append((topic, partition,
-                               await producer.send_batch(batch, topic, partition=partition)))
+            future = await producer.send_batch(batch, topic, partition=partition)
+            # appended after the await: a flush meanwhile (the label agent and the timers
+            # share a publisher) swaps in a new list, and this batch belongs to that one
+            self._sent.append((topic, partition, future))
 
     async def flush(self, timeout_s: float = 60.0) -> None:
         """Until everything produced so far is acknowledged; raises if anything failed."""
@@ -268,7 +270,10 @@ async def event_batches(
     while True:
         if on_idle is not None and queue.empty():
             await on_idle()
-        events = [await queue.get()]
+        try:
+            events = [await queue.get()]
+        except StopAsyncIteration:  # faust ends the stream (the worker stops): end the batches
+            return
         get_nowait = queue.get_nowait
         while len(events) < max_events and not queue.empty():
             events.append(get_nowait())

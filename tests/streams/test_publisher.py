@@ -37,3 +37,34 @@ def test_publish_returns_once_acknowledged_and_raises_for_a_refused_record(
             await publisher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_publish_that_waits_meanwhile_gets_its_own_failure_not_another_callers(
+    kafka_bootstrap: str,
+) -> None:
+    # The label agent and the worker's timers share one publisher. Here one caller's batch
+    # is queued while the producer fetches its new topic's metadata, and another caller
+    # flushes meanwhile: each must get its own outcome (the first one a refused record).
+    known = f"publisher-known-{time.time_ns()}"
+    fresh = [f"publisher-fresh-{n}-{time.time_ns()}" for n in range(3)]
+    ensure_topics(kafka_bootstrap, [TopicSpec(known, 1, {}),
+                                    *(TopicSpec(t, 1, {"max.message.bytes": "200"})
+                                      for t in fresh)])
+
+    async def scenario() -> None:
+        publisher = BatchPublisher(kafka_bootstrap)
+        try:
+            await publisher.publish([(known, 0, b"k", b"first")])
+            for n, topic in enumerate(fresh):
+                refused, written = await asyncio.gather(
+                    publisher.publish([(topic, 0, b"k", b"x" * 1000)], timeout_s=30),
+                    publisher.publish([(known, 0, b"k", str(n).encode())]),
+                    return_exceptions=True)
+                assert isinstance(refused, KafkaException) and topic in str(refused)
+                assert written is None
+        finally:
+            await publisher.stop()
+
+    asyncio.run(scenario())
+    assert [v for _, _, v in read_topic(kafka_bootstrap, known)] == [
+        b"first", *(str(n).encode() for n in range(len(fresh)))]
