@@ -94,15 +94,13 @@ class BatchPublisher:
         self.bootstrap = bootstrap
         self.max_batch_bytes = max_batch_bytes
         self._producer: AIOKafkaProducer | None = None
-        self._starting: asyncio.Lock | None = None
+        self._starting = asyncio.Lock()  # the label agent and the timers share a publisher
         self._sent: list[tuple[str, int, asyncio.Future[Any]]] = []
         self._failures: list[str] = []
 
     async def _started(self) -> AIOKafkaProducer:
         if self._producer is None:
-            # created on the loop that uses it (aiokafka binds a producer to its loop); the
-            # lock: the label agent and the timers share a publisher
-            self._starting = self._starting or asyncio.Lock()
+            # created on the loop that uses it (aiokafka binds a producer to its loop)
             async with self._starting:
                 if self._producer is None:
                     producer = AIOKafkaProducer(
@@ -124,10 +122,10 @@ class BatchPublisher:
                 batch = batches[topic, partition] = producer.create_batch()
             if batch.append(timestamp=None, key=key, value=value) is None:  # full
                 await self._send(producer, batch, topic, partition)
+                # an empty batch takes any record (one over the broker's limit is refused
+                # there, and reported by flush)
                 batch = batches[topic, partition] = producer.create_batch()
-                if batch.append(timestamp=None, key=key, value=value) is None:
-                    self._failures.append(f"{topic}[{partition}]: a record of "
-                                          f"{len(value or b'')} bytes, over the batch size")
+                batch.append(timestamp=None, key=key, value=value)
         for (topic, partition), batch in batches.items():
             await self._send(producer, batch, topic, partition)
 

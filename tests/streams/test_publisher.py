@@ -68,3 +68,19 @@ def test_a_publish_that_waits_meanwhile_gets_its_own_failure_not_another_callers
     asyncio.run(scenario())
     assert [v for _, _, v in read_topic(kafka_bootstrap, known)] == [
         b"first", *(str(n).encode() for n in range(len(fresh)))]
+
+
+def test_records_beyond_one_batch_go_out_in_several_in_order(kafka_bootstrap: str) -> None:
+    topic = f"publisher-full-{time.time_ns()}"
+    ensure_topics(kafka_bootstrap, [TopicSpec(topic, 1, {})])
+    values = [f"{n:03d}".encode() * 40 for n in range(10)]  # 120 bytes each
+
+    async def scenario() -> None:
+        publisher = BatchPublisher(kafka_bootstrap, max_batch_bytes=300)
+        try:
+            await publisher.publish([(topic, 0, b"k", v) for v in values])
+        finally:
+            await publisher.stop()
+
+    asyncio.run(scenario())
+    assert [v for _, _, v in read_topic(kafka_bootstrap, topic)] == values
