@@ -187,6 +187,7 @@ class GapFiller:
     def __init__(self, bootstrap: str, group: str, topic: str) -> None:
         self.topic = topic
         self.next_offset: dict[int, int] = {}
+        self._resets = 0  # a fill that spans a reset must not bring back old positions
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                                    "enable.auto.commit": False,
                                    "isolation.level": "read_committed"})
@@ -194,6 +195,7 @@ class GapFiller:
     def reset(self) -> None:
         """Forget positions (after a rebalance, partitions may have moved)."""
         self.next_offset.clear()
+        self._resets += 1
 
     def _start_of(self, partition: int) -> int:
         tp = TopicPartition(self.topic, partition)
@@ -224,22 +226,29 @@ class GapFiller:
             self._consumer.unassign()
         return out
 
-    def fill(self, records: list[InputRecord]) -> tuple[list[InputRecord], int]:
-        """``records`` with any skipped records of their partitions put before them."""
+    async def fill(self, records: list[InputRecord]) -> tuple[list[InputRecord], int]:
+        """``records`` with any skipped records of their partitions put before them.
+
+        The broker is asked in a thread: these calls block, and the event loop also runs
+        the group consumer's heartbeats.
+        """
         out: list[InputRecord] = []
         filled = 0
+        resets = self._resets
         for rec in records:
             expected = self.next_offset.get(rec.partition)
             if expected is None:
-                expected = self._start_of(rec.partition)
+                expected = await asyncio.to_thread(self._start_of, rec.partition)
             if rec.offset > expected:
-                missing = self._read(rec.partition, expected, rec.offset)
+                missing = await asyncio.to_thread(self._read, rec.partition, expected,
+                                                  rec.offset)
                 log.warning("faust skipped %s[%d] offsets %d..%d; read %d of them directly",
                             self.topic, rec.partition, expected, rec.offset - 1, len(missing))
                 out.extend(missing)
                 filled += len(missing)
             out.append(rec)
-            self.next_offset[rec.partition] = rec.offset + 1
+            if self._resets == resets:
+                self.next_offset[rec.partition] = rec.offset + 1
         return out, filled
 
     def close(self) -> None:
@@ -620,7 +629,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
         try:
             async for events in event_batches(app, stream, settings.batch_size, on_idle):
-                batch, filled = gaps[settings.transactions_topic].fill(records_of(events))
+                batch, filled = await gaps[settings.transactions_topic].fill(
+                    records_of(events))
                 if filled:
                     metrics.count("qsfraud_refetched_total", filled)
                 result = pipeline.process_batch(batch)
@@ -656,7 +666,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
         async for events in event_batches(app, stream, settings.batch_size):
-            batch, _filled = gaps[settings.labels_topic].fill(records_of(events))
+            batch, _filled = await gaps[settings.labels_topic].fill(records_of(events))
             result = pipeline.learn_batch(batch)
             await publisher.publish([*dlq(result.dead_letters), *state_records()])
             for event in events:
