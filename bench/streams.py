@@ -49,13 +49,16 @@ from streams.topics import ensure_topics, worker_topics  # noqa: E402
 LABEL_FIELDS = ("is_fraud", "scenario", "label_source", "labelled_at")
 
 
+ROWS_PER_DAY = 8_000
+"""The generator's rate (and so its population: 4 customers a daily transaction), fixed so
+that the rows do not depend on the run's length (with the rate derived from it, a longer
+warm-up made every phase's data denser); the default runs of sessions 5-8 drew these rows."""
+
+
 def rows(n: int) -> list[dict[str, Any]]:
-    per_day = max(100, n // 10)
-    out = []
-    for row in islice(generate(GeneratorConfig(retailers=1, days=12, tx_per_day=per_day,
-                                               seed=11)), n):
-        out.append(row)
-    return out
+    days = max(12, n // ROWS_PER_DAY + 2)  # the last day also takes the campaigns' tails
+    return list(islice(generate(GeneratorConfig(retailers=1, days=days,
+                                                tx_per_day=ROWS_PER_DAY, seed=11)), n))
 
 
 def as_transaction(row: dict[str, Any], retailer: str) -> dict[str, Any]:
