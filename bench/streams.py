@@ -50,9 +50,9 @@ LABEL_FIELDS = ("is_fraud", "scenario", "label_source", "labelled_at")
 
 
 ROWS_PER_DAY = 8_000
-"""The generator's rate (and so its population: 4 customers a daily transaction), fixed so
-that the rows do not depend on the run's length (with the rate derived from it, a longer
-warm-up made every phase's data denser); the default runs of sessions 5-8 drew these rows."""
+"""Transactions a day for the generator (its population is 4 customers for each), fixed so
+that the rows do not depend on the run's length: derived from the length, a longer warm-up
+made every phase's data denser. The default runs of sessions 5-8 drew these same rows."""
 
 
 def rows(n: int) -> list[dict[str, Any]]:

@@ -342,7 +342,7 @@ class RawSchema(faust.Schema):
         return decode
 
 
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+class _ConsumerThreadOnLoop(faust_aiokafka.AIOKafkaConsumerThread):
     """faust's consumer thread without the thread: aiokafka's consumer runs on the worker's
     own event loop, and what faust would queue for the thread is called directly.
 
@@ -403,8 +403,9 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _Consumer(faust_aiokafka.Consumer):
-    def _new_consumer_thread(self) -> _ConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, thread_loop=self.loop, beacon=self.beacon)
+    def _new_consumer_thread(self) -> _ConsumerThreadOnLoop:
+        return _ConsumerThreadOnLoop(self, loop=self.loop, thread_loop=self.loop,
+                                     beacon=self.beacon)
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
         """faust 0.15's ``Consumer.getmany`` (the fetched records as messages, round robin
