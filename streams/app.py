@@ -30,7 +30,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -51,7 +51,13 @@ from streams.scoring import (
     TrackedStore,
 )
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
-from streams.topics import ensure_topics, read_topic, watermarks, worker_topics
+from streams.topics import (
+    committed_offset,
+    ensure_topics,
+    read_topic,
+    watermarks,
+    worker_topics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,6 @@ class BatchPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._starting = asyncio.Lock()  # the label agent and the timers share a publisher
         self._sent: list[tuple[str, int, asyncio.Future[Any]]] = []
-        self._failures: list[str] = []
 
     async def _started(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -133,27 +138,25 @@ class BatchPublisher:
 
     async def _send(self, producer: AIOKafkaProducer, batch: Any, topic: str,
                     partition: int) -> None:
-        if batch.record_count():
-            future = await producer.send_batch(batch, topic, partition=partition)
-            # appended after the await: a flush meanwhile (the label agent and the timers
-            # share a publisher) swaps in a new list, and this batch belongs to that one
-            self._sent.append((topic, partition, future))
+        future = await producer.send_batch(batch, topic, partition=partition)
+        # appended after the await: a flush meanwhile (the label agent and the timers share
+        # a publisher) swaps in a new list, and this batch belongs to that one
+        self._sent.append((topic, partition, future))
 
     async def flush(self, timeout_s: float = 60.0) -> None:
         """Until everything produced so far is acknowledged; raises if anything failed."""
         sent, self._sent = self._sent, []
-        if sent:
-            try:
-                results = await asyncio.wait_for(asyncio.gather(
-                    *(future for _, _, future in sent), return_exceptions=True), timeout_s)
-            except TimeoutError:
-                results = [TimeoutError(f"not acknowledged in {timeout_s:g} s")] * len(sent)
-            self._failures.extend(
-                f"{topic}[{partition}]: {result!r}"
-                for (topic, partition, _), result in zip(sent, results, strict=True)
-                if isinstance(result, BaseException))
-        if self._failures:
-            failures, self._failures = self._failures, []
+        if not sent:
+            return
+        try:
+            results = await asyncio.wait_for(asyncio.gather(
+                *(future for _, _, future in sent), return_exceptions=True), timeout_s)
+        except TimeoutError:
+            results = [TimeoutError(f"not acknowledged in {timeout_s:g} s")] * len(sent)
+        failures = [f"{topic}[{partition}]: {result!r}"
+                    for (topic, partition, _), result in zip(sent, results, strict=True)
+                    if isinstance(result, BaseException)]
+        if failures:
             # a refused batch used up its sequence numbers: the idempotent producer's next
             # batch to that partition would be refused as out of order, so start afresh
             await self.stop()
@@ -171,12 +174,6 @@ class BatchPublisher:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             await producer.stop()
-
-
-_COORDINATOR_NOT_READY = frozenset((KafkaError.NOT_COORDINATOR,
-                                    KafkaError.COORDINATOR_NOT_AVAILABLE,
-                                    KafkaError.COORDINATOR_LOAD_IN_PROGRESS))
-"""What a new group's first request may meet, and librdkafka does not call retriable."""
 
 
 class GapFiller:
@@ -205,19 +202,9 @@ class GapFiller:
 
     def _start_of(self, partition: int) -> int:
         tp = TopicPartition(self.topic, partition)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                committed = self._consumer.committed([tp], timeout=10)[0].offset
-                break
-            except KafkaException as exc:  # e.g. the group's coordinator is not ready yet
-                error = exc.args[0]
-                if time.monotonic() > deadline or not (
-                        error.retriable() or error.code() in _COORDINATOR_NOT_READY):
-                    raise
-                time.sleep(0.2)
-        if committed is not None and committed >= 0:
-            return int(committed)
+        committed = committed_offset(self._consumer, tp)
+        if committed is not None:
+            return committed
         low, _high = watermarks(self._consumer, tp)
         return low
 
@@ -363,7 +350,7 @@ class _ConsumerThreadOnLoop(faust_aiokafka.AIOKafkaConsumerThread):
         await Service.start(self)
 
     async def stop(self) -> None:
-        if self._started.is_set() and not self._stopped.is_set():
+        if self._started.is_set():
             await Service.stop(self)
 
     async def on_stop(self) -> None:
@@ -375,9 +362,6 @@ class _ConsumerThreadOnLoop(faust_aiokafka.AIOKafkaConsumerThread):
 
     async def cast_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self.add_future(maybe_async(fun(*args, **kwargs)))
-
-    def _new_shutdown_event(self) -> Any:
-        return Service._new_shutdown_event(self)
 
     def _stopped_set(self) -> None:
         self._stopped.set()

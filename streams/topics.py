@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -20,6 +21,8 @@ from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
 log = logging.getLogger(__name__)
 
 COMPACTED = {"cleanup.policy": "compact"}
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -94,17 +97,31 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> N
         time.sleep(0.2)
 
 
-def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> tuple[int, int]:
-    """``(low, high)`` offsets of ``tp``, retrying while its leader is being elected."""
+def _until_answered(ask: Callable[[], _T], timeout: float) -> _T:
+    """``ask()``, retried for up to ``timeout`` s while the broker cannot answer yet (a
+    partition's leader being elected, a new group's coordinator not ready)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-            return int(low), int(high)
+            return ask()
         except KafkaException:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> tuple[int, int]:
+    """``(low, high)`` offsets of ``tp``, retrying while its leader is being elected."""
+    low, high = _until_answered(lambda: consumer.get_watermark_offsets(tp, timeout=timeout),
+                                timeout)
+    return int(low), int(high)
+
+
+def committed_offset(consumer: Consumer, tp: TopicPartition, timeout: float = 30.0) -> int | None:
+    """The consumer's group's committed offset of ``tp`` (None if it has none), retrying
+    while the group's coordinator is not ready."""
+    offset = _until_answered(lambda: consumer.committed([tp], timeout=10)[0].offset, timeout)
+    return int(offset) if offset is not None and offset >= 0 else None
 
 
 def read_topic(
