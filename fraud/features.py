@@ -286,8 +286,9 @@ class FeatureExtractor:
             if n:
                 mu = cs["mu"]
                 m2 = cs["m2"]
-                if n >= 2 and m2 > 0.0:
-                    z = (amount_log - mu) / _sqrt(m2 / n)
+                var = m2 / n  # tested, not m2: a subnormal m2 divided by n can round to 0
+                if n >= 2 and var > 0.0:
+                    z = (amount_log - mu) / _sqrt(var)
                     amount_z = -10.0 if z < -10.0 else 10.0 if z > 10.0 else z
                 else:
                     amount_z = 0.0

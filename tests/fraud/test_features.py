@@ -92,6 +92,18 @@ def test_amount_zscore_against_customer_history() -> None:
     assert math.isclose(x["customer_amount_z"], min(10.0, (math.log1p(500.0) - mean) / std))
 
 
+def test_a_subnormal_amount_spread_gives_a_zero_zscore_not_a_crash() -> None:
+    # amounts 0 and 3e-162 leave m2 at the smallest subnormal, and m2 / 2 rounds to 0: the
+    # third transaction divided by zero (a worker's decide agent would have stopped)
+    fx, state = FeatureExtractor(), {}
+    base = {"customer_id": "c", "payment_instrument": "p"}
+    for i, amount in enumerate((0.0, 3e-162)):
+        fx.extract({**base, "amount": amount, "occurred_at": float(i)}, state)
+    assert 0.0 < state["c:c"]["m2"] < 1e-320
+    x = fx.extract({**base, "amount": 1.0, "occurred_at": 2.0}, state)
+    assert x["customer_amount_z"] == 0.0
+
+
 def test_dict_store_and_get_set_store_agree_and_state_is_plain_data() -> None:
     fx = FeatureExtractor()
     plain: dict[str, Any] = {}

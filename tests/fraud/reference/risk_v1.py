@@ -170,7 +170,9 @@ class RiskModel:
                 a[0] = n
                 a[1] = mean
                 a[2] = m2
-                a[3] = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
+                # v1 tested m2 > 0 and divided by zero when m2 / n rounded to 0 (a subnormal
+                # m2); fixed here as the model (fraud.models) has it, the only changes to this copy
+                a[3] = 1.0 / _sqrt(m2 / n) if m2 / n > 0.0 else 0.0
         if observe:
             self.anomaly_seen += 1
         if self.anomaly_seen > params.anomaly_min_events and x:
@@ -254,7 +256,7 @@ class RiskModel:
             n = s[0] + 1.0
             mean = s[1] + (v - s[1]) / n
             m2 = s[2] + (v - s[1]) * (v - mean)
-            inv = 1.0 / _sqrt(m2 / n) if m2 > 0.0 else 0.0
+            inv = 1.0 / _sqrt(m2 / n) if m2 / n > 0.0 else 0.0  # fixed as above
             s[0] = n
             s[1] = mean
             s[2] = m2
