@@ -309,9 +309,13 @@ def decide(
         reasons += [f"{k} {c:+.2f}" for k, c in list(contributions)[: config.top_reasons]]
     stamp = dict(timings or {})
     stamp.setdefault("decided", time.time())
+    if isinstance(tx, Transaction):  # validated: both are non-empty strings
+        tx_id, retailer = tx.tx_id, tx.retailer_id
+    else:
+        tx_id, retailer = str(tx.get("tx_id") or ""), str(tx.get("retailer_id") or "")
     return Decision(
-        tx_id=str(_field(tx, "tx_id") or ""),
-        retailer_id=str(_field(tx, "retailer_id") or ""),
+        tx_id=tx_id,
+        retailer_id=retailer,
         score=score,
         action=action,
         reasons=tuple(reasons),

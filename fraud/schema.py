@@ -20,7 +20,6 @@ fraud.schema.SchemaError: amount: must be >= 0, got -3.0
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -53,6 +52,14 @@ def parse_timestamp(value: Any, name: str = "timestamp") -> float:
     >>> parse_timestamp(datetime(1970, 1, 1, 1, tzinfo=UTC))
     3600.0
     """
+    if type(value) is str:  # the wire form, first: this runs per event
+        try:
+            aware = datetime.fromisoformat(value)
+        except ValueError:
+            pass  # the general path below: spaces around it, or not ISO 8601 at all
+        else:
+            if aware.tzinfo is not None:
+                return aware.timestamp()
     if isinstance(value, bool):
         raise SchemaError(name, f"expected a timestamp, got {value!r}")
     if isinstance(value, int | float):
@@ -116,8 +123,14 @@ def _float(d: dict[str, Any], name: str, *, minimum: float | None = None) -> flo
     return number
 
 
+_EXACT_INT: Final = 2**53
+"""Integers up to here are exact as floats: what the general path of :func:`_int` returns."""
+
+
 def _int(d: dict[str, Any], name: str, default: int) -> int:
     value = d.get(name, default)
+    if type(value) is int and 0 <= value <= _EXACT_INT:  # the common case, first
+        return value
     if value is None:
         return default
     if isinstance(value, bool):
@@ -152,6 +165,8 @@ def _ts(d: dict[str, Any], name: str) -> float:
 
 def _choice(d: dict[str, Any], name: str, choices: tuple[str, ...], default: str | None) -> str:
     value = d.get(name, default)
+    if value in choices:  # already in canonical form: the common case
+        return str(value)
     if value is None:
         raise SchemaError(name, "is required")
     text = str(value).strip().lower()
@@ -163,16 +178,11 @@ def _choice(d: dict[str, Any], name: str, choices: tuple[str, ...], default: str
 _ENVELOPE_KEYS: Final = frozenset(("v", "kind", "extras"))
 
 
-@functools.cache
-def _with_envelope(known: frozenset[str]) -> frozenset[str]:
-    """``known`` and the envelope's keys: one superset test per record, no new set."""
-    return known | _ENVELOPE_KEYS
-
-
-def _extras(d: dict[str, Any], known: frozenset[str]) -> dict[str, ExtraValue]:
+def _extras(d: dict[str, Any], not_extra: frozenset[str]) -> dict[str, ExtraValue]:
+    """The fields of ``d`` (and of its ``extras`` object) that are not in ``not_extra``: the
+    record's known fields and :data:`_ENVELOPE_KEYS`."""
     extras: dict[str, ExtraValue] = {}
     nested = d.get("extras")
-    not_extra = _with_envelope(known)
     if (nested is None or (type(nested) is dict and not nested)) and not_extra.issuperset(d):
         return extras  # nothing beyond the schema: the common case
     if nested is not None and not isinstance(nested, dict):
@@ -245,7 +255,10 @@ class JsonRecord:
         return cls.from_dict(_loads(data, cls.KIND))
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though a value: built once per event on the workers' hot path, and a frozen
+# dataclass sets each field through object.__setattr__ (6.8 us for these 16 fields, 2.6 us
+# as plain slots). The same for Decision.
+@dataclass(slots=True)
 class Transaction(JsonRecord):
     """One purchase as qsfraud sees it. ``payment_instrument`` is a hash, never a card number."""
 
@@ -272,6 +285,7 @@ class Transaction(JsonRecord):
          "currency", "device_id", "ip", "channel", "store_id", "terminal_id", "coupon_code",
          "item_count", "address_mismatch")
     )
+    NOT_EXTRA: ClassVar[frozenset[str]] = FIELDS | _ENVELOPE_KEYS
 
     @classmethod
     def from_dict(cls, d: Any) -> Transaction:
@@ -298,7 +312,7 @@ class Transaction(JsonRecord):
             coupon_code=_str(d, "coupon_code", required=False),
             item_count=_int(d, "item_count", 1),
             address_mismatch=_bool(d, "address_mismatch"),
-            extras=_extras(d, cls.FIELDS),
+            extras=_extras(d, cls.NOT_EXTRA),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -365,7 +379,7 @@ class Label(JsonRecord):
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see Transaction
 class Decision(JsonRecord):
     """What qsfraud decided for one transaction, and why.
 
