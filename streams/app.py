@@ -46,6 +46,7 @@ from streams.metrics import WorkerMetrics
 from streams.scoring import (
     InputRecord,
     OutputRecord,
+    Record,
     ScoredStore,
     ScoringPipeline,
     TrackedStore,
@@ -229,13 +230,13 @@ class GapFiller:
             self._consumer.unassign()
         return out
 
-    async def fill(self, records: list[InputRecord]) -> tuple[list[InputRecord], int]:
+    async def fill(self, records: list[Record]) -> tuple[list[Record], int]:
         """``records`` with any skipped records of their partitions put before them.
 
         The broker is asked in a thread: these calls block, and the event loop also runs
         the group consumer's heartbeats.
         """
-        out: list[InputRecord] = []
+        out: list[Record] = []
         filled = 0
         resets = self._resets
         for rec in records:
@@ -582,12 +583,11 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     transactions = app.topic(settings.transactions_topic, partitions=n, schema=RawSchema())
     labels = app.topic(settings.labels_topic, partitions=n, schema=RawSchema())
 
-    def records_of(events: Sequence[Any]) -> list[InputRecord]:
-        out = []
-        for event in events:
-            m = event.message
-            out.append(InputRecord(m.value, m.key, m.partition, m.offset, m.timestamp, m.topic))
-            runtime.positions[(m.topic, m.partition)] = m.offset + 1
+    def records_of(events: Sequence[Any]) -> list[Record]:
+        out = [event.message for event in events]  # faust's messages are Records
+        positions = runtime.positions
+        for m in out:
+            positions[m.tp] = m.offset + 1  # a TP is the (topic, partition) tuple
         return out
 
     def state_records() -> list[Produce]:

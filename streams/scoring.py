@@ -37,7 +37,7 @@ from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from math import fsum, isfinite
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import orjson
@@ -90,6 +90,30 @@ class BadRecord(ValueError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+
+class Record(Protocol):
+    """A consumed Kafka record as the pipeline reads it: an :class:`InputRecord`, or faust's
+    own consumer message (the worker passes those as they are: no copy per record)."""
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def timestamp(self) -> float | None:
+        """Epoch seconds."""
+
+    @property
+    def topic(self) -> str: ...
 
 
 @dataclass(slots=True)
@@ -198,7 +222,7 @@ def _time(value: Any) -> float | None:
     raise BadRecord("invalid", f"committed_at: expected epoch seconds, got {value!r}")
 
 
-def dead_letter(record: InputRecord, reason: str, error: str, retailer: str) -> OutputRecord:
+def dead_letter(record: Record, reason: str, error: str, retailer: str) -> OutputRecord:
     """A DLQ record: the reason, where the input came from, and the input itself.
 
     >>> rec = InputRecord(b"\\xff", b"k", 2, 40, 1.0, "acme.transactions")
@@ -423,7 +447,7 @@ class ScoringPipeline:
         self.config = config
 
     def process_batch(
-        self, records: Sequence[InputRecord], now: float | None = None
+        self, records: Sequence[Record], now: float | None = None
     ) -> BatchResult:
         """Decide every transaction in ``records``; bad ones become dead letters.
 
@@ -442,10 +466,10 @@ class ScoringPipeline:
         out = BatchResult()
         decisions = out.decisions
         slots: list[OutputRecord | None] = []  # decisions in input order, new ones filled last
-        fresh: list[tuple[InputRecord, ParsedTransaction, int]] = []  # (record, tx, slot)
+        fresh: list[tuple[Record, ParsedTransaction, int]] = []  # (record, tx, slot)
         vectors: list[list[float]] = []
         first_slot: dict[str, int] = {}  # tx_id -> slot of its first delivery in this batch
-        repeats: list[tuple[InputRecord, int, int]] = []  # (record, its slot, first slot)
+        repeats: list[tuple[Record, int, int]] = []  # (record, its slot, first slot)
         for rec in records:
             try:
                 parsed = parse_transaction(rec.value)
@@ -493,7 +517,7 @@ class ScoringPipeline:
 
     def _decide_fresh(
         self,
-        fresh: list[tuple[InputRecord, ParsedTransaction, int]],
+        fresh: list[tuple[Record, ParsedTransaction, int]],
         vectors: list[list[float]],
         slots: list[OutputRecord | None],
         out: BatchResult,
@@ -537,7 +561,7 @@ class ScoringPipeline:
             if stamp is not None:
                 latencies.append(decision["timings"]["decided"] - stamp)
 
-    def learn_batch(self, records: Iterable[InputRecord]) -> LabelResult:
+    def learn_batch(self, records: Iterable[Record]) -> LabelResult:
         """Learn from each label whose transaction is still in ``scored``, at most once."""
         out = LabelResult()
         scored = self.scored
