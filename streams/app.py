@@ -62,8 +62,9 @@ from streams.topics import (
 
 log = logging.getLogger(__name__)
 
-Produce = tuple[str, int, bytes | None, bytes | None]
-"""A record to write: topic, partition, key, value."""
+Write = tuple[int, bytes | None, bytes | None]
+"""A record to write to a topic: partition, key, value (the form of
+:meth:`TrackedStore.drain_encoded`, so a changelog is written without a copy)."""
 
 
 @dataclass
@@ -80,12 +81,6 @@ class WorkerRuntime:
         self.metrics.count("qsfraud_config_total", outcome=outcome.status,
                            reason=outcome.reason or "ok")
         self.metrics.gauge("qsfraud_config_version", self.pipeline.config.version)
-
-
-def changelog_records(topic: str, store: TrackedStore) -> list[Produce]:
-    """``store``'s changes since the last drain as faust changelog records (JSON key and
-    value, as faust's json serializer writes them; None = delete)."""
-    return [(topic, p, k, v) for p, k, v in store.drain_encoded()]
 
 
 class BatchPublisher:
@@ -118,23 +113,24 @@ class BatchPublisher:
                     self._producer = producer
         return self._producer
 
-    async def produce(self, records: Sequence[Produce]) -> None:
-        """Queue ``records``; they go out in one request once this returns (see :meth:`flush`)."""
+    async def produce(self, topic: str, records: Sequence[Write]) -> None:
+        """Queue ``records`` for ``topic``; all that is queued goes out in one request once
+        the caller next waits (see :meth:`flush`)."""
         if not records:
             return
         producer = await self._started()
-        batches: dict[tuple[str, int], Any] = {}
-        for topic, partition, key, value in records:
-            batch = batches.get((topic, partition))
+        batches: dict[int, Any] = {}
+        for partition, key, value in records:
+            batch = batches.get(partition)
             if batch is None:
-                batch = batches[topic, partition] = producer.create_batch()
+                batch = batches[partition] = producer.create_batch()
             if batch.append(timestamp=None, key=key, value=value) is None:  # full
                 await self._send(producer, batch, topic, partition)
                 # an empty batch takes any record (one over the broker's limit is refused
                 # there, and reported by flush)
-                batch = batches[topic, partition] = producer.create_batch()
+                batch = batches[partition] = producer.create_batch()
                 batch.append(timestamp=None, key=key, value=value)
-        for (topic, partition), batch in batches.items():
+        for partition, batch in batches.items():
             await self._send(producer, batch, topic, partition)
 
     async def _send(self, producer: AIOKafkaProducer, batch: Any, topic: str,
@@ -164,10 +160,12 @@ class BatchPublisher:
             raise KafkaException(f"{len(failures)} batches not written: "
                                  f"{'; '.join(failures[:3])}")
 
-    async def publish(self, records: Sequence[Produce], timeout_s: float = 60.0) -> None:
-        """:meth:`produce` then :meth:`flush`."""
-        if records:
-            await self.produce(records)
+    async def publish(self, *writes: tuple[str, Sequence[Write]],
+                      timeout_s: float = 60.0) -> None:
+        """:meth:`produce` each ``(topic, records)``, then :meth:`flush`."""
+        if any(records for _, records in writes):
+            for topic, records in writes:
+                await self.produce(topic, records)
             await self.flush(timeout_s)
 
     async def stop(self) -> None:
@@ -590,12 +588,14 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             positions[m.tp] = m.offset + 1  # a TP is the (topic, partition) tuple
         return out
 
-    def state_records() -> list[Produce]:
-        return [*changelog_records(features_changelog, pipeline.features),
-                *changelog_records(scored_changelog, pipeline.scored)]
+    def state_writes() -> list[tuple[str, Sequence[Write]]]:
+        """The tables' changes since the last drain, as faust's changelog records (JSON key
+        and value, as faust's json serializer writes them; None = delete)."""
+        return [(features_changelog, pipeline.features.drain_encoded()),
+                (scored_changelog, pipeline.scored.drain_encoded())]
 
-    def dlq(records: list[OutputRecord]) -> list[Produce]:
-        return [(settings.dlq_topic, 0, r.key, r.value) for r in records]
+    def dlq(records: list[OutputRecord]) -> tuple[str, Sequence[Write]]:
+        return settings.dlq_topic, [(0, r.key, r.value) for r in records]
 
     gaps = {topic: GapFiller(settings.bootstrap, settings.app_id, topic)
             for topic in (settings.transactions_topic, settings.labels_topic)}
@@ -639,13 +639,12 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 # redelivery of its transaction must already be durable, or a crash in between
                 # would let the redelivery be decided afresh (and differently). This flush also
                 # confirms the previous batch's decisions, which were on their way meanwhile.
-                await out.produce(state_records())
+                for topic, writes in state_writes():
+                    await out.produce(topic, writes)
                 await confirm()
-                await out.produce([
-                    *((settings.decisions_topic, r.partition or 0, r.key, r.value)
-                      for r in result.decisions),
-                    *dlq(result.dead_letters),
-                ])
+                await out.produce(settings.decisions_topic, [
+                    (r.partition or 0, r.key, r.value) for r in result.decisions])
+                await out.produce(*dlq(result.dead_letters))
                 unconfirmed = list(events)  # acked by the next batch's flush, or when idle
                 metrics.count("qsfraud_transactions_total", len(batch))
                 metrics.processed(len(batch))
@@ -669,7 +668,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         async for events in event_batches(app, stream, settings.batch_size):
             batch, _filled = await gaps[settings.labels_topic].fill(records_of(events))
             result = pipeline.learn_batch(batch)
-            await publisher.publish([*dlq(result.dead_letters), *state_records()])
+            await publisher.publish(dlq(result.dead_letters), *state_writes())
             for event in events:
                 event.ack()
             for outcome in ("learned", "unknown", "duplicate"):
@@ -685,8 +684,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         value = checkpoint_value(settings.retailer, pipeline.model, pipeline.config.version)
         # the publisher of the label agent's writes: faust's own producer would be another
         # client for one record every few seconds
-        await publisher.publish([(settings.checkpoints_topic, 0, settings.retailer.encode(),
-                                  value)])
+        await publisher.publish((settings.checkpoints_topic,
+                                 [(0, settings.retailer.encode(), value)]))
         metrics.count("qsfraud_checkpoints_total")
 
     @app.timer(interval=min(60.0, max(1.0, settings.scored_ttl_s / 10)))
@@ -694,7 +693,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         gone = pipeline.scored.expire(time.time(), settings.scored_ttl_s,
                                       settings.scored_max_entries)
         if gone:
-            await publisher.publish(state_records())
+            await publisher.publish(*state_writes())
 
     @app.timer(interval=FULL_COLLECTION_INTERVAL_S)
     async def full_collection() -> None:

@@ -22,16 +22,16 @@ def test_publish_returns_once_acknowledged_and_raises_for_a_refused_record(
     async def scenario() -> None:
         publisher = BatchPublisher(kafka_bootstrap)
         try:
-            await publisher.publish([(topic, 0, b"k", b"small")] * 3
-                                    + [(topic, 1, b"k", b"other")] * 2)
+            await publisher.publish((topic, [(0, b"k", b"small")] * 3
+                                     + [(1, b"k", b"other")] * 2))
             # acknowledged: the records are in the topic as publish returns
             assert [v for _, _, v in read_topic(kafka_bootstrap, topic, 0)] == [b"small"] * 3
             assert [v for _, _, v in read_topic(kafka_bootstrap, topic, 1)] == [b"other"] * 2
             with pytest.raises(KafkaException, match=rf"{topic}\[0\]"):
-                await publisher.publish([(topic, 0, b"k", b"x" * 1000),
-                                         (topic, 1, b"k", b"small")], timeout_s=30)
+                await publisher.publish((topic, [(0, b"k", b"x" * 1000), (1, b"k", b"small")]),
+                                        timeout_s=30)
             # the failure was reported once: the next batch is judged on its own
-            await publisher.publish([(topic, 0, b"k", b"after")])
+            await publisher.publish((topic, [(0, b"k", b"after")]))
             assert [v for _, _, v in read_topic(kafka_bootstrap, topic, 0)][-1] == b"after"
         finally:
             await publisher.stop()
@@ -54,11 +54,11 @@ def test_a_publish_that_waits_meanwhile_gets_its_own_failure_not_another_callers
     async def scenario() -> None:
         publisher = BatchPublisher(kafka_bootstrap)
         try:
-            await publisher.publish([(known, 0, b"k", b"first")])
+            await publisher.publish((known, [(0, b"k", b"first")]))
             for n, topic in enumerate(fresh):
                 refused, written = await asyncio.gather(
-                    publisher.publish([(topic, 0, b"k", b"x" * 1000)], timeout_s=30),
-                    publisher.publish([(known, 0, b"k", str(n).encode())]),
+                    publisher.publish((topic, [(0, b"k", b"x" * 1000)]), timeout_s=30),
+                    publisher.publish((known, [(0, b"k", str(n).encode())])),
                     return_exceptions=True)
                 assert isinstance(refused, KafkaException) and topic in str(refused)
                 assert written is None
@@ -78,7 +78,7 @@ def test_records_beyond_one_batch_go_out_in_several_in_order(kafka_bootstrap: st
     async def scenario() -> None:
         publisher = BatchPublisher(kafka_bootstrap, max_batch_bytes=300)
         try:
-            await publisher.publish([(topic, 0, b"k", v) for v in values])
+            await publisher.publish((topic, [(0, b"k", v) for v in values]))
         finally:
             await publisher.stop()
 
