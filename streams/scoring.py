@@ -311,10 +311,6 @@ class TrackedStore:
         self.dirty = {}
         return out
 
-    def _encoded(self, key: str) -> bytes | None:
-        value = self.data.get(key)
-        return None if value is None else dumps(value)
-
     def drain_encoded(self) -> list[tuple[int, bytes, bytes | None]]:
         """:meth:`drain` in faust's changelog wire form: ``(partition, JSON key, JSON value
         or None)``, byte for byte ``json.dumps(key)`` and :func:`dumps` of the value.
@@ -327,8 +323,9 @@ class TrackedStore:
         """
         if not self.dirty:
             return []
-        encoded = self._encoded
-        out = [(p, _json_str(k).encode(), encoded(k)) for k, p in self.dirty.items()]
+        get = self.data.get
+        out = [(p, _json_str(k).encode(), None if (v := get(k)) is None else dumps(v))
+               for k, p in self.dirty.items()]
         self.dirty = {}
         return out
 
@@ -364,9 +361,13 @@ class ScoredStore(TrackedStore):
         self.data[key] = raw
         self.dirty[key] = self.key_partition[key] = partition
 
-    def _encoded(self, key: str) -> bytes | None:
-        raw: bytes | None = self.data.get(key)
-        return raw
+    def drain_encoded(self) -> list[tuple[int, bytes, bytes | None]]:
+        if not self.dirty:
+            return []
+        get = self.data.get  # the values are their encoding already
+        out = [(p, _json_str(k).encode(), get(k)) for k, p in self.dirty.items()]
+        self.dirty = {}
+        return out
 
     def expire(self, now: float, ttl_s: float, max_entries: int) -> int:
         """Drop entries older than ``ttl_s`` or beyond ``max_entries`` (oldest first, in
