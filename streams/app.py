@@ -1,7 +1,7 @@
 """The faust app of one retailer: score, decide and learn on every transaction.
 
 ``create_app(settings, runtime)`` builds the app: two agents (``<R>.transactions`` ->
-decisions, ``<R>.labels`` -> learning) that take batches with :func:`event_batches`, two
+decisions, ``<R>.labels`` -> learning) that take batches with :func:`message_batches`, two
 changelog-backed tables on the memory store (``features``: entity state; ``scored``: the
 dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metrics`` on
 faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
@@ -10,7 +10,7 @@ replays the signed config topic, then runs the faust worker.
 Writes: each batch's changed table keys are produced by a :class:`BatchPublisher` (one
 produce request for all partitions) and awaited until the broker acknowledged them; then
 its decisions and dead letters are produced, and acknowledged by the next batch's wait (or
-when the input goes idle); only then are the batch's events acked (their offsets
+when the input goes idle); only then are the batch's messages acked (their offsets
 committable). So a decision is never visible before its ``scored`` entry is durable, and
 committed offsets never run ahead of written decisions (at-least-once; redeliveries are
 answered from ``scored``).
@@ -257,49 +257,55 @@ class GapFiller:
         self._consumer.close()
 
 
-async def event_batches(
-    app: faust.App, stream: Any, max_events: int,
+async def message_batches(
+    app: faust.App, stream: Any, max_messages: int,
     on_idle: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[list[Any]]:
-    """Batches of the events waiting on an agent's channel, at most ``max_events`` each.
+    """Batches of faust's consumer messages waiting on an agent's channel, at most
+    ``max_messages`` each.
 
     Instead of ``stream.take_events``: faust's stream iterator spends an event-loop turn
     (``sleep(0)``), sensor calls and a context variable on every event, and ``take_events``
-    waits for a timer before it hands over a short batch. Here the first event is awaited
+    waits for a timer before it hands over a short batch. Here the first item is awaited
     and whatever else is queued is taken at once, so a batch is what arrived while the last
-    one was processed: one event at low rates, up to ``max_events`` under load. The caller
-    acks the events once their results are written; ``on_idle`` runs whenever the queue is
-    empty, before waiting for the next event. Events faust's stream would skip (flow
-    control paused, or fetched in an older consumer generation: around a rebalance) are
-    acked unprocessed, as the stream does; :class:`GapFiller` reads those offsets again.
+    one was processed: one message at low rates, up to ``max_messages`` under load.
+
+    The drain loop (:meth:`_Consumer._drain_messages`) queues the messages themselves;
+    faust's own handler, which takes over around a rebalance, queues them in events: those
+    are unwrapped here. The caller acks each message (``message.ack(app.consumer)``) once
+    its results are written; ``on_idle`` runs whenever the queue is empty, before waiting
+    for the next item. Messages faust's stream would skip (flow control paused, or fetched
+    in an older consumer generation: around a rebalance) are acked unprocessed, as the
+    stream does; :class:`GapFiller` reads those offsets again.
     """
     channel = aiter(stream.channel)  # subscribes a queue to the topic, as the stream does
     queue = channel.queue
     consumer = app.consumer
     acking_topics = app.topics.acking_topics
     flow_control = app.flow_control
+    event_type = app.conf.Event
     while True:
         if on_idle is not None and queue.empty():
             await on_idle()
         try:
-            events = [await queue.get()]
+            items = [await queue.get()]
         except StopAsyncIteration:  # faust ends the stream (the worker stops): end the batches
             return
         get_nowait = queue.get_nowait
-        while len(events) < max_events and not queue.empty():
-            events.append(get_nowait())
+        while len(items) < max_messages and not queue.empty():
+            items.append(get_nowait())
         active = flow_control.is_active()
         generation = app.consumer_generation_id
         batch = []
-        for event in events:
-            message = event.message
+        for item in items:
+            message = item.message if type(item) is event_type else item
             if not active or message.generation_id != generation:
-                event.ack()
+                message.ack(consumer)
                 continue
             if message.topic in acking_topics and not message.tracked:
                 message.tracked = True
                 consumer.track_message(message)
-            batch.append(event)
+            batch.append(message)
         if batch:
             yield batch
 
@@ -444,11 +450,13 @@ class _Consumer(faust_aiokafka.Consumer):
 
         - While the flow runs, a message of a :class:`RawSchema` topic read by one channel
           (the agents' input topics) is put on that channel's queue here, as faust's
-          conductor handler does for it, without the handler's per-message lock, flow
-          control and producer-buffer waits (each a coroutine; the buffer check reads a
-          setting through faust's settings registry) and decoding: measured ~9 % of a
-          busy worker. The producer buffer is checked once per fetch; a full queue,
-          stopped flow control and any other topic take faust's handler.
+          conductor handler would put its event there, without the handler's per-message
+          lock, flow control and producer-buffer waits (each a coroutine; the buffer check
+          reads a setting through faust's settings registry) and decoding: measured ~9 % of
+          a busy worker. The message goes as it is, with no event around it: the agents
+          read it with :func:`message_batches`. The producer buffer is checked once per
+          fetch; a full queue, stopped flow control and any other topic take faust's
+          handler.
         - Otherwise a message is handed over with ``await callback(message)`` while the
           flow is not suspended, instead of ``wait_first(callback(message),
           suspend_flow.wait())`` for every message (four tasks and an ``asyncio.wait``
@@ -470,7 +478,6 @@ class _Consumer(faust_aiokafka.Consumer):
         handlers = conductor._tp_to_callback
         flow_active = app.flow_control.is_active
         wait_until_ebb = app.producer.buffer.wait_until_ebb
-        event_type: Any = app.conf.Event
         # tp -> (faust's handler for it, direct route or None); looked up again whenever
         # faust rebuilds its handlers (a rebalance or a new subscription)
         routes: dict[Any, tuple[Any, tuple[Any, Any, Any] | None]] = {}
@@ -511,9 +518,7 @@ class _Consumer(faust_aiokafka.Consumer):
                             # incref(1) without its lock: no other thread has seen it yet
                             message.refcount += 1
                             queue.put_nowait_enhanced(
-                                event_type(app, message.key, message.value, message.headers,
-                                           message),
-                                on_pressure_high=on_high, on_pressure_drop=on_drop)
+                                message, on_pressure_high=on_high, on_pressure_drop=on_drop)
                         else:
                             await callback(message)
                         read_offsets[tp] = offset
@@ -581,12 +586,12 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     transactions = app.topic(settings.transactions_topic, partitions=n, schema=RawSchema())
     labels = app.topic(settings.labels_topic, partitions=n, schema=RawSchema())
 
-    def records_of(events: Sequence[Any]) -> list[Record]:
-        out = [event.message for event in events]  # faust's messages are Records
+    def records_of(messages: list[Any]) -> list[Record]:
+        """``messages`` (faust's messages are Records), their positions noted for the lag."""
         positions = runtime.positions
-        for m in out:
+        for m in messages:
             positions[m.tp] = m.offset + 1  # a TP is the (topic, partition) tuple
-        return out
+        return messages
 
     def state_writes() -> list[tuple[str, Sequence[Write]]]:
         """The tables' changes since the last drain, as faust's changelog records (JSON key
@@ -614,14 +619,15 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     @app.agent(transactions, name="decide")
     async def decide(stream: Any) -> None:
         out = BatchPublisher(settings.bootstrap)  # this agent's own: its flushes, its failures
-        unconfirmed: list[Any] = []  # events whose decisions are produced but not yet acked
+        unconfirmed: list[Any] = []  # messages whose decisions are produced, not yet acked
 
         async def confirm() -> None:
-            """Wait until everything produced is acknowledged, then ack those events."""
+            """Wait until everything produced is acknowledged, then ack those messages."""
             nonlocal unconfirmed
             await out.flush()
-            for event in unconfirmed:  # their decisions are written: offsets may be committed
-                event.ack()
+            consumer = app.consumer
+            for message in unconfirmed:  # their decisions are written: offsets may be committed
+                message.ack(consumer)
             unconfirmed = []
 
         async def on_idle() -> None:
@@ -629,9 +635,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 await confirm()
 
         try:
-            async for events in event_batches(app, stream, settings.batch_size, on_idle):
+            async for messages in message_batches(app, stream, settings.batch_size, on_idle):
                 batch, filled = await gaps[settings.transactions_topic].fill(
-                    records_of(events))
+                    records_of(messages))
                 if filled:
                     metrics.count("qsfraud_refetched_total", filled)
                 result = pipeline.process_batch(batch)
@@ -645,7 +651,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 await out.produce(settings.decisions_topic, [
                     (r.partition or 0, r.key, r.value) for r in result.decisions])
                 await out.produce(*dlq(result.dead_letters))
-                unconfirmed = list(events)  # acked by the next batch's flush, or when idle
+                unconfirmed = messages  # acked by the next batch's flush, or when idle
                 metrics.count("qsfraud_transactions_total", len(batch))
                 metrics.processed(len(batch))
                 for action, count in result.actions.items():
@@ -665,12 +671,13 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
-        async for events in event_batches(app, stream, settings.batch_size):
-            batch, _filled = await gaps[settings.labels_topic].fill(records_of(events))
+        async for messages in message_batches(app, stream, settings.batch_size):
+            batch, _filled = await gaps[settings.labels_topic].fill(records_of(messages))
             result = pipeline.learn_batch(batch)
             await publisher.publish(dlq(result.dead_letters), *state_writes())
-            for event in events:
-                event.ack()
+            consumer = app.consumer
+            for message in messages:
+                message.ack(consumer)
             for outcome in ("learned", "unknown", "duplicate"):
                 value = getattr(result, outcome)
                 if value:
