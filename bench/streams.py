@@ -42,7 +42,11 @@ sys.path.insert(0, str(ROOT))
 from fraud.generator import GeneratorConfig, generate  # noqa: E402
 from fraud.schema import Transaction  # noqa: E402
 from qsfraud.worker_process import WorkerProcess  # noqa: E402
-from streams.scoring import InputRecord, ScoringPipeline  # noqa: E402
+from streams.scoring import (  # noqa: E402
+    InputRecord,
+    ScoringPipeline,
+    collect_youngest_generation_only,
+)
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings  # noqa: E402
 from streams.topics import ensure_topics, worker_topics  # noqa: E402
 
@@ -216,6 +220,7 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float,
     labels_done = 0
     last_commit = time.monotonic()
     deadline = time.monotonic() + 180
+    thresholds = collect_youngest_generation_only()  # as the worker does
     try:
         # Until every transaction is decided and every label the feeder sent (it sends one
         # as it sees a decision) has been consumed and learned, as the worker does.
@@ -254,6 +259,7 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float,
                 last_commit = time.monotonic()
         out.flush(30)
     finally:
+        gc.set_threshold(*thresholds)
         consumer.close()
         feeder.stop_flag.set()
         feeder.join()

@@ -50,6 +50,7 @@ from streams.scoring import (
     ScoredStore,
     ScoringPipeline,
     TrackedStore,
+    collect_youngest_generation_only,
 )
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
 from streams.topics import (
@@ -788,16 +789,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
         pass
     runtime, follower = prepare(settings)
     app = create_app(settings, runtime)
-    # Only the youngest generation is collected automatically. A full collection walks the
-    # tables' entity state (many small dicts and lists, freed by reference counting, not
-    # cycles) and finds ~nothing: measured on a backlog, 6-7 of them in 5 s, 390-420 ms in
-    # all; freezing the state every 5 s was too slow to keep up at thousands of tx/s. The
-    # middle generation's collections walked each new entity a second time, cold: 60-75 %
-    # of the pipeline's collection time (10.4 us a transaction, 2.4-4.5 without them).
-    # Cycles that outlive one young collection wait for the `full_collection` timer, once
-    # an hour: ~100 objects in a 50 s run at 1,000 tx/s (30-57 with the middle one).
-    young, _, _ = gc.get_threshold()
-    gc.set_threshold(young, 2**31 - 1, 2**31 - 1)
+    collect_youngest_generation_only()  # the rest once an hour: `full_collection`
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     # faust's progress spinner (on at --loglevel warn and above) sets the root logger to
     # DEBUG so it can spin on every record: aiokafka then builds a debug record for every
