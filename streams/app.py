@@ -267,39 +267,37 @@ async def message_batches(
 
     Instead of ``stream.take_events``: faust's stream iterator spends an event-loop turn
     (``sleep(0)``), sensor calls and a context variable on every event, and ``take_events``
-    waits for a timer before it hands over a short batch. Here the first item is awaited
+    waits for a timer before it hands over a short batch. Here the first message is awaited
     and whatever else is queued is taken at once, so a batch is what arrived while the last
     one was processed: one message at low rates, up to ``max_messages`` under load.
 
-    The drain loop (:meth:`_Consumer._drain_messages`) queues the messages themselves;
-    faust's own handler, which takes over around a rebalance, queues them in events: those
-    are unwrapped here. The caller acks each message (``message.ack(app.consumer)``) once
-    its results are written; ``on_idle`` runs whenever the queue is empty, before waiting
-    for the next item. Messages faust's stream would skip (flow control paused, or fetched
-    in an older consumer generation: around a rebalance) are acked unprocessed, as the
-    stream does; :class:`GapFiller` reads those offsets again.
+    The queue holds the messages themselves (:class:`RawSchema`), whether the drain loop
+    or faust's own handler (around a rebalance) put them there. The caller acks each
+    message (``message.ack(app.consumer)``) once its results are written; ``on_idle`` runs
+    whenever the queue is empty, before waiting for the next message. Messages faust's
+    stream would skip (flow control paused, or fetched in an older consumer generation:
+    around a rebalance) are acked unprocessed, as the stream does; :class:`GapFiller` reads
+    those offsets again.
     """
     channel = aiter(stream.channel)  # subscribes a queue to the topic, as the stream does
     queue = channel.queue
     consumer = app.consumer
     acking_topics = app.topics.acking_topics
     flow_control = app.flow_control
-    event_type = app.conf.Event
     while True:
         if on_idle is not None and queue.empty():
             await on_idle()
         try:
-            items = [await queue.get()]
+            messages = [await queue.get()]
         except StopAsyncIteration:  # faust ends the stream (the worker stops): end the batches
             return
         get_nowait = queue.get_nowait
-        while len(items) < max_messages and not queue.empty():
-            items.append(get_nowait())
+        while len(messages) < max_messages and not queue.empty():
+            messages.append(get_nowait())
         active = flow_control.is_active()
         generation = app.consumer_generation_id
         batch = []
-        for item in items:
-            message = item.message if type(item) is event_type else item
+        for message in messages:
             if not active or message.generation_id != generation:
                 message.ack(consumer)
                 continue
@@ -322,16 +320,19 @@ FETCH_MAX_WAIT_MS = 50
 class RawSchema(faust.Schema):
     """Keys and values as the bytes on the wire (faust's ``raw`` serializer), decoded without
     faust's serializer registry: two codec look-ups per message there, ~8 % of a busy
-    worker. The pipeline parses (and dead-letters) the bytes itself."""
+    worker. The pipeline parses (and dead-letters) the bytes itself.
+
+    "Decoding" hands over faust's consumer message itself, with no event around it: what
+    the drain loop (:meth:`_Consumer._drain_messages`) queues too, so the agents'
+    :func:`message_batches` meet one kind of item whichever way it came.
+    """
 
     def __init__(self) -> None:
         super().__init__(key_serializer="raw", value_serializer="raw")
 
     def compile(self, app: Any, **kwargs: Any) -> Any:
-        event_type = app.conf.Event  # app.create_event reads it from the settings each time
-
         async def decode(message: Any, *, propagate: bool = False) -> Any:
-            return event_type(app, message.key, message.value, message.headers, message)
+            return message
 
         return decode
 
@@ -452,13 +453,12 @@ class _Consumer(faust_aiokafka.Consumer):
 
         - While the flow runs, a message of a :class:`RawSchema` topic read by one channel
           (the agents' input topics) is put on that channel's queue here, as faust's
-          conductor handler would put its event there, without the handler's per-message
-          lock, flow control and producer-buffer waits (each a coroutine; the buffer check
-          reads a setting through faust's settings registry) and decoding: measured ~9 % of
-          a busy worker. The message goes as it is, with no event around it: the agents
-          read it with :func:`message_batches`. The producer buffer is checked once per
-          fetch; a full queue, stopped flow control and any other topic take faust's
-          handler.
+          conductor handler would put it there (:class:`RawSchema` "decodes" a message to
+          itself), without the handler's per-message lock, flow control and
+          producer-buffer waits (each a coroutine; the buffer check reads a setting
+          through faust's settings registry): measured ~9 % of a busy worker. The producer
+          buffer is checked once per fetch; a full queue, stopped flow control and any
+          other topic take faust's handler.
         - Otherwise a message is handed over with ``await callback(message)`` while the
           flow is not suspended, instead of ``wait_first(callback(message),
           suspend_flow.wait())`` for every message (four tasks and an ``asyncio.wait``
@@ -588,6 +588,12 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     transactions = app.topic(settings.transactions_topic, partitions=n, schema=RawSchema())
     labels = app.topic(settings.labels_topic, partitions=n, schema=RawSchema())
 
+    def ack(messages: list[Any]) -> None:
+        """Mark ``messages`` done: their offsets may be committed."""
+        consumer = app.consumer
+        for message in messages:
+            message.ack(consumer)
+
     def records_of(messages: list[Any]) -> list[Record]:
         """``messages`` (faust's messages are Records), their positions noted for the lag."""
         positions = runtime.positions
@@ -627,9 +633,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             """Wait until everything produced is acknowledged, then ack those messages."""
             nonlocal unconfirmed
             await out.flush()
-            consumer = app.consumer
-            for message in unconfirmed:  # their decisions are written: offsets may be committed
-                message.ack(consumer)
+            ack(unconfirmed)  # their decisions are written
             unconfirmed = []
 
         async def on_idle() -> None:
@@ -677,9 +681,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             batch, _filled = await gaps[settings.labels_topic].fill(records_of(messages))
             result = pipeline.learn_batch(batch)
             await publisher.publish(dlq(result.dead_letters), *state_writes())
-            consumer = app.consumer
-            for message in messages:
-                message.ack(consumer)
+            ack(messages)
             for outcome in ("learned", "unknown", "duplicate"):
                 value = getattr(result, outcome)
                 if value:
