@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,59 @@ Write = tuple[int, bytes | None, bytes | None]
 :meth:`TrackedStore.drain_encoded`, so a changelog is written without a copy)."""
 
 
+class LogGaps:
+    """Offsets where a partition's log holds no record for this consumer: transaction
+    markers (one after each committed or aborted transaction: the CDC writes in
+    transactions), the records of aborted transactions, compacted records.
+
+    :meth:`fetched` sees every batch of records the consumer fetches, before faust hands
+    any over, and notes each jump between two fetched records. :class:`GapFiller` reads
+    only the jumps not noted: records that were fetched and then dropped (faust's), never
+    empty offsets. Only ``topics`` are noted (the changelogs, read by the same consumer at
+    recovery, are compacted: full of jumps nobody takes). Cleared on a rebalance, as the
+    fillers' positions are.
+
+    >>> gaps = LogGaps(["t"])
+    >>> class Rec:
+    ...     def __init__(self, offset): self.offset = offset
+    >>> gaps.fetched("t", 0, [Rec(9), Rec(10)])
+    >>> gaps.fetched("t", 0, [Rec(13), Rec(14), Rec(16)])  # 11, 12 and 15 hold nothing
+    >>> gaps.take("t", 0, 13), gaps.take("t", 0, 16), gaps.take("t", 0, 14)
+    (11, 15, None)
+    """
+
+    def __init__(self, topics: Iterable[str]) -> None:
+        self.topics = frozenset(topics)
+        self._last: dict[tuple[str, int], int] = {}
+        self._starts: dict[tuple[str, int], dict[int, int]] = {}
+
+    def fetched(self, topic: str, partition: int, records: Sequence[Any]) -> None:
+        """Note ``records`` (with ``offset``), fetched in log order, as the next ones."""
+        if not records or topic not in self.topics:
+            return
+        key = (topic, partition)
+        prev = self._last.get(key)
+        first, last = records[0].offset, records[-1].offset
+        self._last[key] = last
+        if (prev is None or first == prev + 1) and last - first + 1 == len(records):
+            return  # contiguous, as without transactions
+        starts = self._starts.setdefault(key, {})
+        for rec in records:
+            offset = rec.offset
+            if prev is not None and offset > prev + 1:
+                starts[offset] = prev + 1
+            prev = offset
+
+    def take(self, topic: str, partition: int, offset: int) -> int | None:
+        """The first empty offset right before ``offset``, if noted (and forget it)."""
+        starts = self._starts.get((topic, partition))
+        return None if not starts else starts.pop(offset, None)
+
+    def clear(self) -> None:
+        self._last.clear()
+        self._starts.clear()
+
+
 @dataclass
 class WorkerRuntime:
     """The state shared by the app's agents, timers, web page and config thread."""
@@ -77,6 +130,10 @@ class WorkerRuntime:
     metrics: WorkerMetrics
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    log_gaps: LogGaps = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_gaps = LogGaps((self.settings.transactions_topic, self.settings.labels_topic))
 
     def on_config(self, outcome: Outcome) -> None:
         self.metrics.count("qsfraud_config_total", outcome=outcome.status,
@@ -184,11 +241,14 @@ class GapFiller:
     them are then committed and those transactions would never be decided. This keeps the
     next expected offset per partition (from the group's committed offset on first sight)
     and, when a batch jumps ahead, fetches the missing records with a plain consumer and
-    processes them first, before the batch (and thus their offsets) is acked.
+    processes them first, before the batch (and thus their offsets) is acked. Offsets the
+    log holds no record at (``log_gaps``, noted as the records were fetched) are not read.
     """
 
-    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, group: str, topic: str,
+                 log_gaps: LogGaps | None = None) -> None:
         self.topic = topic
+        self.log_gaps = log_gaps if log_gaps is not None else LogGaps((topic,))
         self.next_offset: dict[int, int] = {}
         self._resets = 0  # a fill that spans a reset must not bring back old positions
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
@@ -198,6 +258,7 @@ class GapFiller:
     def reset(self) -> None:
         """Forget positions (after a rebalance, partitions may have moved)."""
         self.next_offset.clear()
+        self.log_gaps.clear()
         self._resets += 1
 
     def _start_of(self, partition: int) -> int:
@@ -229,20 +290,26 @@ class GapFiller:
             self._consumer.unassign()
         return out
 
-    async def fill(self, records: list[Record]) -> tuple[list[Record], int]:
-        """``records`` with any skipped records of their partitions put before them.
+    async def fill(self, records: list[Record]) -> tuple[list[Record], int, int]:
+        """``records`` with any skipped records of their partitions put before them; how
+        many records were put there, and how many reads it took.
 
         The broker is asked in a thread: these calls block, and the event loop also runs
         the group consumer's heartbeats.
         """
         out: list[Record] = []
-        filled = 0
+        filled = reads = 0
         resets = self._resets
+        take_gap = self.log_gaps.take
         for rec in records:
-            expected = self.next_offset.get(rec.partition)
+            partition = rec.partition
+            expected = self.next_offset.get(partition)
             if expected is None:
-                expected = await asyncio.to_thread(self._start_of, rec.partition)
-            if rec.offset > expected:
+                expected = await asyncio.to_thread(self._start_of, partition)
+            if rec.offset > expected and not (
+                    (start := take_gap(self.topic, partition, rec.offset)) is not None
+                    and start <= expected):
+                reads += 1
                 missing = await asyncio.to_thread(self._read, rec.partition, expected,
                                                   rec.offset)
                 log.warning("faust skipped %s[%d] offsets %d..%d; read %d of them directly",
@@ -251,8 +318,8 @@ class GapFiller:
                 filled += len(missing)
             out.append(rec)
             if self._resets == resets:
-                self.next_offset[rec.partition] = rec.offset + 1
-        return out, filled
+                self.next_offset[partition] = rec.offset + 1
+        return out, filled, reads
 
     def close(self) -> None:
         self._consumer.close()
@@ -391,6 +458,11 @@ class _ConsumerThreadOnLoop(faust_aiokafka.AIOKafkaConsumerThread):
         # Measured: with faust's 1,500 ms, records produced at a steady 1,000/s reached the
         # agent 1-2 s late; with 50 ms, 20-90 ms. (aiokafka reads this when it starts.)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        # faust reads uncommitted records unless it runs exactly-once. The CDC writes in
+        # Kafka transactions: a record of an aborted one must not be decided, and one of an
+        # open one not before it commits. The worker's own topics are written without
+        # transactions, so reading them is the same either way.
+        consumer._isolation_level = "read_committed"
         return consumer
 
 
@@ -419,6 +491,11 @@ class _Consumer(faust_aiokafka.Consumer):
         track_end_offset = app.monitor.track_tp_end_offset
         for tp in wanted:
             track_end_offset(tp, self.highwater(tp))
+        runtime: WorkerRuntime | None = getattr(app, "qsfraud_runtime", None)
+        if runtime is not None:
+            fetched = runtime.log_gaps.fetched
+            for tp, fetched_records in records.items():  # what is dropped below too
+                fetched(tp.topic, tp.partition, fetched_records)
         to_message = self._to_message
         for tp, record in self.scheduler.iterate(records):
             if not self.flow_active or app.consumer_generation_id != generation:
@@ -610,7 +687,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     def dlq(records: list[OutputRecord]) -> tuple[str, Sequence[Write]]:
         return settings.dlq_topic, [(0, r.key, r.value) for r in records]
 
-    gaps = {topic: GapFiller(settings.bootstrap, settings.app_id, topic)
+    gaps = {topic: GapFiller(settings.bootstrap, settings.app_id, topic, runtime.log_gaps)
             for topic in (settings.transactions_topic, settings.labels_topic)}
 
     async def forget_positions(sender: Any, assigned: Any, **kwargs: Any) -> None:
@@ -642,8 +719,11 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
         try:
             async for messages in message_batches(app, stream, settings.batch_size, on_idle):
-                batch, filled = await gaps[settings.transactions_topic].fill(
+                batch, filled, reads = await gaps[settings.transactions_topic].fill(
                     records_of(messages))
+                if reads:
+                    metrics.count("qsfraud_gap_reads_total", reads,
+                                  topic=settings.transactions_topic)
                 if filled:
                     metrics.count("qsfraud_refetched_total", filled)
                 result = pipeline.process_batch(batch)
@@ -678,7 +758,10 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
         async for messages in message_batches(app, stream, settings.batch_size):
-            batch, _filled = await gaps[settings.labels_topic].fill(records_of(messages))
+            batch, _filled, reads = await gaps[settings.labels_topic].fill(
+                records_of(messages))
+            if reads:
+                metrics.count("qsfraud_gap_reads_total", reads, topic=settings.labels_topic)
             result = pipeline.learn_batch(batch)
             await publisher.publish(dlq(result.dead_letters), *state_writes())
             ack(messages)

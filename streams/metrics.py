@@ -29,6 +29,7 @@ HELP: Final = {
     "qsfraud_dead_letters_total": ("counter", "Bad input records sent to the DLQ"),
     "qsfraud_skipped_total": ("counter", "CDC deletes skipped"),
     "qsfraud_refetched_total": ("counter", "Records faust skipped, read again directly"),
+    "qsfraud_gap_reads_total": ("counter", "Direct reads of offsets faust skipped, by topic"),
     "qsfraud_labels_total": ("counter", "Labels consumed, by outcome"),
     "qsfraud_config_total": ("counter", "Config records, by outcome"),
     "qsfraud_checkpoints_total": ("counter", "Model checkpoints written"),

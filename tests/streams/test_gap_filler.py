@@ -1,14 +1,18 @@
-"""GapFiller on real Kafka: offsets faust skipped are read back before the batch."""
+"""GapFiller on real Kafka: offsets faust skipped are read back before the batch; the empty
+offsets of a transactional log (markers, aborted records) are not read."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from itertools import pairwise
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
 
-from streams.app import GapFiller
-from streams.scoring import InputRecord
+from streams.app import GapFiller, LogGaps
+from streams.scoring import InputRecord, Record
 from streams.topics import TopicSpec, ensure_topics
 
 
@@ -30,13 +34,13 @@ def test_a_skipped_range_is_read_from_kafka_before_the_batch(kafka_bootstrap: st
     topic = _topic_with_ten_records(kafka_bootstrap)
     filler = GapFiller(kafka_bootstrap, f"group-{topic}", topic)
     try:
-        first, filled = asyncio.run(filler.fill([_record(topic, o) for o in (0, 1, 2)]))
-        assert [r.offset for r in first] == [0, 1, 2] and filled == 0
+        first, filled, reads = asyncio.run(filler.fill([_record(topic, o) for o in (0, 1, 2)]))
+        assert [r.offset for r in first] == [0, 1, 2] and filled == 0 and reads == 0
         # faust acked 3..6 without handing them over: they come first, from Kafka
-        batch, filled = asyncio.run(filler.fill([_record(topic, o) for o in (7, 8, 9)]))
+        batch, filled, reads = asyncio.run(filler.fill([_record(topic, o) for o in (7, 8, 9)]))
         assert [r.offset for r in batch] == list(range(3, 10))
         assert [r.value for r in batch] == [f"v{i}".encode() for i in range(3, 10)]
-        assert filled == 4
+        assert filled == 4 and reads == 1
         assert filler.next_offset == {0: 10}
     finally:
         filler.close()
@@ -50,8 +54,8 @@ def test_a_fill_that_spans_a_reset_keeps_no_old_positions(kafka_bootstrap: str) 
         await asyncio.sleep(0)  # the fill is now waiting for the broker in its thread
         filler.reset()
 
-    async def scenario() -> tuple[list[InputRecord], int]:
-        (batch, filled), _ = await asyncio.gather(
+    async def scenario() -> tuple[list[Record], int]:
+        (batch, filled, _reads), _ = await asyncio.gather(
             filler.fill([_record(topic, 5)]), rebalance_meanwhile())
         return batch, filled
 
@@ -63,3 +67,100 @@ def test_a_fill_that_spans_a_reset_keeps_no_old_positions(kafka_bootstrap: str) 
         assert filler.next_offset == {}
     finally:
         filler.close()
+
+
+def _transactional_topic(bootstrap: str) -> str:
+    """Three committed transactions of 3 records and an aborted one between them, as the
+    CDC writes: a marker after each transaction, 4 aborted records."""
+    topic = f"gaps-tx-{time.time_ns()}"
+    ensure_topics(bootstrap, [TopicSpec(topic, 1, {})])
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": topic})
+    producer.init_transactions(30)
+    n = 0
+    for commit in (True, True, False, True):
+        producer.begin_transaction()
+        for _ in range(3 if commit else 4):
+            producer.produce(topic, key=b"k", value=f"v{n}".encode(), partition=0)
+            n += 1
+        if commit:
+            producer.commit_transaction(30)
+        else:
+            assert producer.flush(30) == 0  # written, then aborted (not just dropped)
+            producer.abort_transaction(30)
+    return topic
+
+
+def _fetch_committed(bootstrap: str, topic: str) -> list[InputRecord]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fetch-{topic}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    out: list[InputRecord] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(out) < 9 and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                out.append(InputRecord(msg.value(), msg.key(), 0, msg.offset() or 0, None,
+                                       topic))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_the_empty_offsets_of_a_transactional_log_are_not_read(kafka_bootstrap: str) -> None:
+    topic = _transactional_topic(kafka_bootstrap)
+    records = _fetch_committed(kafka_bootstrap, topic)
+    # offsets 3 and 7 are commit markers, 8-11 aborted records, 12 the abort's marker
+    assert [r.offset for r in records] == [0, 1, 2, 4, 5, 6, 13, 14, 15]
+    noted = GapFiller(kafka_bootstrap, f"group-{topic}", topic)
+    blind = GapFiller(kafka_bootstrap, f"group-blind-{topic}", topic)
+    try:
+        for fetch in (records[:2], records[2:5], records[5:]):  # as the consumer fetched
+            noted.log_gaps.fetched(topic, 0, fetch)
+        batch, filled, reads = asyncio.run(noted.fill(list(records)))
+        assert [r.offset for r in batch] == [r.offset for r in records]
+        assert (filled, reads) == (0, 0)
+        # without the notes the same batch is whole too, at the cost of a read a gap
+        batch, filled, reads = asyncio.run(blind.fill(list(records)))
+        assert [r.offset for r in batch] == [r.offset for r in records]
+        assert (filled, reads) == (0, 2)
+    finally:
+        noted.close()
+        blind.close()
+
+
+def test_records_dropped_after_they_were_fetched_are_still_read(kafka_bootstrap: str) -> None:
+    topic = _transactional_topic(kafka_bootstrap)
+    records = _fetch_committed(kafka_bootstrap, topic)
+    filler = GapFiller(kafka_bootstrap, f"group-{topic}", topic)
+    try:
+        filler.log_gaps.fetched(topic, 0, records)
+        # faust dropped 4 and 5 (fetched, never handed over): 4-6 is no empty gap
+        kept = [r for r in records if r.offset not in (4, 5)]
+        batch, filled, reads = asyncio.run(filler.fill(kept))
+        assert [r.offset for r in batch] == [r.offset for r in records]
+        assert (filled, reads) == (2, 1)
+    finally:
+        filler.close()
+
+
+class _Fetched:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=40), st.data())
+def test_log_gaps_note_exactly_the_jumps_between_fetched_records(
+    steps: list[int], data: st.DataObject,
+) -> None:
+    offsets = [sum(steps[:i + 1]) for i in range(len(steps))]
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(offsets) - 1)))))
+    gaps = LogGaps(["t"])
+    for lo, hi in zip([0, *cuts], [*cuts, len(offsets)], strict=True):
+        gaps.fetched("t", 0, [_Fetched(o) for o in offsets[lo:hi]])
+    for prev, offset in pairwise(offsets):
+        assert gaps.take("t", 0, offset) == (prev + 1 if offset > prev + 1 else None)
+    gaps.clear()
+    assert gaps.take("t", 0, offsets[-1]) is None
+    gaps.fetched("other", 0, [_Fetched(1), _Fetched(5)])  # not one of its topics
+    assert gaps.take("other", 0, 5) is None
