@@ -33,6 +33,7 @@ from fraud.generator import GeneratorConfig, generate
 from fraud.metrics import average_precision, roc_auc
 from fraud.schema import Label
 from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig, free_port
+from qsfraud.worker_process import worker_ready
 
 ORDERS = "orders"
 
@@ -238,7 +239,8 @@ class DecisionWatcher(threading.Thread):
     """Reads ``<R>.decisions`` (read_committed) and tallies them against the ground truth."""
 
     def __init__(self, bootstrap: str, retailers: list[str], truth: dict[str, bool],
-                 tallies: dict[str, RetailerTally], lock: threading.Lock) -> None:
+                 commit_times: dict[str, float], tallies: dict[str, RetailerTally],
+                 lock: threading.Lock) -> None:
         super().__init__(name="decision-watcher", daemon=True)
         from confluent_kafka import Consumer
 
@@ -251,6 +253,7 @@ class DecisionWatcher(threading.Thread):
         })
         self.consumer.subscribe([f"{r}.decisions" for r in retailers])
         self.truth, self.tallies, self.lock = truth, tallies, lock
+        self.commit_times = commit_times
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -269,13 +272,17 @@ class DecisionWatcher(threading.Thread):
         tally = self.tallies.get(str(d.get("retailer_id")))
         if tally is None:
             return
-        timings = d.get("timings") or {}
+        decided = (d.get("timings") or {}).get("decided")
+        tx_id = str(d.get("tx_id"))
         with self.lock:
             tally.decided += 1
             tally.actions[str(d.get("action"))] += 1
-            if "committed" in timings and "decided" in timings:
-                tally.latencies_ms.append((timings["decided"] - timings["committed"]) * 1000)
-            is_fraud = self.truth.get(str(d.get("tx_id")))
+            # from the demo's own commit, not the decision's `committed`: the binlog's event
+            # times are whole seconds, which made acme's latency look ~0.5 s longer
+            committed = self.commit_times.pop(tx_id, None)
+            if committed is not None and isinstance(decided, int | float):
+                tally.latencies_ms.append((decided - committed) * 1000)
+            is_fraud = self.truth.get(tx_id)
             if is_fraud is not None:
                 tally.scores.append(float(d.get("score", 0.0)))
                 tally.truth.append(int(is_fraud))
@@ -316,6 +323,7 @@ class Demo:
         self.lock = threading.Lock()
         self.tallies = {r: RetailerTally() for r in self.RETAILERS}
         self.truth: dict[str, bool] = {}
+        self.commit_times: dict[str, float] = {}  # tx_id -> when its COMMIT returned
         self.stop_requested = threading.Event()
 
     def say(self, text: str) -> None:
@@ -347,21 +355,26 @@ class Demo:
             "globex": MongoOrders(self.stack.mongo.uri),
         }
         try:
+            ports: dict[str, int] = {}
             for retailer, db in databases.items():
                 db.reset()
                 config = self.root / f"cdc-{retailer}.toml"
                 config.write_text(db.cdc_config(retailer, bootstrap))
                 self.spawn(f"cdc-{retailer}", ["cdc", "run", "--config", str(config)])
+                ports[retailer] = free_port()
                 self.spawn(f"worker-{retailer}", [
                     "worker", "--retailer", retailer, "--bootstrap", bootstrap,
-                    "--web-port", str(free_port()), "--datadir", str(self.root / "streams"),
+                    "--web-port", str(ports[retailer]), "--datadir", str(self.root / "streams"),
                     "--loglevel", "warn",
                 ])
             self.say("started: " + ", ".join(f"{n} (pid {p.pid})"
                                               for n, p in self.children.items())
                      + f"; logs in {self.root / 'logs'}")
-            watcher = DecisionWatcher(bootstrap, list(self.RETAILERS), self.truth, self.tallies,
-                                      self.lock)
+            t0 = time.monotonic()
+            self.wait_for_workers(ports)
+            self.say(f"workers ready in {time.monotonic() - t0:.1f} s")
+            watcher = DecisionWatcher(bootstrap, list(self.RETAILERS), self.truth,
+                                      self.commit_times, self.tallies, self.lock)
             watcher.start()
             try:
                 self.replay(databases, bootstrap)
@@ -416,10 +429,12 @@ class Demo:
             for retailer, retailer_rows in batch.items():
                 if retailer_rows:
                     databases[retailer].insert(retailer_rows)
+                    committed = time.time()
                     clock = max(clock, retailer_rows[-1]["occurred_at"])
                     with self.lock:
                         for r in retailer_rows:
                             self.truth[r["tx_id"]] = bool(int(r["is_fraud"]))
+                            self.commit_times[r["tx_id"]] = committed
                         self.tallies[retailer].committed += len(retailer_rows)
             pending_labels = self.send_due_labels(producer, pending_labels, clock)
             if now >= next_report:
@@ -453,6 +468,22 @@ class Demo:
             lines = [summary_line(name, t) for name, t in self.tallies.items()]
         for line in lines:
             self.say(line)
+
+    def wait_for_workers(self, ports: dict[str, int], timeout: float = 120.0) -> None:
+        """Until each retailer's worker (metrics on ``ports[retailer]``) holds its partitions:
+        what is committed before would wait for the workers' start, and its latency would
+        be theirs."""
+        deadline = time.monotonic() + timeout
+        waiting = dict(ports)
+        while True:
+            self.check_children()
+            waiting = {r: p for r, p in waiting.items() if not worker_ready(p, r)}
+            if not waiting or self.stop_requested.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise DemoError(f"workers not ready after {timeout:g} s: {', '.join(waiting)}; "
+                                f"logs in {self.root / 'logs'}")
+            self.stop_requested.wait(0.3)
 
     def check_children(self) -> None:
         for name, proc in self.children.items():

@@ -1,5 +1,5 @@
 """``qsfraud worker`` as a child process: start, wait until it has partitions, read its
-metrics, stop (SIGTERM) or kill (SIGKILL). Used by the benchmarks and the tests."""
+metrics, stop (SIGTERM) or kill (SIGKILL). Used by the benchmarks, the tests and the demo."""
 
 from __future__ import annotations
 
@@ -14,6 +14,21 @@ from pathlib import Path
 from qsfraud.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_metrics(port: int) -> str:
+    """The ``/metrics`` page (Prometheus text) of the worker serving it on ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def worker_ready(port: int, retailer: str) -> bool:
+    """Whether the worker on ``port`` holds partitions of ``retailer``'s transactions (its
+    consumer-lag gauge appears then)."""
+    try:
+        return f'topic="{retailer}.transactions"' in worker_metrics(port)
+    except OSError:  # not serving yet
+        return False
 
 
 class WorkerProcessError(RuntimeError):
@@ -56,8 +71,7 @@ class WorkerProcess:
 
     def metrics(self) -> str:
         """The worker's ``/metrics`` page (Prometheus text)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+        return worker_metrics(self.port)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Until the worker has its partitions (the lag gauge appears)."""
@@ -66,11 +80,8 @@ class WorkerProcess:
             assert self.proc is not None, "start() first"
             if self.proc.poll() is not None:
                 raise WorkerProcessError(f"worker exited:\n{self.log_tail()}")
-            try:
-                if f'topic="{self.retailer}.transactions"' in self.metrics():
-                    return
-            except OSError:
-                pass
+            if worker_ready(self.port, self.retailer):
+                return
             time.sleep(0.3)
         raise WorkerProcessError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
 

@@ -27,7 +27,10 @@ def test_demo_decides_for_both_retailers_and_leaves_nothing_running(tmp_path: Pa
     assert set(last) == {"acme", "globex"}, result.stdout[-2000:]
     for retailer, (committed, decided) in last.items():
         assert committed > 500, (retailer, committed)
-        assert decided > 0, (retailer, result.stdout[-2000:])
+        # the workers keep up with 100 tx/s: what is left undecided at the end is what was
+        # committed in its last moments (the CDC's transaction markers once made them fall
+        # minutes behind, with a read of Kafka per batch)
+        assert decided >= 0.8 * committed, (retailer, result.stdout[-2000:])
     assert "every process it started has exited" in result.stdout
     ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
     assert [line for line in ps.splitlines()
