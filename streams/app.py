@@ -306,16 +306,17 @@ class GapFiller:
             expected = self.next_offset.get(partition)
             if expected is None:
                 expected = await asyncio.to_thread(self._start_of, partition)
-            if rec.offset > expected and not (
-                    (start := take_gap(self.topic, partition, rec.offset)) is not None
-                    and start <= expected):
-                reads += 1
-                missing = await asyncio.to_thread(self._read, rec.partition, expected,
-                                                  rec.offset)
-                log.warning("faust skipped %s[%d] offsets %d..%d; read %d of them directly",
-                            self.topic, rec.partition, expected, rec.offset - 1, len(missing))
-                out.extend(missing)
-                filled += len(missing)
+            if rec.offset > expected:
+                empty_from = take_gap(self.topic, partition, rec.offset)
+                if empty_from is None or empty_from > expected:  # not all of it is empty
+                    reads += 1
+                    missing = await asyncio.to_thread(self._read, partition, expected,
+                                                      rec.offset)
+                    log.warning("faust skipped %s[%d] offsets %d..%d; read %d of them "
+                                "directly", self.topic, partition, expected, rec.offset - 1,
+                                len(missing))
+                    out.extend(missing)
+                    filled += len(missing)
             out.append(rec)
             if self._resets == resets:
                 self.next_offset[partition] = rec.offset + 1
