@@ -161,15 +161,6 @@ class KafkaTransactionalSink:
                     self.producer.poll(0.05)
         self.pending += len(records)
 
-    def write(self, key: str, record: dict[str, Any]) -> None:
-        self._produce(self.topic, key.encode(), dumps(record))
-
-    def write_tombstone(self, key: str) -> None:
-        self._produce(self.topic, key.encode(), None)
-
-    def write_dead_letter(self, key: str, record: dict[str, Any]) -> None:
-        self._produce(self.dlq_topic, key.encode(), dumps(record))
-
     def commit(self, position: Position) -> None:
         """Store ``position`` and commit it with everything written since the last commit."""
         self._produce(self.offsets_topic, self.source_id.encode(),
