@@ -1,12 +1,17 @@
 """Central differential privacy: clip, average, add Gaussian noise, and count the budget spent.
 
-DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
-each participant's delta is clipped to L2 norm ``C``, the m deltas are averaged with equal
-weights, and Gaussian noise of standard deviation ``z * C / m`` is added to the average
-(``z`` = ``noise_multiplier``). One participant changes the average by at most ``C / m``, so each
-round is a Gaussian mechanism of noise multiplier ``z`` with respect to one participant's data.
-The guarantee is participant-level and assumes the aggregator adds the noise honestly (central
-DP). No amplification by subsampling is claimed: every round is counted in full.
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models",
+with its fixed-denominator estimator): each participant's delta from the global parameters is
+clipped to L2 norm ``C``, the clipped deltas are summed and divided by a *fixed* number ``m`` of
+expected participants (not by how many came: a data-dependent denominator would let one
+participant move the result by up to ``2C / m``), and Gaussian noise of standard deviation
+``z * C / m`` is added (``z`` = ``noise_multiplier``). Adding or removing one participant moves
+the sum by at most ``C``, so each round is a Gaussian mechanism of noise multiplier ``z`` with
+respect to one participant's whole contribution (participant-level DP). The aggregator is trusted
+to add the noise (central DP). No amplification by subsampling is claimed: every round is
+counted in full, including rounds where nobody learned (they are noised too: skipping them would
+reveal that nobody did). What the noise does not cover: the number of contributors, which the
+aggregator knows and publishes.
 
 :class:`RDPAccountant` reports the (epsilon, delta) spent so far. Renyi DP of the Gaussian
 mechanism with noise multiplier z (Mironov 2017, "Renyi Differential Privacy", Prop. 7):
@@ -41,7 +46,7 @@ from fl.strategies.base import (
     SumAggregation,
     checked_round,
 )
-from fl.strategies.clipping import ClippedUpdates
+from fl.strategies.clipping import clip_delta
 from fl.strategies.fedavg import FedAvg
 from fl.update import ModelUpdate, Vectors
 
@@ -80,14 +85,15 @@ class RDPAccountant:
 
 
 class DifferentialPrivacy(SumAggregation):
-    """Clips each delta to ``clip_norm``, averages with equal weights and adds Gaussian noise.
+    """DP-FedAvg around ``FedAvg(weighted=False)``: clip, sum, divide by ``participants``, noise.
 
     ``inner`` must be ``FedAvg(weighted=False)``: the noise is calibrated to one participant's
-    share of an equal-weight mean (``C / m``), which example-weighted or robust aggregation does
-    not have. With ``clip_on="server"`` the wrapper clips each update itself; with
-    ``clip_on="client"`` participants are told to clip (``config()["clip_norm"]``) and the
-    wrapper only adds the noise: the form that runs under secure aggregation, where the
-    aggregator cannot see (or check) an update.
+    bounded share of an equal-weight mean, which example-weighted or robust aggregation does not
+    have. ``participants`` is the fixed denominator m (the number expected each round); when fewer
+    come, the step is shrunk in proportion, never the privacy. With ``clip_on="server"`` the
+    wrapper clips each update itself; with ``clip_on="client"`` participants are told to clip
+    (``config()["clip_norm"]``) and the wrapper only sums and adds noise: the form that runs under
+    secure aggregation, where the aggregator cannot see (or check) an update.
 
     The noise comes from ``rng``; metrics report the epsilon spent so far at ``target_delta``.
     """
@@ -97,6 +103,7 @@ class DifferentialPrivacy(SumAggregation):
         inner: Strategy,
         noise_multiplier: float,
         clip_norm: float,
+        participants: int,
         target_delta: float = 1e-5,
         clip_on: str = "server",
         rng: np.random.Generator | None = None,
@@ -111,14 +118,16 @@ class DifferentialPrivacy(SumAggregation):
             raise ConfigurationError(f"clip_on must be 'server' or 'client', got {clip_on!r}")
         if not noise_multiplier > 0.0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+        if participants < 1:
+            raise ValueError(f"participants must be >= 1, got {participants}")
         if not 0.0 < target_delta < 1.0:
             raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
         self.inner = inner
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
+        self.participants = participants
         self.target_delta = target_delta
         self.clip_on = clip_on
-        self.clipping = ClippedUpdates(inner, clip_norm)
         self.rng = rng if rng is not None else np.random.default_rng()
         self.accountant = RDPAccountant()
         # a server-side clipper must see every update
@@ -128,8 +137,13 @@ class DifferentialPrivacy(SumAggregation):
     def name(self) -> str:
         return (
             f"DifferentialPrivacy({self.inner.name}, z={self.noise_multiplier}, "
-            f"C={self.clip_norm}, clip_on={self.clip_on})"
+            f"C={self.clip_norm}, m={self.participants}, clip_on={self.clip_on})"
         )
+
+    @property
+    def noise_std(self) -> float:
+        """The standard deviation of the noise added to every coordinate."""
+        return self.noise_multiplier * self.clip_norm / self.participants
 
     def config(self, round: int) -> Config:
         config = dict(self.inner.config(round))
@@ -141,12 +155,17 @@ class DifferentialPrivacy(SumAggregation):
         return self.inner.weight(update)
 
     def aggregate(self, round: int, current: Vectors, updates: Sequence[ModelUpdate]) -> Aggregate:
-        if self.clip_on == "client":
-            return super().aggregate(round, current, updates)
-        ordered = checked_round(round, current, updates)
-        clipped = self.clipping.aggregate(round, current, ordered)
-        learning = sum(1 for u in ordered if self.inner.weight(u) > 0.0)
-        return self._noised(current, clipped, learning)
+        if self.clip_on == "server":
+            updates = [
+                ModelUpdate(
+                    u.participant,
+                    u.round,
+                    u.examples,
+                    clip_delta(u.vectors, current, self.clip_norm)[0],
+                )
+                for u in checked_round(round, current, updates)
+            ]
+        return super().aggregate(round, current, updates)
 
     def aggregate_sum(
         self,
@@ -156,28 +175,19 @@ class DifferentialPrivacy(SumAggregation):
         total_weight: float,
         participants: int,
     ) -> Aggregate:
-        mean = self.inner.aggregate_sum(round, current, weighted_sum, total_weight, participants)
-        return self._noised(current, mean, int(round_half(total_weight)))
-
-    def _noised(self, current: Vectors, mean: Aggregate, learning: int) -> Aggregate:
-        if learning == 0:  # nothing released: the current parameters, no budget spent
-            return Aggregate(mean.parameters, {**mean.metrics, **self._budget()})
-        std = self.noise_multiplier * self.clip_norm / learning
-        noised = {
-            name: values + self.rng.normal(0.0, std, size=values.shape)
-            for name, values in mean.parameters.items()
+        # weighted_sum holds the sum of the contributors' (clipped) parameters, each weight 1
+        parameters = {
+            name: current[name]
+            + (weighted_sum[name] - total_weight * current[name]) / self.participants
+            + self.rng.normal(0.0, self.noise_std, size=current[name].shape)
+            for name in current
         }
         self.accountant.spend(self.noise_multiplier)
-        return Aggregate(noised, {**mean.metrics, "noise_std": std, **self._budget()})
-
-    def _budget(self) -> dict[str, float]:
-        return {
+        metrics = {
+            "participants": participants,
+            "noise_std": self.noise_std,
             "epsilon": self.accountant.epsilon(self.target_delta),
             "delta": self.target_delta,
             "dp_rounds": self.accountant.rounds,
         }
-
-
-def round_half(x: float) -> float:
-    """``x`` rounded to the nearest integer (an equal-weight total counts participants)."""
-    return math.floor(x + 0.5)
+        return Aggregate(parameters, metrics)

@@ -19,6 +19,7 @@ from fl.strategies import (
     SecAggParticipant,
     SecureAggregation,
     X25519Agreement,
+    clip_delta,
 )
 from fl.strategies.secagg import run_round
 from fl.update import ModelUpdate
@@ -91,20 +92,20 @@ def test_more_noise_spends_less():
 @pytest.mark.parametrize("inner", [FedAvg(), FedMedian()], ids=lambda s: s.name)
 def test_dp_refuses_an_aggregation_its_noise_is_not_calibrated_to(inner):
     with pytest.raises(ConfigurationError, match="equal-weight mean"):
-        DifferentialPrivacy(inner, noise_multiplier=1.0, clip_norm=1.0)
+        DifferentialPrivacy(inner, noise_multiplier=1.0, clip_norm=1.0, participants=3)
 
 
 def test_dp_refuses_an_unknown_clipping_place():
     with pytest.raises(ConfigurationError, match="clip_on"):
-        DifferentialPrivacy(FedAvg(weighted=False), 1.0, 1.0, clip_on="nowhere")
+        DifferentialPrivacy(FedAvg(weighted=False), 1.0, 1.0, 3, clip_on="nowhere")
 
 
 def test_noise_has_the_dp_fedavg_standard_deviation():
-    """std = z * C / m on the mean of m clipped deltas, measured over many coordinates."""
+    """std = z * C / m around the mean of m clipped deltas, measured over many coordinates."""
     m, clip, z, size = 4, 0.5, 1.3, 200_000
     current = {"w": np.zeros(size)}
     updates = [ModelUpdate(f"p{i}", 1, 10, {"w": np.zeros(size)}) for i in range(m)]
-    dp = DifferentialPrivacy(FedAvg(weighted=False), z, clip, rng=np.random.default_rng(1))
+    dp = DifferentialPrivacy(FedAvg(weighted=False), z, clip, m, rng=np.random.default_rng(1))
     result = dp.aggregate(1, current, updates)
     expected = z * clip / m
     assert result.metrics["noise_std"] == pytest.approx(expected)
@@ -118,26 +119,61 @@ def test_server_side_dp_clips_every_delta_and_reports_the_budget():
         ModelUpdate("a", 1, 5, {"w": [100.0, 0.0, 0.0]}),
         ModelUpdate("b", 1, 9, {"w": [0.0, 0.1, 0.0]}),
     ]
-    dp = DifferentialPrivacy(FedAvg(weighted=False), 1e-9, 1.0, rng=np.random.default_rng(0))
+    dp = DifferentialPrivacy(FedAvg(weighted=False), 1e-9, 1.0, 2, rng=np.random.default_rng(0))
     result = dp.aggregate(1, current, updates)
     np.testing.assert_allclose(result.parameters["w"], [0.5, 0.05, 0.0], atol=1e-6)
-    assert result.metrics["clipped"] == 1
     assert result.metrics["dp_rounds"] == 1
     first = result.metrics["epsilon"]
     second = dp.aggregate(2, result.parameters, [ModelUpdate("a", 2, 1, {"w": [0.0] * 3})])
     assert second.metrics["epsilon"] > first
 
 
-def test_a_round_where_nobody_learned_releases_nothing_and_spends_nothing():
+def test_fewer_participants_than_expected_shrink_the_step_not_the_privacy():
+    current = {"w": np.array([1.0])}
+    updates = [ModelUpdate(p, 1, 3, {"w": [2.0]}) for p in "ab"]
+    dp = DifferentialPrivacy(FedAvg(weighted=False), 1e-9, 10.0, 4)
+    assert dp.aggregate(1, current, updates).parameters["w"][0] == pytest.approx(1.5)
+
+
+@given(
+    deltas=st.lists(st.lists(st.floats(-100, 100), min_size=3, max_size=3), min_size=1, max_size=6),
+    clip=st.floats(0.1, 10.0),
+    expected=st.integers(1, 8),
+    clip_on_server=st.booleans(),
+)
+def test_one_participant_moves_the_released_mean_by_at_most_c_over_m(
+    deltas, clip, expected, clip_on_server
+):
+    """The sensitivity the noise is calibrated to, checked with the noise switched off: adding
+    or removing any one participant moves the output by at most C / m."""
+    current = {"w": np.array([0.5, -1.0, 2.0])}
+    updates = [
+        ModelUpdate(f"p{i}", 1, 1, {"w": current["w"] + np.array(d)}) for i, d in enumerate(deltas)
+    ]
+    clip_on = "server" if clip_on_server else "client"
+    if not clip_on_server:  # participants clip their own delta
+        updates = [
+            ModelUpdate(u.participant, 1, 1, clip_delta(u.vectors, current, clip)[0])
+            for u in updates
+        ]
+    dp = DifferentialPrivacy(FedAvg(weighted=False), 1e-100, clip, expected, clip_on=clip_on)
+    with_all = dp.aggregate(1, current, updates).parameters["w"]
+    without_one = dp.aggregate(1, current, updates[1:]).parameters["w"]
+    assert np.linalg.norm(with_all - without_one) <= clip / expected * (1 + 1e-9)
+
+
+def test_a_round_where_nobody_learned_is_noised_and_counted_too():
+    """Releasing the exact global parameters would tell that nobody learned this round."""
     current = {"w": np.array([1.0, 2.0])}
-    dp = DifferentialPrivacy(FedAvg(weighted=False), 1.0, 1.0)
+    dp = DifferentialPrivacy(FedAvg(weighted=False), 1.0, 1.0, 2, rng=np.random.default_rng(5))
     result = dp.aggregate(1, current, [ModelUpdate("a", 1, 0, {"w": [5.0, 5.0]})])
-    assert result.parameters["w"].tolist() == [1.0, 2.0]
-    assert result.metrics["epsilon"] == 0.0
+    assert not np.array_equal(result.parameters["w"], current["w"])
+    assert result.metrics["dp_rounds"] == 1
+    assert result.metrics["epsilon"] > 0.0
 
 
 def test_client_side_dp_tells_participants_to_clip_and_runs_under_secure_aggregation():
-    dp = DifferentialPrivacy(FedAvg(weighted=False), 1e-9, 2.0, clip_on="client")
+    dp = DifferentialPrivacy(FedAvg(weighted=False), 1e-9, 2.0, 2, clip_on="client")
     assert dp.config(1) == {"clip_norm": 2.0}
     secure = SecureAggregation(dp)
     assert secure.config(1)["clip_norm"] == 2.0
@@ -154,6 +190,6 @@ def test_client_side_dp_tells_participants_to_clip_and_runs_under_secure_aggrega
 
 
 def test_server_side_dp_cannot_run_under_secure_aggregation():
-    dp = DifferentialPrivacy(FedAvg(weighted=False), 1.0, 1.0, clip_on="server")
+    dp = DifferentialPrivacy(FedAvg(weighted=False), 1.0, 1.0, 2, clip_on="server")
     with pytest.raises(ConfigurationError, match="not both"):
         SecureAggregation(dp)
