@@ -336,6 +336,10 @@ class SecAggParticipant:
                 f"update of {update.participant} round {update.round} given to "
                 f"{self.participant} in round {self.round}"
             )
+        if len(self._roster) < self.min_survivors:
+            raise SecAggError(
+                f"a roster of {len(self._roster)}: the sum would be this update in clear"
+            )
         peers = set(self._roster) - {self.participant}
         if set(self._seeds) != peers:
             raise SecAggError(f"no pair seed yet with {sorted(peers - set(self._seeds))}")
@@ -466,6 +470,7 @@ class MaskedRound:
         self.closed = False
 
     def collect(self, update: MaskedUpdate) -> None:
+        """Accepts one participant's masked update while the round is open."""
         if self.closed:
             raise SecAggError(
                 f"{update.participant}'s masked update arrived after the round "
@@ -482,6 +487,9 @@ class MaskedRound:
         return survivors, [p for p in self.roster if p not in self.masked]
 
     def recover(self, survivor: str, seeds: Mapping[str, bytes]) -> None:
+        """Records ``survivor``'s seeds with the dropped participants."""
+        if not self.closed or survivor not in self.masked:
+            raise SecAggError(f"{survivor} is not a survivor of a closed round")
         self.revealed[survivor] = dict(seeds)
 
     def aggregate(self) -> Aggregate:

@@ -264,3 +264,28 @@ def test_masked_updates_travel_as_versioned_plain_data():
 def test_the_round_config_tells_participants_how_to_encode():
     config = SecureAggregation(FedAvg(), FixedPoint(20, 50)).config(3)
     assert config == {"secure_aggregation": True, "fraction_bits": 20, "max_participants": 50}
+
+
+def test_a_participant_alone_does_not_send_its_update():
+    people = key_agreed("a")
+    with pytest.raises(SecAggError, match="in clear"):
+        people["a"].mask(update("a", 1, np.ones(5)), FedAvg())
+
+
+def test_only_survivors_of_a_closed_round_reveal():
+    people = key_agreed("abc")
+    state = MaskedRound(SecureAggregation(FedAvg()), 1, CURRENT, list(people))
+    state.collect(people["a"].mask(update("a", 1, np.ones(5)), FedAvg()))
+    with pytest.raises(SecAggError, match="not a survivor of a closed round"):
+        state.recover("a", {})
+    state.close()
+    with pytest.raises(SecAggError, match="not a survivor"):
+        state.recover("b", {})
+
+
+def test_a_round_nobody_completed_keeps_the_global_parameters():
+    people = key_agreed("ab")
+    state = MaskedRound(SecureAggregation(FedAvg()), 1, CURRENT, list(people))
+    assert state.close() == ([], ["a", "b"])
+    result = state.aggregate()
+    assert all(np.array_equal(result.parameters[k], CURRENT[k]) for k in CURRENT)
