@@ -50,6 +50,9 @@ class Strategy(ABC):
     #: True when :meth:`aggregate` needs each update on its own (robust statistics,
     #: server-side clipping): such a strategy cannot run under secure aggregation.
     needs_individual_updates: bool = True
+    #: False when :meth:`aggregate` cannot take plain updates (secure aggregation): nothing
+    #: that reads updates (a clipping wrapper) can sit on top of it.
+    receives_plain_updates: bool = True
 
     @property
     def name(self) -> str:

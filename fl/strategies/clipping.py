@@ -22,7 +22,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fl.strategies.base import Aggregate, Config, Instructions, Strategy, checked_round
+from fl.strategies.base import (
+    Aggregate,
+    Config,
+    ConfigurationError,
+    Instructions,
+    Strategy,
+    checked_round,
+)
 from fl.update import ModelUpdate, Vectors
 
 
@@ -55,6 +62,11 @@ class ClippedUpdates(Strategy):
     def __init__(self, inner: Strategy, clip_norm: float) -> None:
         if not clip_norm > 0.0 or not math.isfinite(clip_norm):
             raise ValueError(f"clip_norm must be a positive number, got {clip_norm}")
+        if not inner.receives_plain_updates:
+            raise ConfigurationError(
+                f"{inner.name} never shows the aggregator an update to clip: under secure "
+                f"aggregation participants clip their own delta (clip_delta)"
+            )
         self.inner = inner
         self.clip_norm = clip_norm
 

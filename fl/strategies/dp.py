@@ -118,6 +118,8 @@ class DifferentialPrivacy(SumAggregation):
             raise ConfigurationError(f"clip_on must be 'server' or 'client', got {clip_on!r}")
         if not noise_multiplier > 0.0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+        if not clip_norm > 0.0 or not math.isfinite(clip_norm):
+            raise ValueError(f"clip_norm must be a positive number, got {clip_norm}")
         if participants < 1:
             raise ValueError(f"participants must be >= 1, got {participants}")
         if not 0.0 < target_delta < 1.0:

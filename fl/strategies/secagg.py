@@ -375,6 +375,7 @@ class SecureAggregation(Strategy):
     """
 
     needs_individual_updates = False
+    receives_plain_updates = False
 
     def __init__(self, inner: Strategy, codec: FixedPoint | None = None) -> None:
         if inner.needs_individual_updates or not isinstance(inner, SumAggregation):

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl.strategies import (
+    Aggregate,
     ClippedUpdates,
     ConfigurationError,
     FedAvg,
@@ -149,6 +150,49 @@ def test_masks_differ_between_rounds_and_pairs():
 def test_secure_and_robust_in_one_round_is_refused_at_construction(robust):
     with pytest.raises(ConfigurationError, match="choose secure or robust aggregation"):
         SecureAggregation(robust)
+
+
+def test_clipping_on_top_of_secure_aggregation_is_refused_at_construction():
+    with pytest.raises(ConfigurationError, match="participants clip their own delta"):
+        ClippedUpdates(SecureAggregation(FedAvg()), 1.0)
+
+
+class SumOnly(FedAvg):
+    """Publishes the unmasked weighted sum itself, to compare it with the plain one."""
+
+    def aggregate_sum(self, round, current, weighted_sum, total_weight, participants):
+        return Aggregate({**weighted_sum, "weight": np.array([total_weight])})
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_the_unmasked_sum_is_the_plain_sum_within_the_fixed_point_precision(data):
+    ids = data.draw(st.lists(st.sampled_from("abcdefghij"), min_size=2, max_size=8, unique=True))
+    drop = set(data.draw(st.sets(st.sampled_from(ids), max_size=len(ids) - 2)))
+    bits = data.draw(st.integers(8, 40))
+    codec = FixedPoint(fraction_bits=bits, max_participants=16)
+    bound = min(1e6, codec.limit / 1000)
+    updates = {
+        p: update(
+            p,
+            data.draw(st.integers(0, 1000)),
+            data.draw(st.lists(st.floats(-bound / 1001, bound / 1001), min_size=5, max_size=5)),
+        )
+        for p in ids
+    }
+    people = {p: SecAggParticipant(p, X25519Agreement(), codec) for p in ids}
+    secure = SecureAggregation(SumOnly(), codec)
+    result = run_round(secure, 1, CURRENT, people, updates, drop=drop).parameters
+    survivors = [u for p, u in updates.items() if p not in drop]
+    for name in CURRENT:
+        terms = [u.examples * u.vectors[name] for u in survivors]
+        plain = sum(terms, start=np.zeros_like(CURRENT[name]))
+        # rounding to fixed point, plus the float sum's own rounding
+        tolerance = len(survivors) * codec.precision + 1e-15 * len(terms) * sum(
+            (np.abs(t) for t in terms), start=np.ones_like(plain)
+        )
+        assert np.all(np.abs(result[name] - plain) <= tolerance)
+    assert result["weight"][0] == sum(u.examples for u in survivors)
 
 
 def test_secure_aggregation_refuses_plain_updates():
