@@ -51,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    return run_worker(settings, loglevel=args.loglevel)
+    from streams.faust_compat import IncompatibleVersions
+
+    try:
+        return run_worker(settings, loglevel=args.loglevel)
+    except IncompatibleVersions as exc:
+        raise CommandError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
