@@ -59,6 +59,7 @@ from streams.topics import (
     committed_offset,
     ensure_topics,
     read_topic,
+    settle_partitions,
     watermarks,
     worker_topics,
 )
@@ -547,7 +548,9 @@ def restore_model(settings: WorkerSettings) -> RiskModel | None:
 
 
 def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
-    """Topics, checkpoint, config replay: everything before faust starts."""
+    """Topics, checkpoint, config replay: everything before faust starts. The runtime's
+    settings have the partition count the topics have (:func:`settle_partitions`)."""
+    settings = settle_partitions(settings)
     ensure_topics(settings.bootstrap, worker_topics(settings))
     model = restore_model(settings)
     if model is not None:
@@ -587,7 +590,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
         pass
     check_versions()  # before anything else: the overrides were written for exact versions
     runtime, follower = prepare(settings)
-    app = create_app(settings, runtime)
+    app = create_app(runtime.settings, runtime)
     collect_youngest_generation_only()  # the rest once an hour: `full_collection`
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     # faust's progress spinner (on at --loglevel warn and above) sets the root logger to
