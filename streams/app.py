@@ -23,9 +23,11 @@ import gc
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import faust
@@ -124,6 +126,65 @@ class LogGaps:
         self._starts.clear()
 
 
+class BetweenBatches:
+    """Changes from other threads (an accepted config from the config follower) applied on
+    the worker's event loop, between batches, so a batch is scored and learned under one
+    configuration and one model.
+
+    A batch runs synchronously on the loop (``process_batch``, ``learn_batch``), so a loop
+    callback can never run inside one: :meth:`submit` puts the change in its slot (the
+    newest per slot wins) and asks the loop to apply it; the agents also apply what is
+    pending before each batch. Until :meth:`attach` (no batch runs yet: the config replay
+    before faust starts) a change is applied at once, in the caller's thread.
+
+    >>> applied = []
+    >>> hand = BetweenBatches()
+    >>> hand.submit("config", lambda: applied.append(1))  # not attached: at once
+    >>> loop = asyncio.new_event_loop()
+    >>> hand.attach(loop)
+    >>> hand.submit("config", lambda: applied.append(2))
+    >>> hand.submit("config", lambda: applied.append(3))  # replaces 2, still pending
+    >>> list(applied), hand.apply_pending(), applied
+    ([1], 1, [1, 3])
+    >>> loop.run_until_complete(asyncio.sleep(0)); loop.close(); applied  # nothing left
+    [1, 3]
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, Callable[[], None]] = {}
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on, changes wait for ``loop`` (the one that runs the batches)."""
+        with self._lock:  # not while a change is applied at once in another thread
+            self._loop = loop
+
+    def submit(self, slot: str, change: Callable[[], None]) -> None:
+        """From any thread: run ``change`` on the loop between batches."""
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                change()
+                return
+            self._pending[slot] = change
+        try:
+            loop.call_soon_threadsafe(self.apply_pending)
+        except RuntimeError:  # the loop is closed: the worker is stopping
+            log.info("worker stopping: change %r not applied", slot)
+
+    def apply_pending(self) -> int:
+        """On the loop, between batches: apply what is pending; how many changes."""
+        if not self._pending:
+            return 0
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for change in pending:
+            change()
+        return len(pending)
+
+
 @dataclass
 class WorkerRuntime:
     """The state shared by the app's agents, timers, web page and config thread."""
@@ -134,9 +195,15 @@ class WorkerRuntime:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     log_gaps: LogGaps = field(init=False)
+    between_batches: BetweenBatches = field(default_factory=BetweenBatches)
 
     def __post_init__(self) -> None:
         self.log_gaps = LogGaps((self.settings.transactions_topic, self.settings.labels_topic))
+
+    def apply_config_between_batches(self, config: ConfigDocument) -> None:
+        """The config follower's ``on_apply``: the swap happens on the loop, between batches
+        (the pipeline swaps the policy and the model's hyper-parameters in one step)."""
+        self.between_batches.submit("config", partial(self.pipeline.apply_config, config))
 
     def on_config(self, outcome: Outcome) -> None:
         self.metrics.count("qsfraud_config_total", outcome=outcome.status,
@@ -349,7 +416,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         broker_heartbeat_interval=1,
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
-        processing_guarantee=settings.processing_guarantee,
+        # the only guarantee: decisions and changelogs are written by BatchPublisher, outside
+        # any faust transaction (streams/README.md, "Processing guarantee")
+        processing_guarantee="at_least_once",
         stream_buffer_maxsize=4 * settings.batch_size,
         broker_max_poll_records=2 * settings.batch_size,
         producer_max_batch_size=512 * 1024,
@@ -433,7 +502,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 await confirm()
 
         try:
+            runtime.between_batches.attach(asyncio.get_running_loop())
             async for messages in message_batches(app, stream, settings.batch_size, on_idle):
+                runtime.between_batches.apply_pending()
                 batch, filled, reads = await gaps[settings.transactions_topic].fill(
                     records_of(messages))
                 if reads:
@@ -472,7 +543,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
+        runtime.between_batches.attach(asyncio.get_running_loop())
         async for messages in message_batches(app, stream, settings.batch_size):
+            runtime.between_batches.apply_pending()
             batch, _filled, reads = await gaps[settings.labels_topic].fill(
                 records_of(messages))
             if reads:
@@ -564,7 +637,7 @@ def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
         log.warning("no trust registry at %s: every config document will be rejected",
                     settings.trust_registry)
     applier = ConfigApplier(
-        settings.retailer, registry, on_apply=pipeline.apply_config,
+        settings.retailer, registry, on_apply=runtime.apply_config_between_batches,
         window=TimeWindow(max_age_s=settings.config_max_age_s, max_future_s=120.0),
         initial=ConfigDocument.default(),
     )
@@ -604,4 +677,5 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     return 0
 
 
-__all__ = ["BatchPublisher", "WorkerRuntime", "create_app", "prepare", "run_worker"]
+__all__ = ["BatchPublisher", "BetweenBatches", "WorkerRuntime", "create_app", "prepare",
+           "run_worker"]

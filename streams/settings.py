@@ -54,7 +54,6 @@ class WorkerSettings:
     checkpoint_interval_s: float = 10.0
     config_max_age_s: float = 365 * 86400.0
     config_replay_timeout_s: float = 30.0
-    processing_guarantee: str = "at_least_once"
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):
@@ -63,8 +62,6 @@ class WorkerSettings:
             )
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
-        if self.processing_guarantee not in ("at_least_once", "exactly_once"):
-            raise ValueError("processing_guarantee: at_least_once or exactly_once")
 
     @property
     def topics(self) -> RetailerTopics:

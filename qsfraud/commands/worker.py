@@ -50,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             checkpoint_interval_s=args.checkpoint_interval,
             scored_ttl_s=args.scored_ttl,
-            processing_guarantee=args.processing_guarantee,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
@@ -85,7 +84,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--checkpoint-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--scored-ttl", type=float, default=7 * 86400.0, metavar="SECONDS",
                    help="how long a scored transaction waits for its label (default 7 days)")
-    p.add_argument("--processing-guarantee", choices=["at_least_once", "exactly_once"],
-                   default="at_least_once")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.set_defaults(func=run)
