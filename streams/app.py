@@ -4,8 +4,14 @@
 decisions, ``<R>.labels`` -> learning) that take batches with :func:`message_batches`, two
 changelog-backed tables on the memory store (``features``: entity state; ``scored``: the
 dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metrics`` on
-faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
-replays the signed config topic, then runs the faust worker.
+faust's web server. :func:`run_worker` checks the faust/mode/aiokafka versions, settles the
+partition count and creates the topics, restores the model checkpoint, replays the signed
+config topic, then runs the faust worker. Accepted configs reach the agents between batches
+(:class:`BetweenBatches`).
+
+Everything that reaches into faust's, mode's or aiokafka's private code (the consumer, the
+drain loop, :func:`message_batches`, :class:`RawSchema`, the memory store's maps) is in
+:mod:`streams.faust_compat`; this module is the app's own wiring.
 
 Writes: each batch's changed table keys are produced by a :class:`BatchPublisher` (one
 produce request for all partitions) and awaited until the broker acknowledged them; then
