@@ -27,6 +27,7 @@ DEFAULT_TRUST_REGISTRY: Final = DEFAULT_ADMIN_KEYS / "registry.json"
 CONFIG_TOPIC: Final = "qsfraud.config"
 FEATURES_TABLE: Final = "features"
 SCORED_TABLE: Final = "scored"
+INPUT_FORMATS: Final = ("auto", "debezium")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class WorkerSettings:
     config_max_age_s: float = 365 * 86400.0
     config_replay_timeout_s: float = 30.0
     processing_guarantee: str = "at_least_once"
+    input_format: str = "auto"
+    """``auto``: qsfraud envelopes, bare transactions, and Debezium events by their shape;
+    ``debezium``: Debezium events only (a null value is the tombstone after a delete)."""
+    mapping: Path | None = None
+    """A file with the ``[mapping]`` table for Debezium rows (None: canonical field names)."""
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):
@@ -59,6 +65,8 @@ class WorkerSettings:
             raise ValueError("partitions must be >= 1")
         if self.processing_guarantee not in ("at_least_once", "exactly_once"):
             raise ValueError("processing_guarantee: at_least_once or exactly_once")
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format: one of {', '.join(INPUT_FORMATS)}")
 
     @property
     def app_id(self) -> str:
