@@ -98,7 +98,8 @@ def looks_like_debezium(doc: Mapping[str, Any]) -> bool:
 @dataclass(frozen=True)
 class DebeziumDecoder:
     """Turns Debezium events into qsfraud change envelopes with ``mapper`` (None: the row
-    already has canonical field names; ``retailer_id`` defaults to ``retailer``).
+    already has canonical field names, ``retailer_id`` defaulting to ``retailer``; it is
+    validated where every envelope's ``tx`` is, by its reader).
 
     ``strict``: every record is expected to be a Debezium event (the worker's
     ``--input-format debezium``): other shapes are errors and a null value is a delete.
