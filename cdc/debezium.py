@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -229,14 +230,20 @@ def _committed_at(source: dict[str, Any], payload: dict[str, Any]) -> float | No
     for where, ms in (("source.ts_ms", source.get("ts_ms")), ("ts_ms", payload.get("ts_ms"))):
         if ms is None:
             continue
-        if isinstance(ms, bool) or not isinstance(ms, int | float):
+        try:
+            seconds = ms / 1000.0 if isinstance(ms, int | float) else math.nan
+        except OverflowError:  # an integer beyond any float
+            seconds = math.nan
+        if isinstance(ms, bool) or not math.isfinite(seconds):
             raise DebeziumError("invalid", f"{where}: expected epoch milliseconds, got "
                                 f"{_shape(ms)}")
-        return ms / 1000.0
+        return seconds
     return None
 
 
 def _shape(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 200:  # repr of a huge int is slow
+        return f"int of {value.bit_length()} bits"
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 

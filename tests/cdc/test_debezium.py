@@ -34,18 +34,18 @@ def decode(decoder: DebeziumDecoder, name: str) -> tuple[dict[str, Any], Transac
 
 
 @pytest.fixture
-def mysql() -> DebeziumDecoder:
+def mysql_decoder() -> DebeziumDecoder:
     return DebeziumDecoder.load("acme", EXAMPLES / "debezium/mysql.toml", strict=True)
 
 
 @pytest.fixture
-def mongo() -> DebeziumDecoder:
+def mongo_decoder() -> DebeziumDecoder:
     # the qsfraud CDC's own config file: its [mapping] is all that is read
     return DebeziumDecoder.load("acme", EXAMPLES / "cdc/mongo.toml", strict=True)
 
 
-def test_mysql_event_with_schema_maps_as_the_qsfraud_cdc_maps_the_same_row(mysql):
-    env, tx = decode(mysql, "mysql-schema/02-create.json")
+def test_mysql_event_with_schema_maps_as_the_qsfraud_cdc_maps_the_same_row(mysql_decoder):
+    env, tx = decode(mysql_decoder, "mysql-schema/02-create.json")
     assert env["op"] == "c" and env["committed_at"] == 1767258121.0 and env["v"] == 1
     assert tx is not None
     # DATETIME(3) 2026-01-01 10:02:00.250 in Europe/Paris; DECIMAL(10,2) 45.50 (precise bytes)
@@ -59,11 +59,11 @@ def test_mysql_event_with_schema_maps_as_the_qsfraud_cdc_maps_the_same_row(mysql
                "amount": Decimal("45.50"), "created_at": datetime(2026, 1, 1, 10, 2, 0, 250000),
                "attrs": '{"device": {"id": "dev-2"}, "ip": "203.0.113.2"}', "channel": "app",
                "version": 1}
-    assert mysql.mapper is not None
-    assert mysql.mapper.map(cdc_row) == tx
+    assert mysql_decoder.mapper is not None
+    assert mysql_decoder.mapper.map(cdc_row) == tx
 
 
-def test_mysql_event_without_schema_with_the_schemaless_mapping(mysql):
+def test_mysql_event_without_schema_with_the_schemaless_mapping(mysql_decoder):
     decoder = DebeziumDecoder.load("acme", EXAMPLES / "debezium/mysql-schemaless.toml")
     env, tx = decode(decoder, "mysql-noschema/02-create.json")
     assert tx is not None and env["op"] == "c" and env["committed_at"] == 1767258121.0
@@ -71,7 +71,7 @@ def test_mysql_event_without_schema_with_the_schemaless_mapping(mysql):
                                                              {"version": 1})
     assert tx.occurred_at == 1767261720.25  # the wall clock read as UTC: no zone on a number
     # and the same event with its schema, by the other example: all but the zone agree
-    _, with_schema = decode(mysql, "mysql-schema/02-create.json")
+    _, with_schema = decode(mysql_decoder, "mysql-schema/02-create.json")
     assert with_schema is not None
     assert with_schema.occurred_at == tx.occurred_at - 3600
     assert with_schema.to_dict() | {"occurred_at": 0} == tx.to_dict() | {"occurred_at": 0}
@@ -99,38 +99,39 @@ def test_schemaless_precise_decimal_is_an_error_naming_the_field():
     assert err.value.reason == "invalid" and err.value.message.startswith("amount:")
 
 
-def test_mongo_events_with_the_qsfraud_cdc_mapping(mongo):
-    env, tx = decode(mongo, "mongo/02-create.json")
+def test_mongo_events_with_the_qsfraud_cdc_mapping(mongo_decoder):
+    env, tx = decode(mongo_decoder, "mongo/02-create.json")
     assert tx is not None and env["op"] == "c" and env["committed_at"] == 1767258121.0
     assert (tx.tx_id, tx.retailer_id, tx.customer_id, tx.payment_instrument) == (
         "65a1b2c3d4e5f60718293a02", "acme", "cust-2", "tok_0002")
     assert (tx.amount, tx.occurred_at, tx.currency, tx.channel, tx.item_count, tx.extras) == (
         45.5, 1767258120.25, "USD", "app", 2, {"version": 1})
     # relaxed extended JSON: an ISO $date, plain numbers
-    env, tx = decode(mongo, "mongo/03-create-relaxed.json")
+    env, tx = decode(mongo_decoder, "mongo/03-create-relaxed.json")
     assert tx is not None and tx.occurred_at == 1767258180.25 and tx.item_count == 3
     assert tx.amount == 999.99 and tx.channel == "pos"
-    env, tx = decode(mongo, "mongo/01-snapshot-read.json")
+    env, tx = decode(mongo_decoder, "mongo/01-snapshot-read.json")
     assert env["op"] == "r" and tx is not None and tx.amount == 129.9
-    env, tx = decode(mongo, "mongo/04-update-full.json")
+    env, tx = decode(mongo_decoder, "mongo/04-update-full.json")
     assert env["op"] == "u" and tx is not None and tx.extras == {"version": 2}
-    env, tx = decode(mongo, "mongo/06-delete.json")
+    env, tx = decode(mongo_decoder, "mongo/06-delete.json")
     assert (env["op"], tx) == ("d", None)
-    assert event("mongo/07-tombstone.json") is None and mongo.envelope(None)["op"] == "d"
+    assert event("mongo/07-tombstone.json") is None and mongo_decoder.envelope(None)["op"] == "d"
 
 
-def test_mongo_update_without_its_document_says_which_capture_mode_gives_it(mongo):
+def test_mongo_update_without_its_document_says_which_capture_mode_gives_it(mongo_decoder):
     with pytest.raises(DebeziumError, match=r"capture\.mode=change_streams_update_full"):
-        mongo.envelope(event("mongo/05-update-without-after.json"))
+        mongo_decoder.envelope(event("mongo/05-update-without-after.json"))
 
 
-def test_the_mongo_document_maps_as_the_qsfraud_cdc_maps_the_driver_document(mongo):
+def test_the_mongo_document_maps_as_the_qsfraud_cdc_maps_the_driver_document(mongo_decoder):
     from bson import json_util
 
     raw = event("mongo/02-create.json")["after"]
     driver_doc = json_util.loads(raw)  # ObjectId, Decimal128, datetime: as pymongo gives them
-    assert mongo.mapper is not None
-    assert mongo.mapper.map(driver_doc) == mongo.mapper.map(from_extended_json(json.loads(raw)))
+    mapper = mongo_decoder.mapper
+    assert mapper is not None
+    assert mapper.map(driver_doc) == mapper.map(from_extended_json(json.loads(raw)))
 
 
 def test_without_a_mapping_rows_with_canonical_names_work_and_retailer_defaults():
@@ -172,6 +173,9 @@ def test_with_schema_logical_types_are_decoded():
     ({"op": "c", "after": {}, "source": []}, "invalid", "source: expected an object"),
     ({"op": "c", "after": {}, "source": {"ts_ms": "x"}}, "invalid", "source.ts_ms"),
     ({"op": "c", "after": {}, "source": {"ts_ms": True}}, "invalid", "source.ts_ms"),
+    ({"op": "c", "after": {}, "source": {"ts_ms": float("nan")}}, "invalid", "source.ts_ms"),
+    ({"op": "c", "after": {}, "source": {}, "ts_ms": 10**400}, "invalid", "ts_ms"),
+    ({"op": "c", "after": {}, "source": {"ts_ms": 10**5000}}, "invalid", "int of 16610 bits"),
     ({"op": "c", "after": '{"_id": {"$numberLong": "y"}}', "source": {}},
      "invalid", "bad extended JSON"),
     ({"schema": {"fields": [{"field": "after", "fields": [
