@@ -63,6 +63,20 @@ def test_mysql_event_with_schema_maps_as_the_qsfraud_cdc_maps_the_same_row(mysql
     assert mysql_decoder.mapper.map(cdc_row) == tx
 
 
+@pytest.mark.parametrize("schema", ["schema", "noschema"])
+def test_recorded_mariadb_events_map_as_the_hand_built_ones(schema):
+    mapping = "mysql.toml" if schema == "schema" else "mysql-schemaless.toml"
+    decoder = DebeziumDecoder.load("acme", EXAMPLES / "debezium" / mapping, strict=True)
+    recorded = decoder.envelope(event(f"mariadb-recorded-{schema}/03-create.json"))
+    commits = {"schema": 1796611716.0, "noschema": 1796611749.0}  # when it was recorded
+    assert recorded["op"] == "c" and recorded["committed_at"] == commits[schema]
+    written = decoder.envelope(event(f"mysql-{schema}/03-create.json"))
+    assert recorded["tx"] == written["tx"]
+    tx = Transaction.from_dict(recorded["tx"])
+    assert (tx.tx_id, tx.amount, tx.device_id, tx.ip) == ("1003", 999.99, "dev-3",
+                                                         "203.0.113.3")
+
+
 def test_mysql_event_without_schema_with_the_schemaless_mapping(mysql_decoder):
     decoder = DebeziumDecoder.load("acme", EXAMPLES / "debezium/mysql-schemaless.toml")
     env, tx = decode(decoder, "mysql-noschema/02-create.json")
