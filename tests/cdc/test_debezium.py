@@ -133,6 +133,22 @@ def test_mongo_events_with_the_qsfraud_cdc_mapping(mongo_decoder):
     assert event("mongo/07-tombstone.json") is None and mongo_decoder.envelope(None)["op"] == "d"
 
 
+@pytest.mark.parametrize("schema", ["schema", "noschema"])
+def test_recorded_mongo_events_map_as_the_hand_built_ones(mongo_decoder, schema):
+    recorded = mongo_decoder.envelope(event(f"mongo-recorded-{schema}/03-create.json"))
+    written = mongo_decoder.envelope(event("mongo/03-create-relaxed.json"))
+    assert recorded["op"] == "c" and recorded["tx"] == written["tx"]
+    env, tx = decode(mongo_decoder, f"mongo-recorded-{schema}/01-snapshot-read.json")
+    assert env["op"] == "r" and tx is not None and tx.occurred_at == 1767258060.25
+    assert (tx.tx_id, tx.amount, tx.item_count) == ("65a1b2c3d4e5f60718293a01", 129.9, 2)
+    if schema == "noschema":  # capture.mode=change_streams_update_full: the whole document
+        env, tx = decode(mongo_decoder, "mongo-recorded-noschema/04-update.json")
+        assert env["op"] == "u" and tx is not None and tx.extras == {"version": 2}
+    else:  # capture.mode=change_streams: only the changed fields
+        with pytest.raises(DebeziumError, match=r"capture\.mode=change_streams_update_full"):
+            mongo_decoder.envelope(event("mongo-recorded-schema/04-update-without-after.json"))
+
+
 def test_mongo_update_without_its_document_says_which_capture_mode_gives_it(mongo_decoder):
     with pytest.raises(DebeziumError, match=r"capture\.mode=change_streams_update_full"):
         mongo_decoder.envelope(event("mongo/05-update-without-after.json"))
