@@ -40,6 +40,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from cdc.debezium import DebeziumDecoder
 from fraud.models import RiskModel
 from pqc.freshness import TimeWindow
 from pqc.keys import load_registry
@@ -634,7 +635,9 @@ def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
     model = restore_model(settings)
     if model is not None:
         log.info("model restored from checkpoint: %s+%d", model.version, model.n)
-    pipeline = ScoringPipeline(settings.retailer, model=model)
+    debezium = DebeziumDecoder.load(settings.retailer, settings.mapping,
+                                    strict=settings.input_format == "debezium")
+    pipeline = ScoringPipeline(settings.retailer, model=model, debezium=debezium)
     runtime = WorkerRuntime(settings, pipeline, WorkerMetrics(settings.retailer))
     registry = None
     if settings.trust_registry is not None and settings.trust_registry.exists():

@@ -43,6 +43,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import orjson
 
+from cdc.debezium import DebeziumDecoder, DebeziumError
 from fraud.decisions import PolicyConfig, decide
 from fraud.features import FEATURE_NAMES, FeatureExtractor
 from fraud.models import RiskModel
@@ -163,8 +164,11 @@ class ParsedTransaction:
     committed_at: float | None
 
 
-def parse_transaction(value: bytes | None) -> ParsedTransaction:
-    """A CDC envelope ``{"v": 1, "op", "tx", "committed_at", ...}`` or a bare transaction.
+def parse_transaction(
+    value: bytes | None, debezium: DebeziumDecoder | None = None
+) -> ParsedTransaction:
+    """A CDC envelope ``{"v": 1, "op", "tx", "committed_at", ...}`` or a bare transaction;
+    with ``debezium``, also a Debezium change event, read as the envelope it maps to.
 
     >>> p = parse_transaction(b'{"v": 1, "op": "c", "committed_at": 12.5, "tx": {"tx_id": "t",'
     ...     b' "retailer_id": "r", "amount": 1, "customer_id": "c", "payment_instrument": "p",'
@@ -180,9 +184,13 @@ def parse_transaction(value: bytes | None) -> ParsedTransaction:
     ...
     streams.scoring.BadRecord: invalid: payment_instrument: is required
     """
+    if value is None and debezium is not None and debezium.strict:
+        return ParsedTransaction(_deleted({}), "d", None)  # Debezium's tombstone after a delete
     if value is None:
         raise BadRecord("empty", "no value (tombstone)")
     doc = _loads(value)
+    if debezium is not None and debezium.claims(doc):
+        doc = _from_debezium(debezium, doc)
     if not isinstance(doc, dict):
         raise BadRecord("invalid", f"expected a JSON object, got {type(doc).__name__}")
     committed: Any = None
@@ -225,6 +233,14 @@ def _loads(value: bytes) -> Any:
         return json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRecord("not-json", str(exc).split(":")[0]) from None
+
+
+def _from_debezium(decoder: DebeziumDecoder, doc: Any) -> dict[str, Any]:
+    """The qsfraud change envelope of a Debezium event (:mod:`cdc.debezium`)."""
+    try:
+        return decoder.envelope(doc)
+    except DebeziumError as exc:
+        raise BadRecord(exc.reason, exc.message) from None
 
 
 def _deleted(doc: dict[str, Any]) -> Transaction:
@@ -447,8 +463,11 @@ class ScoringPipeline:
         config: ConfigDocument | None = None,
         features: TrackedStore | None = None,
         scored: ScoredStore | None = None,
+        debezium: DebeziumDecoder | None = None,
     ) -> None:
         self.retailer = retailer
+        # reads Debezium change events (auto-detected unless strict) among the input
+        self.debezium = debezium if debezium is not None else DebeziumDecoder(retailer)
         self.config = config or ConfigDocument.default()
         self.model = model or RiskModel(self.config.policy.model)
         self.features = features if features is not None else TrackedStore()
@@ -492,7 +511,7 @@ class ScoringPipeline:
         repeats: list[tuple[Record, int, int]] = []  # (record, its slot, first slot)
         for rec in records:
             try:
-                parsed = parse_transaction(rec.value)
+                parsed = parse_transaction(rec.value, self.debezium)
             except BadRecord as exc:
                 out.dead_letters.append(dead_letter(rec, exc.reason, exc.message, retailer))
                 continue

@@ -30,6 +30,7 @@ DEFAULT_TRUST_REGISTRY: Final = DEFAULT_ADMIN_KEYS / "registry.json"
 CONFIG_TOPIC: Final = topics.CONFIG
 FEATURES_TABLE: Final = "features"
 SCORED_TABLE: Final = "scored"
+INPUT_FORMATS: Final = ("auto", "debezium")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class WorkerSettings:
     checkpoint_interval_s: float = 10.0
     config_max_age_s: float = 365 * 86400.0
     config_replay_timeout_s: float = 30.0
+    input_format: str = "auto"
+    """``auto``: qsfraud envelopes, bare transactions, and Debezium events by their shape;
+    ``debezium``: Debezium events only (a null value is the tombstone after a delete)."""
+    mapping: Path | None = None
+    """A file with the ``[mapping]`` table for Debezium rows (None: canonical field names)."""
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):
@@ -62,6 +68,8 @@ class WorkerSettings:
             )
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format: one of {', '.join(INPUT_FORMATS)}")
 
     @property
     def topics(self) -> RetailerTopics:

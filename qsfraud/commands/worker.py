@@ -14,7 +14,7 @@ from pathlib import Path
 from fraud import topics
 from fraud.topics import DEFAULT_PARTITIONS
 from qsfraud.cli import CommandError
-from streams.settings import DEFAULT_TRUST_REGISTRY, WorkerSettings
+from streams.settings import DEFAULT_TRUST_REGISTRY, INPUT_FORMATS, WorkerSettings
 
 
 def default_bootstrap(explicit: str | None) -> str:
@@ -34,6 +34,7 @@ def default_bootstrap(explicit: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cdc.debezium import DebeziumDecoder
     from streams.app import run_worker  # faust is slow to import: only when running
 
     try:
@@ -50,8 +51,12 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             checkpoint_interval_s=args.checkpoint_interval,
             scored_ttl_s=args.scored_ttl,
+            input_format=args.input_format,
+            mapping=Path(args.mapping) if args.mapping else None,
         )
-    except ValueError as exc:
+        # a bad mapping file stops the command here, with one line, not in the worker
+        DebeziumDecoder.load(settings.retailer, settings.mapping)
+    except ValueError as exc:  # also cdc.mapping.ConfigError
         raise CommandError(str(exc)) from None
     from streams.faust_compat import IncompatibleVersions
     from streams.topics import PartitionMismatch
@@ -84,5 +89,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--checkpoint-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--scored-ttl", type=float, default=7 * 86400.0, metavar="SECONDS",
                    help="how long a scored transaction waits for its label (default 7 days)")
+    p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
+                   help="auto: qsfraud CDC envelopes, bare transactions and Debezium change "
+                        "events by their shape; debezium: Debezium events only, tombstones "
+                        "skipped as deletes (default auto)")
+    p.add_argument("--mapping", metavar="FILE",
+                   help="TOML/YAML file whose [mapping] table (as in a qsfraud CDC config) "
+                        "maps Debezium rows to transactions (default: rows have canonical "
+                        "field names)")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.set_defaults(func=run)
