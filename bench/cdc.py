@@ -22,7 +22,8 @@ process, as in production, and a ``read_committed`` consumer in this process mea
   (``*_changes_per_s_from_launch``: start-up, connecting and positioning included).
 
 The last printed line is a JSON object with ``mysql_changes_per_s``, ``mongo_changes_per_s``,
-``mysql_changes_per_s_from_launch``, ``mongo_changes_per_s_from_launch``, ``mysql_p50_ms``, ``mysql_p99_ms``, ``mongo_p50_ms``, ``mongo_p99_ms``.
+``mysql_changes_per_s_from_launch``, ``mongo_changes_per_s_from_launch``, ``mysql_p50_ms``,
+``mysql_p99_ms``, ``mongo_p50_ms``, ``mongo_p99_ms``.
 """
 
 from __future__ import annotations
