@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             checkpoint_interval_s=args.checkpoint_interval,
             scored_ttl_s=args.scored_ttl,
+            state_horizon_s=args.state_horizon,
             processing_guarantee=args.processing_guarantee,
         )
     except ValueError as exc:
@@ -73,6 +74,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--checkpoint-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--scored-ttl", type=float, default=7 * 86400.0, metavar="SECONDS",
                    help="how long a scored transaction waits for its label (default 7 days)")
+    p.add_argument("--state-horizon", type=float, default=8 * 86400.0, metavar="SECONDS",
+                   help="entity state and scored transactions expire this long after their "
+                        "last event, in event time (default 8 days; must exceed 1 day, the "
+                        "longest feature window, and --scored-ttl)")
     p.add_argument("--processing-guarantee", choices=["at_least_once", "exactly_once"],
                    default="at_least_once")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
