@@ -44,12 +44,12 @@ from streams.checkpoints import checkpoint_value, model_from_checkpoints
 from streams.config_stream import ConfigApplier, ConfigDocument, ConfigFollower, Outcome
 from streams.metrics import WorkerMetrics
 from streams.scoring import (
+    EncodedStore,
     InputRecord,
     OutputRecord,
     Record,
     ScoredStore,
     ScoringPipeline,
-    TrackedStore,
     collect_youngest_generation_only,
 )
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
@@ -661,12 +661,12 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                          use_partitioner=False, recovery_buffer_size=10_000)
 
     # The pipeline writes into the tables' memory stores; the publisher writes the changelog.
-    # `scored` values stay the JSON bytes of the changelog (ScoredStore decodes on read).
-    features: Any = table(FEATURES_TABLE, None).data
+    # Values stay the JSON bytes of the changelog (EncodedStore decodes on read).
+    features: Any = table(FEATURES_TABLE, bytes).data
     scored: Any = table(SCORED_TABLE, bytes).data
     # event-time buckets of 1/32 horizon: a key goes at most that long after its horizon
     bucket_s = settings.state_horizon_s / EXPIRY_BUCKETS
-    pipeline.features = TrackedStore(features.data, features._key_partition, bucket_s)
+    pipeline.features = EncodedStore(features.data, features._key_partition, bucket_s)
     pipeline.scored = ScoredStore(scored.data, scored._key_partition, bucket_s)
     features_changelog = settings.changelog_topic(FEATURES_TABLE)
     scored_changelog = settings.changelog_topic(SCORED_TABLE)
