@@ -377,8 +377,12 @@ async def message_batches(
             yield batch
 
 
-EXPIRY_INTERVAL_S = 1.0
+EXPIRY_INTERVAL_S = 0.25
 """How often a worker looks for expired state (a dict look-up when nothing is due)."""
+
+EXPIRY_LIMIT = 10_000
+"""Index entries (~keys) one expiry looks at per table: a pause of ~10-20 ms, and up to
+40,000 keys a second per table (5,000 tx/s of all-new entities write 20,000 entity keys)."""
 
 EXPIRY_BUCKETS = 32
 """Event-time buckets per horizon in the stores' expiry index."""
@@ -803,8 +807,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         if app.in_recovery or app.rebalancing:  # the tables are being restored
             return
         started = time.perf_counter()
-        features_gone, scored_gone = pipeline.expire(settings.state_horizon_s,
-                                                     settings.scored_max_entries)
+        features_gone, scored_gone = pipeline.expire(
+            settings.state_horizon_s, settings.scored_max_entries, EXPIRY_LIMIT)
         if features_gone or scored_gone:
             await publisher.publish(*state_writes())  # tombstones: compaction drops the keys
             metrics.count("qsfraud_expired_total", features_gone, table=FEATURES_TABLE)

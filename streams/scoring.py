@@ -403,10 +403,13 @@ class TrackedStore:
             keys.append(key)
         return newest
 
-    def expire(self, cutoff: float, now: float, max_entries: int | None = None) -> int:
+    def expire(self, cutoff: float, now: float, max_entries: int | None = None,
+               limit: int | None = None) -> int:
         """Delete (tombstone) every key whose event time is ``cutoff`` or older, to within
         one bucket; then, beyond ``max_entries``, the oldest by event time. ``now`` is the
         event-time clock: keys of unknown age are dated to it (they go one horizon later).
+        ``limit`` bounds the index entries looked at in one call (the rest wait for the
+        next: a bucket may hold hours of keys, and this runs on the event loop).
         Returns how many keys went.
 
         >>> s = TrackedStore(bucket_s=10.0)
@@ -425,10 +428,17 @@ class TrackedStore:
         data = self.data
         age = self.event_time_of
         bucket_s = self.bucket_s
+        buckets = self.buckets
+        budget = len(data) + sum(map(len, buckets.values())) if limit is None else limit
         gone = 0
         last_full = int(cutoff // bucket_s) - 1  # buckets wholly at or before the cutoff
-        for bucket in sorted(b for b in self.buckets if b <= last_full):
-            for key in self.buckets.pop(bucket):
+        for bucket in sorted(b for b in buckets if b <= last_full):
+            keys = buckets.pop(bucket)
+            if len(keys) > budget:
+                buckets[bucket] = keys[budget:]
+                keys = keys[:budget]
+            budget -= len(keys)
+            for key in keys:
                 value = data.get(key)
                 if value is None:
                     continue
@@ -436,9 +446,15 @@ class TrackedStore:
                 if t is None or t <= cutoff:  # undated: dated to a clock a horizon ago
                     self.delete(key)
                     gone += 1
+            if budget <= 0:
+                return gone
         if max_entries is not None and len(data) > max_entries:
-            for bucket in sorted(self.buckets):
-                for key in self.buckets.pop(bucket):
+            for bucket in sorted(buckets):
+                keys = buckets.pop(bucket)
+                for n, key in enumerate(keys):
+                    if len(data) <= max_entries or n >= budget:
+                        buckets[bucket] = keys[n:]
+                        return gone
                     value = data.get(key)
                     if value is None:
                         continue
@@ -446,8 +462,7 @@ class TrackedStore:
                     if t is None or int(t // bucket_s) <= bucket:  # not rewritten since
                         self.delete(key)
                         gone += 1
-                if len(data) <= max_entries:
-                    break
+                budget -= len(keys)
         return gone
 
     def drain(self) -> list[tuple[int, str, Any]]:
@@ -758,10 +773,12 @@ class ScoringPipeline:
             latest = min(max(newest), time.time() + CLOCK_MAX_AHEAD_S)
             self.clock = latest if self.clock is None else max(self.clock, latest)
 
-    def expire(self, horizon_s: float, max_scored: int | None = None) -> tuple[int, int]:
+    def expire(self, horizon_s: float, max_scored: int | None = None,
+               limit: int | None = None) -> tuple[int, int]:
         """Delete the entity state and the ``scored`` entries whose event time is more
         than ``horizon_s`` behind the clock (their changelogs get tombstones at the next
-        drain); ``max_scored`` caps ``scored``, oldest first. How many of each went.
+        drain); ``max_scored`` caps ``scored``, oldest first; ``limit`` bounds the work of
+        one call in each store (see :meth:`TrackedStore.expire`). How many of each went.
 
         >>> pipe = ScoringPipeline("acme")
         >>> for i, at in enumerate((1000.0, 1000.0 + 9 * 86400)):
@@ -777,8 +794,8 @@ class ScoringPipeline:
         if clock is None:
             return 0, 0
         cutoff = clock - horizon_s
-        return (self.features.expire(cutoff, clock),
-                self.scored.expire(cutoff, clock, max_scored))
+        return (self.features.expire(cutoff, clock, limit=limit),
+                self.scored.expire(cutoff, clock, max_scored, limit))
 
     def learn_batch(self, records: Iterable[Record]) -> LabelResult:
         """Learn from each label whose transaction is still in ``scored``, at most once."""

@@ -222,3 +222,23 @@ def test_a_horizon_not_longer_than_the_longest_window_and_the_label_delay_is_ref
         WorkerSettings("acme", "x", state_horizon_s=horizon, scored_ttl_s=ttl)
     assert WorkerSettings("acme", "x", state_horizon_s=horizon + ttl + DAY,
                           scored_ttl_s=ttl).state_horizon_s == horizon + ttl + DAY
+
+
+def test_a_limited_expiry_takes_the_rest_in_the_next_calls():
+    store = TrackedStore(bucket_s=10.0)
+    store.at(1.0)
+    for i in range(25):
+        store[f"k{i}"] = {"last": 1.0}
+    store.at(15.0)
+    for i in range(25, 30):
+        store[f"k{i}"] = {"last": 15.0}
+    assert [store.expire(cutoff=12.0, now=30.0, limit=10) for _ in range(4)] == [10, 10, 5, 0]
+    assert sorted(store.data) == [f"k{i}" for i in range(25, 30)]
+    store.at(40.0)
+    for i in range(30, 40):
+        store[f"k{i}"] = {"last": 40.0}
+    # the size cap: oldest first, at most `limit` a call
+    assert store.expire(cutoff=0.0, now=40.0, max_entries=6, limit=4) == 4
+    assert store.expire(cutoff=0.0, now=40.0, max_entries=6, limit=4) == 4
+    assert store.expire(cutoff=0.0, now=40.0, max_entries=6, limit=4) == 1
+    assert sorted(store.data) == [f"k{i}" for i in range(34, 40)]
