@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--checkpoint-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--scored-ttl", type=float, default=7 * 86400.0, metavar="SECONDS",
-                   help="how long a scored transaction waits for its label (default 7 days)")
+                   help="the label delay: how long after a transaction its label may come "
+                        "(default 7 days; --state-horizon must exceed it)")
     p.add_argument("--state-horizon", type=float, default=8 * 86400.0, metavar="SECONDS",
                    help="entity state and scored transactions expire this long after their "
                         "last event, in event time (default 8 days; must exceed 1 day, the "
