@@ -3,12 +3,16 @@
 Pure computation on key-value stores, no Kafka: the faust worker (:mod:`streams.app`) and the
 bench's plain confluent-kafka loop run this same code. State lives in two
 :class:`TrackedStore` s, which remember what changed on which partition so the caller can
-write those keys to the changelog after the batch:
+write those keys to the changelog after the batch, and hold their values as JSON bytes
+(:class:`EncodedStore`):
 
 * ``features``: the :class:`fraud.features.FeatureExtractor` entity state;
-* ``scored`` (a :class:`ScoredStore`, entries held as JSON bytes): ``tx_id -> {"d": decision,
-  "x": feature vector, "at": received, "l": learned, "p": partition}``, the dedup table and
-  the feature store for labels (bounded by TTL and size, see :meth:`ScoredStore.expire`).
+* ``scored`` (a :class:`ScoredStore`): ``tx_id -> {"o": occurred_at, "d": decision,
+  "x": feature vector, "l": learned, "p": partition}``, the dedup table and the feature
+  store for labels.
+
+Both are bounded in event time: :meth:`ScoringPipeline.expire` deletes (and tombstones)
+what is older than a horizon behind the clock, the newest ``occurred_at`` seen.
 
 A transaction already in ``scored`` (a redelivery after a rebalance or restart) yields the
 identical decision record and touches neither the feature state nor the model.
@@ -53,6 +57,9 @@ from streams.config_stream import ConfigDocument
 log = logging.getLogger(__name__)
 
 SCORE_OPS: Final = frozenset(("c", "r", "u"))
+CLOCK_MAX_AHEAD_S: Final = 86400.0
+"""How far the event-time clock may run ahead of the wall clock: one transaction dated in
+the far future must not expire every entity."""
 """CDC ops that carry a transaction to decide (``d``, a deleted row, is skipped)."""
 
 _std_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -83,6 +90,17 @@ def dumps(value: Any) -> bytes:
         return _orjson_dumps(value)
     except TypeError:  # an int beyond 64 bits, a non-str key: the standard library can
         return _std_dumps(value).encode()
+
+
+def dumps_to_keep(value: Any) -> bytes:
+    """:func:`dumps` in a bytes object of its own size, for values kept in memory: orjson's
+    bytes keep the 4 KiB buffer it wrote into (measured with orjson 3.13: 4,098 bytes
+    allocated for a 65-byte result), 60x the memory of an entity's state.
+
+    >>> dumps_to_keep({"a": 1})
+    b'{"a":1}'
+    """
+    return bytes(memoryview(dumps(value)))
 
 
 def collect_youngest_generation_only() -> tuple[int, int, int]:
@@ -289,12 +307,20 @@ def dead_letter(record: Record, reason: str, error: str, retailer: str) -> Outpu
 
 
 class TrackedStore:
-    """A key-value store that remembers which keys changed, and on which partition.
+    """A key-value store that remembers which keys changed, and on which partition, and
+    indexes its keys by event time so that old ones can expire.
 
     ``data`` may be a faust memory store's dict (``key_partition`` its key -> partition
     map): writes go straight into it, and :meth:`drain` hands the changed keys to the caller,
     which writes them to the changelog. ``partition`` is the partition of the event being
     processed; it is where a written key's changelog record goes.
+
+    Expiry: :meth:`at` sets the event time of what is being written; each write appends its
+    key to the list of that time's bucket (``bucket_s`` wide), a few ns and a pointer. The
+    index may hold a key several times and keys since rewritten or deleted: :meth:`expire`
+    takes the age of a key from its stored value (:meth:`event_time_of`), never from where
+    the index has it, so it is right whatever the order of writes; :meth:`reindex` rebuilds
+    the index from the values (after a restore from the changelog).
 
     >>> s = TrackedStore()
     >>> s.partition = 3
@@ -307,6 +333,7 @@ class TrackedStore:
         self,
         data: MutableMapping[str, Any] | None = None,
         key_partition: MutableMapping[str, int] | None = None,
+        bucket_s: float = 3600.0,
     ) -> None:
         self.data: MutableMapping[str, Any] = {} if data is None else data
         self.key_partition: MutableMapping[str, int] = (
@@ -314,6 +341,24 @@ class TrackedStore:
         )
         self.partition = 0
         self.dirty: dict[str, int] = {}
+        if not bucket_s > 0:
+            raise ValueError("bucket_s must be > 0")
+        self.bucket_s = bucket_s
+        self.buckets: dict[int, list[str]] = {}
+        """Event-time bucket -> keys written with an event time in it."""
+        self._undated: list[str] = []  # written before any `at`, or of unknown age
+        self._bucket: int | None = None
+        self._written = self._undated  # the list of the current event time's bucket
+
+    def at(self, event_time: float) -> None:
+        """The event time of the writes that follow (until the next call)."""
+        bucket = int(event_time // self.bucket_s)
+        if bucket != self._bucket:
+            self._bucket = bucket
+            keys = self.buckets.get(bucket)
+            if keys is None:
+                keys = self.buckets[bucket] = []
+            self._written = keys
 
     def get(self, key: str, default: Any = None, /) -> Any:
         return self.data.get(key, default)
@@ -322,6 +367,7 @@ class TrackedStore:
         # set_on's body, not a call to it: the feature extractor writes ~4 keys a transaction
         self.data[key] = value
         self.dirty[key] = self.key_partition[key] = self.partition
+        self._written.append(key)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -330,12 +376,110 @@ class TrackedStore:
         """Write ``key`` whose changelog partition is ``partition``."""
         self.data[key] = value
         self.dirty[key] = self.key_partition[key] = partition
+        self._written.append(key)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; its changelog gets a tombstone."""
         if key in self.data:
             del self.data[key]
             self.dirty[key] = self.key_partition.pop(key, self.partition)
+
+    def event_time_of(self, value: Any) -> float | None:
+        """The event time of a stored value: the feature state's ``last`` (the entity's
+        latest event), None if it has none."""
+        if isinstance(value, dict):
+            last = value.get("last")
+            if isinstance(last, int | float):
+                return float(last)
+        return None
+
+    def reindex(self) -> float | None:
+        """Rebuild the event-time index from the stored values (after a restore: a
+        changelog's order is not the order of event times); the newest event time, if any."""
+        self.buckets = {}
+        self._undated = []
+        self._bucket = None
+        self._written = self._undated
+        newest: float | None = None
+        age = self.event_time_of
+        bucket_s = self.bucket_s
+        buckets = self.buckets
+        undated = self._undated
+        for key, value in self.data.items():
+            t = age(value)
+            if t is None:
+                undated.append(key)
+                continue
+            if newest is None or t > newest:
+                newest = t
+            bucket = int(t // bucket_s)
+            keys = buckets.get(bucket)
+            if keys is None:
+                keys = buckets[bucket] = []
+            keys.append(key)
+        return newest
+
+    def expire(self, cutoff: float, now: float, max_entries: int | None = None,
+               limit: int | None = None) -> int:
+        """Delete (tombstone) every key whose event time is ``cutoff`` or older, to within
+        one bucket; then, beyond ``max_entries``, the oldest by event time. ``now`` is the
+        event-time clock: keys of unknown age are dated to it (they go one horizon later).
+        ``limit`` bounds the index entries looked at in one call (the rest wait for the
+        next: a bucket may hold hours of keys, and this runs on the event loop).
+        Returns how many keys went.
+
+        >>> s = TrackedStore(bucket_s=10.0)
+        >>> s.at(5.0)
+        >>> s["old"] = {"last": 5.0}
+        >>> s["new"] = {"last": 35.0}  # indexed at 5, but its age is its value's
+        >>> s.expire(cutoff=29.0, now=40.0), sorted(s.data), s.drain()
+        (1, ['new'], [(0, 'old', None), (0, 'new', {'last': 35.0})])
+        """
+        if self._undated:
+            self.at(now)
+            self._written.extend(self._undated)
+            self._undated.clear()
+        self._bucket = None  # the current bucket's list may be dropped below
+        self._written = self._undated
+        data = self.data
+        age = self.event_time_of
+        bucket_s = self.bucket_s
+        buckets = self.buckets
+        budget = len(data) + sum(map(len, buckets.values())) if limit is None else limit
+        gone = 0
+        last_full = int(cutoff // bucket_s) - 1  # buckets wholly at or before the cutoff
+        for bucket in sorted(b for b in buckets if b <= last_full):
+            keys = buckets.pop(bucket)
+            if len(keys) > budget:
+                buckets[bucket] = keys[budget:]
+                keys = keys[:budget]
+            budget -= len(keys)
+            for key in keys:
+                value = data.get(key)
+                if value is None:
+                    continue
+                t = age(value)
+                if t is None or t <= cutoff:  # undated: dated to a clock a horizon ago
+                    self.delete(key)
+                    gone += 1
+            if budget <= 0:
+                return gone
+        if max_entries is not None and len(data) > max_entries:
+            for bucket in sorted(buckets):
+                keys = buckets.pop(bucket)
+                for n, key in enumerate(keys):
+                    if len(data) <= max_entries or n >= budget:
+                        buckets[bucket] = keys[n:]
+                        return gone
+                    value = data.get(key)
+                    if value is None:
+                        continue
+                    t = age(value)
+                    if t is None or int(t // bucket_s) <= bucket:  # not rewritten since
+                        self.delete(key)
+                        gone += 1
+                budget -= len(keys)
+        return gone
 
     def drain(self) -> list[tuple[int, str, Any]]:
         """``(partition, key, value or None)`` for every key changed since the last drain."""
@@ -365,19 +509,20 @@ class TrackedStore:
         return out
 
 
-class ScoredStore(TrackedStore):
-    """The ``scored`` table: each value is held as its JSON bytes (what its changelog record
-    carries, so faust's table uses the raw serializer) and decoded when read.
+class EncodedStore(TrackedStore):
+    """A :class:`TrackedStore` whose values are held as their JSON bytes (what their
+    changelog records carry, so faust's table uses the raw serializer), decoded when read
+    and encoded when written.
 
-    An entry is written once per transaction and read again only for a redelivery or a
-    label, and a worker keeps up to millions of them: as bytes they take about half the
-    memory and nothing for the garbage collector to walk (as dicts, ~5 tracked containers
-    each, every full collection would pause the worker for seconds).
+    A worker keeps millions of values: as bytes, an entity's state takes a quarter of the
+    memory of its dict of lists and floats (~90 B against ~380 for an entity seen once), and
+    nothing for the garbage collector to walk; each read costs a decode (~0.5 us for an
+    entity), each write the encoding its changelog record needs anyway.
 
-    >>> s = ScoredStore()
-    >>> s.set_on(2, "t1", {"at": 5.0, "l": 0})
-    >>> s.data["t1"], s.get("t1")["at"], s.drain_encoded()
-    (b'{"at":5.0,"l":0}', 5.0, [(2, b'"t1"', b'{"at":5.0,"l":0}')])
+    >>> s = EncodedStore()
+    >>> s.set_on(2, "c:1", {"t": [5.0], "last": 5.0})
+    >>> s.data["c:1"], s.get("c:1")["last"], s.drain_encoded()
+    (b'{"t":[5.0],"last":5.0}', 5.0, [(2, b'"c:1"', b'{"t":[5.0],"last":5.0}')])
     """
 
     def get(self, key: str, default: Any = None, /) -> Any:
@@ -385,16 +530,21 @@ class ScoredStore(TrackedStore):
         return default if raw is None else _orjson_loads(raw)
 
     def __setitem__(self, key: str, value: Any, /) -> None:
-        self.set_on(self.partition, key, value)
+        # set_encoded's body: the feature extractor writes ~4 keys a transaction
+        self.data[key] = bytes(memoryview(dumps(value)))  # dumps_to_keep, inlined
+        self.dirty[key] = self.key_partition[key] = self.partition
+        self._written.append(key)
 
     def set_on(self, partition: int, key: str, value: Any) -> None:
-        self.set_encoded(partition, key, dumps(value))
+        self.set_encoded(partition, key, dumps_to_keep(value))
 
     def set_encoded(self, partition: int, key: str, raw: bytes) -> None:
         """Write ``key`` as ``raw``, which must be :func:`dumps` of its value (for a writer
-        that has the encoding at hand already)."""
+        that has the encoding at hand already; not orjson's own bytes: see
+        :func:`dumps_to_keep`)."""
         self.data[key] = raw
         self.dirty[key] = self.key_partition[key] = partition
+        self._written.append(key)
 
     def drain_encoded(self) -> list[tuple[int, bytes, bytes | None]]:
         if not self.dirty:
@@ -404,29 +554,43 @@ class ScoredStore(TrackedStore):
         self.dirty = {}
         return out
 
-    def expire(self, now: float, ttl_s: float, max_entries: int) -> int:
-        """Drop entries older than ``ttl_s`` or beyond ``max_entries`` (oldest first, in
-        insertion order); returns how many went.
+    def event_time_of(self, value: Any) -> float | None:
+        """The feature state's ``last``, decoded (at a restore, and for the keys expiry
+        looks at)."""
+        try:
+            return super().event_time_of(_orjson_loads(value))
+        except orjson.JSONDecodeError:
+            return None
 
-        >>> s = ScoredStore()
-        >>> for i in range(5):
-        ...     s[f"t{i}"] = {"at": float(i)}
-        >>> s.expire(now=10.0, ttl_s=8.0, max_entries=2), sorted(s.data)
-        (3, ['t3', 't4'])
+
+class ScoredStore(EncodedStore):
+    """The ``scored`` table: ``tx_id -> {"o": occurred_at, "d": decision, "x": features,
+    "l": learned, "p": partition}`` as JSON bytes (:class:`EncodedStore`).
+
+    An entry is written once per transaction and read again only for a redelivery or a
+    label; its age is its leading ``"o"``, read without decoding the entry.
+
+    >>> s = ScoredStore()
+    >>> s.set_on(2, "t1", {"o": 5.0, "l": 0})
+    >>> s.data["t1"], s.get("t1")["o"], s.drain_encoded()
+    (b'{"o":5.0,"l":0}', 5.0, [(2, b'"t1"', b'{"o":5.0,"l":0}')])
+    """
+
+    def event_time_of(self, value: Any) -> float | None:
+        """The transaction's ``occurred_at``: the ``"o"`` that leads each entry's JSON
+        (read from the bytes, ~20x faster than decoding the entry); None for an entry
+        written before entries had it.
+
+        >>> ScoredStore().event_time_of(b'{"o":1767225600.5,"d":{}}')
+        1767225600.5
         """
-        cutoff = now - ttl_s
-        excess = len(self.data) - max_entries
-        doomed = []
-        for key, raw in self.data.items():
-            value = _orjson_loads(raw)
-            if excess > 0 or (isinstance(value, dict) and value.get("at", now) < cutoff):
-                doomed.append(key)
-                excess -= 1
-            else:
-                break
-        for key in doomed:
-            self.delete(key)
-        return len(doomed)
+        if value[:5] == b'{"o":':
+            end = value.find(b",", 5)
+            try:
+                return float(value[5:end if end > 0 else -1])
+            except ValueError:
+                return None
+        return None
 
 
 @dataclass
@@ -470,10 +634,15 @@ class ScoringPipeline:
         self.debezium = debezium if debezium is not None else DebeziumDecoder(retailer)
         self.config = config or ConfigDocument.default()
         self.model = model or RiskModel(self.config.policy.model)
-        self.features = features if features is not None else TrackedStore()
+        self.features = features if features is not None else EncodedStore()
         self.scored = scored if scored is not None else ScoredStore()
         self.extractor = FeatureExtractor()
         self.names: tuple[str, ...] = FEATURE_NAMES
+        self.clock: float | None = None
+        """The event-time clock: the newest ``occurred_at`` seen (of all the partitions this
+        pipeline serves), never more than :data:`CLOCK_MAX_AHEAD_S` ahead of the wall clock."""
+        self.reindex_pending = False
+        """Set when the stores were restored: the next batch or expiry calls :meth:`reindex`."""
 
     @property
     def model_version(self) -> str:
@@ -495,7 +664,14 @@ class ScoringPipeline:
         the same scores as one by one); decide and encode each. Decisions come out in input
         order.
         """
-        received = time.time() if now is None else now
+        if self.reindex_pending:
+            self.reindex()
+        wall = time.time()
+        received = wall if now is None else now
+        clock_limit = wall + CLOCK_MAX_AHEAD_S
+        clock = self.clock
+        if clock is None:
+            clock = float("-inf")
         policy = self.config.policy  # once: a config swap applies between batches
         extract = self.extractor.extract_values
         features = self.features
@@ -536,6 +712,10 @@ class ScoringPipeline:
                 slots.append(None)
                 continue
             features.partition = rec.partition
+            occurred = tx.occurred_at
+            features.at(occurred)
+            if occurred > clock:
+                clock = occurred if occurred < clock_limit else max(clock, clock_limit)
             values = extract(tx, features)
             if not isfinite(fsum(values)):  # cannot happen with validated input; guards dumps
                 out.dead_letters.append(dead_letter(
@@ -545,6 +725,8 @@ class ScoringPipeline:
             fresh.append((rec, parsed, len(slots)))
             vectors.append(values)
             slots.append(None)
+        if clock != float("-inf"):
+            self.clock = clock
         if fresh:
             self._decide_fresh(fresh, vectors, slots, out, received, policy)
         for rec, slot, first in repeats:
@@ -571,12 +753,11 @@ class ScoringPipeline:
         matrix = np.fromiter(chain.from_iterable(vectors), dtype=np.float64,
                              count=len(vectors) * len(names)).reshape(len(vectors), len(names))
         scores, explained = self.model.score_and_explain_many(names, matrix, policy.top_reasons)
+        scored_at = self.scored.at
         set_scored = self.scored.set_encoded
         actions = out.actions
         latencies = out.latencies
         with_features = bool(policy.rules)  # rules may read features; nothing else does
-        # the tail of every `scored` changelog value this batch: `..."at":<received>,"l":0,`
-        at_tail = b',"at":' + dumps(received) + b',"l":0,"p":'
         for (rec, parsed, slot), values, score, contributions in zip(
                 fresh, vectors, scores, explained, strict=True):
             tx = parsed.tx
@@ -590,18 +771,55 @@ class ScoringPipeline:
             x = dict(zip(names, values, strict=True)) if with_features else None
             decision = decide(tx, score, policy, contributions, x, version, timings).to_dict()
             encoded = dumps(decision)
-            # dumps({"d": decision, "x": values, "at": received, "l": 0, "p": partition}),
-            # reusing the decision's encoding
-            set_scored(partition, tx.tx_id, b'{"d":' + encoded + b',"x":' + dumps(values)
-                       + at_tail + str(partition).encode() + b"}")
+            # dumps({"o": occurred_at, "d": decision, "x": values, "l": 0, "p": partition}),
+            # reusing the decision's encoding; "o" first: ScoredStore.event_time_of reads it
+            scored_at(tx.occurred_at)
+            set_scored(partition, tx.tx_id, b'{"o":' + dumps(tx.occurred_at) + b',"d":'
+                       + encoded + b',"x":' + dumps(values) + b',"l":0,"p":'
+                       + str(partition).encode() + b"}")
             slots[slot] = OutputRecord(rec.key, encoded, partition)
             action = decision["action"]
             actions[action] = actions.get(action, 0) + 1
             if stamp is not None:
                 latencies.append(decision["timings"]["decided"] - stamp)
 
+    def reindex(self) -> None:
+        """Rebuild both stores' event-time indexes from their values (after a restore),
+        and bring the clock up to the newest event time they hold."""
+        self.reindex_pending = False
+        newest = [t for t in (self.features.reindex(), self.scored.reindex()) if t is not None]
+        if newest:
+            latest = min(max(newest), time.time() + CLOCK_MAX_AHEAD_S)
+            self.clock = latest if self.clock is None else max(self.clock, latest)
+
+    def expire(self, horizon_s: float, max_scored: int | None = None,
+               limit: int | None = None) -> tuple[int, int]:
+        """Delete the entity state and the ``scored`` entries whose event time is more
+        than ``horizon_s`` behind the clock (their changelogs get tombstones at the next
+        drain); ``max_scored`` caps ``scored``, oldest first; ``limit`` bounds the work of
+        one call in each store (see :meth:`TrackedStore.expire`). How many of each went.
+
+        >>> pipe = ScoringPipeline("acme")
+        >>> for i, at in enumerate((1000.0, 1000.0 + 9 * 86400)):
+        ...     tx = {"tx_id": f"t{i}", "retailer_id": "acme", "amount": 30,
+        ...           "customer_id": f"c{i}", "payment_instrument": "p1", "occurred_at": at}
+        ...     _ = pipe.process_batch([InputRecord(json.dumps(tx).encode(), None, 0, i, None)])
+        >>> pipe.expire(8 * 86400.0), sorted(pipe.features.data), list(pipe.scored.data)
+        ((1, 1), ['c:c1', 'p:p1'], ['t1'])
+        """
+        if self.reindex_pending:
+            self.reindex()
+        clock = self.clock
+        if clock is None:
+            return 0, 0
+        cutoff = clock - horizon_s
+        return (self.features.expire(cutoff, clock, limit=limit),
+                self.scored.expire(cutoff, clock, max_scored, limit))
+
     def learn_batch(self, records: Iterable[Record]) -> LabelResult:
         """Learn from each label whose transaction is still in ``scored``, at most once."""
+        if self.reindex_pending:
+            self.reindex()
         out = LabelResult()
         scored = self.scored
         model = self.model

@@ -11,6 +11,10 @@
 Traceback (most recent call last):
 ...
 ValueError: retailer id must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}, got 'no spaces'
+>>> WorkerSettings(retailer="acme", bootstrap="x", state_horizon_s=3600)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+ValueError: the state horizon (3600 s) must be longer than the longest feature window ...
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Final
 
 from fraud import topics
+from fraud.features import WINDOWS
 from fraud.topics import DEFAULT_PARTITIONS, RetailerTopics
 
 RETAILER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -51,7 +56,12 @@ class WorkerSettings:
     batch_size: int = 500
     batch_within_s: float = 0.01
     scored_ttl_s: float = 7 * 86400.0
+    """The label delay: how long after a transaction its label may still come."""
     scored_max_entries: int = 2_000_000
+    state_horizon_s: float = 8 * 86400.0
+    """Entity state and ``scored`` entries expire this long after their last event, in
+    event time (``occurred_at``); longer than the longest feature window and the label
+    delay."""
     checkpoint_interval_s: float = 10.0
     config_max_age_s: float = 365 * 86400.0
     config_replay_timeout_s: float = 30.0
@@ -70,6 +80,12 @@ class WorkerSettings:
             raise ValueError("partitions must be >= 1")
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format: one of {', '.join(INPUT_FORMATS)}")
+        longest_window = max(seconds for seconds, _ in WINDOWS)
+        if not self.state_horizon_s > max(longest_window, self.scored_ttl_s):
+            raise ValueError(
+                f"the state horizon ({self.state_horizon_s:g} s) must be longer than the "
+                f"longest feature window ({longest_window:g} s) and the label delay "
+                f"(scored TTL, {self.scored_ttl_s:g} s)")
 
     @property
     def topics(self) -> RetailerTopics:

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             scored_ttl_s=args.scored_ttl,
             input_format=args.input_format,
             mapping=Path(args.mapping) if args.mapping else None,
+            state_horizon_s=args.state_horizon,
         )
         # a bad mapping file stops the command here, with one line, not in the worker
         DebeziumDecoder.load(settings.retailer, settings.mapping)
@@ -88,7 +89,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--checkpoint-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--scored-ttl", type=float, default=7 * 86400.0, metavar="SECONDS",
-                   help="how long a scored transaction waits for its label (default 7 days)")
+                   help="the label delay: how long after a transaction its label may come "
+                        "(default 7 days; --state-horizon must exceed it)")
+    p.add_argument("--state-horizon", type=float, default=8 * 86400.0, metavar="SECONDS",
+                   help="entity state and scored transactions expire this long after their "
+                        "last event, in event time (default 8 days; must exceed 1 day, the "
+                        "longest feature window, and --scored-ttl)")
     p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
                    help="auto: qsfraud CDC envelopes, bare transactions and Debezium change "
                         "events by their shape; debezium: Debezium events only, tombstones "
