@@ -450,7 +450,7 @@ class ScoringPipeline:
     ) -> None:
         self.retailer = retailer
         self.config = config or ConfigDocument.default()
-        self.model = model or RiskModel(self.config.policy.model)
+        self.model = model or RiskModel.from_params(self.config.policy.model)
         self.features = features if features is not None else TrackedStore()
         self.scored = scored if scored is not None else ScoredStore()
         self.extractor = FeatureExtractor()
@@ -551,7 +551,9 @@ class ScoringPipeline:
         # fromiter over the flattened rows: half the time of np.array on a list of lists
         matrix = np.fromiter(chain.from_iterable(vectors), dtype=np.float64,
                              count=len(vectors) * len(names)).reshape(len(vectors), len(names))
-        scores, explained = self.model.score_and_explain_many(names, matrix, policy.top_reasons)
+        # observe: the anomaly statistics learn every scored event (labelled or not)
+        scores, explained = self.model.score_and_explain_many(names, matrix, policy.top_reasons,
+                                                              observe=True)
         set_scored = self.scored.set_encoded
         actions = out.actions
         latencies = out.latencies

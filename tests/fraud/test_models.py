@@ -78,7 +78,7 @@ def _trained_model(batch: list[dict[str, float]], seed: int) -> RiskModel:
     model = RiskModel()
     for x in batch:
         model.learn_one(x, rng.random() < 0.3)
-        model.score_one(x)
+        model.learn_unsupervised_one(x)
     return model
 
 
@@ -128,11 +128,11 @@ def test_learns_an_imbalanced_problem_and_explains_itself() -> None:
     model = RiskModel()
     data = _separable(3000, 1)
     for x, y in data:
-        model.score_one(x)
+        model.score_one(x, observe=True)
         model.learn_one(x, y)
     test = _separable(1000, 2)
-    fraud = [model.score_one(x, observe=False) for x, y in test if y]
-    legit = [model.score_one(x, observe=False) for x, y in test if not y]
+    fraud = [model.score_one(x) for x, y in test if y]
+    legit = [model.score_one(x) for x, y in test if not y]
     pairs = sum(f > g for f in fraud for g in legit) / (len(fraud) * len(legit))
     assert pairs > 0.97
     names = [k for k, _ in model.contributions({"amount": 7.0, "velocity": 5.0, "noise": 0.0})]
@@ -143,17 +143,18 @@ def test_unlabelled_retailer_still_ranks_anomalies_first() -> None:
     model = RiskModel()
     rng = random.Random(4)
     for _ in range(500):
-        model.score_one({"amount": rng.gauss(2.0, 0.5), "velocity": rng.gauss(0.0, 1.0)})
-    normal = model.score_one({"amount": 2.1, "velocity": 0.2}, observe=False)
-    odd = model.score_one({"amount": 9.0, "velocity": 8.0}, observe=False)
+        model.learn_unsupervised_one({"amount": rng.gauss(2.0, 0.5),
+                                      "velocity": rng.gauss(0.0, 1.0)})
+    normal = model.score_one({"amount": 2.1, "velocity": 0.2})
+    odd = model.score_one({"amount": 9.0, "velocity": 8.0})
     assert 0.0 <= normal < odd <= 1.0
 
 
 @pytest.mark.parametrize("codec", ["json", "msgpack"])
 def test_state_round_trips_through_json_and_msgpack(codec) -> None:
-    model = RiskModel(ModelParams(learning_rate=0.05))
+    model = RiskModel(learning_rate=0.05)
     for x, y in _separable(500, 3):
-        model.score_one(x)
+        model.score_one(x, observe=True)
         model.learn_one(x, y)
     state = model.export_state()
     if codec == "json":
@@ -163,7 +164,7 @@ def test_state_round_trips_through_json_and_msgpack(codec) -> None:
     clone = RiskModel.from_state(decoded)
     assert clone.export_state() == state
     for x, _ in _separable(50, 4):
-        assert clone.score_one(x) == model.score_one(x)
+        assert clone.score_one(x, observe=True) == model.score_one(x, observe=True)
     x = {"amount": 3.0, "velocity": 1.0, "noise": 0.0}
     clone.learn_one(x, True)
     model.learn_one(x, True)
@@ -173,7 +174,7 @@ def test_state_round_trips_through_json_and_msgpack(codec) -> None:
 def test_load_shared_keeps_local_anomaly_statistics() -> None:
     local = RiskModel()
     for x, y in _separable(200, 5):
-        local.score_one(x)
+        local.learn_unsupervised_one(x)
         local.learn_one(x, y)
     anomaly = local.anomaly.to_dict()
     other = RiskModel()
@@ -192,7 +193,7 @@ def test_batch_variants_equal_one_at_a_time() -> None:
     for x, y in data:
         b.learn_one(x, y)
     assert a.export_state() == b.export_state()
-    assert a.score_many(xs) == [b.score_one(x) for x in xs]
+    assert a.score_many(xs, observe=True) == [b.score_one(x, observe=True) for x in xs]
     assert a.predict_proba_many(xs[:5]) == [b.predict_proba_one(x)[True] for x in xs[:5]]
     with pytest.raises(ValueError):
         a.learn_many(xs, ys[:-1])
@@ -213,3 +214,46 @@ def test_bad_states_name_the_field(state, field) -> None:
     with pytest.raises(SchemaError) as err:
         RiskModel.from_state(state)
     assert err.value.field == field
+
+
+def test_flat_hyper_parameters_and_their_plain_data_form() -> None:
+    params = ModelParams(learning_rate=0.05, anomaly_min_events=3)
+    model = RiskModel.from_params(params)
+    assert model.learning_rate == 0.05 and model.anomaly_min_events == 3
+    assert model.params == params == RiskModel.from_params(params.to_dict()).params
+    assert model.clone().params == params
+    model.learn_one({"a": 1.0}, True)
+    model.params = ModelParams(l2=0.5)  # a config change keeps what was learned
+    assert model.l2 == 0.5 and model.learning_rate == 0.03 and model.n == 1
+    with pytest.raises(SchemaError):
+        RiskModel(anomaly_weight=1.5)
+
+
+def test_scoring_learns_nothing_until_the_unsupervised_step() -> None:
+    model = RiskModel(anomaly_min_events=0)
+    x = {"amount": 2.0, "velocity": 1.0}
+    for v in range(50):
+        model.learn_one({"amount": float(v % 5), "velocity": 0.0}, v % 10 == 0)
+    before = model.export_state()
+    assert model.predict_proba_one(x) == model.predict_proba_one(x)
+    model.score_one(x)
+    model.score_many([x, x])
+    model.score_and_explain(x)
+    assert model.export_state() == before
+    twin = RiskModel.from_state(before)
+    fused = model.score_one(x, observe=True)
+    assert fused == twin.predict_proba_one(x)[True]
+    twin.learn_unsupervised_one(x)
+    assert model.export_state() == twin.export_state() != before
+
+
+def test_sample_weight_scales_the_step() -> None:
+    a, b, c = RiskModel(), RiskModel(), RiskModel()
+    for m in (a, b, c):
+        m.learn_one({"x": 0.0}, False)
+        m.learn_one({"x": 2.0}, False)
+    a.learn_one({"x": 5.0}, True)
+    b.learn_one({"x": 5.0}, True, w=1.0)
+    c.learn_one({"x": 5.0}, True, w=3.0)
+    assert a.export_state() == b.export_state()
+    assert c.weights["x"] > a.weights["x"] > 0.0
