@@ -257,3 +257,71 @@ def test_sample_weight_scales_the_step() -> None:
     c.learn_one({"x": 5.0}, True, w=3.0)
     assert a.export_state() == b.export_state()
     assert c.weights["x"] > a.weights["x"] > 0.0
+
+
+def _learn_all(model: RiskModel, data: list[tuple[dict[str, float], bool]]) -> None:
+    for x, y in data:
+        model.learn_one(x, y)
+
+
+def test_export_delta_holds_only_what_was_learned_since_the_global_model() -> None:
+    """load_shared -> learn -> export_delta -> merge, two clients and two rounds: every label is
+    counted once and the global scaler is the one trained on all labelled data."""
+    data = _separable(400, 8)
+    chunks = [data[i:i + 100] for i in range(0, 400, 100)]  # round 1: 0, 1; round 2: 2, 3
+    seen: list[tuple[dict[str, float], bool]] = []
+    global_state = empty_state()
+    clients = [RiskModel(), RiskModel()]
+    for rnd, pair in enumerate((chunks[:2], chunks[2:])):
+        deltas = []
+        for client, chunk in zip(clients, pair, strict=True):
+            client.load_shared(global_state)
+            _learn_all(client, chunk)
+            seen.extend(chunk)
+            delta = client.export_delta()
+            assert delta["delta_of"] == global_state["version"]
+            assert delta["linear"]["n"] == len(chunk)
+            deltas.append(delta)
+        global_state = merge_states([global_state, *deltas], version=f"g{rnd + 1}")
+        linear = global_state["linear"]
+        assert linear["n"] == len(seen)
+        assert linear["n_pos"] == sum(y for _, y in seen)
+        assert linear["n_neg"] == sum(not y for _, y in seen)
+        union = _trained_scaler([x for x, _ in seen]).to_dict()
+        assert global_state["scaler"]["counts"] == union["counts"]
+        for key in union["counts"]:
+            assert _close(global_state["scaler"]["means"][key], union["means"][key])
+            assert _close(global_state["scaler"]["vars"][key], union["vars"][key])
+
+
+def test_export_delta_survives_a_restart_and_is_everything_without_a_global_model() -> None:
+    model = RiskModel()
+    _learn_all(model, _separable(50, 9))
+    delta = model.export_delta()
+    assert delta["delta_of"] is None
+    assert {k: v for k, v in delta.items() if k != "delta_of"} == model.export_shared()
+    model.load_shared(model.export_shared())
+    assert model.export_delta()["linear"]["n"] == 0
+    assert model.export_delta()["scaler"]["counts"] == {}
+    _learn_all(model, _separable(30, 10))
+    restarted = RiskModel.from_state(json.loads(json.dumps(model.export_state())))
+    assert restarted.export_delta() == model.export_delta()
+    assert restarted.export_delta()["linear"]["n"] == 30
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches, batches)
+def test_scaler_delta_merged_back_onto_its_base_is_the_whole(base, more) -> None:
+    from fraud.models.scaler import subtract_scaler
+
+    base_state = _trained_scaler(base).to_dict()
+    whole = _trained_scaler(base + more).to_dict()
+    delta = subtract_scaler(whole, base_state)
+    assert sum(delta["counts"].values()) == sum(len(x) for x in more)
+    merged = merge_scalers([base_state, delta])
+    assert merged["counts"] == whole["counts"]
+    for key in whole["counts"]:
+        scale = max(1.0, abs(whole["means"][key]))
+        assert abs(merged["means"][key] - whole["means"][key]) <= 1e-9 * scale
+        scale = max(1.0, whole["vars"][key], whole["means"][key] ** 2)
+        assert abs(merged["vars"][key] - whole["vars"][key]) <= 1e-8 * scale
