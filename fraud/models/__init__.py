@@ -3,7 +3,7 @@
 
 from fraud.models.linear import empty_linear, merge_linear
 from fraud.models.risk import ModelParams, RiskModel, empty_state, merge_states
-from fraud.models.river_model import RiverModel, spec_tuple
+from fraud.models.river_model import RiverModel, model_from_config, spec_tuple
 from fraud.models.river_spec import ALLOWED, LINEAR_SPEC, build_estimator, check_spec
 from fraud.models.river_state import (
     export_linear_pipeline,
@@ -29,6 +29,7 @@ __all__ = [
     "merge_linear_pipelines",
     "merge_scalers",
     "merge_states",
+    "model_from_config",
     "spec_tuple",
     "subtract_scaler",
 ]

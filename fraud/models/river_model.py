@@ -35,6 +35,7 @@ from typing import Any, Final
 import numpy as np
 from river import base, compose, linear_model, preprocessing
 
+from fraud.models.risk import ModelParams, RiskModel
 from fraud.models.river_spec import LINEAR_SPEC, build_estimator, check_spec
 from fraud.models.river_state import export_linear_pipeline, load_linear_pipeline
 
@@ -68,6 +69,15 @@ class RiverModel(base.Classifier):
         yield {"spec": ({"class": "tree.HoeffdingAdaptiveTreeClassifier",
                          "params": {"seed": 1, "grace_period": 50}},)}
         yield {"spec": ({"class": "forest.ARFClassifier", "params": {"seed": 1, "n_models": 3}},)}
+
+    @property
+    def has_plain_state(self) -> bool:
+        """Whether :meth:`export_state` works (``StandardScaler | LogisticRegression``)."""
+        return self._linear_parts() is not None
+
+    def runs(self, spec: Sequence[Mapping[str, Any]] | None) -> bool:
+        """Whether this model is the one ``spec`` describes."""
+        return spec is not None and check_spec(list(self.spec)) == check_spec(spec)
 
     @property
     def is_anomaly_detector(self) -> bool:
@@ -163,8 +173,10 @@ class RiverModel(base.Classifier):
             raise ValueError("only StandardScaler | LogisticRegression has a plain-data state; "
                              "checkpoint other models with to_checkpoint()")
         assert isinstance(self.estimator, compose.Pipeline)
-        return export_linear_pipeline(self.estimator, self.n, self.n_pos, self.n_neg,
-                                      self.version)
+        state = export_linear_pipeline(self.estimator, self.n, self.n_pos, self.n_neg,
+                                       self.version)
+        state["spec"] = check_spec(list(self.spec))  # what to rebuild, as configured
+        return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> RiverModel:
@@ -173,7 +185,7 @@ class RiverModel(base.Classifier):
         scaler = next(iter(pipeline.steps.values()))
         linear = state["linear"]
         params = linear["params"]
-        spec = (
+        spec: tuple[dict[str, Any], ...] = (
             {"class": "preprocessing.StandardScaler",
              "params": {"with_std": bool(scaler.with_std)}},
             {"class": "linear_model.LogisticRegression", "params": {
@@ -181,6 +193,8 @@ class RiverModel(base.Classifier):
                 "l2": float(params["l2"]), "intercept_lr": float(params["intercept_lr"]),
                 "clip_gradient": float(params["clip_gradient"])}},
         )
+        if state.get("spec") is not None:
+            spec = spec_tuple(state["spec"])
         model = cls(spec)
         model.estimator = pipeline
         model.version = str(state.get("version", ""))
@@ -210,4 +224,13 @@ def spec_tuple(spec: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], ...]:
     return tuple(check_spec(spec))
 
 
-__all__ = ["CHECKPOINT_HEADER", "RiverModel", "spec_tuple"]
+def model_from_config(params: ModelParams,
+                      river_model: Sequence[Mapping[str, Any]] | None) -> RiskModel | RiverModel:
+    """The model a policy asks for: a :class:`RiverModel` of its ``river_model`` spec, else
+    the default :class:`~fraud.models.risk.RiskModel` with ``params``."""
+    if river_model is None:
+        return RiskModel.from_params(params)
+    return RiverModel(spec_tuple(river_model))
+
+
+__all__ = ["CHECKPOINT_HEADER", "RiverModel", "model_from_config", "spec_tuple"]
