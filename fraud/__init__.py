@@ -17,7 +17,11 @@ Pure computation, no I/O; imports nothing else of qsfraud. Public API:
     statistics), ``score_and_explain_many(keys, X, k, observe)`` (the compiled batch path),
     ``contributions(x, k)``, ``export_state()``/``from_state(d)``,
     ``export_shared()``/``load_shared(d)``/``export_delta()``; ``merge_states([...])``,
-    ``merge_scalers``, ``merge_linear``; ``ModelParams``.
+    ``merge_scalers``, ``merge_linear``; ``ModelParams``. ``RiverModel(spec)``: any
+    allow-listed River model (``check_spec``/``build_estimator``, ``ALLOWED``) with the same
+    worker-facing methods; ``model_from_config(params, river_model)``;
+    ``export_linear_pipeline``/``load_linear_pipeline``/``merge_linear_pipelines`` (River's
+    ``StandardScaler | LogisticRegression`` as plain data, exact merge).
 ``fraud.decisions``
     ``PolicyConfig.from_dict``/``to_dict``, ``Policy(config).replace(config)``/``.decide(...)``,
     ``decide(tx, score, config, contributions, features, model_version, timings) -> Decision``.
