@@ -15,7 +15,9 @@ River has no merge API and keeps no sample counts, so the federation gets them h
   directly would mix models that measure each feature in different units.
 
 A feature a model's scaler has not seen, or saw with zero variance, is one River's scaler maps
-to 0: in raw space that model's weight on it is 0, and it is averaged as such.
+to 0: in raw space that model's weight on it is 0, and it is averaged as such. A feature a
+model saw *nearly* constant has a huge weight per raw unit: the merge is still exact in
+exact arithmetic, but its rounding error grows with those terms.
 
 >>> from river import compose, linear_model, preprocessing
 >>> def fitted(rows):
