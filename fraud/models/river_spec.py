@@ -80,6 +80,13 @@ ALLOWED: Final[dict[str, tuple[Callable[..., Any], ParamKinds]]] = {
 }
 """River class name -> (constructor, allowed parameters and their kinds)."""
 
+INT_RANGES: Final[dict[str, tuple[int, int]]] = {
+    "n_models": (1, 50), "n_trees": (1, 50), "height": (1, 12), "window_size": (1, 100_000),
+    "grace_period": (1, 1_000_000), "max_depth": (1, 64), "lambda_value": (1, 100),
+    "seed": (0, 2**32 - 1),
+}
+"""Bounds of the integer parameters: a config must not be able to ask for a billion trees."""
+
 LINEAR_SPEC: Final = ({"class": "preprocessing.StandardScaler", "params": {}},
                       {"class": "linear_model.LogisticRegression", "params": {}})
 """River's ``StandardScaler | LogisticRegression`` with River's defaults."""
@@ -99,6 +106,9 @@ def _check_value(field: str, kind: str, value: Any) -> Any:
     if kind == "int":
         if value != int(value):
             raise SchemaError(field, f"expected an integer, got {value!r}")
+        low, high = INT_RANGES[field.rsplit(".", 1)[-1]]
+        if not low <= value <= high:
+            raise SchemaError(field, f"must be in [{low}, {high}], got {value!r}")
         return int(value)
     return float(value)
 
@@ -163,4 +173,4 @@ def build_estimator(spec: Any) -> base.Estimator:
     return compose.Pipeline(*steps)
 
 
-__all__ = ["ALLOWED", "LINEAR_SPEC", "OPTIMIZERS", "build_estimator", "check_spec"]
+__all__ = ["ALLOWED", "INT_RANGES", "LINEAR_SPEC", "OPTIMIZERS", "build_estimator", "check_spec"]
