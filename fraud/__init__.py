@@ -11,11 +11,17 @@ Pure computation, no I/O; imports nothing else of qsfraud. Public API:
     ``extract(tx, state) -> dict[str, float]`` and ``extract_many(txs, state)``,
     ``FEATURE_NAMES``.
 ``fraud.models``
-    ``RiskModel(params=None)``: ``score_one(x, observe=True) -> float`` in [0, 1],
-    ``score_many``, ``predict_proba_one``/``predict_proba_many``, ``learn_one(x, y)``,
-    ``learn_many``, ``contributions(x, k)``, ``export_state()``/``from_state(d)``,
-    ``export_shared()``/``load_shared(d)``; ``merge_states([...])``, ``merge_scalers``,
-    ``merge_linear``; ``ModelParams``.
+    ``RiskModel(learning_rate=..., ...)`` (a ``river.base.Classifier``; ``from_params``
+    takes a ``ModelParams``): ``predict_proba_one(x)`` and ``score_one(x) -> float`` in
+    [0, 1] learn nothing, ``learn_one(x, y, w=1)``, ``learn_unsupervised_one(x)`` (the anomaly
+    statistics), ``score_and_explain_many(keys, X, k, observe)`` (the compiled batch path),
+    ``contributions(x, k)``, ``export_state()``/``from_state(d)``,
+    ``export_shared()``/``load_shared(d)``/``export_delta()``; ``merge_states([...])``,
+    ``merge_scalers``, ``merge_linear``; ``ModelParams``. ``RiverModel(spec)``: any
+    allow-listed River model (``check_spec``/``build_estimator``, ``ALLOWED``) with the same
+    worker-facing methods; ``model_from_config(params, river_model)``;
+    ``export_linear_pipeline``/``load_linear_pipeline``/``merge_linear_pipelines`` (River's
+    ``StandardScaler | LogisticRegression`` as plain data, exact merge).
 ``fraud.decisions``
     ``PolicyConfig.from_dict``/``to_dict``, ``Policy(config).replace(config)``/``.decide(...)``,
     ``decide(tx, score, config, contributions, features, model_version, timings) -> Decision``.

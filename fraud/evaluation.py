@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from fraud.features import FeatureExtractor
 from fraud.metrics import report
-from fraud.models import ModelParams, RiskModel
+from fraud.models import ModelParams, RiskModel, RiverModel, model_from_config
 from fraud.schema import SchemaError, parse_timestamp
 
 LABEL_CANDIDATES: Final = ("is_fraud", "isFraud", "fraud", "is_fraudulent", "fraud_bool",
@@ -385,31 +385,34 @@ def _truthy(value: Any) -> bool:
 ModeRunner = Callable[[Prepared, ModelParams], list[float]]
 
 
-def run_local(data: Prepared, params: ModelParams) -> list[float]:
-    """Scores when each retailer trains only on its own rows."""
+def run_local(data: Prepared, params: ModelParams,
+              river_model: Sequence[Mapping[str, Any]] | None = None) -> list[float]:
+    """Scores when each retailer trains only on its own rows (``river_model``: a River spec
+    run instead of the default model)."""
     encoders: dict[str, RowEncoder] = {}
-    models: dict[str, RiskModel] = {}
+    models: dict[str, RiskModel | RiverModel] = {}
     scores = []
     for i, (y, r) in enumerate(zip(data.labels, data.retailers, strict=True)):
         enc = encoders.get(r)
         if enc is None:
             enc = encoders[r] = RowEncoder(data)
-            models[r] = RiskModel(params)
+            models[r] = model_from_config(params, river_model)
         model = models[r]
         x = enc.encode(i)
-        scores.append(model.score_one(x))
+        scores.append(model.score_one(x, observe=True))
         model.learn_one(x, y)
     return scores
 
 
-def run_central(data: Prepared, params: ModelParams) -> list[float]:
+def run_central(data: Prepared, params: ModelParams,
+                river_model: Sequence[Mapping[str, Any]] | None = None) -> list[float]:
     """Scores of one model trained on every retailer's rows."""
     enc = RowEncoder(data)
-    model = RiskModel(params)
+    model = model_from_config(params, river_model)
     scores = []
     for i, y in enumerate(data.labels):
         x = enc.encode(i)
-        scores.append(model.score_one(x))
+        scores.append(model.score_one(x, observe=True))
         model.learn_one(x, y)
     return scores
 
@@ -434,13 +437,19 @@ def summarize(data: Prepared, scores: Sequence[float]) -> dict[str, Any]:
 def evaluate(
     data: Prepared, modes: Sequence[str] = ("local", "central"),
     params: ModelParams | None = None,
+    river_model: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run each mode prequentially and report exact metrics per retailer and overall."""
+    """Run each mode prequentially and report exact metrics per retailer and overall;
+    ``river_model`` (a River spec, :mod:`fraud.models.river_spec`) replaces the default model
+    in the modes that take it."""
     params = params or ModelParams()
     out: dict[str, Any] = {}
     for mode in modes:
         runner = MODES.get(mode)
         if runner is None:
             raise DataError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        out[mode] = summarize(data, runner(data, params))
+        if river_model is None:
+            out[mode] = summarize(data, runner(data, params))
+        else:
+            out[mode] = summarize(data, runner(data, params, river_model))  # type: ignore[call-arg]
     return out

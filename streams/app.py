@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaProducer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from cdc.debezium import DebeziumDecoder
-from fraud.models import RiskModel
+from fraud.models import RiskModel, RiverModel
 from pqc.freshness import TimeWindow
 from pqc.keys import load_registry
 from streams.checkpoints import checkpoint_value, model_from_checkpoints
@@ -648,7 +648,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     return app
 
 
-def restore_model(settings: WorkerSettings) -> RiskModel | None:
+def restore_model(settings: WorkerSettings) -> RiskModel | RiverModel | None:
     """The newest valid model checkpoint of the retailer, or None."""
     return model_from_checkpoints(
         read_topic(settings.bootstrap, settings.checkpoints_topic), settings.retailer

@@ -9,11 +9,28 @@ import time
 from typing import Any
 
 from fraud.evaluation import MODES, DataError, evaluate, prepare, read_table
+from fraud.models import LINEAR_SPEC, check_spec
+from fraud.schema import SchemaError
 from qsfraud.cli import CommandError
 
 
 def _fmt(value: Any) -> str:
     return "   n/a" if value is None else f"{value:6.4f}"
+
+
+def _river_model(choice: str) -> list[dict[str, Any]] | None:
+    """``--model``: ``default`` (RiskModel), ``river-linear`` (River's StandardScaler |
+    LogisticRegression) or a River spec as JSON (``fraud/models/river_spec.py``)."""
+    if choice == "default":
+        return None
+    if choice == "river-linear":
+        return list(LINEAR_SPEC)
+    try:
+        return check_spec(json.loads(choice))
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"--model: default, river-linear or a JSON spec ({exc})") from None
+    except SchemaError as exc:
+        raise CommandError(f"--model: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         rows = read_table(args.data)
         data = prepare(rows, label=args.label, time=args.time, retailer=args.retailer,
                        id=args.id, ignore=[c for c in (args.ignore or "").split(",") if c])
-        result = evaluate(data, modes)
+        result = evaluate(data, modes, river_model=_river_model(args.model))
     except DataError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
@@ -64,4 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ignore", help="comma-separated columns to leave out")
     p.add_argument("--mode", default="all", help=f"{', '.join(MODES)} or all (default all)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--model", default="default",
+                   help="default, river-linear, or a River spec as JSON, e.g. "
+                   '\'[{"class": "tree.HoeffdingAdaptiveTreeClassifier"}]\'')
     p.set_defaults(func=run)
