@@ -840,7 +840,7 @@ def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
     model = restore_model(settings)
     if model is not None:
         log.info("model restored from checkpoint: %s+%d", model.version, model.n)
-    pipeline = ScoringPipeline(settings.retailer, model=model)
+    pipeline = ScoringPipeline(settings.retailer, model=model, bounds=settings.input_bounds)
     runtime = WorkerRuntime(settings, pipeline, WorkerMetrics(settings.retailer))
     registry = None
     if settings.trust_registry is not None and settings.trust_registry.exists():

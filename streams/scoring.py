@@ -590,6 +590,33 @@ class ScoringPipeline:
     def process_batch(
         self, records: Sequence[Record], now: float | None = None
     ) -> BatchResult:
+        """Decide every transaction in ``records``; bad ones become dead letters
+        (:meth:`_process_batch`). Should the batch fail as a whole all the same (a bug
+        outside any record's own step), each record is processed alone and only one that
+        fails alone is dead-lettered (``internal-error``)."""
+        try:
+            return self._process_batch(records, now)
+        except Exception as exc:
+            log.error("a batch of %d failed (%r): record by record", len(records), exc)
+        out = BatchResult()
+        for rec in records:
+            try:
+                one = self._process_batch([rec], now)
+            except Exception as exc:
+                out.dead_letters.append(self._internal_error(rec, exc))
+                continue
+            out.decisions += one.decisions
+            out.dead_letters += one.dead_letters
+            out.latencies += one.latencies
+            out.duplicates += one.duplicates
+            out.skipped += one.skipped
+            for action, count in one.actions.items():
+                out.actions[action] = out.actions.get(action, 0) + count
+        return out
+
+    def _process_batch(
+        self, records: Sequence[Record], now: float | None = None
+    ) -> BatchResult:
         """Decide every transaction in ``records``; bad ones become dead letters.
 
         Three passes: parse, dedup and extract each record's features in order; score all

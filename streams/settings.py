@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from fraud.schema import DEFAULT_BOUNDS, InputBounds
+
 RETAILER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 DEFAULT_KEYS_DIR: Final = Path(".qsfraud/keys")
 DEFAULT_ADMIN_KEYS: Final = DEFAULT_KEYS_DIR / "admin"
@@ -49,6 +51,8 @@ class WorkerSettings:
     config_max_age_s: float = 365 * 86400.0
     config_replay_timeout_s: float = 30.0
     processing_guarantee: str = "at_least_once"
+    input_bounds: InputBounds = DEFAULT_BOUNDS
+    """What an input record must meet (size, ids, amounts, time window); see InputBounds."""
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from fraud.schema import DEFAULT_BOUNDS, InputBounds
 from qsfraud.cli import CommandError
 from streams.settings import DEFAULT_TRUST_REGISTRY, WorkerSettings
 
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_interval_s=args.checkpoint_interval,
             scored_ttl_s=args.scored_ttl,
             processing_guarantee=args.processing_guarantee,
+            input_bounds=InputBounds(max_record_bytes=args.max_record_bytes,
+                                     max_amount=args.max_amount, max_age_s=args.max_event_age,
+                                     max_future_s=args.max_event_future),
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
@@ -75,5 +79,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="how long a scored transaction waits for its label (default 7 days)")
     p.add_argument("--processing-guarantee", choices=["at_least_once", "exactly_once"],
                    default="at_least_once")
+    b = DEFAULT_BOUNDS
+    p.add_argument("--max-record-bytes", type=int, default=b.max_record_bytes, metavar="BYTES",
+                   help="larger input records are dead-lettered (default %(default)s)")
+    p.add_argument("--max-amount", type=float, default=b.max_amount,
+                   help="larger amounts are dead-lettered (default %(default)g)")
+    p.add_argument("--max-event-age", type=float, default=b.max_age_s, metavar="SECONDS",
+                   help="older timestamps are dead-lettered (default 10 years)")
+    p.add_argument("--max-event-future", type=float, default=b.max_future_s, metavar="SECONDS",
+                   help="timestamps further ahead of now are dead-lettered (default 1 day)")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.set_defaults(func=run)
