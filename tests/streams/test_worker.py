@@ -40,7 +40,7 @@ def test_every_transaction_gets_exactly_one_decision_and_bad_ones_go_to_the_dlq(
         p.produce(f"{retailer}.transactions", key=b"bad", value=bad)
     # the same transaction again, as a CDC envelope: a redelivery, answered from the dedup table
     p.produce(f"{retailer}.transactions", key=txs[5]["customer_id"], value=json.dumps(
-        {"v": 1, "op": "c", "tx": txs[5], "source": {}, "committed_at": 1.0}).encode())
+        {"v": 1, "op": "c", "tx": txs[5], "source": {}, "committed_at": time.time()}).encode())
     p.flush(30)
 
     wanted = {tx["tx_id"] for tx in txs}
