@@ -213,7 +213,8 @@ def test_a_label_changes_the_model_and_state_survives_a_restart(
     assert before["model_version"] == "local+0" and before["config_version"] == 1
     assert "rule:repeat-customer" not in before["reasons"]
 
-    label = {"tx_id": "tx-1", "is_fraud": True, "source": "chargeback", "labelled_at": 5}
+    label = {"tx_id": "tx-1", "is_fraud": True, "source": "chargeback",
+             "labelled_at": time.time()}
     p = kit.producer(kafka_bootstrap)
     p.produce(f"{retailer}.labels", key=b"solo", value=json.dumps(label).encode())
     p.produce(f"{retailer}.labels", key=b"x", value=json.dumps({**label, "tx_id": "nope"}))
