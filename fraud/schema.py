@@ -36,12 +36,56 @@ ExtraValue = float | int | str | bool | None
 
 
 class SchemaError(ValueError):
-    """A record failed validation; ``field`` names the offending field."""
+    """A record failed validation; ``field`` names the offending field, ``reason`` says how
+    (``invalid``; ``too-long`` or ``out-of-range`` for a value beyond :class:`InputBounds`)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, reason: str = "invalid") -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class InputBounds:
+    """The limits a record from outside must meet before anything of it reaches state.
+
+    One place for all of them: the worker checks the raw record (size, JSON nesting depth,
+    digits of an integer: :func:`streams.scoring.parse_transaction`) and the decoded fields
+    (id lengths, amount and item count ranges, timestamps within a window of now: the
+    ``from_dict`` of :class:`Transaction` and :class:`Label`). ``qsfraud worker`` sets the
+    ones a deployment may need to change (``--max-record-bytes``, ``--max-amount``,
+    ``--max-event-age``, ``--max-event-future``).
+
+    >>> b = InputBounds()
+    >>> b.max_record_bytes, b.max_id_chars, b.max_amount, b.max_age_s / 86400
+    (65536, 256, 1000000000.0, 3650.0)
+    """
+
+    max_record_bytes: int = 64 * 1024
+    """A transaction is ~0.5 KB, a Debezium event with its schema a few KB."""
+    max_depth: int = 32
+    """JSON nesting (objects and arrays) of a whole record."""
+    max_int_digits: int = 40
+    """Digits of a JSON integer (a 128-bit id has 39); Python refuses beyond 4,300."""
+    max_id_chars: int = 256
+    """Characters of an id or other string field of the schema."""
+    max_amount: float = 1e9
+    """Amounts are finite and in ``[0, max_amount]``: sums and squares of them in the
+    feature state must stay finite."""
+    max_item_count: int = 100_000
+    max_age_s: float = 10 * 365 * 86400.0
+    """Timestamps (``occurred_at``, ``committed_at``, ``labelled_at``) are no older than
+    this before now (replays of history are fine; year 1 is not)..."""
+    max_future_s: float = 86400.0
+    """... and no further ahead of now than this (clocks disagree; year 9999 is not)."""
+
+
+DEFAULT_BOUNDS: Final = InputBounds()
+NO_BOUNDS: Final = InputBounds(max_record_bytes=2**62, max_depth=2**62, max_int_digits=4300,
+                               max_id_chars=2**62, max_amount=math.inf, max_item_count=2**53,
+                               max_age_s=math.inf, max_future_s=math.inf)
+"""What ``from_dict`` checks without bounds: the schema's own rules only."""
 
 
 def parse_timestamp(value: Any, name: str = "timestamp") -> float:
@@ -52,6 +96,16 @@ def parse_timestamp(value: Any, name: str = "timestamp") -> float:
     >>> parse_timestamp(datetime(1970, 1, 1, 1, tzinfo=UTC))
     3600.0
     """
+    try:
+        ts = _timestamp(value, name)
+    except OverflowError:  # an aware datetime at the edge of year 1 or 9999, a huge int
+        raise SchemaError(name, f"not a representable timestamp: {value!r}") from None
+    if not math.isfinite(ts):
+        raise SchemaError(name, f"not a finite timestamp: {value!r}")
+    return ts
+
+
+def _timestamp(value: Any, name: str) -> float:
     if type(value) is str:  # the wire form, first: this runs per event
         try:
             aware = datetime.fromisoformat(value)
@@ -79,8 +133,22 @@ def parse_timestamp(value: Any, name: str = "timestamp") -> float:
             ts = (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
     else:
         raise SchemaError(name, f"expected a timestamp, got {type(value).__name__}")
-    if not math.isfinite(ts):
-        raise SchemaError(name, f"not a finite timestamp: {value!r}")
+    return ts
+
+
+def check_window(ts: float, name: str, now: float | None, bounds: InputBounds) -> float:
+    """``ts`` if it is within ``bounds``' window of ``now`` (no check when ``now`` is None).
+
+    >>> check_window(100.0, "t", now=None, bounds=DEFAULT_BOUNDS)
+    100.0
+    >>> check_window(100.0, "t", now=1e9, bounds=DEFAULT_BOUNDS)
+    Traceback (most recent call last):
+    ...
+    fraud.schema.SchemaError: t: 100.0 is outside [now - 315360000 s, now + 86400 s]
+    """
+    if now is not None and not (now - bounds.max_age_s <= ts <= now + bounds.max_future_s):
+        raise SchemaError(name, f"{ts!r} is outside [now - {bounds.max_age_s:.0f} s, now + "
+                                f"{bounds.max_future_s:.0f} s]", "out-of-range")
     return ts
 
 
@@ -91,9 +159,10 @@ def format_timestamp(ts: float) -> str:
     )
 
 
-def _str(d: dict[str, Any], name: str, *, required: bool = True, default: str | None = None) -> Any:
+def _str(d: dict[str, Any], name: str, *, required: bool = True, default: str | None = None,
+         limit: int = 2**62) -> Any:
     value = d.get(name)
-    if type(value) is str and value:  # the common case, first: this runs per event
+    if type(value) is str and value and len(value) <= limit:  # the common case, first
         return value
     if value is None or value == "":
         if required:
@@ -101,12 +170,22 @@ def _str(d: dict[str, Any], name: str, *, required: bool = True, default: str | 
         return default
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise SchemaError(name, f"expected a string, got {type(value).__name__}")
-    return str(value)
+    if type(value) is int and limit < 4300 and not -(10**limit) < value < 10**limit:
+        raise SchemaError(name, f"longer than {limit} characters", "too-long")
+    try:
+        text = str(value)
+    except ValueError:  # an int beyond Python's 4,300 digits
+        raise SchemaError(name, "an integer too long to convert", "too-long") from None
+    if len(text) > limit:
+        raise SchemaError(name, f"longer than {limit} characters ({len(text)})", "too-long")
+    return text
 
 
-def _float(d: dict[str, Any], name: str, *, minimum: float | None = None) -> float:
+def _float(d: dict[str, Any], name: str, *, minimum: float | None = None,
+           maximum: float | None = None) -> float:
     value = d.get(name)
-    if type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum):
+    if (type(value) is float and math.isfinite(value) and (minimum is None or value >= minimum)
+            and (maximum is None or value <= maximum)):
         return value
     if value is None:
         raise SchemaError(name, "is required")
@@ -120,6 +199,8 @@ def _float(d: dict[str, Any], name: str, *, minimum: float | None = None) -> flo
         raise SchemaError(name, f"must be finite, got {value!r}")
     if minimum is not None and number < minimum:
         raise SchemaError(name, f"must be >= {minimum:g}, got {number!r}")
+    if maximum is not None and number > maximum:
+        raise SchemaError(name, f"must be <= {maximum:g}, got {number!r}", "out-of-range")
     return number
 
 
@@ -127,9 +208,9 @@ _EXACT_INT: Final = 2**53
 """Integers up to here are exact as floats: what the general path of :func:`_int` returns."""
 
 
-def _int(d: dict[str, Any], name: str, default: int) -> int:
+def _int(d: dict[str, Any], name: str, default: int, maximum: int = _EXACT_INT) -> int:
     value = d.get(name, default)
-    if type(value) is int and 0 <= value <= _EXACT_INT:  # the common case, first
+    if type(value) is int and 0 <= value <= maximum:  # the common case, first
         return value
     if value is None:
         return default
@@ -141,6 +222,8 @@ def _int(d: dict[str, Any], name: str, default: int) -> int:
         raise SchemaError(name, f"expected an integer, got {value!r}") from None
     if not number.is_integer() or number < 0:
         raise SchemaError(name, f"expected a non-negative integer, got {value!r}")
+    if number > maximum:
+        raise SchemaError(name, f"must be <= {maximum}, got {value!r}", "out-of-range")
     return int(number)
 
 
@@ -169,7 +252,7 @@ def _choice(d: dict[str, Any], name: str, choices: tuple[str, ...], default: str
         return str(value)
     if value is None:
         raise SchemaError(name, "is required")
-    text = str(value).strip().lower()
+    text = str(value).strip().lower() if isinstance(value, str) else ""
     if text not in choices:
         raise SchemaError(name, f"must be one of {', '.join(choices)}; got {value!r}")
     return text
@@ -217,8 +300,8 @@ def _check_envelope(d: Any, kind: str) -> dict[str, Any]:
 def _loads(data: bytes | str, kind: str) -> Any:
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SchemaError(kind, f"not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # also integers beyond Python's digit limit
+        raise SchemaError(kind, f"not valid JSON: {str(exc)[:200]}") from None
 
 
 def _looks_like_card_number(value: str) -> bool:
@@ -288,29 +371,36 @@ class Transaction(JsonRecord):
     NOT_EXTRA: ClassVar[frozenset[str]] = FIELDS | _ENVELOPE_KEYS
 
     @classmethod
-    def from_dict(cls, d: Any) -> Transaction:
+    def from_dict(
+        cls, d: Any, bounds: InputBounds | None = None, now: float | None = None
+    ) -> Transaction:
+        """Validate ``d``, within ``bounds`` if given (the worker's input), ``occurred_at``
+        also within their window of ``now`` if that is given."""
         d = _check_envelope(d, cls.KIND)
-        instrument = _str(d, "payment_instrument")
+        if bounds is None:
+            bounds = NO_BOUNDS
+        ids = bounds.max_id_chars
+        instrument = _str(d, "payment_instrument", limit=ids)
         if _looks_like_card_number(instrument):
             raise SchemaError("payment_instrument", "looks like a card number; send a hash")
         currency = _str(d, "currency", required=False, default="EUR").upper()
         if len(currency) != 3 or not currency.isalpha():
             raise SchemaError("currency", f"expected an ISO 4217 code, got {currency!r}")
         return cls(
-            tx_id=_str(d, "tx_id"),
-            retailer_id=_str(d, "retailer_id"),
-            occurred_at=_ts(d, "occurred_at"),
-            amount=_float(d, "amount", minimum=0.0),
-            customer_id=_str(d, "customer_id"),
+            tx_id=_str(d, "tx_id", limit=ids),
+            retailer_id=_str(d, "retailer_id", limit=ids),
+            occurred_at=check_window(_ts(d, "occurred_at"), "occurred_at", now, bounds),
+            amount=_float(d, "amount", minimum=0.0, maximum=bounds.max_amount),
+            customer_id=_str(d, "customer_id", limit=ids),
             payment_instrument=instrument,
             currency=currency,
-            device_id=_str(d, "device_id", required=False),
-            ip=_str(d, "ip", required=False),
+            device_id=_str(d, "device_id", required=False, limit=ids),
+            ip=_str(d, "ip", required=False, limit=ids),
             channel=_choice(d, "channel", CHANNELS, "web"),
-            store_id=_str(d, "store_id", required=False),
-            terminal_id=_str(d, "terminal_id", required=False),
-            coupon_code=_str(d, "coupon_code", required=False),
-            item_count=_int(d, "item_count", 1),
+            store_id=_str(d, "store_id", required=False, limit=ids),
+            terminal_id=_str(d, "terminal_id", required=False, limit=ids),
+            coupon_code=_str(d, "coupon_code", required=False, limit=ids),
+            item_count=_int(d, "item_count", 1, bounds.max_item_count),
             address_mismatch=_bool(d, "address_mismatch"),
             extras=_extras(d, cls.NOT_EXTRA),
         )
@@ -355,16 +445,23 @@ class Label(JsonRecord):
     KIND: ClassVar[str] = "label"
 
     @classmethod
-    def from_dict(cls, d: Any) -> Label:
+    def from_dict(
+        cls, d: Any, bounds: InputBounds | None = None, now: float | None = None
+    ) -> Label:
+        """Validate ``d``, within ``bounds`` if given (``labelled_at`` also within their
+        window of ``now``, if that is given)."""
         d = _check_envelope(d, cls.KIND)
+        if bounds is None:
+            bounds = NO_BOUNDS
         if "is_fraud" not in d:
             raise SchemaError("is_fraud", "is required")
+        ids = bounds.max_id_chars
         return cls(
-            tx_id=_str(d, "tx_id"),
+            tx_id=_str(d, "tx_id", limit=ids),
             is_fraud=_bool(d, "is_fraud"),
             source=_choice(d, "source", LABEL_SOURCES, None),
-            labelled_at=_ts(d, "labelled_at"),
-            retailer_id=_str(d, "retailer_id", required=False),
+            labelled_at=check_window(_ts(d, "labelled_at"), "labelled_at", now, bounds),
+            retailer_id=_str(d, "retailer_id", required=False, limit=ids),
         )
 
     def to_dict(self) -> dict[str, Any]:

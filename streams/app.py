@@ -665,7 +665,8 @@ def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
         log.info("model restored from checkpoint: %s+%d", model.version, model.n)
     debezium = DebeziumDecoder.load(settings.retailer, settings.mapping,
                                     strict=settings.input_format == "debezium")
-    pipeline = ScoringPipeline(settings.retailer, model=model, debezium=debezium)
+    pipeline = ScoringPipeline(settings.retailer, model=model, debezium=debezium,
+                               bounds=settings.input_bounds)
     runtime = WorkerRuntime(settings, pipeline, WorkerMetrics(settings.retailer))
     registry = None
     if settings.trust_registry is not None and settings.trust_registry.exists():

@@ -31,6 +31,7 @@ configuration stays) with a reason.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -250,8 +251,8 @@ def check_config(
         return Outcome("rejected", "malformed", str(exc))
     try:
         doc = ConfigDocument.from_dict(json.loads(payload))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Outcome("rejected", "invalid", f"not JSON: {exc}", signer=meta.sender)
+    except (ValueError, RecursionError) as exc:  # also too deep, or an int beyond 4,300 digits
+        return Outcome("rejected", "invalid", f"not JSON: {str(exc)[:200]}", signer=meta.sender)
     except SchemaError as exc:
         return Outcome("rejected", "invalid", str(exc), signer=meta.sender)
     if doc.version != meta.sequence:
@@ -321,17 +322,22 @@ def rejection_report(
         "v": 1,
         "kind": "config-rejected",
         "reason": outcome.reason,
-        "error": outcome.error,
+        "error": outcome.error[:1000],
         "version": outcome.version,
         "signer": outcome.signer,
         "topic": topic,
         "partition": partition,
         "offset": offset,
-        "key": key.decode("utf-8", "replace") if key is not None else None,
+        "key": key[:256].decode("utf-8", "replace") if key is not None else None,
         "retailer_id": retailer,
         "worker": worker,
         "rejected_at": time.time(),
     }
+
+
+def _short_key(key: bytes | None) -> bytes | None:
+    """``key``, or its SHA-256 if longer than 256 bytes (a report stays small)."""
+    return key if key is None or len(key) <= 256 else hashlib.sha256(key).hexdigest().encode()
 
 
 class ConfigFollower:
@@ -384,14 +390,22 @@ class ConfigFollower:
                     continue
                 key = msg.key()
                 offset = msg.offset() or 0
-                outcome = self.applier.offer(msg.value(), key)
+                try:
+                    outcome = self.applier.offer(msg.value(), key)
+                except Exception as exc:  # a bug: this record is rejected, the follower goes on
+                    log.exception("config record at offset %d", offset)
+                    self.applier.rejected += 1
+                    outcome = Outcome("rejected", "internal-error", f"{type(exc).__name__}: {exc}")
                 if outcome.status == "rejected":
                     report = rejection_report(
                         outcome, retailer=self.applier.retailer, worker=self.worker,
                         topic=self.topic, partition=msg.partition() or 0, offset=offset, key=key)
-                    producer.produce(self.rejected_topic, key=key,
-                                     value=json.dumps(report, separators=(",", ":")).encode())
-                    producer.poll(0)
+                    try:
+                        producer.produce(self.rejected_topic, key=_short_key(key),
+                                         value=json.dumps(report, separators=(",", ":")).encode())
+                        producer.poll(0)
+                    except Exception:  # a full queue or a refused record: the report only
+                        log.exception("config rejection report of offset %d not sent", offset)
                 if self.on_outcome is not None:
                     self.on_outcome(outcome)
                 if offset >= high - 1:

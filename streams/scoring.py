@@ -19,13 +19,13 @@ identical decision record and touches neither the feature state nor the model.
 
 >>> pipe = ScoringPipeline("acme")
 >>> tx = {"tx_id": "t1", "retailer_id": "acme", "amount": 30, "customer_id": "c1",
-...       "payment_instrument": "p1", "occurred_at": 1000.0}
+...       "payment_instrument": "p1", "occurred_at": time.time() - 60}
 >>> first = pipe.process_batch([InputRecord(json.dumps(tx).encode(), b"c1", 0, 0, 1.0)])
 >>> again = pipe.process_batch([InputRecord(json.dumps(tx).encode(), b"c1", 0, 7, 2.0)])
 >>> first.decisions[0].value == again.decisions[0].value, again.duplicates
 (True, 1)
->>> pipe.learn_batch([InputRecord(b'{"tx_id": "t1", "is_fraud": true, "source": "analyst",'
-...                               b' "labelled_at": 5}', b"c1", 0, 0, 5.0)]).learned
+>>> label = {"tx_id": "t1", "is_fraud": True, "source": "analyst", "labelled_at": time.time()}
+>>> pipe.learn_batch([InputRecord(json.dumps(label).encode(), b"c1", 0, 0, 5.0)]).learned
 1
 >>> pipe.model_version
 'local+1'
@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import base64
 import gc
+import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +53,14 @@ from cdc.debezium import DebeziumDecoder, DebeziumError
 from fraud.decisions import PolicyConfig, decide
 from fraud.features import FEATURE_NAMES, FeatureExtractor
 from fraud.models import RiskModel, RiverModel, model_from_config
-from fraud.schema import Label, SchemaError, Transaction
+from fraud.schema import (
+    DEFAULT_BOUNDS,
+    InputBounds,
+    Label,
+    SchemaError,
+    Transaction,
+    check_window,
+)
 from streams.config_stream import ConfigDocument
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,14 @@ CLOCK_MAX_AHEAD_S: Final = 86400.0
 """How far the event-time clock may run ahead of the wall clock: one transaction dated in
 the far future must not expire every entity."""
 """CDC ops that carry a transaction to decide (``d``, a deleted row, is skipped)."""
+CDC_OPS: Final = SCORE_OPS | {"d"}
+"""Every op a CDC envelope may carry; any other is dead-lettered (``bad-op``)."""
+DEAD_LETTER_HEAD: Final = 4096
+"""Bytes of the input a dead letter carries (with the SHA-256 and length of all of it)."""
+DEAD_LETTER_ERROR: Final = 1000
+"""Characters of the error a dead letter carries."""
+DEAD_LETTER_KEY: Final = 256
+"""Bytes of the input's key a dead letter keeps; a longer key is replaced by its SHA-256."""
 
 _std_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _orjson_dumps = orjson.dumps
@@ -72,6 +89,9 @@ _LONG_RUN = b"0" * 19
 regex ``[0-9]{19}`` took ~12 us, re-trying at every digit of every shorter run)."""
 _json_str: Any = json.encoder.encode_basestring_ascii
 """``json.dumps`` of a ``str`` (what it calls for one, with the default ``ensure_ascii``)."""
+_BAD_CHARS: Final = re.compile("[\x00\ud800-\udfff]")
+"""NUL and lone surrogates: no id or text of ours holds them, and a lone surrogate cannot
+be encoded as UTF-8 (Kafka's and orjson's strings)."""
 
 
 def dumps(value: Any) -> bytes:
@@ -183,10 +203,16 @@ class ParsedTransaction:
 
 
 def parse_transaction(
-    value: bytes | None, debezium: DebeziumDecoder | None = None
+    value: bytes | None,
+    bounds: InputBounds = DEFAULT_BOUNDS,
+    now: float | None = None,
+    debezium: DebeziumDecoder | None = None,
 ) -> ParsedTransaction:
-    """A CDC envelope ``{"v": 1, "op", "tx", "committed_at", ...}`` or a bare transaction;
-    with ``debezium``, also a Debezium change event, read as the envelope it maps to.
+    """A CDC envelope ``{"v": 1, "op", "tx", "committed_at", ...}`` or a bare transaction,
+    within ``bounds`` (timestamps within their window of ``now``, if given); with
+    ``debezium``, also a Debezium change event, read as the envelope it maps to.
+
+    Raises :class:`BadRecord` and nothing else, whatever the bytes.
 
     >>> p = parse_transaction(b'{"v": 1, "op": "c", "committed_at": 12.5, "tx": {"tx_id": "t",'
     ...     b' "retailer_id": "r", "amount": 1, "customer_id": "c", "payment_instrument": "p",'
@@ -201,12 +227,16 @@ def parse_transaction(
     Traceback (most recent call last):
     ...
     streams.scoring.BadRecord: invalid: payment_instrument: is required
+    >>> parse_transaction(b'{"v": 1, "op": "x", "tx": {}}')
+    Traceback (most recent call last):
+    ...
+    streams.scoring.BadRecord: bad-op: CDC op 'x' is none of c, r, u, d
     """
     if value is None and debezium is not None and debezium.strict:
         return ParsedTransaction(_deleted({}), "d", None)  # Debezium's tombstone after a delete
     if value is None:
         raise BadRecord("empty", "no value (tombstone)")
-    doc = _loads(value)
+    doc = _loads(value, bounds)
     if debezium is not None and debezium.claims(doc):
         doc = _from_debezium(debezium, doc)
     if not isinstance(doc, dict):
@@ -216,41 +246,98 @@ def parse_transaction(
     if "tx" in doc and "tx_id" not in doc:  # a CDC change envelope
         if doc.get("v", 1) != 1:
             raise BadRecord("invalid", f"unsupported envelope version {doc.get('v')!r}")
-        op = str(doc.get("op") or "c")
+        op = doc.get("op") or "c"
+        if type(op) is not str or op not in CDC_OPS:
+            raise BadRecord("bad-op", f"CDC op {op!r} is none of c, r, u, d")
         committed = doc.get("committed_at")
         body = doc["tx"]
         if op == "d":
-            return ParsedTransaction(_deleted(doc), op, _time(committed))
+            return ParsedTransaction(_deleted(doc), op, _time(committed, bounds, now))
     else:
         committed = doc.pop("committed_at", None)
         body = doc
     try:
-        tx = Transaction.from_dict(body)
+        tx = Transaction.from_dict(body, bounds, now)
     except SchemaError as exc:
-        raise BadRecord("invalid", str(exc)) from None
-    return ParsedTransaction(tx, op, _time(committed))
+        raise BadRecord(exc.reason, str(exc)) from None
+    return ParsedTransaction(tx, op, _time(committed, bounds, now))
 
 
-def _loads(value: bytes) -> Any:
-    """``json.loads(value)``, by orjson when it can (~3x faster here).
+def _loads(value: bytes, bounds: InputBounds = DEFAULT_BOUNDS) -> Any:
+    """``json.loads(value)``, by orjson when it can (~3x faster here), within ``bounds``:
+    size, nesting depth, digits of an integer, no NUL or lone surrogate in any string.
 
     orjson gives the same values for JSON both accept, except integers beyond 64 bits (a
     float there), so a record with a run of 19 digits goes to ``json.loads``; so does what
     orjson refuses (NaN/Infinity literals, lone surrogates, a BOM, malformed text). Results
-    and errors are those of the standard library.
+    and errors are those of the standard library, or :class:`BadRecord` for a bound.
 
     >>> _loads(b'{"tx_id": 123456789012345678901234567890, "a": 1.5}')
     {'tx_id': 123456789012345678901234567890, 'a': 1.5}
+    >>> _loads(b"[" * 10_000 + b"]" * 10_000)
+    Traceback (most recent call last):
+    ...
+    streams.scoring.BadRecord: too-deep: JSON nested deeper than 32
     """
+    if len(value) > bounds.max_record_bytes:
+        raise BadRecord("too-large", f"{len(value)} bytes, more than {bounds.max_record_bytes}")
     if _LONG_RUN not in value.translate(_DIGITS_AS_ZERO):
         try:
-            return _orjson_loads(value)
+            doc = _orjson_loads(value)
         except orjson.JSONDecodeError:
-            pass
+            doc = _std_loads(value, bounds)
+    else:
+        doc = _std_loads(value, bounds)
+    # Only a record with more brackets than the depth bound can be that deep, and only one
+    # with a \u escape or the lead byte of a UTF-8 surrogate can hold NUL or a lone
+    # surrogate: ~0.2 us to rule both out for a transaction, no walk.
+    if (value.count(b"{") + value.count(b"[") > bounds.max_depth or b"\\u" in value
+            or b"\xed" in value):
+        _check_tree(doc, bounds.max_depth)
+    return doc
+
+
+def _std_loads(value: bytes, bounds: InputBounds) -> Any:
+    """``json.loads``, its integers at most ``bounds.max_int_digits`` long (Python's own
+    limit, 4,300 digits, raises a plain ValueError) and its recursion caught."""
+    limit = bounds.max_int_digits
+
+    def bounded_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > limit:
+            raise BadRecord("int-too-large", f"an integer of {len(digits)} digits (at most "
+                                             f"{limit})")
+        return int(digits)
+
     try:
-        return json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRecord("not-json", str(exc).split(":")[0]) from None
+        return json.loads(value, parse_int=bounded_int)
+    except RecursionError:
+        raise BadRecord("too-deep", f"JSON nested deeper than {bounds.max_depth}") from None
+    except BadRecord:
+        raise
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError among them
+        raise BadRecord("not-json", str(exc).split(":")[0][:200]) from None
+
+
+def _check_tree(doc: Any, max_depth: int) -> None:
+    """Raise :class:`BadRecord` if ``doc`` nests containers deeper than ``max_depth`` or a
+    string (or key) in it holds NUL or a lone surrogate. Iterative: no recursion to run out."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    search = _BAD_CHARS.search
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > max_depth:
+                raise BadRecord("too-deep", f"JSON nested deeper than {max_depth}")
+            for key, item in node.items():
+                if search(key):
+                    raise BadRecord("bad-string", f"NUL or a lone surrogate in key {key!r}")
+                stack.append((item, depth + 1))
+        elif isinstance(node, list):
+            if depth > max_depth:
+                raise BadRecord("too-deep", f"JSON nested deeper than {max_depth}")
+            stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, str) and search(node):
+            raise BadRecord("bad-string", f"NUL or a lone surrogate in {node[:80]!r}")
 
 
 def _from_debezium(decoder: DebeziumDecoder, doc: Any) -> dict[str, Any]:
@@ -262,48 +349,81 @@ def _from_debezium(decoder: DebeziumDecoder, doc: Any) -> dict[str, Any]:
 
 
 def _deleted(doc: dict[str, Any]) -> Transaction:
-    before = doc.get("before") or {}
-    return Transaction(tx_id=str(before.get("tx_id", "")), retailer_id="", occurred_at=0.0,
-                       amount=0.0, customer_id="", payment_instrument="")
+    before = doc.get("before")
+    tx_id = before.get("tx_id") if isinstance(before, dict) else None
+    return Transaction(tx_id=tx_id if type(tx_id) is str else "", retailer_id="",
+                       occurred_at=0.0, amount=0.0, customer_id="", payment_instrument="")
 
 
-def _time(value: Any) -> float | None:
+def _time(value: Any, bounds: InputBounds, now: float | None) -> float | None:
+    """``committed_at``: None, or finite epoch seconds within ``bounds``' window of ``now``."""
     if value is None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            ts = float(value)
+        except OverflowError:
+            ts = float("inf")
+        if not isfinite(ts):
+            raise BadRecord("invalid", f"committed_at: not finite: {value!r}")
+        try:
+            return check_window(ts, "committed_at", now, bounds)
+        except SchemaError as exc:
+            raise BadRecord(exc.reason, str(exc)) from None
     raise BadRecord("invalid", f"committed_at: expected epoch seconds, got {value!r}")
 
 
 def dead_letter(record: Record, reason: str, error: str, retailer: str) -> OutputRecord:
-    """A DLQ record: the reason, where the input came from, and the input itself.
+    """A DLQ record: the reason, where the input came from, and the input's first
+    :data:`DEAD_LETTER_HEAD` bytes with the SHA-256 and length of all of it.
+
+    The head is in ``value`` if it is UTF-8 text, else base64 in ``value_b64``; whatever
+    the input, the dead letter stays under ~40 KB (the broker refuses records over 1 MB).
 
     >>> rec = InputRecord(b"\\xff", b"k", 2, 40, 1.0, "acme.transactions")
     >>> doc = json.loads(dead_letter(rec, "not-json", "bad bytes", "acme").value)
     >>> doc["reason"], doc["partition"], doc["offset"], doc["value"], doc["value_b64"]
     ('not-json', 2, 40, None, '/w==')
+    >>> doc["value_bytes"], doc["value_truncated"], doc["value_sha256"][:16]
+    (1, False, 'a8100ae6aa1940d0')
+    >>> big = InputRecord(b"x" * 1_000_000, b"k", 0, 1, None, "acme.transactions")
+    >>> len(dead_letter(big, "too-large", "1000000 bytes", "acme").value) < 5000
+    True
     """
     value = record.value
-    text: str | None
-    try:
-        text = value.decode() if value is not None else None
-    except UnicodeDecodeError:
-        text = None
+    text: str | None = None
+    b64: str | None = None
+    if value is not None:
+        head = value[:DEAD_LETTER_HEAD]
+        try:
+            text = head.decode()
+        except UnicodeDecodeError as exc:
+            if len(value) > len(head) and exc.start > len(head) - 4 and exc.reason in (
+                    "unexpected end of data",):  # the cut fell inside a character
+                text = head[:exc.start].decode()
+            else:
+                b64 = base64.b64encode(head).decode()
+    key = record.key
     doc = {
         "v": 1,
         "kind": "dead-letter",
         "retailer_id": retailer,
         "reason": reason,
-        "error": error,
+        "error": error if len(error) <= DEAD_LETTER_ERROR else error[:DEAD_LETTER_ERROR] + "...",
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
-        "key": record.key.decode("utf-8", "replace") if record.key is not None else None,
+        "key": None if key is None else key[:DEAD_LETTER_KEY].decode("utf-8", "replace"),
         "value": text,
-        "value_b64": None if value is None else base64.b64encode(value).decode(),
+        "value_b64": b64,
+        "value_bytes": None if value is None else len(value),
+        "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
+        "value_truncated": value is not None and len(value) > DEAD_LETTER_HEAD,
         "failed_at": time.time(),
     }
-    return OutputRecord(record.key, dumps(doc), None)
+    if key is not None and len(key) > DEAD_LETTER_KEY:
+        key = hashlib.sha256(key).hexdigest().encode()
+    return OutputRecord(key, dumps(doc), None)
 
 
 class TrackedStore:
@@ -635,10 +755,12 @@ class ScoringPipeline:
         features: TrackedStore | None = None,
         scored: ScoredStore | None = None,
         debezium: DebeziumDecoder | None = None,
+        bounds: InputBounds = DEFAULT_BOUNDS,
     ) -> None:
         self.retailer = retailer
         # reads Debezium change events (auto-detected unless strict) among the input
         self.debezium = debezium if debezium is not None else DebeziumDecoder(retailer)
+        self.bounds = bounds
         self.config = config or ConfigDocument.default()
         policy = self.config.policy
         # a restored model stays until a config asks for another kind (apply_config)
@@ -672,12 +794,42 @@ class ScoringPipeline:
     def process_batch(
         self, records: Sequence[Record], now: float | None = None
     ) -> BatchResult:
+        """Decide every transaction in ``records``; bad ones become dead letters
+        (:meth:`_process_batch`). Should the batch fail as a whole all the same (a bug
+        outside any record's own step), each record is processed alone and only one that
+        fails alone is dead-lettered (``internal-error``)."""
+        try:
+            return self._process_batch(records, now)
+        except Exception as exc:
+            log.error("a batch of %d failed (%r): record by record", len(records), exc)
+        out = BatchResult()
+        for rec in records:
+            try:
+                one = self._process_batch([rec], now)
+            except Exception as exc:
+                out.dead_letters.append(self._internal_error(rec, exc))
+                continue
+            out.decisions += one.decisions
+            out.dead_letters += one.dead_letters
+            out.latencies += one.latencies
+            out.duplicates += one.duplicates
+            out.skipped += one.skipped
+            for action, count in one.actions.items():
+                out.actions[action] = out.actions.get(action, 0) + count
+        return out
+
+    def _process_batch(
+        self, records: Sequence[Record], now: float | None = None
+    ) -> BatchResult:
         """Decide every transaction in ``records``; bad ones become dead letters.
 
         Three passes: parse, dedup and extract each record's features in order; score all
         new transactions with one compiled call (:meth:`RiskModel.score_and_explain_many`,
         the same scores as one by one); decide and encode each. Decisions come out in input
-        order.
+        order. Every record ends decided (or skipped: a deleted row) or dead-lettered; an
+        unexpected exception (a bug) dead-letters its record as ``internal-error``, never
+        the batch. Timestamps must be within the bounds' window of the wall clock; ``now``
+        (default: the wall clock) is only the decisions' ``received`` time.
         """
         if self.reindex_pending:
             self.reindex()
@@ -688,11 +840,14 @@ class ScoringPipeline:
         if clock is None:
             clock = float("-inf")
         policy = self.config.policy  # once: a config swap applies between batches
+        bounds = self.bounds
+        max_amount = bounds.max_amount
         extract = self.extractor.extract_values
         features = self.features
         scored = self.scored
         scored_get = scored.get
         retailer = self.retailer
+        debezium = self.debezium
         out = BatchResult()
         decisions = out.decisions
         slots: list[OutputRecord | None] = []  # decisions in input order, new ones filled last
@@ -701,55 +856,69 @@ class ScoringPipeline:
         first_slot: dict[str, int] = {}  # tx_id -> slot of its first delivery in this batch
         repeats: list[tuple[Record, int, int]] = []  # (record, its slot, first slot)
         for rec in records:
-            try:
-                parsed = parse_transaction(rec.value, self.debezium)
+            try:  # free in CPython 3.11 unless it raises
+                parsed = parse_transaction(rec.value, bounds, wall, debezium)
+                tx = parsed.tx
+                if parsed.op not in SCORE_OPS:
+                    out.skipped += 1
+                    continue
+                if tx.retailer_id != retailer:
+                    raise BadRecord("wrong-retailer", f"retailer_id {tx.retailer_id!r} on the "
+                                                      f"topic of {retailer!r}")
+                tx_id = tx.tx_id
+                prior = scored_get(tx_id)
+                if prior is not None:  # redelivered: the same record, no learning, no state
+                    out.duplicates += 1
+                    slots.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
+                    continue
+                if tx_id in first_slot:  # twice in this batch: the first one's record, later
+                    out.duplicates += 1
+                    repeats.append((rec, len(slots), first_slot[tx_id]))
+                    slots.append(None)
+                    continue
+                # The state boundary: whatever path built `tx`, nothing non-finite or out of
+                # range enters the entity windows (sums and squares of amounts live there).
+                occurred = tx.occurred_at
+                if not (0.0 <= tx.amount <= max_amount and isfinite(occurred)
+                        and 0 <= tx.item_count <= bounds.max_item_count):
+                    raise BadRecord("out-of-range", f"amount {tx.amount!r}, occurred_at "
+                                    f"{occurred!r}, item_count {tx.item_count!r}")
+                features.partition = rec.partition
+                features.at(occurred)
+                values = extract(tx, features)
+                if not isfinite(fsum(values)):  # cannot happen with bounded input; guards dumps
+                    raise BadRecord("non-finite-features", f"features {values!r}")
+                if occurred > clock:
+                    clock = occurred if occurred < clock_limit else max(clock, clock_limit)
+                first_slot[tx_id] = len(slots)
+                fresh.append((rec, parsed, len(slots)))
+                vectors.append(values)
+                slots.append(None)
             except BadRecord as exc:
                 out.dead_letters.append(dead_letter(rec, exc.reason, exc.message, retailer))
-                continue
-            tx = parsed.tx
-            if parsed.op not in SCORE_OPS:
-                out.skipped += 1
-                continue
-            if tx.retailer_id != retailer:
-                out.dead_letters.append(dead_letter(
-                    rec, "wrong-retailer", f"retailer_id {tx.retailer_id!r} on the topic of "
-                    f"{retailer!r}", retailer))
-                continue
-            tx_id = tx.tx_id
-            prior = scored_get(tx_id)
-            if prior is not None:  # redelivered: the same record, no learning, no state
-                out.duplicates += 1
-                slots.append(OutputRecord(rec.key, dumps(prior["d"]), rec.partition))
-                continue
-            if tx_id in first_slot:  # twice in this batch: the first one's record, later
-                out.duplicates += 1
-                repeats.append((rec, len(slots), first_slot[tx_id]))
-                slots.append(None)
-                continue
-            features.partition = rec.partition
-            occurred = tx.occurred_at
-            features.at(occurred)
-            if occurred > clock:
-                clock = occurred if occurred < clock_limit else max(clock, clock_limit)
-            values = extract(tx, features)
-            if not isfinite(fsum(values)):  # cannot happen with validated input; guards dumps
-                out.dead_letters.append(dead_letter(
-                    rec, "non-finite-features", f"features {values!r}", retailer))
-                continue
-            first_slot[tx_id] = len(slots)
-            fresh.append((rec, parsed, len(slots)))
-            vectors.append(values)
-            slots.append(None)
+            except Exception as exc:  # a bug: this record is dead-lettered, the batch goes on
+                out.dead_letters.append(self._internal_error(rec, exc))
         if clock != float("-inf"):
             self.clock = clock
         if fresh:
             self._decide_fresh(fresh, vectors, slots, out, received, policy)
         for rec, slot, first in repeats:
             original = slots[first]
-            assert original is not None
+            if original is None:  # its first delivery failed in _decide_fresh
+                out.duplicates -= 1
+                out.dead_letters.append(dead_letter(
+                    rec, "internal-error", "its first delivery in this batch failed",
+                    retailer))
+                continue
             slots[slot] = OutputRecord(rec.key, original.value, rec.partition)
         decisions.extend(r for r in slots if r is not None)
         return out
+
+    def _internal_error(self, rec: Record, exc: BaseException) -> OutputRecord:
+        """The dead letter of a record whose processing raised unexpectedly (logged)."""
+        log.error("internal error on %s[%s]@%s: %r", rec.topic, rec.partition, rec.offset, exc,
+                  exc_info=exc)
+        return dead_letter(rec, "internal-error", f"{type(exc).__name__}: {exc}", self.retailer)
 
     def _decide_fresh(
         self,
@@ -764,12 +933,17 @@ class ScoringPipeline:
         with ``policy`` (the batch's: read once, as the config thread may swap it)."""
         names = self.names
         version = self.model_version
-        # fromiter over the flattened rows: half the time of np.array on a list of lists
-        matrix = np.fromiter(chain.from_iterable(vectors), dtype=np.float64,
-                             count=len(vectors) * len(names)).reshape(len(vectors), len(names))
-        # observe: the anomaly statistics learn every scored event (labelled or not)
-        scores, explained = self.model.score_and_explain_many(names, matrix, policy.top_reasons,
-                                                              observe=True)
+        try:
+            # fromiter over the flattened rows: half the time of np.array on a list of lists
+            matrix = np.fromiter(chain.from_iterable(vectors), dtype=np.float64,
+                                 count=len(vectors) * len(names)).reshape(len(vectors),
+                                                                          len(names))
+            # observe: the anomaly statistics learn every scored event (labelled or not)
+            scores, explained = self.model.score_and_explain_many(
+                names, matrix, policy.top_reasons, observe=True)
+        except Exception as exc:  # a bug: score one by one, so only the culprit fails
+            log.error("scoring a batch of %d failed (%r): one by one", len(vectors), exc)
+            scores, explained = self._score_one_by_one(fresh, vectors, out, policy)
         scored_at = self.scored.at
         set_scored = self.scored.set_encoded
         actions = out.actions
@@ -777,28 +951,60 @@ class ScoringPipeline:
         with_features = bool(policy.rules)  # rules may read features; nothing else does
         for (rec, parsed, slot), values, score, contributions in zip(
                 fresh, vectors, scores, explained, strict=True):
-            tx = parsed.tx
-            partition = rec.partition
-            timings = {"received": received}
-            if parsed.committed_at is not None:
-                timings["committed"] = parsed.committed_at
-            stamp = rec.timestamp
-            if stamp is not None:
-                timings["produced"] = stamp
-            x = dict(zip(names, values, strict=True)) if with_features else None
-            decision = decide(tx, score, policy, contributions, x, version, timings).to_dict()
-            encoded = dumps(decision)
-            # dumps({"o": occurred_at, "d": decision, "x": values, "l": 0, "p": partition}),
-            # reusing the decision's encoding; "o" first: ScoredStore.event_time_of reads it
-            scored_at(tx.occurred_at)
-            set_scored(partition, tx.tx_id, b'{"o":' + dumps(tx.occurred_at) + b',"d":'
-                       + encoded + b',"x":' + dumps(values) + b',"l":0,"p":'
-                       + str(partition).encode() + b"}")
-            slots[slot] = OutputRecord(rec.key, encoded, partition)
-            action = decision["action"]
-            actions[action] = actions.get(action, 0) + 1
-            if stamp is not None:
-                latencies.append(decision["timings"]["decided"] - stamp)
+            if contributions is None:  # its scoring failed: dead-lettered already
+                continue
+            try:  # free in CPython 3.11 unless it raises
+                tx = parsed.tx
+                partition = rec.partition
+                timings = {"received": received}
+                if parsed.committed_at is not None:
+                    timings["committed"] = parsed.committed_at
+                stamp = rec.timestamp
+                if stamp is not None:
+                    timings["produced"] = stamp
+                x = dict(zip(names, values, strict=True)) if with_features else None
+                decision = decide(tx, score, policy, contributions, x, version,
+                                  timings).to_dict()
+                encoded = dumps(decision)
+                # dumps({"o": occurred_at, "d": decision, "x": values, "l": 0,
+                #        "p": partition}), reusing the decision's encoding; "o" first:
+                # ScoredStore.event_time_of reads it
+                scored_at(tx.occurred_at)
+                set_scored(partition, tx.tx_id, b'{"o":' + dumps(tx.occurred_at) + b',"d":'
+                           + encoded + b',"x":' + dumps(values) + b',"l":0,"p":'
+                           + str(partition).encode() + b"}")
+                slots[slot] = OutputRecord(rec.key, encoded, partition)
+                action = decision["action"]
+                actions[action] = actions.get(action, 0) + 1
+                if stamp is not None:
+                    latencies.append(decision["timings"]["decided"] - stamp)
+            except Exception as exc:  # a bug: this record only
+                out.dead_letters.append(self._internal_error(rec, exc))
+
+    def _score_one_by_one(
+        self,
+        fresh: list[tuple[Record, ParsedTransaction, int]],
+        vectors: list[list[float]],
+        out: BatchResult,
+        policy: PolicyConfig,
+    ) -> tuple[list[float], list[Any]]:
+        """Scores and contributions of each vector alone; None contributions for one that
+        raised (it is dead-lettered)."""
+        names = self.names
+        scores: list[float] = []
+        explained: list[Any] = []
+        for (rec, _parsed, _slot), values in zip(fresh, vectors, strict=True):
+            try:
+                one, why = self.model.score_and_explain_many(
+                    names, np.array([values], dtype=np.float64), policy.top_reasons,
+                    observe=True)
+                scores.append(float(one[0]))
+                explained.append(why[0])
+            except Exception as exc:
+                out.dead_letters.append(self._internal_error(rec, exc))
+                scores.append(0.0)
+                explained.append(None)
+        return scores, explained
 
     def reindex(self) -> None:
         """Rebuild both stores' event-time indexes from their values (after a restore),
@@ -834,40 +1040,50 @@ class ScoringPipeline:
                 self.scored.expire(cutoff, clock, max_scored, limit))
 
     def learn_batch(self, records: Iterable[Record]) -> LabelResult:
-        """Learn from each label whose transaction is still in ``scored``, at most once."""
+        """Learn from each label whose transaction is still in ``scored``, at most once.
+
+        Every label ends learned, counted (unknown or expired transaction, repeated label)
+        or dead-lettered with its reason, whatever its bytes; ``labelled_at`` must be within
+        the bounds' window of the wall clock. An unexpected exception dead-letters its
+        record as ``internal-error``, never the batch.
+        """
         if self.reindex_pending:
             self.reindex()
         out = LabelResult()
         scored = self.scored
         model = self.model
         names = self.names
+        bounds = self.bounds
+        clock = time.time()
         for rec in records:
             try:
-                if rec.value is None:
+                value = rec.value
+                if value is None:
                     raise BadRecord("empty", "no value (tombstone)")
                 try:
-                    label = Label.from_json(rec.value)
+                    label = Label.from_dict(_loads(value, bounds), bounds, clock)
                 except SchemaError as exc:
-                    raise BadRecord("invalid", str(exc)) from None
+                    raise BadRecord(exc.reason, str(exc)) from None
+                if label.retailer_id not in (None, self.retailer):
+                    raise BadRecord("wrong-retailer", f"label for retailer {label.retailer_id!r}")
+                entry = scored.get(label.tx_id)
+                if entry is None:
+                    out.unknown += 1
+                    out.unknown_ids.append(label.tx_id)
+                    continue
+                if entry["l"]:
+                    out.duplicate += 1
+                    continue
+                x = entry["x"]
+                if not isfinite(fsum(x)):  # the model state's boundary: never non-finite
+                    raise BadRecord("non-finite-features", f"features {x!r}")
+                model.learn_one(dict(zip(names, x, strict=True)), label.is_fraud)
+                scored.set_on(entry["p"], label.tx_id, {**entry, "l": 1})
+                out.learned += 1
             except BadRecord as exc:
                 out.dead_letters.append(dead_letter(rec, exc.reason, exc.message, self.retailer))
-                continue
-            if label.retailer_id not in (None, self.retailer):
-                out.dead_letters.append(dead_letter(
-                    rec, "wrong-retailer", f"label for retailer {label.retailer_id!r}",
-                    self.retailer))
-                continue
-            entry = scored.get(label.tx_id)
-            if entry is None:
-                out.unknown += 1
-                out.unknown_ids.append(label.tx_id)
-                continue
-            if entry["l"]:
-                out.duplicate += 1
-                continue
-            model.learn_one(dict(zip(names, entry["x"], strict=True)), label.is_fraud)
-            scored.set_on(entry["p"], label.tx_id, {**entry, "l": 1})
-            out.learned += 1
+            except Exception as exc:  # a bug: this record is dead-lettered, the batch goes on
+                out.dead_letters.append(self._internal_error(rec, exc))
         if out.unknown_ids:
             log.info("labels for %d unknown or expired transactions, e.g. %s",
                      out.unknown, out.unknown_ids[:3])

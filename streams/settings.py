@@ -26,6 +26,7 @@ from typing import Final
 
 from fraud import topics
 from fraud.features import WINDOWS
+from fraud.schema import DEFAULT_BOUNDS, InputBounds
 from fraud.topics import DEFAULT_PARTITIONS, RetailerTopics
 
 RETAILER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -70,6 +71,8 @@ class WorkerSettings:
     ``debezium``: Debezium events only (a null value is the tombstone after a delete)."""
     mapping: Path | None = None
     """A file with the ``[mapping]`` table for Debezium rows (None: canonical field names)."""
+    input_bounds: InputBounds = DEFAULT_BOUNDS
+    """What an input record must meet (size, ids, amounts, time window); see InputBounds."""
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):

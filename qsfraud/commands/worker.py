@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from fraud import topics
+from fraud.schema import DEFAULT_BOUNDS, InputBounds
 from fraud.topics import DEFAULT_PARTITIONS
 from qsfraud.cli import CommandError
 from streams.settings import DEFAULT_TRUST_REGISTRY, INPUT_FORMATS, WorkerSettings
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
             input_format=args.input_format,
             mapping=Path(args.mapping) if args.mapping else None,
             state_horizon_s=args.state_horizon,
+            input_bounds=InputBounds(max_record_bytes=args.max_record_bytes,
+                                     max_amount=args.max_amount, max_age_s=args.max_event_age,
+                                     max_future_s=args.max_event_future),
         )
         # a bad mapping file stops the command here, with one line, not in the worker
         DebeziumDecoder.load(settings.retailer, settings.mapping)
@@ -103,5 +107,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="TOML/YAML file whose [mapping] table (as in a qsfraud CDC config) "
                         "maps Debezium rows to transactions (default: rows have canonical "
                         "field names)")
+    b = DEFAULT_BOUNDS
+    p.add_argument("--max-record-bytes", type=int, default=b.max_record_bytes, metavar="BYTES",
+                   help="larger input records are dead-lettered (default %(default)s)")
+    p.add_argument("--max-amount", type=float, default=b.max_amount,
+                   help="larger amounts are dead-lettered (default %(default)g)")
+    p.add_argument("--max-event-age", type=float, default=b.max_age_s, metavar="SECONDS",
+                   help="older timestamps are dead-lettered (default 10 years)")
+    p.add_argument("--max-event-future", type=float, default=b.max_future_s, metavar="SECONDS",
+                   help="timestamps further ahead of now are dead-lettered (default 1 day)")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.set_defaults(func=run)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fraud.features import FeatureExtractor
+from fraud.schema import InputBounds
 from streams import scoring
 from streams.config_stream import ConfigDocument
 from streams.scoring import (
@@ -21,11 +22,13 @@ from streams.scoring import (
     parse_transaction,
 )
 
+T0 = 1_767_225_600.0  # 2026-01-01: within the default window of now (InputBounds)
+
 
 def tx(i: int, customer: str = "c1", **extra: object) -> dict:
     return {"tx_id": f"t{i}", "retailer_id": "acme", "amount": 10.0 + i, "customer_id": customer,
             "payment_instrument": f"p{i % 3}", "device_id": "d1", "ip": "10.1.1.1",
-            "occurred_at": 1_000.0 + 60 * i, **extra}
+            "occurred_at": T0 + 60 * i, **extra}
 
 
 def record(value: dict | bytes, partition: int = 0, offset: int = 0) -> InputRecord:
@@ -37,9 +40,9 @@ def test_envelope_and_bare_transaction_give_the_same_decision():
     bare, envelope = ScoringPipeline("acme"), ScoringPipeline("acme")
     a = bare.process_batch([record(tx(1))], now=5.0).decisions[0]
     b = envelope.process_batch([record({"v": 1, "op": "c", "tx": tx(1), "source": {},
-                                        "committed_at": 4.5})], now=5.0).decisions[0]
+                                        "committed_at": T0 + 60.5})], now=5.0).decisions[0]
     da, db = json.loads(a.value), json.loads(b.value)
-    assert db["timings"]["committed"] == 4.5 and "committed" not in da["timings"]
+    assert db["timings"]["committed"] == T0 + 60.5 and "committed" not in da["timings"]
     assert (da["score"], da["action"], da["reasons"]) == (db["score"], db["action"], db["reasons"])
 
 
@@ -142,7 +145,8 @@ def test_state_changes_are_tracked_per_partition():
 
 
 def label(tx_id: str, fraud: bool = True, **extra: object) -> InputRecord:
-    doc = {"tx_id": tx_id, "is_fraud": fraud, "source": "chargeback", "labelled_at": 9, **extra}
+    doc = {"tx_id": tx_id, "is_fraud": fraud, "source": "chargeback", "labelled_at": T0 + 9,
+           **extra}
     return InputRecord(json.dumps(doc).encode(), b"c1", 0, 0, 9.0, "acme.labels")
 
 
@@ -220,4 +224,25 @@ def test_changelog_records_are_the_json_of_the_stored_values():
 def test_record_parsing_gives_what_the_standard_library_gives(value: Any) -> None:
     # orjson first, json.loads for what orjson reads differently (big integers) or refuses
     data = json.dumps(value).encode()
-    assert repr(scoring._loads(data)) == repr(json.loads(data))
+    try:
+        parsed = scoring._loads(data)
+    except BadRecord as exc:  # only for what the bounds refuse, and then for that
+        assert exc.reason == _refused(json.loads(data), InputBounds()), exc
+    else:
+        assert _refused(parsed, InputBounds()) is None
+        assert repr(parsed) == repr(json.loads(data))
+
+
+def _refused(value: Any, bounds: InputBounds, depth: int = 1) -> str | None:
+    """Why the bounds refuse ``value`` (a reference, recursive), or None."""
+    if isinstance(value, dict | list):
+        if depth > bounds.max_depth:
+            return "too-deep"
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        return next((r for v in items if (r := _refused(v, bounds, depth + 1))), None)
+    if isinstance(value, str) and any(c == "\x00" or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return "bad-string"
+    if (type(value) is int and abs(value) >= 10**19
+            and len(str(abs(value))) > bounds.max_int_digits):
+        return "int-too-large"
+    return None

@@ -40,7 +40,7 @@ def test_every_transaction_gets_exactly_one_decision_and_bad_ones_go_to_the_dlq(
         p.produce(f"{retailer}.transactions", key=b"bad", value=bad)
     # the same transaction again, as a CDC envelope: a redelivery, answered from the dedup table
     p.produce(f"{retailer}.transactions", key=txs[5]["customer_id"], value=json.dumps(
-        {"v": 1, "op": "c", "tx": txs[5], "source": {}, "committed_at": 1.0}).encode())
+        {"v": 1, "op": "c", "tx": txs[5], "source": {}, "committed_at": time.time()}).encode())
     p.flush(30)
 
     wanted = {tx["tx_id"] for tx in txs}
@@ -213,7 +213,8 @@ def test_a_label_changes_the_model_and_state_survives_a_restart(
     assert before["model_version"] == "local+0" and before["config_version"] == 1
     assert "rule:repeat-customer" not in before["reasons"]
 
-    label = {"tx_id": "tx-1", "is_fraud": True, "source": "chargeback", "labelled_at": 5}
+    label = {"tx_id": "tx-1", "is_fraud": True, "source": "chargeback",
+             "labelled_at": time.time()}
     p = kit.producer(kafka_bootstrap)
     p.produce(f"{retailer}.labels", key=b"solo", value=json.dumps(label).encode())
     p.produce(f"{retailer}.labels", key=b"x", value=json.dumps({**label, "tx_id": "nope"}))
