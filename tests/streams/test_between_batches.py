@@ -50,6 +50,7 @@ async def score_while_a_thread_offers_configs(
     try:
         for b in range(40):
             hand.apply_pending()
+            # params: the model's hyper-parameters as a value (a new ModelParams on each read)
             config_before, params_before = pipeline.config, pipeline.model.params
             records = []
             for _ in range(300):
@@ -60,7 +61,7 @@ async def score_while_a_thread_offers_configs(
             result = pipeline.process_batch(records)
             versions = {json.loads(d.value)["config_version"] for d in result.decisions}
             if (versions != {config_before.version} or pipeline.config is not config_before
-                    or pipeline.model.params is not params_before):
+                    or pipeline.model.params != params_before):
                 mixed.append(f"batch {b}: versions {sorted(versions)}")
             await asyncio.sleep(0)  # the loop runs what was handed over, between batches
     finally:
