@@ -1023,7 +1023,7 @@ class ScoringPipeline:
         one call in each store (see :meth:`TrackedStore.expire`). How many of each went.
 
         >>> pipe = ScoringPipeline("acme")
-        >>> for i, at in enumerate((1000.0, 1000.0 + 9 * 86400)):
+        >>> for i, at in enumerate((1.767e9, 1.767e9 + 9 * 86400)):  # 2025-12-29, +9 days
         ...     tx = {"tx_id": f"t{i}", "retailer_id": "acme", "amount": 30,
         ...           "customer_id": f"c{i}", "payment_instrument": "p1", "occurred_at": at}
         ...     _ = pipe.process_batch([InputRecord(json.dumps(tx).encode(), None, 0, i, None)])

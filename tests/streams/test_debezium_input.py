@@ -57,25 +57,25 @@ def test_parse_transaction_reads_debezium_events_only_when_given_a_decoder():
     with pytest.raises(BadRecord):  # without a decoder: not an envelope, not a transaction
         parse_transaction(value)
     auto = DebeziumDecoder.load("acme", EXAMPLES / "debezium/mysql-schemaless.toml")
-    parsed = parse_transaction(value, auto)
+    parsed = parse_transaction(value, debezium=auto)
     assert (parsed.tx.tx_id, parsed.op, parsed.committed_at) == ("1002", "c", 1767258121.0)
     # auto: qsfraud records unchanged, tombstones still dead-lettered
     bare = {"tx_id": "t", "retailer_id": "acme", "amount": 1, "customer_id": "c",
             "payment_instrument": "p", "occurred_at": 3}
-    assert parse_transaction(json.dumps(bare).encode(), auto).tx.tx_id == "t"
+    assert parse_transaction(json.dumps(bare).encode(), debezium=auto).tx.tx_id == "t"
     envelope = {"v": 1, "op": "d", "tx": None, "before": {"tx_id": "t"}, "source": {},
                 "committed_at": 2.0}
-    assert parse_transaction(json.dumps(envelope).encode(), auto).tx.tx_id == "t"
+    assert parse_transaction(json.dumps(envelope).encode(), debezium=auto).tx.tx_id == "t"
     with pytest.raises(BadRecord, match="empty"):
-        parse_transaction(None, auto)
+        parse_transaction(None, debezium=auto)
     # strict: a tombstone is a delete, anything but Debezium's shape a dead letter
     strict = DebeziumDecoder("acme", strict=True)
-    assert parse_transaction(None, strict).op == "d"
+    assert parse_transaction(None, debezium=strict).op == "d"
     with pytest.raises(BadRecord) as err:
-        parse_transaction(json.dumps(bare).encode(), strict)
+        parse_transaction(json.dumps(bare).encode(), debezium=strict)
     assert err.value.reason == "not-debezium"
     with pytest.raises(BadRecord) as err:  # canonical names, but no payment instrument
-        parse_transaction(b'{"op": "c", "after": {"tx_id": "t"}, "source": {}}', strict)
+        parse_transaction(b'{"op": "c", "after": {"tx_id": "t"}, "source": {}}', debezium=strict)
     assert err.value.reason == "invalid" and "payment_instrument" in err.value.message
 
 
@@ -106,7 +106,7 @@ def test_the_pipeline_decides_recorded_events(case: str):
 def test_parse_transaction_with_a_decoder_raises_only_bad_record(value: bytes | None):
     decoder = DebeziumDecoder.load("acme", EXAMPLES / "debezium/mysql.toml", strict=True)
     try:
-        parse_transaction(value, decoder)
+        parse_transaction(value, debezium=decoder)
     except BadRecord as exc:
         assert exc.reason and exc.message
 

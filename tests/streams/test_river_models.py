@@ -19,12 +19,13 @@ LINEAR = [{"class": "preprocessing.StandardScaler"},
           {"class": "linear_model.LogisticRegression",
            "params": {"optimizer": {"class": "optim.SGD", "params": {"lr": 0.05}}}}]
 FOREST = [{"class": "forest.ARFClassifier", "params": {"n_models": 3, "seed": 2}}]
+T0 = 1_767_225_600.0  # 2026-01-01: timestamps must be within the input bounds' window of now
 
 
 def tx(i: int) -> dict:
     return {"tx_id": f"t{i}", "retailer_id": "acme", "amount": 10.0 + (900.0 if i % 5 == 0 else i),
             "customer_id": f"c{i % 7}", "payment_instrument": f"p{i % 3}", "device_id": "d1",
-            "ip": "10.1.1.1", "occurred_at": 1_000.0 + 60 * i}
+            "ip": "10.1.1.1", "occurred_at": T0 + 60 * i}
 
 
 def record(i: int) -> InputRecord:
@@ -32,7 +33,8 @@ def record(i: int) -> InputRecord:
 
 
 def label(i: int) -> InputRecord:
-    doc = {"tx_id": f"t{i}", "is_fraud": i % 5 == 0, "source": "chargeback", "labelled_at": 9}
+    doc = {"tx_id": f"t{i}", "is_fraud": i % 5 == 0, "source": "chargeback",
+           "labelled_at": T0 + 86400}
     return InputRecord(json.dumps(doc).encode(), b"c1", 0, i, 9.0, "acme.labels")
 
 

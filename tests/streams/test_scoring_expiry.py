@@ -4,6 +4,7 @@ also after a restore from the changelogs (whose order is not the order of event 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fraud.schema import InputBounds
 from streams.scoring import (
     CLOCK_MAX_AHEAD_S,
     EncodedStore,
@@ -159,7 +161,8 @@ def test_labels_learn_from_entries_within_the_horizon_and_a_learned_entry_keeps_
     pipe = pipeline()
     pipe.process_batch([record(tx(1, T0)), record(tx(2, T0 + 2 * DAY))])
     label = InputRecord(b'{"tx_id": "t1", "is_fraud": true, "source": "chargeback", '
-                        b'"labelled_at": 5}', None, 0, 0, None, "acme.labels")
+                        b'"labelled_at": ' + str(T0 + 3 * DAY).encode() + b'}', None, 0, 0, None,
+                        "acme.labels")
     assert pipe.learn_batch([label]).learned == 1
     pipe.process_batch([record(tx(3, T0 + 9 * DAY))])
     pipe.expire(HORIZON)
@@ -170,8 +173,13 @@ def test_labels_learn_from_entries_within_the_horizon_and_a_learned_entry_keeps_
 
 def test_one_transaction_dated_far_ahead_does_not_expire_everything():
     pipe = pipeline()
+    far = record(tx(2, 4e9))  # the year 2096
+    assert [json.loads(d.value)["reason"] for d in pipe.process_batch([far]).dead_letters] == [
+        "out-of-range"]  # the input bounds refuse it first; below, bounds that let it in
+    pipe = pipeline()
+    pipe.bounds = InputBounds(max_future_s=math.inf)
     pipe.process_batch([record(tx(1, T0))])
-    pipe.process_batch([record(tx(2, 4e9))])  # the year 2096
+    pipe.process_batch([far])
     assert pipe.clock is not None and pipe.clock <= time.time() + CLOCK_MAX_AHEAD_S
     now_ish = time.time()
     pipe.expire(HORIZON)

@@ -36,7 +36,8 @@ def test_a_river_pipeline_from_signed_config_learns_and_survives_a_restart(
     before = decision_of("tx-1")
     assert before["model_version"] == "local+0" and before["config_version"] == 1
 
-    label = {"tx_id": "tx-1", "is_fraud": True, "source": "chargeback", "labelled_at": 5}
+    label = {"tx_id": "tx-1", "is_fraud": True, "source": "chargeback",
+             "labelled_at": time.time()}
     p = kit.producer(kafka_bootstrap)
     p.produce(f"{retailer}.labels", key=b"solo", value=json.dumps(label).encode())
     p.flush(30)
