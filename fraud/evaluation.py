@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import pandas as pd
 
 from fraud.features import FeatureExtractor
 from fraud.metrics import report
@@ -128,36 +129,6 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
     return [dict(row) for row in iter_table(path)]
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip() in MISSING)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float):
-        f = float(value)
-    else:
-        try:
-            f = float(str(value).strip())
-        except ValueError:
-            return None
-    return f if math.isfinite(f) else None
-
-
-def _label_value(value: Any) -> bool | None:
-    if _missing(value):
-        return None
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in TRUE:
-        return True
-    if text in FALSE:
-        return False
-    raise ValueError(text)
-
-
 @dataclass(slots=True)
 class ColumnPlan:
     """How each column is used; decided once from the whole table (types only, never labels)."""
@@ -182,45 +153,117 @@ class _Column:
 
     __slots__ = ("codes", "floats", "keep_codes", "levels", "numbers", "present")
 
-    def __init__(self, rows_before: int, keep_codes: bool) -> None:
-        self.floats = array("d", [_NAN]) * rows_before
-        self.codes: array[int] | None = array("i", [-1]) * rows_before
+    def __init__(self, keep_codes: bool) -> None:
+        self.floats = array("d")
+        self.codes: array[int] | None = array("i")
         self.levels: dict[str, int] | None = {}
         self.present = 0
         self.numbers = 0
         self.keep_codes = keep_codes
 
-    def add(self, value: Any) -> None:
-        if value is None or (isinstance(value, str) and value.strip() in MISSING):
-            self.floats.append(_NAN)
-            if self.codes is not None:
-                self.codes.append(-1)
-            return
-        self.present += 1
-        f = _number(value)
-        if f is not None:
-            self.numbers += 1
-            self.floats.append(f)
+    def add(self, column: pd.Series) -> None:
+        """Append a chunk of values (numbers as pandas parsed them, or texts)."""
+        if column.dtype.kind in "iuf":
+            values = column.to_numpy(np.float64, copy=True, na_value=_NAN)
+            present = ~np.isnan(values)
+            codes, uniques = pd.factorize(values)
+            names = [_number_text(u) for u in uniques.tolist()] if self.levels is not None \
+                and self._room(len(uniques), True) else None
         else:
-            self.floats.append(_NAN)
+            text = column.astype(object).where(column.notna(), "")
+            text = text.where(~text.isin(_MISSING_LIST), None)
+            codes, uniques = pd.factorize(text)
+            present = codes >= 0
+            numbers = pd.to_numeric(pd.Series(uniques, dtype=object).str.strip(),
+                                    errors="coerce").to_numpy(np.float64, copy=True)
+            values = np.where(present, numbers[np.maximum(codes, 0)] if numbers.size else 0.0,
+                              _NAN)
+            names = [str(u) for u in uniques.tolist()] if self.levels is not None \
+                and self._room(len(uniques), False) else None
+        values[~np.isfinite(values)] = _NAN
+        self.present += int(present.sum())
+        self.numbers += int((~np.isnan(values)).sum())
+        self.floats.frombytes(values.tobytes())
+        if names is None:
+            self.levels = self.codes = None
+            return
         levels = self.levels
-        if levels is not None:
-            text = str(value)
-            code = levels.get(text)
-            if code is None:
-                code = levels[text] = len(levels)
-                mostly_numbers = self.numbers * 20 >= self.present * 19
-                if not self.keep_codes and (len(levels) > MAX_TEXT_CODES or (
-                        len(levels) > MAX_TEXT_CODES_NUMERIC and mostly_numbers)):
-                    self.levels = self.codes = None
-                    return
-            assert self.codes is not None
-            self.codes.append(code)
+        assert levels is not None and self.codes is not None
+        known = np.array([levels.setdefault(u, len(levels)) for u in names], dtype=np.int32)
+        out = np.where(codes >= 0, known[np.maximum(codes, 0)] if known.size else -1, -1)
+        self.codes.frombytes(out.astype(np.int32).tobytes())
+
+    def _room(self, more: int, numeric_chunk: bool) -> bool:
+        """Whether to keep recording distinct texts after ``more`` new ones (at most)."""
+        if self.keep_codes or self.levels is None:
+            return self.levels is not None
+        total = len(self.levels) + more
+        if total > MAX_TEXT_CODES:
+            return False
+        mostly_numbers = numeric_chunk and self.numbers * 20 >= self.present * 19
+        return not (mostly_numbers and total > MAX_TEXT_CODES_NUMERIC)
 
     def texts(self) -> list[str]:
         """Distinct texts in code order."""
         assert self.levels is not None
         return list(self.levels)
+
+
+_MISSING_LIST: Final = sorted(MISSING)
+
+
+def _number_text(value: float) -> str:
+    """The text of a parsed number, as it was most likely written (``3`` for 3.0)."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return value if isinstance(value, str) else str(value)
+
+
+def _record_chunks(rows: Iterator[Mapping[str, Any]], columns: list[str]
+                   ) -> Iterator[pd.DataFrame]:
+    """Rows of mappings as DataFrames of texts, :data:`CHUNK` rows at a time."""
+    while True:
+        chunk = [row for _, row in zip(range(CHUNK), rows, strict=False)]
+        if not chunk:
+            return
+        yield pd.DataFrame({c: [_as_text(r.get(c)) for r in chunk] for c in columns},
+                           dtype=object)
+
+
+def _csv_chunks(path: Path) -> tuple[list[str], Iterator[pd.DataFrame]]:
+    """The header and the rows of a CSV/TSV as DataFrames of texts, streamed."""
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        reader = pd.read_csv(path, sep=sep, keep_default_na=False, na_values=_MISSING_LIST,
+                             encoding="utf-8-sig", chunksize=65536, engine="c",
+                             low_memory=False)
+        first = next(iter(reader), None)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path.name}: empty file (no header row)") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DataError(f"{path.name}: malformed CSV ({exc})") from None
+    if first is None:
+        raise DataError("the table has no rows")
+    columns = [str(c) for c in first.columns]
+
+    def chunks() -> Iterator[pd.DataFrame]:
+        yield first
+        try:
+            yield from reader
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
+        except (pd.errors.ParserError, ValueError) as exc:
+            raise DataError(f"{path.name}: malformed CSV ({exc})") from None
+
+    return columns, chunks()
 
 
 @dataclass(slots=True)
@@ -259,16 +302,27 @@ def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequenc
     return None
 
 
-def _parse_time(value: Any) -> float | None:
-    if _missing(value):
-        return None
-    number = _number(value)
-    if number is not None:
-        return number
+def _times(text: pd.Series) -> np.ndarray:
+    """Seconds since the epoch of numbers or ISO 8601 texts (naive ones are UTC); NaN else."""
+    t = pd.to_numeric(text, errors="coerce").to_numpy(np.float64, copy=True)
+    rest = np.isnan(t) & (text != "").to_numpy()
+    if rest.any():
+        stamps = pd.to_datetime(text[rest], errors="coerce", utc=True, format="ISO8601")
+        parsed = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(
+            np.float64, copy=True)
+        still = np.isnan(parsed)
+        if still.any():  # what pandas does not read, the schema's own parser may
+            values = text[rest].to_numpy()
+            parsed[still] = [_parse_time(v) for v in values[still]]
+        t[rest] = parsed
+    return t
+
+
+def _parse_time(value: str) -> float:
     try:
-        return parse_timestamp(str(value), "time")
+        return parse_timestamp(value, "time")
     except SchemaError:
-        return None
+        return _NAN
 
 
 _MODULO = re.compile(r"^(?P<col>.+)%(?P<k>[0-9]+)$")
@@ -285,16 +339,12 @@ def prepare(
 ) -> Prepared:
     """Profile columns, parse values, drop unlabelled rows and sort by time (stable).
 
-    ``rows`` is consumed once (a generator from :func:`iter_table` streams a file); the
-    header comes from the first 1000 rows. ``retailer`` may be ``COLUMN%K`` (the column's
-    integer value modulo K). ``mapping`` maps canonical names to columns of the table.
+    ``rows`` is consumed once, in chunks; the columns are those of the first 1000 rows.
+    ``retailer`` may be ``COLUMN%K`` (the column's integer value modulo K). ``mapping`` maps
+    canonical names to columns of the table. :func:`load` does the same from a file.
     """
     it = iter(rows)
-    head: list[Mapping[str, Any]] = []
-    for row in it:
-        head.append(row)
-        if len(head) >= 1000:
-            break
+    head = [row for _, row in zip(range(1000), it, strict=False)]
     if not head:
         raise DataError("the table has no rows")
     columns: list[str] = []
@@ -304,6 +354,39 @@ def prepare(
             if c not in seen:
                 seen.add(c)
                 columns.append(c)
+    return _ingest(columns, _record_chunks(_chain(head, it), columns), label, time, retailer,
+                   id, ignore, mapping)
+
+
+def load(
+    path: str | Path,
+    label: str | None = None,
+    time: str | None = None,
+    retailer: str | None = None,
+    id: str | None = None,
+    ignore: Iterable[str] = (),
+    mapping: Mapping[str, str] | None = None,
+) -> Prepared:
+    """:func:`prepare` of a ``.csv``/``.tsv`` (streamed through pandas' C parser, in chunks)
+    or ``.jsonl`` file; never the whole table as Python objects."""
+    path = Path(path)
+    _open_checked(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return prepare(iter_table(path), label, time, retailer, id, ignore, mapping)
+    columns, chunks = _csv_chunks(path)
+    return _ingest(columns, chunks, label, time, retailer, id, ignore, mapping)
+
+
+def _ingest(
+    columns: list[str],
+    chunks: Iterator[pd.DataFrame],
+    label: str | None,
+    time: str | None,
+    retailer: str | None,
+    id: str | None,
+    ignore: Iterable[str],
+    mapping: Mapping[str, str] | None,
+) -> Prepared:
     mapping = dict(mapping or {})
     for canon, source in mapping.items():
         if canon not in CANONICAL:
@@ -346,35 +429,36 @@ def prepare(
 
     labels = array("b")
     times = array("d")
-    cols = {c: _Column(0, keep_codes=c in text_sources or c == retailer_col) for c in stored}
-    adds = [(c, col.add) for c, col in cols.items()]
-    bad: dict[str, None] = {}
-    unparsed = 0
+    cols = {c: _Column(keep_codes=c in text_sources or c == retailer_col) for c in stored}
     n = 0
-    for row in _chain(head, it):
-        get = row.get
-        try:
-            y = _label_value(get(label_col))
-        except ValueError as exc:
-            bad[str(exc)] = None
-            if len(bad) > 5:
-                break
-            continue
-        labels.append(-1 if y is None else int(y))
+    unparsed = 0
+    for frame in chunks:
+        k = len(frame)
+        y_col = frame[label_col]
+        y_text = y_col.astype(object).where(y_col.notna(), "").astype(str).str.strip()
+        y_missing = y_text.isin(_MISSING_LIST).to_numpy()
+        lower = y_text.str.lower()
+        is_true = lower.isin(list(TRUE)).to_numpy()
+        is_false = lower.isin(list(FALSE)).to_numpy()
+        wrong = ~(y_missing | is_true | is_false)
+        if wrong.any():
+            found = list(dict.fromkeys(lower[wrong].tolist()))[:5]
+            raise DataError(
+                f"label column {label_col!r} is not binary: found {', '.join(map(repr, found))}"
+                " (expected 0/1, true/false or yes/no)"
+            )
+        labels.frombytes(np.where(y_missing, -1, is_true).astype(np.int8).tobytes())
         if time_col is not None:
-            t = _parse_time(get(time_col))
-            if t is None:
-                unparsed += 1
-                t = _NAN
-            times.append(t)
-        for c, add in adds:
-            add(get(c))
-        n += 1
-    if bad:
-        raise DataError(
-            f"label column {label_col!r} is not binary: found {', '.join(map(repr, list(bad)[:5]))}"
-            " (expected 0/1, true/false or yes/no)"
-        )
+            tc = frame[time_col]
+            if tc.dtype.kind in "iuf":
+                t = tc.to_numpy(np.float64, copy=True, na_value=_NAN)
+            else:
+                t = _times(tc.astype(object).where(tc.notna(), "").astype(str).str.strip())
+            unparsed += int(np.isnan(t).sum())
+            times.frombytes(t.tobytes())
+        for c in stored:
+            cols[c].add(frame[c] if c in frame else pd.Series([None] * k, dtype=object))
+        n += k
     y_all = np.frombuffer(labels, dtype=np.int8) if n else np.zeros(0, np.int8)
     keep = np.flatnonzero(y_all >= 0)
     skipped = n - keep.size
@@ -487,6 +571,8 @@ class Options:
     streaming: bool = True
     """The streaming entity features (windows, novelty); off: only the profiled columns."""
     label_history: bool = True
+    river_vectors: bool = False
+    """Build River's vectors even without the baseline (for :func:`vectors`)."""
 
 
 @dataclass(slots=True)
@@ -621,8 +707,9 @@ class _Stream:
         self.level_index = [{v: n for n, v in enumerate(levels)} for _, levels in self.one_hot]
         self.cat_names = [*plan.one_hot, *plan.frequency]
 
-    def step(self, row: _Row) -> tuple[float, float | None]:
-        """Score ``row`` with each model, then learn it (and queue its label)."""
+    def encode(self, row: _Row) -> tuple[dict[str, float], dict[str, float] | None]:
+        """The default model's vector of ``row`` and, with a baseline, River's; this folds
+        ``row`` into the feature state and queues its label for the label history."""
         x: dict[str, float] = {}
         options = self.options
         ext = self.extractor
@@ -649,7 +736,7 @@ class _Stream:
             v = numeric[i]
             x[names[i]] = v if v == v else 0.0
         for i, flag in self.missing_names.items():
-            x[flag] = 1.0 if numeric[i] != numeric[i] else 0.0
+            x[flag] = 1.0 if numeric[i] != numeric[i] else 0.0  # NaN: absent, never 0.0
         codes = row.codes
         for n in dec.ours_one_hot:
             levels = self.level_names[n]
@@ -664,20 +751,42 @@ class _Stream:
             seen = counts.get(key, 0)
             x[self.cat_names[n] + "__freq"] = math.log1p(seen)
             counts[key] = seen + 1
-        model = self.model
-        ours = model.score_one(x)
-        model.learn_one(x, row.y)
-        river = self.river
-        if river is None:
-            return ours, None
+        if self.river is None and not options.river_vectors:
+            return x, None
         xr = {names[i]: v for i, v in enumerate(numeric) if v == v}
         for n, (c, _) in enumerate(self.one_hot):
             code = codes[n]
             if code >= 0:
                 xr[f"{c}={dec.texts[n][code]}"] = 1.0
+        return x, xr
+
+    def step(self, row: _Row) -> tuple[float, float | None]:
+        """Score ``row`` with each model, then learn it."""
+        x, xr = self.encode(row)
+        model = self.model
+        ours = model.score_one(x)
+        model.learn_one(x, row.y)
+        river = self.river
+        if river is None or xr is None:
+            return ours, None
         p = river.predict_proba_one(xr).get(True, 0.0)
         river.learn_one(xr, row.y)
         return ours, p
+
+
+def vectors(data: Prepared, options: Options | None = None
+            ) -> Iterator[tuple[dict[str, float], dict[str, float]]]:
+    """``(default model's vector, River baseline's vector)`` of each row in time order, as
+    the ``central`` mode computes them (no model runs)."""
+    options = options or Options()
+    options = Options(**{**{f: getattr(options, f) for f in options.__slots__},
+                         "baseline": None, "river_vectors": True})
+    dec = _Decoder(data, options.raw_columns)
+    stream = _Stream(dec, ModelParams(), options)
+    for row in dec.rows():
+        x, xr = stream.encode(row)
+        assert xr is not None
+        yield x, xr
 
 
 _LABEL_NAMES: Final = tuple(n for n in FeatureExtractor.names if "_fraud" in n)
@@ -764,6 +873,3 @@ def evaluate(
     return out
 
 
-def load(path: str | Path, **kwargs: Any) -> Prepared:
-    """:func:`prepare` of a file, streamed (never the whole table as Python objects)."""
-    return prepare(iter_table(path), **kwargs)

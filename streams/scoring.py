@@ -571,9 +571,13 @@ class ScoringPipeline:
             x = dict(zip(names, values, strict=True)) if with_features else None
             decision = decide(tx, score, policy, contributions, x, version, timings).to_dict()
             encoded = dumps(decision)
-            # dumps({"d": decision, "x": values, "at": received, "l": 0, "p": partition}),
+            # dumps({"d": decision, "x": values, "e": entities, "at": received, "l": 0,
+            #        "p": partition}),
             # reusing the decision's encoding
+            # "e": what learn_batch needs to fold the label into the entities' label history
             set_scored(partition, tx.tx_id, b'{"d":' + encoded + b',"x":' + dumps(values)
+                       + b',"e":' + dumps([tx.occurred_at, tx.customer_id,
+                                           tx.payment_instrument, tx.device_id])
                        + at_tail + str(partition).encode() + b"}")
             slots[slot] = OutputRecord(rec.key, encoded, partition)
             action = decision["action"]
@@ -612,6 +616,11 @@ class ScoringPipeline:
                 out.duplicate += 1
                 continue
             model.learn_one(dict(zip(names, entry["x"], strict=True)), label.is_fraud)
+            if entry.get("e"):
+                self.features.partition = entry["p"]
+                ts, customer, instrument, device = entry["e"]
+                self.extractor.learn_label(self.features, ts, customer, instrument, device,
+                                           label.is_fraud)
             scored.set_on(entry["p"], label.tx_id, {**entry, "l": 1})
             out.learned += 1
         if out.unknown_ids:

@@ -1,7 +1,8 @@
 """The fast paths give bit-identical results to the reference implementation (commit 6f653c3).
 
 ``tests/fraud/reference/*_v1.py`` are frozen copies of the feature extractor and the risk model
-before the fast paths were added; every output and every exported state must be equal, not
+before the fast paths were added (``features_v2.py``: the same, plus the label history written
+plainly); every output and every exported state must be equal, not
 merely close.
 """
 
@@ -35,7 +36,7 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-ref_features = _load("features_v1")
+ref_features = _load("features_v2")
 ref_risk = _load("risk_v1")
 
 gaps = st.sampled_from((0.0, 1.0, 30.0, 299.0, 599.9, 600.0, 601.0, 3599.0, 3600.0, 5000.0,
@@ -93,7 +94,12 @@ def test_features_equal_the_reference_on_generated_traffic() -> None:
         assert new.extract(tx, s_new) == ref.extract(tx, s_ref)
         assert new.extract_fields(s_new, tx.occurred_at + 1.0, 3.0, "c", None) == \
             ref.extract_fields(s_ref, tx.occurred_at + 1.0, 3.0, "c", None)
+        if len(s_new) % 3 == 0:  # labels known for some transactions (deterministically)
+            for fx, state in ((new, s_new), (ref, s_ref)):
+                fx.learn_label(state, tx.occurred_at, tx.customer_id, tx.payment_instrument,
+                               tx.device_id, row["is_fraud"])
     assert s_new == s_ref
+    assert any(v.get("lf") for v in s_new.values())
 
 
 KEYS = ("a", "b", "c", "d", "e")
