@@ -697,7 +697,7 @@ class _Stream:
         self.pending: deque[tuple[float, float, str | None, str | None, str | None, bool]] = \
             deque()
         self.counts: dict[tuple[int, int], int] = {}
-        self.model = RiskModel(params)
+        self.model = RiskModel.from_params(params)
         self.river = _river_model() if options.baseline == "river" else None
         plan = dec.data.plan
         self.numeric_names = plan.numeric
@@ -764,7 +764,7 @@ class _Stream:
         """Score ``row`` with each model, then learn it."""
         x, xr = self.encode(row)
         model = self.model
-        ours = model.score_one(x)
+        ours = model.score_one(x, observe=True)
         model.learn_one(x, row.y)
         river = self.river
         if river is None or xr is None:

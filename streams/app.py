@@ -37,7 +37,7 @@ from faust.types import TP
 from mode import Service
 from mode.utils.futures import maybe_async
 
-from fraud.models import RiskModel
+from fraud.models import RiskModel, RiverModel
 from pqc.freshness import TimeWindow
 from pqc.keys import load_registry
 from streams.checkpoints import checkpoint_value, model_from_checkpoints
@@ -827,7 +827,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     return app
 
 
-def restore_model(settings: WorkerSettings) -> RiskModel | None:
+def restore_model(settings: WorkerSettings) -> RiskModel | RiverModel | None:
     """The newest valid model checkpoint of the retailer, or None."""
     return model_from_checkpoints(
         read_topic(settings.bootstrap, settings.checkpoints_topic), settings.retailer
