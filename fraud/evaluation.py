@@ -497,8 +497,8 @@ def _ingest(
             f = np.frombuffer(rc.floats, dtype=np.float64)[order]
             ok = ~np.isnan(f)
             names = np.where(ok, np.mod(np.nan_to_num(f), modulo), -1).astype(np.int64)
-            retailers = [f"{retailer_col}%{modulo}={k}" if k >= 0 else "?"
-                         for k in names.tolist()]
+            label_of = {k: f"{retailer_col}%{modulo}={k}" for k in range(modulo)}
+            retailers = [label_of.get(k, "?") for k in names.tolist()]  # one str per retailer
             plan.notes.append(f"retailer = {retailer_col} % {modulo}")
         else:
             texts = rc.texts()
@@ -598,9 +598,6 @@ class _Decoder:
         self.data = data
         sources = set(plan.mapping.values())
         cols = data.columns
-        self.river_numeric = plan.numeric
-        self.river_one_hot = list(plan.one_hot)
-        self.frequency = plan.frequency
         self.floats = [np.frombuffer(cols[c].floats, dtype=np.float64) for c in plan.numeric]
         cat_cols = [*plan.one_hot, *plan.frequency]
         self.code_arrays = [np.frombuffer(cols[c].codes or array("i"), dtype=np.int32)
