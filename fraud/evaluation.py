@@ -170,7 +170,8 @@ class _Column:
             names = [_number_text(u) for u in uniques.tolist()] if self.levels is not None \
                 and self._room(len(uniques), True) else None
         else:
-            text = column.astype(object).where(column.notna(), "")
+            # texts, also of what pandas parsed as booleans ("True"/"False", as written)
+            text = column.astype(object).where(column.notna(), "").astype(str)
             text = text.where(~text.isin(_MISSING_LIST), None)
             codes, uniques = pd.factorize(text)
             present = codes >= 0
@@ -220,8 +221,6 @@ def _number_text(value: float) -> str:
 def _as_text(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
     return value if isinstance(value, str) else str(value)
 
 

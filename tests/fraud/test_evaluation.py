@@ -104,7 +104,8 @@ def test_handbook_like_table_through_the_cli(tmp_path: Path, capsys) -> None:
     assert "no column 'NOPE'" in err and "cannot map 'colour'" in err and "cannot ignore" in err
 
 
-cells = st.one_of(st.sampled_from(["", "NA", "0", "0.0", "1.5", "-3", "red", "blue", " 7 "]),
+cells = st.one_of(st.sampled_from(["", "NA", "0", "0.0", "1.5", "-3", "red", "blue", " 7 ",
+                                   "True", "False"]),
                   st.integers(-5, 5).map(str))
 
 
@@ -119,6 +120,14 @@ def test_a_streamed_csv_reads_like_its_rows(tmp_path_factory, table) -> None:
     assert streamed.labels.tolist() == direct.labels.tolist()
     assert streamed.times.tolist() == direct.times.tolist()
     assert [(x, xr) for x, xr in vectors(streamed)] == [(x, xr) for x, xr in vectors(direct)]
+
+
+def test_a_boolean_column_is_one_hot_from_a_file_and_from_rows(tmp_path: Path) -> None:
+    rows = [{"present": ["True", "False"][i % 2], "is_fraud": ["True", "False"][i % 3 == 0]}
+            for i in range(30)]
+    for data in (load(write_csv(tmp_path / "b.csv", rows)), prepare(rows)):
+        assert data.plan.one_hot == {"present": ["False", "True"]}
+        assert int(data.labels.sum()) == 20
 
 
 def test_metrics_are_scikit_learns_to_the_reported_six_digits() -> None:
