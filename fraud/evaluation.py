@@ -20,8 +20,9 @@ Columns: the canonical transaction columns (``amount``, ``customer_id``,
 ``amount`` and an entity column are present; every other column is profiled from the whole
 table: numeric columns are used as they are (a missing value is 0 plus a ``<col>__missing``
 flag of 1), low-cardinality categorical columns are one-hot encoded, higher-cardinality ones get
-an online frequency encoding, and constant or ID-like columns are ignored. Columns that would
-leak the label (``scenario``, ``label_source``, ``labelled_at``) and ``ignore`` are left out.
+an online frequency encoding (the log share of the rows so far with that value), and constant
+or ID-like columns are ignored. Columns that would leak the label (``scenario``,
+``label_source``, ``labelled_at``) and ``ignore`` are left out.
 
 The table is read once, streaming, into one compact array per column (floats, or codes of the
 distinct texts), so memory grows with rows x columns x 8 bytes, not with Python objects.
@@ -570,6 +571,8 @@ class Options:
     streaming: bool = True
     """The streaming entity features (windows, novelty); off: only the profiled columns."""
     label_history: bool = True
+    frequency: bool = True
+    """The frequency encoding of the higher-cardinality categorical columns."""
     river_vectors: bool = False
     """Build River's vectors even without the baseline (for :func:`vectors`)."""
 
@@ -693,6 +696,7 @@ class _Stream:
         self.pending: deque[tuple[float, float, str | None, str | None, str | None, bool]] = \
             deque()
         self.counts: dict[tuple[int, int], int] = {}
+        self.seen_rows = 0
         self.model = RiskModel.from_params(params)
         self.river = _river_model() if options.baseline == "river" else None
         plan = dec.data.plan
@@ -742,10 +746,14 @@ class _Stream:
             for m, name in enumerate(levels):
                 x[name] = 1.0 if m == hit else 0.0
         counts = self.counts
-        for n in dec.ours_frequency:
+        seen_rows = self.seen_rows
+        self.seen_rows = seen_rows + 1
+        for n in (dec.ours_frequency if options.frequency else ()):
             key = (n, codes[n])
             seen = counts.get(key, 0)
-            x[self.cat_names[n] + "__freq"] = math.log1p(seen)
+            # the value's share of the rows so far (log): a count alone grows without end,
+            # a drifting input that SGD keeps chasing
+            x[self.cat_names[n] + "__freq"] = math.log((seen + 1.0) / (seen_rows + 1.0))
             counts[key] = seen + 1
         if self.river is None and not options.river_vectors:
             return x, None
