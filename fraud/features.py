@@ -12,6 +12,12 @@ the state holds the timestamps and amounts of its last 24 h of events, capped at
 amount sums are exact sliding windows. Timestamps that go backwards are treated as the entity's
 last timestamp, so results depend only on the order of events: same order, same features.
 
+Label history (what fraud systems lean on most): :meth:`FeatureExtractor.learn_label` folds a
+label into the customer, instrument and device state when the label becomes *known* (a delayed
+chargeback arrives weeks later), and each transaction then gets, per entity, the count and the
+smoothed rate of frauds among the labelled events of the last 14 and 60 days: only labels known
+before the transaction count.
+
 >>> fx = FeatureExtractor()
 >>> state: dict = {}
 >>> tx = {"occurred_at": 1000.0, "amount": 20.0, "customer_id": "c1",
@@ -30,20 +36,21 @@ from __future__ import annotations
 
 import math
 import sys
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 
 from fraud.schema import Transaction, parse_timestamp
 
-STATE_VERSION: Final = 1
 WINDOWS: Final = ((600.0, "10m"), (3600.0, "1h"), (86400.0, "24h"))
 HORIZON: Final = 86400.0
 MAX_EVENTS: Final = 256
 MAX_DISTINCT: Final = 32
 MAX_COUPONS: Final = 8
 NEVER_SEEN_GAP: Final = 30 * 86400.0
-ENTITIES: Final = (("customer", "c:"), ("instrument", "p:"), ("device", "d:"), ("ip", "i:"))
+LABEL_WINDOWS: Final = ((14 * 86400.0, "14d"), (60 * 86400.0, "60d"))
+LABEL_HORIZON: Final = 60 * 86400.0
+MAX_LABELS: Final = 512
 
 
 class KeyValueState(Protocol):
@@ -71,6 +78,8 @@ def _feature_names() -> tuple[str, ...]:
         *entity("device"), "device_instruments", "device_customers", "coupon_reuse_rate",
         *entity("ip"),
         "coupon_n_1h", "coupon_n_24h",
+        *(f"{name}_{kind}_{w}" for name in ("customer", "instrument", "device")
+          for _, w in LABEL_WINDOWS for kind in ("frauds", "fraud_rate")),
     )
 
 
@@ -85,6 +94,46 @@ _sin = math.sin
 _cos = math.cos
 
 Windows = tuple[float, float, float, float, float, float, float]
+_NO_LABELS: Final = (0.0, 0.0, 0.0, 0.0)
+
+
+def _label_risk(st: dict[str, Any], ts: float) -> tuple[float, float, float, float]:
+    """``(log1p frauds, fraud rate)`` over each of :data:`LABEL_WINDOWS` of known labels.
+
+    The rate is smoothed (``frauds / (labelled + 1)``) so one labelled fraud is not 100 %.
+    """
+    lt: list[float] | None = st.get("lt")
+    if not lt:
+        return _NO_LABELS
+    lf: list[float] = st["lf"]
+    n = len(lt)
+    m = len(lf)
+    t0 = ts - 14 * 86400.0
+    n0 = n - bisect_right(lt, t0)
+    f0 = m - bisect_right(lf, t0) if m else 0
+    if lt[0] > ts - LABEL_HORIZON:
+        n1, f1 = n, m
+    else:
+        t1 = ts - LABEL_HORIZON
+        n1 = n - bisect_right(lt, t1)
+        f1 = m - bisect_right(lf, t1) if m else 0
+    return (_log1p(f0), f0 / (n0 + 1.0), _log1p(f1), f1 / (n1 + 1.0))
+
+
+def _add_label(st: dict[str, Any], ts: float, is_fraud: bool) -> None:
+    """Insert a labelled event at its own time; keep :data:`LABEL_HORIZON` before the newest."""
+    lt: list[float] = st.setdefault("lt", [])
+    lf: list[float] = st.setdefault("lf", [])
+    insort(lt, ts)
+    if is_fraud:
+        insort(lf, ts)
+    cut = lt[-1] - LABEL_HORIZON
+    if lt[0] <= cut or len(lt) > MAX_LABELS:
+        k = max(bisect_right(lt, cut), len(lt) - MAX_LABELS)
+        cut = lt[k - 1]
+        del lt[:k]
+        if lf and lf[0] <= cut:
+            del lf[:bisect_right(lf, cut)]
 
 
 def _windows(st: dict[str, Any], ts: float, amount: float) -> Windows:
@@ -313,8 +362,10 @@ class FeatureExtractor:
                 new_ip = 0.0 if ip is None else 1.0
                 customer_new = 1.0
             devices = float(len(devs))
+            cl = _label_risk(cs, ts)
             state[key] = cs
         else:
+            cl = _NO_LABELS
             cw = _NO_WINDOWS
             amount_z = 0.0
             customer_new = 1.0
@@ -326,9 +377,11 @@ class FeatureExtractor:
             key = self._kp + instrument
             ps = state.get(key) or _new_entity()
             pw = _windows(ps, ts, amount)
+            pl = _label_risk(ps, ts)
             state[key] = ps
         else:
             pw = _NO_WINDOWS
+            pl = _NO_LABELS
 
         # device: windows, distinct instruments and customers, coupon reuse
         reuse = 0.0
@@ -357,9 +410,11 @@ class FeatureExtractor:
                 if used or len(codes) < MAX_COUPONS:
                     codes[coupon] = used + 1
             ds["n"] = dn + 1
+            dl = _label_risk(ds, ts)
             state[key] = ds
         else:
             dw = _NO_WINDOWS
+            dl = _NO_LABELS
             dev_instruments = dev_customers = 0.0
 
         if ip is not None:
@@ -388,7 +443,27 @@ class FeatureExtractor:
             *dw, dev_instruments, dev_customers, reuse,
             *iw,
             k1, k24,
+            *cl, *pl, *dl,
         ]
+
+    def learn_label(
+        self,
+        state: KeyValueState,
+        ts: float,
+        customer: str | None,
+        instrument: str | None,
+        device: str | None,
+        is_fraud: bool,
+    ) -> None:
+        """Fold a label that just became known into the label history of the transaction's
+        customer, instrument and device (``ts``: when the transaction happened)."""
+        for prefix, entity in ((self._kc, customer), (self._kp, instrument), (self._kd, device)):
+            if entity is None:
+                continue
+            key = prefix + entity
+            st = state.get(key) or _new_entity()
+            _add_label(st, ts, is_fraud)
+            state[key] = st
 
 
 def _opt(value: Any) -> str | None:

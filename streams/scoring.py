@@ -506,11 +506,19 @@ class TrackedStore:
 
     def event_time_of(self, value: Any) -> float | None:
         """The event time of a stored value: the feature state's ``last`` (the entity's
-        latest event), None if it has none."""
+        latest event) or, for an entity only a label has written since it expired, its
+        newest labelled transaction's time (``lt``); None if it has neither.
+
+        >>> TrackedStore().event_time_of({"last": None, "lt": [3.0, 7.0]})
+        7.0
+        """
         if isinstance(value, dict):
             last = value.get("last")
             if isinstance(last, int | float):
                 return float(last)
+            labelled = value.get("lt")
+            if labelled:
+                return float(labelled[-1])
         return None
 
     def reindex(self) -> float | None:
@@ -966,13 +974,15 @@ class ScoringPipeline:
                 decision = decide(tx, score, policy, contributions, x, version,
                                   timings).to_dict()
                 encoded = dumps(decision)
-                # dumps({"o": occurred_at, "d": decision, "x": values, "l": 0,
+                # dumps({"o": occurred_at, "d": decision, "x": values, "e": entities, "l": 0,
                 #        "p": partition}), reusing the decision's encoding; "o" first:
-                # ScoredStore.event_time_of reads it
+                # ScoredStore.event_time_of reads it; "e": the entities whose label history
+                # a label of this transaction feeds (learn_batch)
                 scored_at(tx.occurred_at)
                 set_scored(partition, tx.tx_id, b'{"o":' + dumps(tx.occurred_at) + b',"d":'
-                           + encoded + b',"x":' + dumps(values) + b',"l":0,"p":'
-                           + str(partition).encode() + b"}")
+                           + encoded + b',"x":' + dumps(values) + b',"e":'
+                           + dumps([tx.customer_id, tx.payment_instrument, tx.device_id])
+                           + b',"l":0,"p":' + str(partition).encode() + b"}")
                 slots[slot] = OutputRecord(rec.key, encoded, partition)
                 action = decision["action"]
                 actions[action] = actions.get(action, 0) + 1
@@ -1078,6 +1088,14 @@ class ScoringPipeline:
                 if not isfinite(fsum(x)):  # the model state's boundary: never non-finite
                     raise BadRecord("non-finite-features", f"features {x!r}")
                 model.learn_one(dict(zip(names, x, strict=True)), label.is_fraud)
+                entities = entry.get("e")
+                if entities:  # the label history of the transaction's entities
+                    features = self.features
+                    features.partition = entry["p"]
+                    features.at(entry["o"])
+                    customer, instrument, device = entities
+                    self.extractor.learn_label(features, entry["o"], customer, instrument,
+                                               device, label.is_fraud)
                 scored.set_on(entry["p"], label.tx_id, {**entry, "l": 1})
                 out.learned += 1
             except BadRecord as exc:

@@ -69,12 +69,12 @@ MODEL_KIND: Final = "risk_model"
 class ModelParams:
     """Hyper-parameters of :class:`RiskModel`; plain data via ``to_dict``/``from_dict``."""
 
-    learning_rate: float = 0.03
+    learning_rate: float = 0.01
     l2: float = 0.0
     clip: float = 6.0
-    max_pos_weight: float = 20.0
-    anomaly_weight: float = 0.1
-    warmup_positives: float = 20.0
+    max_pos_weight: float = 1.0
+    anomaly_weight: float = 0.0
+    warmup_positives: float = 0.0
     anomaly_scale: float = 3.0
     anomaly_min_events: int = 30
 
@@ -231,12 +231,12 @@ class RiskModel(base.Classifier):
 
     def __init__(
         self,
-        learning_rate: float = 0.03,
+        learning_rate: float = 0.01,
         l2: float = 0.0,
         clip: float = 6.0,
-        max_pos_weight: float = 20.0,
-        anomaly_weight: float = 0.1,
-        warmup_positives: float = 20.0,
+        max_pos_weight: float = 1.0,
+        anomaly_weight: float = 0.0,
+        warmup_positives: float = 0.0,
         anomaly_scale: float = 3.0,
         anomaly_min_events: int = 30,
     ) -> None:

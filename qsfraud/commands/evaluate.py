@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from typing import Any
 
-from fraud.evaluation import MODES, DataError, evaluate, prepare, read_table
+from fraud.evaluation import MODES, DataError, evaluate, load
 from fraud.models import LINEAR_SPEC, check_spec
 from fraud.schema import SchemaError
 from qsfraud.cli import CommandError
@@ -33,25 +34,53 @@ def _river_model(choice: str) -> list[dict[str, Any]] | None:
         raise CommandError(f"--model: {exc}") from None
 
 
+def _pairs(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        name, sep, column = item.partition("=")
+        if not sep or not name or not column:
+            raise CommandError(f"--map expects CANONICAL=COLUMN, got {item!r}")
+        out[name] = column
+    return out
+
+
+def _list(items: list[str] | None) -> list[str]:
+    return [c for item in items or () for c in item.split(",") if c]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def run(args: argparse.Namespace) -> int:
     modes = list(MODES) if args.mode == "all" else [args.mode]
     if args.mode != "all" and args.mode not in MODES:
         raise CommandError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)} or all")
     started = time.perf_counter()
     try:
-        rows = read_table(args.data)
-        data = prepare(rows, label=args.label, time=args.time, retailer=args.retailer,
-                       id=args.id, ignore=[c for c in (args.ignore or "").split(",") if c])
-        result = evaluate(data, modes, river_model=_river_model(args.model))
+        data = load(args.data, label=args.label, time=args.time, retailer=args.retailer,
+                    id=args.id, ignore=_list(args.ignore), mapping=_pairs(args.map))
+        loaded = time.perf_counter()
+        result = evaluate(data, modes, baseline=args.baseline, label_delay=args.label_delay,
+                          river_model=_river_model(args.model))
     except DataError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot read {args.data}: {exc.strerror or exc}") from None
+    elapsed = time.perf_counter() - started
+    runs = len(modes) * (2 if args.baseline else 1)
+    stats = {"rows": len(data), "seconds": round(elapsed, 1),
+             "load_seconds": round(loaded - started, 1),
+             "rows_per_s": round(len(data) * len(modes) / max(elapsed - (loaded - started),
+                                                               1e-9)),
+             "model_runs": runs, "peak_rss_mb": round(peak_rss_mb(), 1)}
     if args.json:
         print(json.dumps(result, sort_keys=True))
+        print(json.dumps({"run": stats}, sort_keys=True), file=sys.stderr)
         return 0
     plan = data.plan
-    print(f"{args.data}: {len(data.labels)} rows, {sum(data.labels)} frauds; label "
+    print(f"{args.data}: {len(data)} rows, {int(data.labels.sum())} frauds; label "
           f"{plan.label!r}, time {plan.time!r}, retailer {plan.retailer!r}")
     for note in plan.notes:
         print(f"  note: {note}")
@@ -60,14 +89,17 @@ def run(args: argparse.Namespace) -> int:
               f"frequency: {plan.frequency}")
     if plan.ignored:
         print(f"  ignored: {plan.ignored}")
-    print(f"{'mode':8} {'retailer':16} {'n':>8} {'frauds':>7} {'ROC AUC':>8} {'AP':>7} "
+    print(f"{'mode':14} {'retailer':16} {'n':>8} {'frauds':>7} {'ROC AUC':>8} {'AP':>7} "
           f"{'R@1%FPR':>8}")
     for mode, res in result.items():
         for name, rep in [("overall", res["overall"]), *res["retailers"].items()]:
-            print(f"{mode:8} {name:16} {rep['n']:8d} {rep['frauds']:7d} "
+            print(f"{mode:14} {name:16} {rep['n']:8d} {rep['frauds']:7d} "
                   f"{_fmt(rep['roc_auc']):>8} {_fmt(rep['average_precision']):>7} "
                   f"{_fmt(rep['recall_at_fpr']):>8}")
-    print(f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    print(f"{stats['rows']} rows in {stats['seconds']} s (load {stats['load_seconds']} s), "
+          f"{stats['rows_per_s']} rows/s per mode, {runs} model runs; "
+          f"peak RSS {stats['peak_rss_mb']} MiB")
+    print(f"({elapsed:.1f} s)", file=sys.stderr)
     return 0
 
 
@@ -76,9 +108,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--data", required=True, help="a .csv or .jsonl file")
     p.add_argument("--label", help="label column (default: is_fraud, isFraud, Class, ...)")
     p.add_argument("--time", help="time column, numbers or ISO 8601 (default: auto; else order)")
-    p.add_argument("--retailer", help="retailer column (default: retailer_id if present)")
+    p.add_argument("--retailer", help="retailer column, or COLUMN%%K for its integer value "
+                   "modulo K (default: retailer_id if present)")
     p.add_argument("--id", help="transaction id column, never a feature (default: tx_id...)")
-    p.add_argument("--ignore", help="comma-separated columns to leave out")
+    p.add_argument("--ignore", nargs="+", metavar="COLUMN",
+                   help="columns to leave out (space- or comma-separated)")
+    p.add_argument("--map", nargs="+", metavar="CANONICAL=COLUMN",
+                   help="take a canonical column (amount, customer_id, payment_instrument, "
+                   "device_id, ip, ...) from another column, e.g. customer_id=CUSTOMER_ID")
+    p.add_argument("--baseline", choices=["river"],
+                   help="also run River's StandardScaler | LogisticRegression, same rows")
+    p.add_argument("--label-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds after a transaction before its label feeds the label-history "
+                   "features (default 0; e.g. 604800 for a 7-day chargeback delay)")
     p.add_argument("--mode", default="all", help=f"{', '.join(MODES)} or all (default all)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--model", default="default",

@@ -2,8 +2,8 @@
 
 ``tests/fraud/reference/*.py`` are frozen copies of the feature extractor and the risk model
 before the fast paths were added (``risk_v2``: re-frozen when the model became a River
-classifier, its header says what changed); every output and every exported state must be
-equal, not merely close.
+classifier; ``features_v2``: the label history added, written plainly; their headers say what
+changed); every output and every exported state must be equal, not merely close.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-ref_features = _load("features_v1")
+ref_features = _load("features_v2")
 ref_risk = _load("risk_v2")
+BLENDED = {"learning_rate": 0.03, "max_pos_weight": 20.0, "anomaly_weight": 0.1,
+           "warmup_positives": 20.0}
+"""The defaults before the ablations in fraud/models/README.md: up-weighting and the blend."""
 
 gaps = st.sampled_from((0.0, 1.0, 30.0, 299.0, 599.9, 600.0, 601.0, 3599.0, 3600.0, 5000.0,
                         86399.0, 86400.0, 90000.0, -50.0))
@@ -94,7 +97,12 @@ def test_features_equal_the_reference_on_generated_traffic() -> None:
         assert new.extract(tx, s_new) == ref.extract(tx, s_ref)
         assert new.extract_fields(s_new, tx.occurred_at + 1.0, 3.0, "c", None) == \
             ref.extract_fields(s_ref, tx.occurred_at + 1.0, 3.0, "c", None)
+        if len(s_new) % 3 == 0:  # labels known for some transactions (deterministically)
+            for fx, state in ((new, s_new), (ref, s_ref)):
+                fx.learn_label(state, tx.occurred_at, tx.customer_id, tx.payment_instrument,
+                               tx.device_id, row["is_fraud"])
     assert s_new == s_ref
+    assert any(v.get("lf") for v in s_new.values())
 
 
 KEYS = ("a", "b", "c", "d", "e")
@@ -114,9 +122,10 @@ ops = st.lists(st.tuples(
 @given(ops, st.integers(0, 40))
 def test_model_equals_the_reference(seq: list[tuple[str, dict[str, float], bool]],
                                     min_events: int) -> None:
-    params = {"anomaly_min_events": min_events, "l2": 0.01 if min_events % 2 else 0.0}
+    params = {"anomaly_min_events": min_events, "l2": 0.01 if min_events % 2 else 0.0,
+              **(BLENDED if min_events % 3 else {})}
     new = RiskModel.from_params(params)
-    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(params))
+    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(new.params.to_dict()))
     for kind, x, y in seq:
         if kind == "score":
             assert new.score_one(x, observe=True) == ref.score_one(x, observe=True)
@@ -141,7 +150,8 @@ def test_model_equals_the_reference_on_the_feature_stream() -> None:
     rng = random.Random(7)
     fx = FeatureExtractor()
     state: dict[str, Any] = {}
-    new, ref = RiskModel(), ref_risk.RiskModel()
+    new = RiskModel()
+    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(new.params.to_dict()))
     stream = [{"occurred_at": 1e9 + 40.0 * i, "amount": rng.uniform(1, 900),
                "customer_id": f"c{rng.randrange(30)}",
                "payment_instrument": f"p{rng.randrange(40)}",
@@ -180,9 +190,9 @@ def test_batch_scoring_equals_the_reference_row_by_row(
     """``score_and_explain_many`` on batches (learning between them) against the reference's
     ``score_one`` + ``contributions`` per row: scores, reasons and state all equal."""
     rng = random.Random(len(batches) * 41 + min_events)
-    params = {"anomaly_min_events": min_events}
+    params = {"anomaly_min_events": min_events, **(BLENDED if min_events % 3 else {})}
     new = RiskModel.from_params(params)
-    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(params))
+    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(new.params.to_dict()))
     for size, observe, k in batches:
         rows = [[rng.choice((0.0, 1.0, rng.gauss(3, 2), rng.uniform(-50, 50))) for _ in KEYS]
                 for _ in range(size)]

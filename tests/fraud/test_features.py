@@ -164,3 +164,39 @@ def test_counts_never_negative_and_bounded(events: list[tuple[float, float]]) ->
         x = fx.extract({"occurred_at": gap * (i % 3), "amount": amount, "customer_id": "c",
                         "payment_instrument": "p"}, state)
         assert 0 <= x["customer_n_10m"] <= x["customer_n_1h"] <= x["customer_n_24h"] <= i
+
+
+def test_label_history_matches_brute_force_over_known_labels() -> None:
+    """Per entity, frauds and smoothed fraud rate among the labels known so far, by window."""
+    rng = random.Random(5)
+    fx, state = FeatureExtractor(), OnlyGetSet()
+    known: list[tuple[float, str, bool]] = []  # (event time, device, fraud) of known labels
+    t = 1_700_000_000.0
+    for _ in range(400):
+        t += rng.choice((600.0, 3600.0, 86400.0, 5 * 86400.0))
+        device = f"d{rng.randrange(3)}"
+        x = fx.extract_fields(state, t, 10.0, None, None, device)
+        for days, w in ((14, "14d"), (60, "60d")):
+            mine = [f for ts, d, f in known if d == device and ts > t - days * 86400.0]
+            assert x[f"device_frauds_{w}"] == math.log1p(sum(mine))
+            assert x[f"device_fraud_rate_{w}"] == sum(mine) / (len(mine) + 1.0)
+        if rng.random() < 0.5:  # only some labels ever arrive
+            fraud = rng.random() < 0.3
+            fx.learn_label(state, t, None, None, device, fraud)
+            known.append((t, device, fraud))
+
+
+def test_labels_arriving_late_and_out_of_order_count_at_their_own_time() -> None:
+    fx, state = FeatureExtractor(), {}
+    day = 86400.0
+    fx.learn_label(state, 10 * day, "c1", "p1", "d1", True)
+    fx.learn_label(state, 2 * day, "c1", "p1", "d1", False)  # an older label, later
+    fx.learn_label(state, 5 * day, "c1", None, None, True)
+    x = fx.extract_fields(state, 20 * day, 5.0, "c1", "p1", "d1")
+    # 14 days back from day 20: the day-10 fraud only; 60 days: all three labels
+    assert x["customer_frauds_14d"] == math.log1p(1) and x["customer_fraud_rate_14d"] == 0.5
+    assert x["customer_frauds_60d"] == math.log1p(2) and x["customer_fraud_rate_60d"] == 0.5
+    assert x["instrument_fraud_rate_60d"] == 1 / 3 and x["device_frauds_14d"] == math.log1p(1)
+    x = fx.extract_fields(state, 100 * day, 5.0, "c1", "p1", "d1")
+    assert all(x[k] == 0.0 for k in x if "_fraud" in k)  # everything older than 60 days
+    assert json.loads(json.dumps(state)) == state

@@ -224,7 +224,7 @@ def test_flat_hyper_parameters_and_their_plain_data_form() -> None:
     assert model.clone().params == params
     model.learn_one({"a": 1.0}, True)
     model.params = ModelParams(l2=0.5)  # a config change keeps what was learned
-    assert model.l2 == 0.5 and model.learning_rate == 0.03 and model.n == 1
+    assert model.l2 == 0.5 and model.learning_rate == 0.01 and model.n == 1
     with pytest.raises(SchemaError):
         RiskModel(anomaly_weight=1.5)
 

@@ -171,6 +171,16 @@ def test_a_label_changes_the_score_of_similar_transactions():
     assert pipe.model.score_one(probe, observe=False) != before
 
 
+def test_a_label_feeds_the_label_history_of_the_next_transactions():
+    pipe = ScoringPipeline("acme")
+    pipe.process_batch([record(tx(1)), record(tx(2, customer="c2"))])
+    pipe.learn_batch([label("t1")])
+    pipe.process_batch([record(tx(3))])
+    x = dict(zip(pipe.names, pipe.scored.get("t3")["x"], strict=True))
+    assert x["customer_frauds_14d"] > 0.0 and x["customer_fraud_rate_60d"] == 0.5
+    assert {k: p for p, k, _ in pipe.features.drain()}["c:c1"] == 0
+
+
 def test_config_swap_applies_to_the_next_batch():
     pipe = ScoringPipeline("acme")
     rule = {"name": "any", "field": "amount", "op": ">=", "value": 0, "action": "hold"}

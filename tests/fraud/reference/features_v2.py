@@ -1,5 +1,6 @@
-# Frozen copy of fraud/features.py at commit 6f653c3, before the fast paths:
-# the reference for tests/fraud/test_fast_paths.py. Do not edit.
+# Frozen copy of fraud/features.py at commit 6f653c3, before the fast paths, plus the label
+# history (v2: per-entity fraud counts and rates over 14 and 60 days of known labels, written
+# plainly: every label scanned): the reference for tests/fraud/test_fast_paths.py. Do not edit.
 """Streaming features: per-entity state in a key-value store, O(1) amortised work per event.
 
 :class:`FeatureExtractor` turns one transaction into a flat ``dict[str, float]`` computed from
@@ -72,6 +73,8 @@ def _feature_names() -> tuple[str, ...]:
         *entity("device"), "device_instruments", "device_customers", "coupon_reuse_rate",
         *entity("ip"),
         "coupon_n_1h", "coupon_n_24h",
+        *(f"{name}_{kind}_{w}" for name in ("customer", "instrument", "device")
+          for w in ("14d", "60d") for kind in ("frauds", "fraud_rate")),
     )
 
 
@@ -328,7 +331,35 @@ class FeatureExtractor:
         else:
             f["coupon_n_1h"] = 0.0
             f["coupon_n_24h"] = 0.0
+        for name, kind, entity in (("customer", "c:", customer), ("instrument", "p:", instrument),
+                                   ("device", "d:", device)):
+            st = (state.get(pre + kind + entity) or {}) if entity is not None else {}
+            for days, w in ((14, "14d"), (60, "60d")):
+                since = ts - days * 86400.0
+                labelled = sum(1 for t in st.get("lt", []) if t > since)
+                frauds = sum(1 for t in st.get("lf", []) if t > since)
+                f[f"{name}_frauds_{w}"] = math.log1p(frauds)
+                f[f"{name}_fraud_rate_{w}"] = frauds / (labelled + 1.0)
         return f
+
+    def learn_label(self, state: KeyValueState, ts: float, customer: str | None,
+                    instrument: str | None, device: str | None, is_fraud: bool) -> None:
+        """Add the label at its time; keep the 60 days before the newest (at most 512)."""
+        for kind, entity in (("c:", customer), ("p:", instrument), ("d:", device)):
+            if entity is None:
+                continue
+            key = self.prefix + kind + entity
+            st = state.get(key) or _new_entity()
+            lt = sorted([*st.get("lt", []), ts])
+            lf = sorted([*st.get("lf", []), ts]) if is_fraud else list(st.get("lf", []))
+            cut = lt[-1] - 60 * 86400.0
+            drop = max(sum(1 for t in lt if t <= cut), len(lt) - 512)
+            if drop:
+                cut = lt[drop - 1]
+                lt = lt[drop:]
+                lf = [t for t in lf if t > cut]
+            st["lt"], st["lf"] = lt, lf
+            state[key] = st
 
 
 def _opt(value: Any) -> str | None:
