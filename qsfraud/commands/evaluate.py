@@ -9,10 +9,11 @@ import sys
 import time
 from typing import Any
 
-from fraud.evaluation import MODES, DataError, evaluate, load
-from fraud.models import LINEAR_SPEC, check_spec
-from fraud.schema import SchemaError
 from qsfraud.cli import CommandError
+
+# fraud.evaluation and fraud.models import River, numba and scipy (~2 s): only when evaluating,
+# not in every command's start-up (a CDC process's start would wait for them)
+MODE_NAMES = ("local", "central")
 
 
 def _fmt(value: Any) -> str:
@@ -22,6 +23,9 @@ def _fmt(value: Any) -> str:
 def _river_model(choice: str) -> list[dict[str, Any]] | None:
     """``--model``: ``default`` (RiskModel), ``river-linear`` (River's StandardScaler |
     LogisticRegression) or a River spec as JSON (``fraud/models/river_spec.py``)."""
+    from fraud.models import LINEAR_SPEC, check_spec
+    from fraud.schema import SchemaError
+
     if choice == "default":
         return None
     if choice == "river-linear":
@@ -54,6 +58,8 @@ def peak_rss_mb() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fraud.evaluation import MODES, DataError, evaluate, load
+
     modes = list(MODES) if args.mode == "all" else [args.mode]
     if args.mode != "all" and args.mode not in MODES:
         raise CommandError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)} or all")
@@ -121,7 +127,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--label-delay", type=float, default=0.0, metavar="SECONDS",
                    help="seconds after a transaction before its label feeds the label-history "
                    "features (default 0; e.g. 604800 for a 7-day chargeback delay)")
-    p.add_argument("--mode", default="all", help=f"{', '.join(MODES)} or all (default all)")
+    p.add_argument("--mode", default="all", help=f"{', '.join(MODE_NAMES)} or all (default all)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--model", default="default",
                    help="default, river-linear, or a River spec as JSON, e.g. "
