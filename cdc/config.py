@@ -26,6 +26,7 @@ from cdc.encoder import ChangeEncoder
 from cdc.kafka_sink import DEFAULT_OFFSETS_TOPIC
 from cdc.mapping import ConfigError, RowMapper
 from cdc.source import HISTORY_LOST_ACTIONS, SNAPSHOT_MODES, Source
+from fraud.topics import DEFAULT_PARTITIONS, RetailerTopics
 
 KINDS: Final = ("mysql", "mongo")
 TOMBSTONES: Final = ("auto", "always", "never")
@@ -77,11 +78,11 @@ class CdcConfig:
 
     @property
     def topic(self) -> str:
-        return f"{self.retailer}.transactions"
+        return RetailerTopics(self.retailer).transactions
 
     @property
     def dlq_topic(self) -> str:
-        return f"{self.topic}.dlq"
+        return RetailerTopics(self.retailer).transactions_dlq
 
     @classmethod
     def load(cls, path: str | Path) -> CdcConfig:
@@ -135,7 +136,8 @@ class CdcConfig:
         if unknown:
             raise ConfigError(f"kafka: unknown keys {', '.join(sorted(unknown))}")
         _require(kafka, "bootstrap_servers", "kafka")
-        kafka.setdefault("partitions", 3)
+        # the workers' count, so that they find the topic as they would create it
+        kafka.setdefault("partitions", DEFAULT_PARTITIONS)
         kafka.setdefault("offsets_topic", DEFAULT_OFFSETS_TOPIC)
         kafka.setdefault("commit_interval_ms", 100)
         kafka.setdefault("commit_max_events", 10_000)

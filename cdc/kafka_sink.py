@@ -21,15 +21,17 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from cdc.envelope import checkpoint_record, dumps
 from cdc.source import Position, SourceError
+from fraud.topics import CDC_OFFSETS, DEFAULT_PARTITIONS
 
-DEFAULT_OFFSETS_TOPIC = "qsfraud.cdc.offsets"
+DEFAULT_OFFSETS_TOPIC = CDC_OFFSETS
 
 
 class KafkaTransactionalSink:
     """Writes change records, dead letters and checkpoints of one source transactionally."""
 
     def __init__(self, bootstrap_servers: str, source_id: str, topic: str, dlq_topic: str,
-                 offsets_topic: str = DEFAULT_OFFSETS_TOPIC, partitions: int = 3,
+                 offsets_topic: str = DEFAULT_OFFSETS_TOPIC,
+                 partitions: int = DEFAULT_PARTITIONS,
                  producer_config: dict[str, Any] | None = None,
                  transaction_timeout_ms: int = 600_000) -> None:
         self.bootstrap = bootstrap_servers

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from fraud.generator import GeneratorConfig, generate
 from fraud.metrics import average_precision, roc_auc
 from fraud.schema import Label
+from fraud.topics import DEFAULT_PARTITIONS, RetailerTopics
 from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig, free_port
 from qsfraud.worker_process import worker_ready
 
@@ -86,7 +87,7 @@ metrics_interval_s = 10
 {source}
 [kafka]
 bootstrap_servers = "{bootstrap}"
-partitions = 4
+partitions = {DEFAULT_PARTITIONS}
 commit_interval_ms = 50
 key = "customer_id"
 
@@ -251,7 +252,7 @@ class DecisionWatcher(threading.Thread):
             # the workers create <R>.decisions when they start: notice it quickly
             "topic.metadata.refresh.interval.ms": 1000,
         })
-        self.consumer.subscribe([f"{r}.decisions" for r in retailers])
+        self.consumer.subscribe([RetailerTopics(r).decisions for r in retailers])
         self.truth, self.tallies, self.lock = truth, tallies, lock
         self.commit_times = commit_times
         self.stopping = threading.Event()
@@ -457,7 +458,7 @@ class Demo:
             label = Label(tx_id=row["tx_id"], is_fraud=bool(int(row["is_fraud"])),
                           source=row.get("label_source") or "chargeback", labelled_at=due,
                           retailer_id=row["retailer_id"])
-            producer.produce(f"{row['retailer_id']}.labels", key=row["customer_id"],
+            producer.produce(RetailerTopics(row["retailer_id"]).labels, key=row["customer_id"],
                              value=label.to_json())
             self.tallies[row["retailer_id"]].labels += 1
         producer.poll(0)

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fraud.topics import RetailerTopics
 from qsfraud.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def worker_ready(port: int, retailer: str) -> bool:
     """Whether the worker on ``port`` holds partitions of ``retailer``'s transactions (its
     consumer-lag gauge appears then)."""
     try:
-        return f'topic="{retailer}.transactions"' in worker_metrics(port)
+        return f'topic="{RetailerTopics(retailer).transactions}"' in worker_metrics(port)
     except OSError:  # not serving yet
         return False
 

@@ -4,8 +4,14 @@
 decisions, ``<R>.labels`` -> learning) that take batches with :func:`message_batches`, two
 changelog-backed tables on the memory store (``features``: entity state; ``scored``: the
 dedup and label-feature store), a checkpoint timer, an expiry timer, and ``/metrics`` on
-faust's web server. :func:`run_worker` creates the topics, restores the model checkpoint,
-replays the signed config topic, then runs the faust worker.
+faust's web server. :func:`run_worker` checks the faust/mode/aiokafka versions, settles the
+partition count and creates the topics, restores the model checkpoint, replays the signed
+config topic, then runs the faust worker. Accepted configs reach the agents between batches
+(:class:`BetweenBatches`).
+
+Everything that reaches into faust's, mode's or aiokafka's private code (the consumer, the
+drain loop, :func:`message_batches`, :class:`RawSchema`, the memory store's maps) is in
+:mod:`streams.faust_compat`; this module is the app's own wiring.
 
 Writes: each batch's changed table keys are produced by a :class:`BatchPublisher` (one
 produce request for all partitions) and awaited until the broker acknowledged them; then
@@ -23,25 +29,29 @@ import gc
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from faust.transport import consumer as faust_consumer
-from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
-from mode import Service
-from mode.utils.futures import maybe_async
 
 from fraud.models import RiskModel
 from pqc.freshness import TimeWindow
 from pqc.keys import load_registry
 from streams.checkpoints import checkpoint_value, model_from_checkpoints
 from streams.config_stream import ConfigApplier, ConfigDocument, ConfigFollower, Outcome
+from streams.faust_compat import (
+    RawSchema,
+    check_versions,
+    memory_store_maps,
+    message_batches,
+)
+from streams.faust_compat import install as install_compat
 from streams.metrics import WorkerMetrics
 from streams.scoring import (
     InputRecord,
@@ -57,6 +67,7 @@ from streams.topics import (
     committed_offset,
     ensure_topics,
     read_topic,
+    settle_partitions,
     watermarks,
     worker_topics,
 )
@@ -121,6 +132,65 @@ class LogGaps:
         self._starts.clear()
 
 
+class BetweenBatches:
+    """Changes from other threads (an accepted config from the config follower) applied on
+    the worker's event loop, between batches, so a batch is scored and learned under one
+    configuration and one model.
+
+    A batch runs synchronously on the loop (``process_batch``, ``learn_batch``), so a loop
+    callback can never run inside one: :meth:`submit` puts the change in its slot (the
+    newest per slot wins) and asks the loop to apply it; the agents also apply what is
+    pending before each batch. Until :meth:`attach` (no batch runs yet: the config replay
+    before faust starts) a change is applied at once, in the caller's thread.
+
+    >>> applied = []
+    >>> hand = BetweenBatches()
+    >>> hand.submit("config", lambda: applied.append(1))  # not attached: at once
+    >>> loop = asyncio.new_event_loop()
+    >>> hand.attach(loop)
+    >>> hand.submit("config", lambda: applied.append(2))
+    >>> hand.submit("config", lambda: applied.append(3))  # replaces 2, still pending
+    >>> list(applied), hand.apply_pending(), applied
+    ([1], 1, [1, 3])
+    >>> loop.run_until_complete(asyncio.sleep(0)); loop.close(); applied  # nothing left
+    [1, 3]
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, Callable[[], None]] = {}
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on, changes wait for ``loop`` (the one that runs the batches)."""
+        with self._lock:  # not while a change is applied at once in another thread
+            self._loop = loop
+
+    def submit(self, slot: str, change: Callable[[], None]) -> None:
+        """From any thread: run ``change`` on the loop between batches."""
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                change()
+                return
+            self._pending[slot] = change
+        try:
+            loop.call_soon_threadsafe(self.apply_pending)
+        except RuntimeError:  # the loop is closed: the worker is stopping
+            log.info("worker stopping: change %r not applied", slot)
+
+    def apply_pending(self) -> int:
+        """On the loop, between batches: apply what is pending; how many changes."""
+        if not self._pending:
+            return 0
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for change in pending:
+            change()
+        return len(pending)
+
+
 @dataclass
 class WorkerRuntime:
     """The state shared by the app's agents, timers, web page and config thread."""
@@ -131,9 +201,15 @@ class WorkerRuntime:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     log_gaps: LogGaps = field(init=False)
+    between_batches: BetweenBatches = field(default_factory=BetweenBatches)
 
     def __post_init__(self) -> None:
         self.log_gaps = LogGaps((self.settings.transactions_topic, self.settings.labels_topic))
+
+    def apply_config_between_batches(self, config: ConfigDocument) -> None:
+        """The config follower's ``on_apply``: the swap happens on the loop, between batches
+        (the pipeline swaps the policy and the model's hyper-parameters in one step)."""
+        self.between_batches.submit("config", partial(self.pipeline.apply_config, config))
 
     def on_config(self, outcome: Outcome) -> None:
         self.metrics.count("qsfraud_config_total", outcome=outcome.status,
@@ -326,296 +402,9 @@ class GapFiller:
         self._consumer.close()
 
 
-async def message_batches(
-    app: faust.App, stream: Any, max_messages: int,
-    on_idle: Callable[[], Awaitable[None]] | None = None,
-) -> AsyncIterator[list[Any]]:
-    """Batches of faust's consumer messages waiting on an agent's channel, at most
-    ``max_messages`` each.
-
-    Instead of ``stream.take_events``: faust's stream iterator spends an event-loop turn
-    (``sleep(0)``), sensor calls and a context variable on every event, and ``take_events``
-    waits for a timer before it hands over a short batch. Here the first message is awaited
-    and whatever else is queued is taken at once, so a batch is what arrived while the last
-    one was processed: one message at low rates, up to ``max_messages`` under load.
-
-    The queue holds the messages themselves (:class:`RawSchema`), whether the drain loop
-    or faust's own handler (around a rebalance) put them there. The caller acks each
-    message (``message.ack(app.consumer)``) once its results are written; ``on_idle`` runs
-    whenever the queue is empty, before waiting for the next message. Messages faust's
-    stream would skip (flow control paused, or fetched in an older consumer generation:
-    around a rebalance) are acked unprocessed, as the stream does; :class:`GapFiller` reads
-    those offsets again.
-    """
-    channel = aiter(stream.channel)  # subscribes a queue to the topic, as the stream does
-    queue = channel.queue
-    consumer = app.consumer
-    acking_topics = app.topics.acking_topics
-    flow_control = app.flow_control
-    while True:
-        if on_idle is not None and queue.empty():
-            await on_idle()
-        try:
-            messages = [await queue.get()]
-        except StopAsyncIteration:  # faust ends the stream (the worker stops): end the batches
-            return
-        get_nowait = queue.get_nowait
-        while len(messages) < max_messages and not queue.empty():
-            messages.append(get_nowait())
-        active = flow_control.is_active()
-        generation = app.consumer_generation_id
-        batch = []
-        for message in messages:
-            if not active or message.generation_id != generation:
-                message.ack(consumer)
-                continue
-            if message.topic in acking_topics and not message.tracked:
-                message.tracked = True
-                consumer.track_message(message)
-            batch.append(message)
-        if batch:
-            yield batch
-
-
 FULL_COLLECTION_INTERVAL_S = 3600.0
 """How often a worker runs a full garbage collection (it collects only the youngest
 generation otherwise)."""
-
-FETCH_MAX_WAIT_MS = 50
-"""How long a fetch may wait at the broker for new records (faust hard-codes 1,500 ms)."""
-
-
-class RawSchema(faust.Schema):
-    """Keys and values as the bytes on the wire (faust's ``raw`` serializer), decoded without
-    faust's serializer registry: two codec look-ups per message there, ~8 % of a busy
-    worker. The pipeline parses (and dead-letters) the bytes itself.
-
-    "Decoding" hands over faust's consumer message itself, with no event around it: what
-    the drain loop (:meth:`_Consumer._drain_messages`) queues too, so the agents'
-    :func:`message_batches` meet one kind of item whichever way it came.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(key_serializer="raw", value_serializer="raw")
-
-    def compile(self, app: Any, **kwargs: Any) -> Any:
-        async def decode(message: Any, *, propagate: bool = False) -> Any:
-            return message
-
-        return decode
-
-
-class _ConsumerThreadOnLoop(faust_aiokafka.AIOKafkaConsumerThread):
-    """faust's consumer thread without the thread: aiokafka's consumer runs on the worker's
-    own event loop, and what faust would queue for the thread is called directly.
-
-    faust 0.15 runs the consumer in a second thread with its own event loop. Every fetch
-    then crossed threads twice (a queued call there, a future resolved back here), and the
-    two threads took turns on the GIL: at a steady 1,000 tx/s the thread used 0.25-0.30 of
-    a core.
-    Measured against one broker (alternating runs, session 9): produce -> decision visible
-    p50 17.1-17.7 ms against 23.3-28.4, produced -> received p50 10.1-10.5 against 13.6-16.2.
-    Rebalances, commits and seeks go through the same faust code, called in this loop.
-    """
-
-    # Service's own start/stop instead of ServiceThread's, which hand over to the thread
-    wait_for_shutdown = False
-
-    async def start(self) -> None:
-        self._thread_started.set()
-        await Service.start(self)
-
-    async def stop(self) -> None:
-        if self._started.is_set():
-            await Service.stop(self)
-
-    async def on_stop(self) -> None:
-        if self._consumer is not None:  # what faust's thread does as it ends
-            await self._consumer.stop()
-
-    async def call_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await maybe_async(fun(*args, **kwargs))
-
-    async def cast_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.add_future(maybe_async(fun(*args, **kwargs)))
-
-    def _stopped_set(self) -> None:
-        self._stopped.set()
-
-    def set_shutdown(self) -> None:
-        self._shutdown.set()
-
-    async def _stop_children(self) -> None:
-        await self._default_stop_children()
-
-    async def _stop_futures(self) -> None:
-        await self._default_stop_futures()
-
-    async def _stop_exit_stacks(self) -> None:
-        await self._default_stop_exit_stacks()
-
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # Measured: with faust's 1,500 ms, records produced at a steady 1,000/s reached the
-        # agent 1-2 s late; with 50 ms, 20-90 ms. (aiokafka reads this when it starts.)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        # faust reads uncommitted records unless it runs exactly-once. The CDC writes in
-        # Kafka transactions: a record of an aborted one must not be decided, and one of an
-        # open one not before it commits. The worker's own topics are written without
-        # transactions, so reading them is the same either way.
-        consumer._isolation_level = "read_committed"
-        return consumer
-
-
-class _Consumer(faust_aiokafka.Consumer):
-    def _new_consumer_thread(self) -> _ConsumerThreadOnLoop:
-        return _ConsumerThreadOnLoop(self, loop=self.loop, thread_loop=self.loop,
-                                     beacon=self.beacon)
-
-    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
-        """faust 0.15's ``Consumer.getmany`` (the fetched records as messages, round robin
-        over the partitions), reading each partition's high watermark once per fetch for
-        the lag monitor instead of once per record."""
-        records, active = await self._wait_next_records(timeout)
-        if records is None or self.should_stop:
-            return
-        if not self.flow_active:  # faust's way: back to the committed offsets
-            try:
-                await self.perform_seek()
-            except Exception as exc:
-                self.log.warning(f"exception performing seek when flow not active {exc}")
-            return
-        app = self.app
-        generation = app.consumer_generation_id
-        buffered = self._buffered_partitions
-        wanted = [tp for tp in records if active is None or tp in active or tp in buffered]
-        track_end_offset = app.monitor.track_tp_end_offset
-        for tp in wanted:
-            track_end_offset(tp, self.highwater(tp))
-        runtime: WorkerRuntime | None = getattr(app, "qsfraud_runtime", None)
-        if runtime is not None:
-            fetched = runtime.log_gaps.fetched
-            for tp, fetched_records in records.items():  # what is dropped below too
-                fetched(tp.topic, tp.partition, fetched_records)
-        to_message = self._to_message
-        for tp, record in self.scheduler.iterate(records):
-            if not self.flow_active or app.consumer_generation_id != generation:
-                break
-            if active is None or tp in active or tp in buffered:
-                yield tp, to_message(tp, record)
-
-    def _direct_route(self, tp: Any) -> tuple[Any, Any, Any] | None:
-        """``(queue, on_pressure_high, on_pressure_drop)`` of the one channel that reads
-        ``tp`` if its schema is :class:`RawSchema`, else None (faust's handler then)."""
-        conductor: Any = self.app.topics
-        channels = conductor._tp_index.get(tp)
-        if not channels or len(channels) != 1:
-            return None
-        (channel,) = channels
-        if not isinstance(getattr(channel, "schema", None), RawSchema):
-            return None
-        on_topic_buffer_full = self.app.sensors.on_topic_buffer_full
-        tp = TP(tp.topic, tp.partition)  # faust's own type (the consumer asserts it)
-
-        def on_pressure_high() -> None:
-            on_topic_buffer_full(tp)
-            self.on_buffer_full(tp)
-
-        def on_pressure_drop() -> None:
-            self.on_buffer_drop(tp)
-
-        return channel.queue, on_pressure_high, on_pressure_drop
-
-    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - faust's loop
-        """faust 0.15's ``Consumer._drain_messages``, with the per-message work cut down.
-
-        - While the flow runs, a message of a :class:`RawSchema` topic read by one channel
-          (the agents' input topics) is put on that channel's queue here, as faust's
-          conductor handler would put it there (:class:`RawSchema` "decodes" a message to
-          itself), without the handler's per-message lock, flow control and
-          producer-buffer waits (each a coroutine; the buffer check reads a setting
-          through faust's settings registry): measured ~9 % of a busy worker. The producer
-          buffer is checked once per fetch; a full queue, stopped flow control and any
-          other topic take faust's handler.
-        - Otherwise a message is handed over with ``await callback(message)`` while the
-          flow is not suspended, instead of ``wait_first(callback(message),
-          suspend_flow.wait())`` for every message (four tasks and an ``asyncio.wait``
-          each: ~15 % of a busy worker). While the flow is suspended (a rebalance) faust's
-          own way is kept; a callback that blocks on a full channel is released by the
-          agent, which keeps taking events (and acks unprocessed the ones that arrive
-          while the flow is off).
-        """
-        callback = self.callback
-        getmany = self.getmany
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        suspended = self.suspend_flow.is_set
-        read_offsets = self._read_offset
-        commit_every = self._commit_every
-        app = self.app
-        conductor: Any = app.topics
-        acks_enabled_for = conductor.acks_enabled_for
-        handlers = conductor._tp_to_callback
-        flow_active = app.flow_control.is_active
-        wait_until_ebb = app.producer.buffer.wait_until_ebb
-        # tp -> (faust's handler for it, direct route or None); looked up again whenever
-        # faust rebuilds its handlers (a rebalance or a new subscription)
-        routes: dict[Any, tuple[Any, tuple[Any, Any, Any] | None]] = {}
-        since_yield = 0
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                self.diag.set_flag(faust_consumer.CONSUMER_FETCHING)
-                ait = getmany(timeout=1.0)
-                await asyncio.sleep(0)  # getmany may return at once, again and again
-                await wait_until_ebb()
-                if not self.should_stop:
-                    async for tp, message in ait:
-                        since_yield += 1
-                        if since_yield > 100:
-                            await asyncio.sleep(0)
-                            since_yield = 0
-                        offset = message.offset
-                        r_offset = read_offsets.get(tp)
-                        if r_offset is not None and offset < r_offset:
-                            continue  # already read (faust logs these at dev level)
-                        gap = offset - (r_offset or 0)
-                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                            await self._add_gap(tp, r_offset + 1, offset)
-                        if commit_every is not None and self._n_acked >= commit_every:
-                            self._n_acked = 0
-                            await self.commit()
-                        if suspended():
-                            await self.wait_first(callback(message), self.suspend_flow.wait())
-                            read_offsets[tp] = offset
-                            continue
-                        handler = handlers.get(tp)
-                        known = routes.get(tp)
-                        if known is None or known[0] is not handler:
-                            known = routes[tp] = (handler, self._direct_route(tp))
-                        route = known[1]
-                        if route is not None and flow_active() and not route[0].full():
-                            queue, on_high, on_drop = route
-                            # incref(1) without its lock: no other thread has seen it yet
-                            message.refcount += 1
-                            queue.put_nowait_enhanced(
-                                message, on_pressure_high=on_high, on_pressure_drop=on_drop)
-                        else:
-                            await callback(message)
-                        read_offsets[tp] = offset
-                self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
-                return
-            raise
-        except asyncio.CancelledError:
-            if self.transport.app.should_stop:
-                return
-            raise
-        except Exception as exc:
-            self.log.exception("Drain messages raised: %r", exc)
-            raise
-        finally:
-            self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
 
 
 def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
@@ -633,7 +422,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         broker_heartbeat_interval=1,
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
-        processing_guarantee=settings.processing_guarantee,
+        # the only guarantee: decisions and changelogs are written by BatchPublisher, outside
+        # any faust transaction (streams/README.md, "Processing guarantee")
+        processing_guarantee="at_least_once",
         stream_buffer_maxsize=4 * settings.batch_size,
         broker_max_poll_records=2 * settings.batch_size,
         producer_max_batch_size=512 * 1024,
@@ -644,7 +435,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         web_bind=settings.web_host,
         web_host=settings.web_host,
     )
-    app.transport.Consumer = _Consumer  # type: ignore[misc]
+    install_compat(app, on_fetched=runtime.log_gaps.fetched)
     pipeline, metrics = runtime.pipeline, runtime.metrics
 
     def table(name: str, value_type: type | None) -> Any:
@@ -656,10 +447,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     # The pipeline writes into the tables' memory stores; the publisher writes the changelog.
     # `scored` values stay the JSON bytes of the changelog (ScoredStore decodes on read).
-    features: Any = table(FEATURES_TABLE, None).data
-    scored: Any = table(SCORED_TABLE, bytes).data
-    pipeline.features = TrackedStore(features.data, features._key_partition)
-    pipeline.scored = ScoredStore(scored.data, scored._key_partition)
+    pipeline.features = TrackedStore(*memory_store_maps(table(FEATURES_TABLE, None)))
+    pipeline.scored = ScoredStore(*memory_store_maps(table(SCORED_TABLE, bytes)))
     features_changelog = settings.changelog_topic(FEATURES_TABLE)
     scored_changelog = settings.changelog_topic(SCORED_TABLE)
     publisher = BatchPublisher(settings.bootstrap)
@@ -719,7 +508,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 await confirm()
 
         try:
+            runtime.between_batches.attach(asyncio.get_running_loop())
             async for messages in message_batches(app, stream, settings.batch_size, on_idle):
+                runtime.between_batches.apply_pending()
                 batch, filled, reads = await gaps[settings.transactions_topic].fill(
                     records_of(messages))
                 if reads:
@@ -758,7 +549,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
+        runtime.between_batches.attach(asyncio.get_running_loop())
         async for messages in message_batches(app, stream, settings.batch_size):
+            runtime.between_batches.apply_pending()
             batch, _filled, reads = await gaps[settings.labels_topic].fill(
                 records_of(messages))
             if reads:
@@ -823,7 +616,6 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     async def metrics_page(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
 
-    app.qsfraud_runtime = runtime  # type: ignore[attr-defined]
     return app
 
 
@@ -835,7 +627,9 @@ def restore_model(settings: WorkerSettings) -> RiskModel | None:
 
 
 def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
-    """Topics, checkpoint, config replay: everything before faust starts."""
+    """Topics, checkpoint, config replay: everything before faust starts. The runtime's
+    settings have the partition count the topics have (:func:`settle_partitions`)."""
+    settings = settle_partitions(settings)
     ensure_topics(settings.bootstrap, worker_topics(settings))
     model = restore_model(settings)
     if model is not None:
@@ -849,7 +643,7 @@ def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
         log.warning("no trust registry at %s: every config document will be rejected",
                     settings.trust_registry)
     applier = ConfigApplier(
-        settings.retailer, registry, on_apply=pipeline.apply_config,
+        settings.retailer, registry, on_apply=runtime.apply_config_between_batches,
         window=TimeWindow(max_age_s=settings.config_max_age_s, max_future_s=120.0),
         initial=ConfigDocument.default(),
     )
@@ -873,8 +667,9 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
+    check_versions()  # before anything else: the overrides were written for exact versions
     runtime, follower = prepare(settings)
-    app = create_app(settings, runtime)
+    app = create_app(runtime.settings, runtime)
     collect_youngest_generation_only()  # the rest once an hour: `full_collection`
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     # faust's progress spinner (on at --loglevel warn and above) sets the root logger to
@@ -888,4 +683,5 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
     return 0
 
 
-__all__ = ["BatchPublisher", "WorkerRuntime", "create_app", "prepare", "run_worker"]
+__all__ = ["BatchPublisher", "BetweenBatches", "WorkerRuntime", "create_app", "prepare",
+           "run_worker"]

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from fraud import topics
+from fraud.topics import DEFAULT_PARTITIONS, RetailerTopics
+
 RETAILER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 DEFAULT_KEYS_DIR: Final = Path(".qsfraud/keys")
 DEFAULT_ADMIN_KEYS: Final = DEFAULT_KEYS_DIR / "admin"
 DEFAULT_TRUST_REGISTRY: Final = DEFAULT_ADMIN_KEYS / "registry.json"
-CONFIG_TOPIC: Final = "qsfraud.config"
+CONFIG_TOPIC: Final = topics.CONFIG
 FEATURES_TABLE: Final = "features"
 SCORED_TABLE: Final = "scored"
 
@@ -35,7 +38,10 @@ class WorkerSettings:
 
     retailer: str
     bootstrap: str
-    partitions: int = 4
+    partitions: int = DEFAULT_PARTITIONS
+    adapt_partitions: bool = False
+    """Take the partition count of ``<R>.transactions`` when it exists (``partitions`` is
+    then only the count for a new topic): see :func:`streams.topics.settle_partitions`."""
     web_port: int = 6066
     web_host: str = "127.0.0.1"
     datadir: Path = Path(".qsfraud/streams")
@@ -48,7 +54,6 @@ class WorkerSettings:
     checkpoint_interval_s: float = 10.0
     config_max_age_s: float = 365 * 86400.0
     config_replay_timeout_s: float = 30.0
-    processing_guarantee: str = "at_least_once"
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):
@@ -57,39 +62,43 @@ class WorkerSettings:
             )
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
-        if self.processing_guarantee not in ("at_least_once", "exactly_once"):
-            raise ValueError("processing_guarantee: at_least_once or exactly_once")
+
+    @property
+    def topics(self) -> RetailerTopics:
+        """The retailer's topic names (:mod:`fraud.topics`)."""
+        return RetailerTopics(self.retailer)
 
     @property
     def app_id(self) -> str:
         """The faust app id, also the consumer group of the retailer's workers."""
-        return f"qsfraud-{self.retailer}"
+        return self.topics.app_id
 
     @property
     def transactions_topic(self) -> str:
-        return f"{self.retailer}.transactions"
+        return self.topics.transactions
 
     @property
     def decisions_topic(self) -> str:
-        return f"{self.retailer}.decisions"
+        return self.topics.decisions
 
     @property
     def labels_topic(self) -> str:
-        return f"{self.retailer}.labels"
+        return self.topics.labels
 
     @property
     def dlq_topic(self) -> str:
         """Bad input records (not CDC's own ``<R>.transactions.dlq``)."""
-        return f"{self.retailer}.streams.dlq"
+        return self.topics.streams_dlq
 
     @property
     def checkpoints_topic(self) -> str:
-        return f"{self.retailer}.checkpoints"
+        return self.topics.checkpoints
 
     @property
     def config_rejected_topic(self) -> str:
+        """``qsfraud.config.rejected`` for the default config topic."""
         return f"{self.config_topic}.rejected"
 
     def changelog_topic(self, table: str) -> str:
         """faust's name for a table's changelog topic."""
-        return f"{self.app_id}-{table}-changelog"
+        return self.topics.changelog(table)

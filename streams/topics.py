@@ -1,8 +1,10 @@
 """Topic creation with final partition counts, and reading a whole (compacted) topic.
 
-Every topic a worker touches is created up front, so nothing is auto-created with a
-default partition count: the retailer's data topics and the tables' changelogs share one
-partition count (faust co-partitions them), the config and checkpoint topics are compacted.
+Every topic a worker touches is created up front (names from :mod:`fraud.topics`), so
+nothing is auto-created with a default partition count: the retailer's data topics and the
+tables' changelogs share one partition count (faust co-partitions them), the config and
+checkpoint topics are compacted. :func:`settle_partitions` picks that count: the one
+``<R>.transactions`` already has (the CDC may have created it), else the configured one.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -53,18 +55,62 @@ def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
     ]
 
 
+class PartitionMismatch(RuntimeError):
+    """A retailer's topics exist with partition counts the worker cannot work with."""
+
+
+def _partition_counts(admin: AdminClient, timeout: float) -> dict[str, int]:
+    return {name: len(meta.partitions)
+            for name, meta in admin.list_topics(timeout=timeout).topics.items()
+            if meta.error is None}
+
+
+def settle_partitions(settings: WorkerSettings, timeout: float = 30.0) -> WorkerSettings:
+    """``settings`` with the partition count its topics must have.
+
+    If ``<R>.transactions`` exists (the CDC creates it when it starts first) with another
+    count than ``settings.partitions``, a worker with ``adapt_partitions`` takes that count
+    for all its partitioned topics (changelogs included); otherwise, or if another of its
+    topics already has a different count, :class:`PartitionMismatch` says which, both
+    counts and the fix, in one line.
+    """
+    existing = _partition_counts(AdminClient({"bootstrap.servers": settings.bootstrap}),
+                                 timeout)
+    inputs, wanted = settings.transactions_topic, settings.partitions
+    have = existing.get(inputs)
+    if have is not None and have != wanted:
+        if not settings.adapt_partitions:
+            raise PartitionMismatch(
+                f"topic {inputs} has {have} partitions, the worker was asked for {wanted} "
+                f"(--partitions): start it with --partitions {have} or without --partitions "
+                f"(it then takes the existing count), or delete {inputs} and its workers' "
+                f"topics to start over with {wanted}")
+        log.info("%s has %d partitions: the worker uses %d (not %d)", inputs, have, have,
+                 wanted)
+        settings = replace(settings, partitions=have)
+    for spec in worker_topics(settings):
+        count = existing.get(spec.name)
+        if count is not None and count != spec.partitions:
+            raise PartitionMismatch(
+                f"topic {spec.name} has {count} partitions, the worker needs "
+                f"{spec.partitions} (those of {inputs}): delete {spec.name} so the worker "
+                f"creates it with {spec.partitions} (a changelog's table then starts empty), "
+                f"or give {inputs} {count} partitions")
+    return settings
+
+
 def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; returns the names created.
 
-    An existing topic with fewer partitions than wanted is an error (its keys would map to
-    other partitions than the tables' changelogs).
+    An existing topic with another partition count than wanted is an error (its keys would
+    map to other partitions than the tables' changelogs).
     """
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = admin.list_topics(timeout=timeout).topics
     for spec in specs:
         have = existing.get(spec.name)
         if have is not None and have.error is None and len(have.partitions) != spec.partitions:
-            raise RuntimeError(
+            raise PartitionMismatch(
                 f"topic {spec.name} has {len(have.partitions)} partitions, "
                 f"this worker needs {spec.partitions}"
             )

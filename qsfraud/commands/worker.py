@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from fraud import topics
+from fraud.topics import DEFAULT_PARTITIONS
 from qsfraud.cli import CommandError
 from streams.settings import DEFAULT_TRUST_REGISTRY, WorkerSettings
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         settings = WorkerSettings(
             retailer=args.retailer,
             bootstrap=default_bootstrap(args.bootstrap),
-            partitions=args.partitions,
+            partitions=DEFAULT_PARTITIONS if args.partitions is None else args.partitions,
+            adapt_partitions=args.partitions is None,
             web_port=args.web_port,
             web_host=args.web_host,
             datadir=Path(args.datadir),
@@ -47,11 +50,16 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             checkpoint_interval_s=args.checkpoint_interval,
             scored_ttl_s=args.scored_ttl,
-            processing_guarantee=args.processing_guarantee,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    return run_worker(settings, loglevel=args.loglevel)
+    from streams.faust_compat import IncompatibleVersions
+    from streams.topics import PartitionMismatch
+
+    try:
+        return run_worker(settings, loglevel=args.loglevel)
+    except (IncompatibleVersions, PartitionMismatch) as exc:
+        raise CommandError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,8 +67,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env = os.environ.get
     p.add_argument("--retailer", required=True, help="retailer id (topics <R>.transactions ...)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: stack.json)")
-    p.add_argument("--partitions", type=int, default=int(env("QSFRAUD_PARTITIONS", "4")),
-                   help="partitions of the retailer's topics (created if missing; default 4)")
+    partitions = env("QSFRAUD_PARTITIONS")
+    p.add_argument("--partitions", type=int, default=int(partitions) if partitions else None,
+                   help="partitions of the retailer's topics and changelogs; without it, "
+                        "those of an existing <R>.transactions (the CDC's), else "
+                        f"{DEFAULT_PARTITIONS}")
     p.add_argument("--web-port", type=int, default=int(env("QSFRAUD_WEB_PORT", "6066")),
                    help="HTTP port of /metrics (default 6066)")
     p.add_argument("--web-host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -68,12 +79,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--trust", default=env("QSFRAUD_CONFIG_TRUST", str(DEFAULT_TRUST_REGISTRY)),
                    help="registry of trusted admin keys for signed config "
                         f"(default {DEFAULT_TRUST_REGISTRY})")
-    p.add_argument("--config-topic", default="qsfraud.config")
+    p.add_argument("--config-topic", default=topics.CONFIG)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--checkpoint-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--scored-ttl", type=float, default=7 * 86400.0, metavar="SECONDS",
                    help="how long a scored transaction waits for its label (default 7 days)")
-    p.add_argument("--processing-guarantee", choices=["at_least_once", "exactly_once"],
-                   default="at_least_once")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.set_defaults(func=run)
