@@ -75,7 +75,7 @@ def main() -> None:
         model = RiskModel()
         score, learn = model.score_one, model.learn_one
         for x, y in zip(vectors, labels, strict=True):
-            score(x)
+            score(x, True)  # as the worker: predict, then the unsupervised step
             learn(x, y)
 
     def ours_learn() -> None:  # learn alone (its cost does not depend on scoring)
@@ -89,7 +89,7 @@ def main() -> None:
         extract, score, learn = fx.extract, model.score_one, model.learn_one
         for tx, y in zip(txs, labels, strict=True):
             x = extract(tx, state)
-            score(x)
+            score(x, True)
             learn(x, y)
 
     def ours_batch() -> None:
@@ -97,7 +97,7 @@ def main() -> None:
         state: dict[str, object] = {}
         for i in range(0, n, 256):
             xs = fx.extract_many(txs[i:i + 256], state)
-            model.score_many(xs)
+            model.score_many(xs, observe=True)
             model.learn_many(xs, labels[i:i + 256])
 
     def river_model() -> None:  # River score + learn on the same precomputed vectors

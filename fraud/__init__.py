@@ -11,11 +11,13 @@ Pure computation, no I/O; imports nothing else of qsfraud. Public API:
     ``extract(tx, state) -> dict[str, float]`` and ``extract_many(txs, state)``,
     ``FEATURE_NAMES``.
 ``fraud.models``
-    ``RiskModel(params=None)``: ``score_one(x, observe=True) -> float`` in [0, 1],
-    ``score_many``, ``predict_proba_one``/``predict_proba_many``, ``learn_one(x, y)``,
-    ``learn_many``, ``contributions(x, k)``, ``export_state()``/``from_state(d)``,
-    ``export_shared()``/``load_shared(d)``; ``merge_states([...])``, ``merge_scalers``,
-    ``merge_linear``; ``ModelParams``.
+    ``RiskModel(learning_rate=..., ...)`` (a ``river.base.Classifier``; ``from_params``
+    takes a ``ModelParams``): ``predict_proba_one(x)`` and ``score_one(x) -> float`` in
+    [0, 1] learn nothing, ``learn_one(x, y, w=1)``, ``learn_unsupervised_one(x)`` (the anomaly
+    statistics), ``score_and_explain_many(keys, X, k, observe)`` (the compiled batch path),
+    ``contributions(x, k)``, ``export_state()``/``from_state(d)``,
+    ``export_shared()``/``load_shared(d)``/``export_delta()``; ``merge_states([...])``,
+    ``merge_scalers``, ``merge_linear``; ``ModelParams``.
 ``fraud.decisions``
     ``PolicyConfig.from_dict``/``to_dict``, ``Policy(config).replace(config)``/``.decide(...)``,
     ``decide(tx, score, config, contributions, features, model_version, timings) -> Decision``.

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from fraud.models.risk import ModelParams
+from fraud.models.river_spec import check_spec
 from fraud.schema import ACTIONS, Decision, SchemaError, Transaction
 
 POLICY_VERSION: Final = 1
@@ -166,6 +167,8 @@ class PolicyConfig:
     rules: tuple[Rule, ...] = ()
     model: ModelParams = field(default_factory=ModelParams)
     top_reasons: int = 3
+    # a River model spec (fraud.models.river_spec) run instead of the default RiskModel
+    river_model: tuple[dict[str, Any], ...] | None = None
 
     @classmethod
     def from_dict(cls, d: Any) -> PolicyConfig:
@@ -175,7 +178,7 @@ class PolicyConfig:
         if d.get("v", POLICY_VERSION) != POLICY_VERSION:
             raise SchemaError("v", f"unsupported policy version {d.get('v')!r}")
         known = {"v", "kind", "version", "thresholds", "block", "allow", "rules", "model",
-                 "top_reasons"}
+                 "top_reasons", "river_model"}
         for key in d:
             if key not in known:
                 raise SchemaError(str(key), "unknown policy field")
@@ -208,6 +211,12 @@ class PolicyConfig:
         model = d.get("model")
         if model is not None and not isinstance(model, Mapping):
             raise SchemaError("model", "expected an object")
+        river_model = d.get("river_model")
+        if river_model is not None:
+            try:
+                river_model = tuple(check_spec(river_model))
+            except SchemaError as exc:
+                raise SchemaError(f"river_{exc.field}", str(exc).split(": ", 1)[-1]) from None
         return cls(
             version=version,
             thresholds=thresholds,
@@ -216,10 +225,11 @@ class PolicyConfig:
             rules=tuple(Rule.from_dict(r, f"rules[{i}]") for i, r in enumerate(rules)),
             model=ModelParams.from_dict(model),
             top_reasons=top,
+            river_model=river_model,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "v": POLICY_VERSION,
             "kind": "policy",
             "version": self.version,
@@ -231,6 +241,9 @@ class PolicyConfig:
             "model": self.model.to_dict(),
             "top_reasons": self.top_reasons,
         }
+        if self.river_model is not None:
+            out["river_model"] = [dict(step) for step in self.river_model]
+        return out
 
 
 def _as_mapping(tx: Transaction | Mapping[str, Any]) -> Mapping[str, Any]:

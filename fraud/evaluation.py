@@ -394,10 +394,10 @@ def run_local(data: Prepared, params: ModelParams) -> list[float]:
         enc = encoders.get(r)
         if enc is None:
             enc = encoders[r] = RowEncoder(data)
-            models[r] = RiskModel(params)
+            models[r] = RiskModel.from_params(params)
         model = models[r]
         x = enc.encode(i)
-        scores.append(model.score_one(x))
+        scores.append(model.score_one(x, observe=True))
         model.learn_one(x, y)
     return scores
 
@@ -405,11 +405,11 @@ def run_local(data: Prepared, params: ModelParams) -> list[float]:
 def run_central(data: Prepared, params: ModelParams) -> list[float]:
     """Scores of one model trained on every retailer's rows."""
     enc = RowEncoder(data)
-    model = RiskModel(params)
+    model = RiskModel.from_params(params)
     scores = []
     for i, y in enumerate(data.labels):
         x = enc.encode(i)
-        scores.append(model.score_one(x))
+        scores.append(model.score_one(x, observe=True))
         model.learn_one(x, y)
     return scores
 

@@ -40,7 +40,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from fraud.models import RiskModel
+from fraud.models import RiskModel, RiverModel
 from pqc.freshness import TimeWindow
 from pqc.keys import load_registry
 from streams.checkpoints import checkpoint_value, model_from_checkpoints
@@ -619,7 +619,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     return app
 
 
-def restore_model(settings: WorkerSettings) -> RiskModel | None:
+def restore_model(settings: WorkerSettings) -> RiskModel | RiverModel | None:
     """The newest valid model checkpoint of the retailer, or None."""
     return model_from_checkpoints(
         read_topic(settings.bootstrap, settings.checkpoints_topic), settings.retailer

@@ -68,7 +68,8 @@ PURPOSE: Final = "qsfraud-config"
 KIND: Final = "qsfraud-config"
 ADMIN_ROLES: Final = ("admin",)
 DEFAULT_FL_SYNC_S: Final = 300.0
-POLICY_FIELDS: Final = ("thresholds", "block", "allow", "rules", "model", "top_reasons")
+POLICY_FIELDS: Final = ("thresholds", "block", "allow", "rules", "model", "top_reasons",
+                        "river_model")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import orjson
 
 from fraud.decisions import PolicyConfig, decide
 from fraud.features import FEATURE_NAMES, FeatureExtractor
-from fraud.models import RiskModel
+from fraud.models import RiskModel, RiverModel, model_from_config
 from fraud.schema import Label, SchemaError, Transaction
 from streams.config_stream import ConfigDocument
 
@@ -436,6 +436,13 @@ class LabelResult:
     unknown_ids: list[str] = field(default_factory=list)
 
 
+def _runs(model: RiskModel | RiverModel, policy: PolicyConfig) -> bool:
+    """Whether ``model`` is the kind of model ``policy`` asks for."""
+    if isinstance(model, RiverModel):
+        return model.runs(policy.river_model)
+    return policy.river_model is None
+
+
 class ScoringPipeline:
     """Score, decide and learn for one retailer; ``config`` may be swapped at any time
     (each batch reads it once, so a change applies atomically between batches)."""
@@ -443,14 +450,17 @@ class ScoringPipeline:
     def __init__(
         self,
         retailer: str,
-        model: RiskModel | None = None,
+        model: RiskModel | RiverModel | None = None,
         config: ConfigDocument | None = None,
         features: TrackedStore | None = None,
         scored: ScoredStore | None = None,
     ) -> None:
         self.retailer = retailer
         self.config = config or ConfigDocument.default()
-        self.model = model or RiskModel(self.config.policy.model)
+        policy = self.config.policy
+        # a restored model stays until a config asks for another kind (apply_config)
+        self.model = model if model is not None else model_from_config(policy.model,
+                                                                       policy.river_model)
         self.features = features if features is not None else TrackedStore()
         self.scored = scored if scored is not None else ScoredStore()
         self.extractor = FeatureExtractor()
@@ -462,8 +472,13 @@ class ScoringPipeline:
         return f"{self.model.version}+{self.model.n}"
 
     def apply_config(self, config: ConfigDocument) -> None:
-        """Swap the configuration (and the model's hyper-parameters) in one step."""
-        self.model.params = config.policy.model
+        """Swap the configuration (and the model's hyper-parameters) in one step; a config
+        that names another model swaps in a new one (between batches, like the config)."""
+        policy = config.policy
+        if not _runs(self.model, policy):
+            self.model = model_from_config(policy.model, policy.river_model)
+        elif isinstance(self.model, RiskModel):
+            self.model.params = policy.model
         self.config = config
 
     def process_batch(
@@ -551,7 +566,9 @@ class ScoringPipeline:
         # fromiter over the flattened rows: half the time of np.array on a list of lists
         matrix = np.fromiter(chain.from_iterable(vectors), dtype=np.float64,
                              count=len(vectors) * len(names)).reshape(len(vectors), len(names))
-        scores, explained = self.model.score_and_explain_many(names, matrix, policy.top_reasons)
+        # observe: the anomaly statistics learn every scored event (labelled or not)
+        scores, explained = self.model.score_and_explain_many(names, matrix, policy.top_reasons,
+                                                              observe=True)
         set_scored = self.scored.set_encoded
         actions = out.actions
         latencies = out.latencies

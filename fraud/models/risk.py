@@ -5,33 +5,41 @@ Three parts, all plain data:
 * ``scaler``: a :class:`~fraud.models.scaler.RunningScaler` updated on labelled events;
 * ``linear``: logistic-regression weights trained by SGD on the scaled features, positives
   up-weighted by the running negative/positive ratio (capped at ``max_pos_weight``);
-* ``anomaly``: per-feature running mean/variance of *every* scored event (labelled or not);
-  the anomaly score is the mean clipped squared z-score, squashed to [0, 1). A retailer with no
-  labels still gets a useful score from it.
+* ``anomaly``: per-feature running mean/variance of the traffic the model is shown with the
+  explicit unsupervised step :meth:`RiskModel.learn_unsupervised_one` (the worker shows it every
+  event it scores, labelled or not); the anomaly score is the mean clipped squared z-score,
+  squashed to [0, 1). A retailer with no labels still gets a useful score from it.
 
 ``score = alpha * p_supervised + (1 - alpha) * anomaly`` with
 ``alpha = (1 - anomaly_weight) * n_pos / (n_pos + warmup_positives)``: the supervised part takes
 over as fraud labels arrive.
 
+:class:`RiskModel` is a River classifier (``river.base.Classifier``): flat hyper-parameters,
+``learn_one(x, y, w)``, ``predict_proba_one(x)`` without side effects; it runs inside
+``compose.Pipeline`` and ``evaluate.progressive_val_score`` and passes ``river.checks``. Like
+River's anomaly detectors, scoring learns nothing: ``score = predict, then learn`` is the
+caller's choice (:meth:`RiskModel.score_and_explain_many` with ``observe=True`` fuses the two
+for the worker's batches, with the same result).
+
 Federation: ``scaler`` and ``linear`` are shared (:func:`merge_states`,
-:meth:`RiskModel.load_shared`); the anomaly statistics stay local to the worker (they
-describe that retailer's normal traffic) but are exported with the full state, so a
-restarted worker restores them.
+:meth:`RiskModel.load_shared`, :meth:`RiskModel.export_delta`); the anomaly statistics stay
+local to the worker (they describe that retailer's normal traffic) but are exported with the
+full state, so a restarted worker restores them.
 
 >>> model = RiskModel()
 >>> normal = {"amount_log": 3.0, "n_1h": 1.0}
 >>> for i in range(200):
 ...     x = {"amount_log": 3.0 + (i % 7) / 10, "n_1h": float(i % 3)}
 ...     model.learn_one(x, False)
-...     _ = model.score_one(x)
+...     model.learn_unsupervised_one(x)
 ...     if i % 20 == 0:
 ...         y = {"amount_log": 8.0, "n_1h": 9.0}
 ...         model.learn_one(y, True)
-...         _ = model.score_one(y)
+...         model.learn_unsupervised_one(y)
 >>> model.score_one({"amount_log": 8.5, "n_1h": 8.0}) > 0.8 > model.score_one(normal)
 True
 >>> clone = RiskModel.from_state(json.loads(json.dumps(model.export_state())))
->>> clone.score_one(normal, observe=False) == model.score_one(normal, observe=False)
+>>> clone.predict_proba_one(normal) == model.predict_proba_one(normal)
 True
 >>> sorted(name for name, _ in model.contributions({"amount_log": 8.5, "n_1h": 8.0}))
 ['amount_log', 'n_1h']
@@ -41,15 +49,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 import numpy as np
+from river import base
 
 from fraud.models.kernels import learn_rows, score_matrix, score_rows, top_positive
 from fraud.models.linear import empty_linear, merge_linear
-from fraud.models.scaler import RunningScaler, merge_scalers
+from fraud.models.scaler import RunningScaler, merge_scalers, subtract_scaler
 from fraud.schema import SchemaError
 
 MODEL_STATE_VERSION: Final = 1
@@ -188,21 +197,63 @@ class _Rows:
         return self._ranks
 
 
-class RiskModel:
-    """Online fraud-risk model with River-style ``learn_one``/``predict_proba_one``.
+class RiskModel(base.Classifier):
+    """Online fraud-risk model: a River binary classifier over ``dict[str, float]`` vectors.
 
-    Feature vectors are plain ``dict[str, float]`` (keys absent from a vector contribute
-    nothing), so a vector stored at scoring time can be passed to ``learn_one`` when its label
-    arrives. ``score_one`` also feeds the local anomaly statistics unless ``observe=False``.
+    Keys absent from a vector contribute nothing, so a vector stored at scoring time can be
+    passed to ``learn_one`` when its label arrives. Scoring (``predict_proba_one``,
+    ``score_one``) learns nothing; the anomaly statistics learn only in the explicit
+    unsupervised step :meth:`learn_unsupervised_one` (or ``observe=True`` on the batch path).
 
     The statistics live in float64 tables walked by compiled loops
     (:mod:`fraud.models.kernels`); the rows of a key order that keeps repeating (what
     :class:`~fraud.features.FeatureExtractor` produces) are looked up once.
+
+    Parameters
+    ----------
+    learning_rate
+        SGD step of the logistic regression.
+    l2
+        L2 penalty (weight decay ``1 - learning_rate * l2`` per step).
+    clip
+        z-scores are clipped to ``[-clip, clip]``.
+    max_pos_weight
+        Cap of the up-weighting of positives (the running negative/positive ratio).
+    anomaly_weight
+        Share of the score the anomaly part keeps once many positives have been seen.
+    warmup_positives
+        Positives at which the supervised part has half its final share.
+    anomaly_scale
+        Squashing constant of the anomaly score ``m / (m + anomaly_scale)``.
+    anomaly_min_events
+        Unlabelled events the anomaly part needs before it scores.
     """
 
-    def __init__(self, params: ModelParams | None = None, version: str = "local") -> None:
-        self.params = params or ModelParams()
-        self.version = version
+    def __init__(
+        self,
+        learning_rate: float = 0.03,
+        l2: float = 0.0,
+        clip: float = 6.0,
+        max_pos_weight: float = 20.0,
+        anomaly_weight: float = 0.1,
+        warmup_positives: float = 20.0,
+        anomaly_scale: float = 3.0,
+        anomaly_min_events: int = 30,
+    ) -> None:
+        checked = ModelParams.from_dict({
+            "learning_rate": learning_rate, "l2": l2, "clip": clip,
+            "max_pos_weight": max_pos_weight, "anomaly_weight": anomaly_weight,
+            "warmup_positives": warmup_positives, "anomaly_scale": anomaly_scale,
+            "anomaly_min_events": anomaly_min_events})
+        self.learning_rate = checked.learning_rate
+        self.l2 = checked.l2
+        self.clip = checked.clip
+        self.max_pos_weight = checked.max_pos_weight
+        self.anomaly_weight = checked.anomaly_weight
+        self.warmup_positives = checked.warmup_positives
+        self.anomaly_scale = checked.anomaly_scale
+        self.anomaly_min_events = checked.anomaly_min_events
+        self.version = "local"
         # supervised scaler and weights: [count, mean, m2, 1/std, weight] per feature
         self._scaler = _StatsTable(5)
         # local anomaly statistics: [count, mean, m2, 1/std] per feature
@@ -212,7 +263,37 @@ class RiskModel:
         self.n = 0
         self.n_pos = 0
         self.n_neg = 0
+        # the shared part of the last global model loaded (load_shared): what export_delta
+        # leaves out; None: everything this model knows is its own
+        self._base: dict[str, Any] | None = None
         self._rows: _Rows | None = None
+
+    @classmethod
+    def from_params(cls, params: ModelParams | Mapping[str, Any] | None = None) -> RiskModel:
+        """A new model with ``params`` (the plain-data form the live config carries)."""
+        if params is None:
+            return cls()
+        if isinstance(params, Mapping):
+            params = ModelParams.from_dict(params)
+        return cls(**params.to_dict())  # type: ignore[arg-type]
+
+    @property
+    def params(self) -> ModelParams:
+        """The hyper-parameters as plain data."""
+        return ModelParams(self.learning_rate, self.l2, self.clip, self.max_pos_weight,
+                           self.anomaly_weight, self.warmup_positives, self.anomaly_scale,
+                           self.anomaly_min_events)
+
+    @params.setter
+    def params(self, params: ModelParams) -> None:
+        """Adopt new hyper-parameters (a config change); the learned state stays."""
+        for name, value in params.to_dict().items():
+            setattr(self, name, value)
+
+    @classmethod
+    def _unit_test_params(cls) -> Iterator[dict[str, Any]]:
+        yield {}
+        yield {"learning_rate": 0.1, "l2": 0.01, "anomaly_min_events": 0}
 
     @property
     def weights(self) -> dict[str, float]:
@@ -222,12 +303,12 @@ class RiskModel:
     @property
     def scaler(self) -> RunningScaler:
         """A snapshot of the supervised scaler's statistics."""
-        return self._scaler.scaler(self.params.clip)
+        return self._scaler.scaler(self.clip)
 
     @property
     def anomaly(self) -> RunningScaler:
         """A snapshot of the local anomaly statistics."""
-        return self._anomaly.scaler(self.params.clip)
+        return self._anomaly.scaler(self.clip)
 
     def _rows_for(self, keys: tuple[str, ...], learn: bool, observe: bool) -> _Rows:
         """Rows of ``keys``; allocates scaler rows to ``learn`` and anomaly rows to ``observe``."""
@@ -243,39 +324,41 @@ class RiskModel:
     # -- scoring ---------------------------------------------------------------------------
     def _run(self, x: Mapping[str, float], observe: bool,
              contributions: np.ndarray = _NO_CONTRIBUTIONS) -> tuple[float, float, _Rows]:
+        """``(dot, zz, rows)`` of ``x`` as the model stands; with ``observe`` the anomaly
+        statistics learn ``x`` afterwards (``anomaly_seen`` is the caller's to count)."""
         keys = tuple(x)
         rows = self._rows_for(keys, False, observe)
         values = np.fromiter(x.values(), np.float64, len(keys))
         dot, zz = score_rows(self._scaler.data, self._anomaly.data, rows.srows, rows.arows,
-                             values, self.params.clip, self.intercept, observe, contributions)
-        if observe:
-            self.anomaly_seen += 1
+                             values, self.clip, self.intercept, observe, contributions)
         return dot, zz, rows
 
     def _blend(self, dot: float, zz: float, count: int) -> float:
-        params = self.params
-        if self.anomaly_seen > params.anomaly_min_events and count:
+        if self.anomaly_seen > self.anomaly_min_events and count:
             m = zz / count
-            anomaly = m / (m + params.anomaly_scale)
+            anomaly = m / (m + self.anomaly_scale)
         else:
             anomaly = 0.0
         n_pos = self.n_pos
         if not n_pos:
             return anomaly
-        alpha = (1.0 - params.anomaly_weight) * n_pos / (n_pos + params.warmup_positives)
+        alpha = (1.0 - self.anomaly_weight) * n_pos / (n_pos + self.warmup_positives)
         if dot < -35.0:
             dot = -35.0
         elif dot > 35.0:
             dot = 35.0
         return alpha / (1.0 + _exp(-dot)) + (1.0 - alpha) * anomaly
 
-    def score_one(self, x: Mapping[str, float], observe: bool = True) -> float:
-        """Combined risk in [0, 1]; with ``observe`` the anomaly statistics learn ``x``."""
+    def score_one(self, x: Mapping[str, float], observe: bool = False) -> float:
+        """Combined risk in [0, 1]; with ``observe``, :meth:`learn_unsupervised_one` after."""
         dot, zz, _ = self._run(x, observe)
-        return self._blend(dot, zz, len(x))
+        score = self._blend(dot, zz, len(x))
+        if observe:
+            self.anomaly_seen += 1
+        return score
 
     def score_and_explain(
-        self, x: Mapping[str, float], k: int = 3, observe: bool = True
+        self, x: Mapping[str, float], k: int = 3, observe: bool = False
     ) -> tuple[float, list[tuple[str, float]]]:
         """``(score_one(x, observe), contributions(x, k))`` in one pass over ``x``."""
         values = np.fromiter(x.values(), np.float64, len(x)).reshape(1, len(x))
@@ -283,18 +366,22 @@ class RiskModel:
         return scores[0], explained[0]
 
     def score_and_explain_many(
-        self, keys: tuple[str, ...], X: np.ndarray, k: int = 3, observe: bool = True
+        self, keys: tuple[str, ...], X: np.ndarray, k: int = 3, observe: bool = False
     ) -> tuple[list[float], list[list[tuple[str, float]]]]:
         """``score_and_explain`` of each row of ``X`` (values of ``keys``, in that order), in
-        order, with one compiled call for all rows: the same scores and contributions,
-        bit for bit, and the same anomaly statistics afterwards.
+        order, with one compiled call for all rows: the same scores and contributions, bit for
+        bit. With ``observe`` each row is scored, then learned by the anomaly statistics
+        (``predict_proba_one`` then ``learn_unsupervised_one``, row after row).
 
         >>> model = RiskModel()
         >>> rows = np.array([[3.0, 1.0], [3.5, 0.0], [9.0, 7.0]])
         >>> twin = RiskModel()
         >>> xs = [{"a": a, "b": b} for a, b in rows.tolist()]
-        >>> [(twin.score_one(x), twin.contributions(x, 2)) for x in xs] == [
-        ...     *zip(*model.score_and_explain_many(("a", "b"), rows, 2))]
+        >>> expected = []
+        >>> for x in xs:
+        ...     expected.append((twin.predict_proba_one(x)[True], twin.contributions(x, 2)))
+        ...     twin.learn_unsupervised_one(x)
+        >>> expected == [*zip(*model.score_and_explain_many(("a", "b"), rows, 2, observe=True))]
         True
         """
         if X.ndim != 2 or X.shape[1] != len(keys):
@@ -306,32 +393,32 @@ class RiskModel:
         top = max(k, 0)
         dots, zzs, chosen, chosen_terms = score_matrix(
             self._scaler.data, self._anomaly.data, rows.srows, rows.arows, values,
-            self.params.clip, self.intercept, observe, rows.ranks, top)
+            self.clip, self.intercept, observe, rows.ranks, top)
         blend = self._blend
         width = len(keys)
         scores = []
         for dot, zz in zip(dots.tolist(), zzs.tolist(), strict=True):
-            if observe:  # each row's blend sees the count after its own observation
-                self.anomaly_seen += 1
             scores.append(blend(dot, zz, width))
+            if observe:  # the next row's score sees this row's observation
+                self.anomaly_seen += 1
         explained = [[(keys[i], c) for i, c in zip(ids, cs, strict=True) if i >= 0]
                      for ids, cs in zip(chosen.tolist(), chosen_terms.tolist(), strict=True)]
         return scores, explained
 
-    def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = True) -> list[float]:
+    def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = False) -> list[float]:
         """``score_one`` for each vector, in order (:meth:`score_and_explain_many` is the
         hot path's batch form)."""
         score = self.score_one
         return [score(x, observe) for x in xs]
 
-    def predict_proba_one(self, x: Mapping[str, float]) -> dict[bool, float]:
-        """River-style class probabilities of the combined score; learns nothing."""
-        p = self.score_one(x, observe=False)
+    def predict_proba_one(self, x: Mapping[str, float]) -> dict[bool, float]:  # type: ignore[override]
+        """Class probabilities of the combined score; learns nothing."""
+        p = self.score_one(x)
         return {False: 1.0 - p, True: p}
 
     def predict_proba_many(self, xs: Iterable[Mapping[str, float]]) -> list[float]:
         """Risk scores of many vectors; learns nothing."""
-        return self.score_many(xs, observe=False)
+        return self.score_many(xs)
 
     def supervised_proba(self, x: Mapping[str, float]) -> float:
         """The logistic-regression probability alone."""
@@ -339,11 +426,11 @@ class RiskModel:
 
     def anomaly_score(self, x: Mapping[str, float]) -> float:
         """The anomaly part alone, in [0, 1)."""
-        if not x or self.anomaly_seen <= self.params.anomaly_min_events:
+        if not x or self.anomaly_seen <= self.anomaly_min_events:
             return 0.0
         _, zz, _ = self._run(x, False)
         m = zz / len(x)
-        return m / (m + self.params.anomaly_scale)
+        return m / (m + self.anomaly_scale)
 
     def _terms(self, x: Mapping[str, float]) -> list[tuple[str, float]]:
         """``(feature, weight * z)`` of every feature of ``x`` the scaler has, in order."""
@@ -358,30 +445,36 @@ class RiskModel:
         return _top(rows, terms, k)
 
     # -- learning --------------------------------------------------------------------------
-    def observe_one(self, x: Mapping[str, float]) -> None:
-        """Update only the anomaly statistics (unlabelled traffic)."""
+    def learn_unsupervised_one(self, x: Mapping[str, float]) -> None:
+        """The unsupervised step: only the anomaly statistics learn ``x`` (any traffic,
+        labelled or not; the worker calls it for every event it scores)."""
         self._run(x, True)
+        self.anomaly_seen += 1
 
-    def learn_one(self, x: Mapping[str, float], y: bool | int | float) -> None:
-        """One SGD step on ``(x, y)`` after updating the scaler with ``x``."""
+    def learn_one(  # type: ignore[override]
+        self, x: Mapping[str, float], y: bool | int | float, w: float = 1.0
+    ) -> None:
+        """One SGD step on ``(x, y)`` with sample weight ``w``, after updating the scaler
+        with ``x``. Positives are also up-weighted by the running negative/positive ratio."""
         keys = tuple(x)
         rows = self._rows_for(keys, True, False)
-        params = self.params
         weight = 1.0
         if y:
             weight = (self.n_neg + 1.0) / (self.n_pos + 1.0)
-            if weight > params.max_pos_weight:
-                weight = params.max_pos_weight
+            if weight > self.max_pos_weight:
+                weight = self.max_pos_weight
             elif weight < 1.0:
                 weight = 1.0
             self.n_pos += 1
         else:
             self.n_neg += 1
         self.n += 1
+        if w != 1.0:
+            weight *= w
+        rate = self.learning_rate
         step = learn_rows(self._scaler.data, rows.srows,
-                          np.fromiter(x.values(), np.float64, len(keys)), params.clip,
-                          self.intercept, bool(y), weight, params.learning_rate,
-                          1.0 - params.learning_rate * params.l2)
+                          np.fromiter(x.values(), np.float64, len(keys)), self.clip,
+                          self.intercept, bool(y), weight, rate, 1.0 - rate * self.l2)
         self.intercept -= step
 
     def learn_many(
@@ -414,28 +507,62 @@ class RiskModel:
         }
 
     def export_state(self) -> dict[str, Any]:
-        """Everything, as versioned plain data (JSON- and msgpack-safe); never pickle."""
+        """Everything, as versioned plain data (JSON- and msgpack-safe); never pickle.
+
+        ``base`` is the shared part of the last global model loaded (``None`` if none), so a
+        restarted worker still knows which of its statistics are its own
+        (:meth:`export_delta`).
+        """
         state = self.export_shared()
         state["anomaly"] = self.anomaly.to_dict()
+        state["base"] = self._base
+        return state
+
+    def export_delta(self) -> dict[str, Any]:
+        """What this model learned since its last :meth:`load_shared`, for a federated round.
+
+        A shared state (mergeable with :func:`merge_states`) whose counts and scaler
+        statistics cover only the labels learned since the global model was loaded, and whose
+        weights are the current ones; ``delta_of`` names that global model. Merging the global
+        model with the deltas of its clients counts every label once. Without a global model
+        the delta is the whole shared part.
+        """
+        state = self.export_shared()
+        state["delta_of"] = None
+        base = self._base
+        if base is None:
+            return state
+        state["delta_of"] = base["version"]
+        state["scaler"] = subtract_scaler(state["scaler"], base["scaler"])
+        linear = state["linear"]
+        for key in ("n", "n_pos", "n_neg"):
+            linear[key] -= base[key]
         return state
 
     def load_shared(self, state: Mapping[str, Any]) -> None:
-        """Replace scaler + linear by ``state``'s (e.g. a new global model); keep local anomaly."""
+        """Replace scaler + linear by ``state``'s (e.g. a new global model); keep local anomaly.
+
+        ``state`` becomes the base: :meth:`export_delta` leaves its counts and statistics out.
+        """
         other = RiskModel.from_state(state)
         self.version = other.version
         self._scaler = other._scaler
         self._rows = None
         self.intercept = other.intercept
         self.n, self.n_pos, self.n_neg = other.n, other.n_pos, other.n_neg
+        self._base = {"version": other.version, "n": other.n, "n_pos": other.n_pos,
+                      "n_neg": other.n_neg, "scaler": other.scaler.to_dict()}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> RiskModel:
         """Rebuild from :meth:`export_state` data; raises ``SchemaError`` naming a bad field."""
         _check_state(state)
         params = ModelParams.from_dict(state.get("params"))
-        model = cls(params, version=str(state.get("version", "")))
+        model = cls.from_params(params)
+        model.version = str(state.get("version", ""))
+        clip = params.clip
         try:
-            scaler = RunningScaler.from_dict(state["scaler"], params.clip)
+            scaler = RunningScaler.from_dict(state["scaler"], clip)
             linear = state["linear"]
             weights = {str(k): float(v) for k, v in linear["weights"].items()}
             model.intercept = float(linear["intercept"])
@@ -443,10 +570,17 @@ class RiskModel:
             model.n_pos = int(linear["n_pos"])
             model.n_neg = int(linear["n_neg"])
             if state.get("anomaly"):
-                anomaly = RunningScaler.from_dict(state["anomaly"], params.clip)
+                anomaly = RunningScaler.from_dict(state["anomaly"], clip)
                 model._anomaly = _StatsTable.from_scaler(anomaly, 4)
                 counts = state["anomaly"]["counts"].values()
                 model.anomaly_seen = int(max(counts, default=0))
+            base = state.get("base")
+            if base is not None:
+                model._base = {
+                    "version": str(base["version"]), "n": int(base["n"]),
+                    "n_pos": int(base["n_pos"]), "n_neg": int(base["n_neg"]),
+                    "scaler": {part: {str(k): float(v) for k, v in base["scaler"][part].items()}
+                               for part in ("counts", "means", "vars")}}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SchemaError("model", f"malformed model state: {exc!r}") from None
         stats = scaler.stats
@@ -485,7 +619,7 @@ def _check_state(state: Any) -> None:
 
 def empty_state(params: ModelParams | None = None) -> dict[str, Any]:
     """The exported state of an untrained model."""
-    return RiskModel(params).export_state()
+    return RiskModel.from_params(params).export_state()
 
 
 def merge_states(states: Sequence[Mapping[str, Any]], version: str = "") -> dict[str, Any]:

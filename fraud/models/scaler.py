@@ -123,3 +123,42 @@ def merge_scalers(states: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, fl
         m2 = math.fsum([*(p[0] * p[2] for p in parts), *(p[0] * (p[1] - mean) ** 2 for p in parts)])
         counts[k], means[k], variances[k] = n, mean, m2 / n
     return {"counts": counts, "means": means, "vars": variances}
+
+
+def subtract_scaler(
+    total: Mapping[str, Any], base: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """The statistics of the data in ``total`` but not in ``base``, when ``total`` is ``base``
+    plus more data: Chan's formula solved for the missing part (exact up to rounding).
+
+    ``merge_scalers([base, subtract_scaler(total, base)])`` equals ``total``. A feature with no
+    new data is left out.
+
+    >>> a, both = RunningScaler(), RunningScaler()
+    >>> for v in (1.0, 2.0, 4.0):
+    ...     a.learn_one({"x": v}); both.learn_one({"x": v})
+    >>> for v in (8.0, 16.0):
+    ...     both.learn_one({"x": v})
+    >>> d = subtract_scaler(both.to_dict(), a.to_dict())
+    >>> d["counts"]["x"], round(d["means"]["x"], 12), round(d["vars"]["x"], 12)
+    (2.0, 12.0, 16.0)
+    """
+    counts: dict[str, float] = {}
+    means: dict[str, float] = {}
+    variances: dict[str, float] = {}
+    for k, n in total["counts"].items():
+        n = float(n)
+        nb = float(base["counts"].get(k, 0.0))
+        nd = n - nb
+        if nd <= 0.0:
+            continue
+        mean, var = float(total["means"][k]), float(total["vars"][k])
+        if nb <= 0.0:
+            counts[k], means[k], variances[k] = n, mean, var
+            continue
+        mb, vb = float(base["means"][k]), float(base["vars"][k])
+        md = (n * mean - nb * mb) / nd
+        # m2 = m2_b + m2_d + n_b (m_b - m)^2 + n_d (m_d - m)^2
+        m2d = n * var - nb * vb - nb * (mb - mean) ** 2 - nd * (md - mean) ** 2
+        counts[k], means[k], variances[k] = nd, md, max(m2d, 0.0) / nd
+    return {"counts": counts, "means": means, "vars": variances}

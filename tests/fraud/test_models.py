@@ -78,7 +78,7 @@ def _trained_model(batch: list[dict[str, float]], seed: int) -> RiskModel:
     model = RiskModel()
     for x in batch:
         model.learn_one(x, rng.random() < 0.3)
-        model.score_one(x)
+        model.learn_unsupervised_one(x)
     return model
 
 
@@ -128,11 +128,11 @@ def test_learns_an_imbalanced_problem_and_explains_itself() -> None:
     model = RiskModel()
     data = _separable(3000, 1)
     for x, y in data:
-        model.score_one(x)
+        model.score_one(x, observe=True)
         model.learn_one(x, y)
     test = _separable(1000, 2)
-    fraud = [model.score_one(x, observe=False) for x, y in test if y]
-    legit = [model.score_one(x, observe=False) for x, y in test if not y]
+    fraud = [model.score_one(x) for x, y in test if y]
+    legit = [model.score_one(x) for x, y in test if not y]
     pairs = sum(f > g for f in fraud for g in legit) / (len(fraud) * len(legit))
     assert pairs > 0.97
     names = [k for k, _ in model.contributions({"amount": 7.0, "velocity": 5.0, "noise": 0.0})]
@@ -143,17 +143,18 @@ def test_unlabelled_retailer_still_ranks_anomalies_first() -> None:
     model = RiskModel()
     rng = random.Random(4)
     for _ in range(500):
-        model.score_one({"amount": rng.gauss(2.0, 0.5), "velocity": rng.gauss(0.0, 1.0)})
-    normal = model.score_one({"amount": 2.1, "velocity": 0.2}, observe=False)
-    odd = model.score_one({"amount": 9.0, "velocity": 8.0}, observe=False)
+        model.learn_unsupervised_one({"amount": rng.gauss(2.0, 0.5),
+                                      "velocity": rng.gauss(0.0, 1.0)})
+    normal = model.score_one({"amount": 2.1, "velocity": 0.2})
+    odd = model.score_one({"amount": 9.0, "velocity": 8.0})
     assert 0.0 <= normal < odd <= 1.0
 
 
 @pytest.mark.parametrize("codec", ["json", "msgpack"])
 def test_state_round_trips_through_json_and_msgpack(codec) -> None:
-    model = RiskModel(ModelParams(learning_rate=0.05))
+    model = RiskModel(learning_rate=0.05)
     for x, y in _separable(500, 3):
-        model.score_one(x)
+        model.score_one(x, observe=True)
         model.learn_one(x, y)
     state = model.export_state()
     if codec == "json":
@@ -163,7 +164,7 @@ def test_state_round_trips_through_json_and_msgpack(codec) -> None:
     clone = RiskModel.from_state(decoded)
     assert clone.export_state() == state
     for x, _ in _separable(50, 4):
-        assert clone.score_one(x) == model.score_one(x)
+        assert clone.score_one(x, observe=True) == model.score_one(x, observe=True)
     x = {"amount": 3.0, "velocity": 1.0, "noise": 0.0}
     clone.learn_one(x, True)
     model.learn_one(x, True)
@@ -173,7 +174,7 @@ def test_state_round_trips_through_json_and_msgpack(codec) -> None:
 def test_load_shared_keeps_local_anomaly_statistics() -> None:
     local = RiskModel()
     for x, y in _separable(200, 5):
-        local.score_one(x)
+        local.learn_unsupervised_one(x)
         local.learn_one(x, y)
     anomaly = local.anomaly.to_dict()
     other = RiskModel()
@@ -192,7 +193,7 @@ def test_batch_variants_equal_one_at_a_time() -> None:
     for x, y in data:
         b.learn_one(x, y)
     assert a.export_state() == b.export_state()
-    assert a.score_many(xs) == [b.score_one(x) for x in xs]
+    assert a.score_many(xs, observe=True) == [b.score_one(x, observe=True) for x in xs]
     assert a.predict_proba_many(xs[:5]) == [b.predict_proba_one(x)[True] for x in xs[:5]]
     with pytest.raises(ValueError):
         a.learn_many(xs, ys[:-1])
@@ -213,3 +214,114 @@ def test_bad_states_name_the_field(state, field) -> None:
     with pytest.raises(SchemaError) as err:
         RiskModel.from_state(state)
     assert err.value.field == field
+
+
+def test_flat_hyper_parameters_and_their_plain_data_form() -> None:
+    params = ModelParams(learning_rate=0.05, anomaly_min_events=3)
+    model = RiskModel.from_params(params)
+    assert model.learning_rate == 0.05 and model.anomaly_min_events == 3
+    assert model.params == params == RiskModel.from_params(params.to_dict()).params
+    assert model.clone().params == params
+    model.learn_one({"a": 1.0}, True)
+    model.params = ModelParams(l2=0.5)  # a config change keeps what was learned
+    assert model.l2 == 0.5 and model.learning_rate == 0.03 and model.n == 1
+    with pytest.raises(SchemaError):
+        RiskModel(anomaly_weight=1.5)
+
+
+def test_scoring_learns_nothing_until_the_unsupervised_step() -> None:
+    model = RiskModel(anomaly_min_events=0)
+    x = {"amount": 2.0, "velocity": 1.0}
+    for v in range(50):
+        model.learn_one({"amount": float(v % 5), "velocity": 0.0}, v % 10 == 0)
+    before = model.export_state()
+    assert model.predict_proba_one(x) == model.predict_proba_one(x)
+    model.score_one(x)
+    model.score_many([x, x])
+    model.score_and_explain(x)
+    assert model.export_state() == before
+    twin = RiskModel.from_state(before)
+    fused = model.score_one(x, observe=True)
+    assert fused == twin.predict_proba_one(x)[True]
+    twin.learn_unsupervised_one(x)
+    assert model.export_state() == twin.export_state() != before
+
+
+def test_sample_weight_scales_the_step() -> None:
+    a, b, c = RiskModel(), RiskModel(), RiskModel()
+    for m in (a, b, c):
+        m.learn_one({"x": 0.0}, False)
+        m.learn_one({"x": 2.0}, False)
+    a.learn_one({"x": 5.0}, True)
+    b.learn_one({"x": 5.0}, True, w=1.0)
+    c.learn_one({"x": 5.0}, True, w=3.0)
+    assert a.export_state() == b.export_state()
+    assert c.weights["x"] > a.weights["x"] > 0.0
+
+
+def _learn_all(model: RiskModel, data: list[tuple[dict[str, float], bool]]) -> None:
+    for x, y in data:
+        model.learn_one(x, y)
+
+
+def test_export_delta_holds_only_what_was_learned_since_the_global_model() -> None:
+    """load_shared -> learn -> export_delta -> merge, two clients and two rounds: every label is
+    counted once and the global scaler is the one trained on all labelled data."""
+    data = _separable(400, 8)
+    chunks = [data[i:i + 100] for i in range(0, 400, 100)]  # round 1: 0, 1; round 2: 2, 3
+    seen: list[tuple[dict[str, float], bool]] = []
+    global_state = empty_state()
+    clients = [RiskModel(), RiskModel()]
+    for rnd, pair in enumerate((chunks[:2], chunks[2:])):
+        deltas = []
+        for client, chunk in zip(clients, pair, strict=True):
+            client.load_shared(global_state)
+            _learn_all(client, chunk)
+            seen.extend(chunk)
+            delta = client.export_delta()
+            assert delta["delta_of"] == global_state["version"]
+            assert delta["linear"]["n"] == len(chunk)
+            deltas.append(delta)
+        global_state = merge_states([global_state, *deltas], version=f"g{rnd + 1}")
+        linear = global_state["linear"]
+        assert linear["n"] == len(seen)
+        assert linear["n_pos"] == sum(y for _, y in seen)
+        assert linear["n_neg"] == sum(not y for _, y in seen)
+        union = _trained_scaler([x for x, _ in seen]).to_dict()
+        assert global_state["scaler"]["counts"] == union["counts"]
+        for key in union["counts"]:
+            assert _close(global_state["scaler"]["means"][key], union["means"][key])
+            assert _close(global_state["scaler"]["vars"][key], union["vars"][key])
+
+
+def test_export_delta_survives_a_restart_and_is_everything_without_a_global_model() -> None:
+    model = RiskModel()
+    _learn_all(model, _separable(50, 9))
+    delta = model.export_delta()
+    assert delta["delta_of"] is None
+    assert {k: v for k, v in delta.items() if k != "delta_of"} == model.export_shared()
+    model.load_shared(model.export_shared())
+    assert model.export_delta()["linear"]["n"] == 0
+    assert model.export_delta()["scaler"]["counts"] == {}
+    _learn_all(model, _separable(30, 10))
+    restarted = RiskModel.from_state(json.loads(json.dumps(model.export_state())))
+    assert restarted.export_delta() == model.export_delta()
+    assert restarted.export_delta()["linear"]["n"] == 30
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches, batches)
+def test_scaler_delta_merged_back_onto_its_base_is_the_whole(base, more) -> None:
+    from fraud.models.scaler import subtract_scaler
+
+    base_state = _trained_scaler(base).to_dict()
+    whole = _trained_scaler(base + more).to_dict()
+    delta = subtract_scaler(whole, base_state)
+    assert sum(delta["counts"].values()) == sum(len(x) for x in more)
+    merged = merge_scalers([base_state, delta])
+    assert merged["counts"] == whole["counts"]
+    for key in whole["counts"]:
+        scale = max(1.0, abs(whole["means"][key]))
+        assert abs(merged["means"][key] - whole["means"][key]) <= 1e-9 * scale
+        scale = max(1.0, whole["vars"][key], whole["means"][key] ** 2)
+        assert abs(merged["vars"][key] - whole["vars"][key]) <= 1e-8 * scale

@@ -1,5 +1,9 @@
-# Frozen copy of fraud/models/risk.py at commit 6f653c3, before the fast paths:
-# the reference for tests/fraud/test_fast_paths.py. Do not edit.
+# Frozen copy of fraud/models/risk.py at commit 6f653c3, before the fast paths: the reference
+# for tests/fraud/test_fast_paths.py. Do not edit. Re-frozen as v2 when RiskModel became a River
+# classifier, with three deliberate changes marked "v2:": scoring learns nothing unless asked
+# (observe defaults to False), an observed event's score gates the anomaly part on the count
+# *before* its own observation (so score + observe equals predict, then learn_unsupervised_one),
+# and load_shared remembers the global model as the state's "base" (for per-round deltas).
 """The default risk model: scaling + logistic regression, blended with a local anomaly score.
 
 Three parts, all plain data:
@@ -25,11 +29,11 @@ restarted worker restores them.
 >>> for i in range(200):
 ...     x = {"amount_log": 3.0 + (i % 7) / 10, "n_1h": float(i % 3)}
 ...     model.learn_one(x, False)
-...     _ = model.score_one(x)
+...     _ = model.score_one(x, observe=True)
 ...     if i % 20 == 0:
 ...         y = {"amount_log": 8.0, "n_1h": 9.0}
 ...         model.learn_one(y, True)
-...         _ = model.score_one(y)
+...         _ = model.score_one(y, observe=True)
 >>> model.score_one({"amount_log": 8.5, "n_1h": 8.0}) > 0.8 > model.score_one(normal)
 True
 >>> clone = RiskModel.from_state(json.loads(json.dumps(model.export_state())))
@@ -123,6 +127,7 @@ class RiskModel:
         self.n = 0
         self.n_pos = 0
         self.n_neg = 0
+        self.base: dict[str, Any] | None = None  # v2
 
     @property
     def weights(self) -> dict[str, float]:
@@ -134,7 +139,7 @@ class RiskModel:
         p = self.params
         return (1.0 - p.anomaly_weight) * self.n_pos / (self.n_pos + p.warmup_positives)
 
-    def score_one(self, x: Mapping[str, float], observe: bool = True) -> float:
+    def score_one(self, x: Mapping[str, float], observe: bool = False) -> float:
         """Combined risk in [0, 1]; with ``observe`` the anomaly statistics learn ``x``."""
         stats = self.scaler.stats.get
         an = self.anomaly.stats
@@ -173,13 +178,14 @@ class RiskModel:
                 # v1 tested m2 > 0 and divided by zero when m2 / n rounded to 0 (a subnormal
                 # m2); fixed here as the model (fraud.models) has it, the only changes to this copy
                 a[3] = 1.0 / _sqrt(m2 / n) if m2 / n > 0.0 else 0.0
-        if observe:
-            self.anomaly_seen += 1
+        # v2: the gate reads the count before this event's own observation
         if self.anomaly_seen > params.anomaly_min_events and x:
             m = zz / len(x)
             anomaly = m / (m + params.anomaly_scale)
         else:
             anomaly = 0.0
+        if observe:
+            self.anomaly_seen += 1
         n_pos = self.n_pos
         if not n_pos:
             return anomaly
@@ -190,7 +196,7 @@ class RiskModel:
             dot = 35.0
         return alpha / (1.0 + _exp(-dot)) + (1.0 - alpha) * anomaly
 
-    def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = True) -> list[float]:
+    def score_many(self, xs: Iterable[Mapping[str, float]], observe: bool = False) -> list[float]:
         """``score_one`` for each vector, in order (the batch form for the hot path)."""
         score = self.score_one
         return [score(x, observe) for x in xs]
@@ -329,6 +335,7 @@ class RiskModel:
         """Everything, as versioned plain data (JSON- and msgpack-safe); never pickle."""
         state = self.export_shared()
         state["anomaly"] = self.anomaly.to_dict()
+        state["base"] = self.base  # v2
         return state
 
     def load_shared(self, state: Mapping[str, Any]) -> None:
@@ -338,6 +345,8 @@ class RiskModel:
         self.scaler = other.scaler
         self.intercept = other.intercept
         self.n, self.n_pos, self.n_neg = other.n, other.n_pos, other.n_neg
+        self.base = {"version": other.version, "n": other.n, "n_pos": other.n_pos,  # v2
+                     "n_neg": other.n_neg, "scaler": other.scaler.to_dict()}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> RiskModel:
@@ -357,6 +366,7 @@ class RiskModel:
                 model.anomaly = RunningScaler.from_dict(state["anomaly"], params.clip)
                 counts = state["anomaly"]["counts"].values()
                 model.anomaly_seen = int(max(counts, default=0))
+            model.base = state.get("base")  # v2
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SchemaError("model", f"malformed model state: {exc!r}") from None
         stats = model.scaler.stats
