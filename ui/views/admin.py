@@ -149,7 +149,7 @@ with history:
                 "Issued": when(shown.issued_at) if shown is not None and shown.issued_at else "-",
                 "Why": f"{o.reason}: {o.error}" if o.status == "rejected" else "",
             })
-        st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption(f"As a worker of scope {scope} sees {topics.CONFIG}; newest first.")
 
 with rejected:
@@ -163,4 +163,4 @@ with rejected:
             "Worker": r.get("worker") or "-", "Retailer": r.get("retailer_id") or "-",
             "Version": f"v{r['version']}" if r.get("version") else "-",
             "Reason": r.get("reason") or "-", "Detail": r.get("error") or "",
-        } for r in reversed(reports)]), hide_index=True, use_container_width=True)
+        } for r in reversed(reports)]), hide_index=True, width="stretch")

@@ -58,7 +58,7 @@ def all_charts() -> None:
                 time_axis(), alt.Y("decisions:Q", title="decisions", stack=True),
                 alt.Color("action:N", scale=ACTION_COLORS, title="Action"),
                 tooltip=["time:T", "action:N", "decisions:Q"]).properties(height=HEIGHT),
-                use_container_width=True)
+                width="stretch")
     with b:
         st.subheader("Score distribution")
         if not rows:
@@ -70,7 +70,7 @@ def all_charts() -> None:
                 alt.X("score:Q", bin=alt.Bin(maxbins=40, extent=[0, 1]), title="score"),
                 alt.Y("count():Q", title="decisions", stack=True),
                 alt.Color("action:N", scale=ACTION_COLORS, title="Action"),
-            ).properties(height=HEIGHT), use_container_width=True)
+            ).properties(height=HEIGHT), width="stretch")
 
     c, d = st.columns(2)
     with c:
@@ -82,7 +82,7 @@ def all_charts() -> None:
             st.altair_chart(alt.Chart(data).mark_line(point=True).encode(
                 time_axis(), alt.Y("rate:Q", title="fraud rate", axis=alt.Axis(format="%")),
                 tooltip=["time:T", alt.Tooltip("rate:Q", format=".1%"), "labels:Q"],
-            ).properties(height=HEIGHT), use_container_width=True)
+            ).properties(height=HEIGHT), width="stretch")
     with d:
         st.subheader("Rolling precision and recall")
         data = charts.rolling_precision_recall(rows, labels)
@@ -95,7 +95,7 @@ def all_charts() -> None:
                                    axis=alt.Axis(format="%")),
                 alt.Color("metric:N", title=None),
                 tooltip=["time:T", "metric:N", alt.Tooltip("value:Q", format=".1%")],
-            ).properties(height=HEIGHT), use_container_width=True)
+            ).properties(height=HEIGHT), width="stretch")
             st.caption("Flagged = verify, hold or block; over the last 200 labelled decisions.")
 
     e, f = st.columns(2)
@@ -109,7 +109,7 @@ def all_charts() -> None:
                 time_axis(), alt.Y("ms:Q", title="ms"),
                 alt.Color("percentile:N", title=None),
                 tooltip=["time:T", "percentile:N", alt.Tooltip("ms:Q", format=",.1f")],
-            ).properties(height=HEIGHT), use_container_width=True)
+            ).properties(height=HEIGHT), width="stretch")
     with f:
         st.subheader("Workers: consumer lag and throughput")
         history = rt.metrics.history()
@@ -130,7 +130,7 @@ def all_charts() -> None:
                 time_axis(), alt.Y("value:Q", title=None), alt.Color("worker:N", title=None),
                 alt.Row("measure:N", title=None),
                 tooltip=["time:T", "worker:N", "measure:N", "value:Q"],
-            ).properties(height=HEIGHT // 2 - 10), use_container_width=True)
+            ).properties(height=HEIGHT // 2 - 10), width="stretch")
 
     st.subheader("Federated learning rounds")
     records = rt.store.records(topics.FL_GLOBAL)
@@ -152,7 +152,7 @@ def all_charts() -> None:
         st.altair_chart(alt.Chart(frame).mark_bar().encode(
             time_axis(), alt.Y("contributors:Q", title="contributors"),
             tooltip=["time:T", "round:Q", "contributors:Q", "version:N"],
-        ).properties(height=HEIGHT), use_container_width=True)
+        ).properties(height=HEIGHT), width="stretch")
 
 
 all_charts()

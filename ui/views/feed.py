@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from fraud.schema import ACTIONS
+from fraud.schema import ACTIONS, parse_timestamp
 from ui import runtime
 from ui.format import (
     clock,
@@ -57,7 +57,7 @@ def details(row: DecisionRow) -> None:
             st.dataframe(pd.DataFrame({
                 "Feature": [feature_in_words(n) for n, _ in contributions],
                 "Contribution": [c for _, c in contributions]}),
-                hide_index=True, use_container_width=True)
+                hide_index=True, width="stretch")
     with what:
         st.markdown("**Transaction**")
         if tx is None:
@@ -69,11 +69,12 @@ def details(row: DecisionRow) -> None:
                 "IP": tx.get("ip"), "Items": tx.get("item_count"),
                 "Coupon": tx.get("coupon_code"),
                 "Address mismatch": "yes" if tx.get("address_mismatch") else "no",
-                "Occurred": when(float(tx["occurred_at"])) if tx.get("occurred_at") else None,
+                "Occurred": when(parse_timestamp(tx["occurred_at"])) if tx.get("occurred_at")
+                else None,
             }
             st.dataframe(pd.DataFrame({"Field": list(shown), "Value": [
                 "-" if v is None else str(v) for v in shown.values()]}),
-                hide_index=True, use_container_width=True)
+                hide_index=True, width="stretch")
         st.caption(f"Model {d.model_version or '-'} · decided {when(row.decided_at)}")
 
 
@@ -110,7 +111,7 @@ def live() -> None:
     st.session_state["feed_ids"] = [r.decision.tx_id for r in rows]
     st.dataframe(
         table, key="feed_table", on_select="rerun", selection_mode="single-row",
-        hide_index=True, use_container_width=True, height=420,
+        hide_index=True, width="stretch", height=420,
         column_config={
             "Score": st.column_config.ProgressColumn("Score", min_value=0.0, max_value=1.0,
                                                      format="%.2f"),

@@ -69,9 +69,9 @@ def queue() -> None:
             disabled = not (reachable and loaded)
             buttons.button("Confirm fraud", key=f"fraud-{d.tx_id}", type="primary",
                            disabled=disabled, on_click=verdict, args=(row, True),
-                           use_container_width=True)
+                           width="stretch")
             buttons.button("Legitimate", key=f"legit-{d.tx_id}", disabled=disabled,
-                           on_click=verdict, args=(row, False), use_container_width=True)
+                           on_click=verdict, args=(row, False), width="stretch")
 
 
 queue()
