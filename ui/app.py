@@ -11,14 +11,14 @@ import streamlit as st
 
 from ui import runtime
 
-st.set_page_config(page_title="qsfraud", page_icon="🛡️", layout="wide")
+st.set_page_config(page_title="qsfraud", page_icon=":material/shield:", layout="wide")
 rt = runtime.current()
 
 pages = [
-    st.Page("views/feed.py", title="Live feed", icon="📡", default=True),
-    st.Page("views/review.py", title="Review queue", icon="🧐"),
-    st.Page("views/charts.py", title="Charts", icon="📈"),
-    st.Page("views/admin.py", title="Admin", icon="🛠️"),
+    st.Page("views/feed.py", title="Live feed", icon=":material/stream:", default=True),
+    st.Page("views/review.py", title="Review queue", icon=":material/fact_check:"),
+    st.Page("views/charts.py", title="Charts", icon=":material/monitoring:"),
+    st.Page("views/admin.py", title="Admin", icon=":material/admin_panel_settings:"),
 ]
 with st.sidebar:
     st.markdown("### qsfraud")

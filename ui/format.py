@@ -96,7 +96,16 @@ def millis(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     ms = seconds * 1000.0
+    if ms >= 10_000:
+        return f"{seconds:,.1f} s"
     return f"{ms:,.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+
+
+ACTION_COLORS: Final = {"allow": "#2e7d32", "verify": "#b28704", "hold": "#ef6c00",
+                        "block": "#c62828"}
+ACTION_BADGES: Final = {"allow": ":green-badge[allow]", "verify": ":yellow-badge[verify]",
+                        "hold": ":orange-badge[hold]", "block": ":red-badge[block]"}
+"""Streamlit markdown badges: colour without emoji (which not every browser font has)."""
 
 
 def clock(ts: float) -> str:

@@ -163,7 +163,9 @@ class KafkaReader:
             return TopicPartition(name, partition, OFFSET_BEGINNING)
         if name in SHARED:
             return TopicPartition(name, partition, OFFSET_BEGINNING)
-        return TopicPartition(name, partition, max(low, high - self.settings.tail))
+        # decisions lag their transactions: read further back so the oldest ones find theirs
+        tail = self.settings.tail * (2 if name.endswith(".transactions") else 1)
+        return TopicPartition(name, partition, max(low, high - tail))
 
     def _check_labels_loaded(self, consumer: Consumer) -> None:
         if not self._labels_pending:

@@ -61,12 +61,13 @@ def test_feed_shows_decisions_newest_first_with_details(ui_env, kafka_bootstrap,
     ])
     ui_env.setenv("QSFRAUD_BOOTSTRAP", kafka_bootstrap)
     ui_env.setenv("QSFRAUD_UI_RETAILERS", unique_name)
-    at = run_until(app(), lambda a: bool(a.dataframe) and len(a.dataframe[0].value) == 2)
+    at = run_until(app(), lambda a: bool(a.dataframe) and len(a.dataframe[0].value) == 2
+                   and "-" not in list(a.dataframe[0].value["Amount"]))  # both topics read
     table = at.dataframe[0].value
     assert list(table.columns) == ["Time", "Retailer", "Amount", "Score", "Action",
-                                   "Top reasons", "Latency"]
+                                   "Latency", "Top reasons"]
     first = table.iloc[0]
-    assert (first["Amount"], first["Action"], first["Latency"]) == ("€1,234.50", "🟠 hold",
+    assert (first["Amount"], first["Action"], first["Latency"]) == ("€1,234.50", "hold",
                                                                     "12 ms")
     assert first["Top reasons"] == ('rule "big-ticket" fired; score above the hold threshold; '
                                     "many customer transactions in 10 min (raises risk)")
@@ -82,7 +83,7 @@ def test_feed_shows_decisions_newest_first_with_details(ui_env, kafka_bootstrap,
 
     at.multiselect(key="feed_actions").set_value(["allow"]).run()
     run_until(at, lambda a: len(a.dataframe[0].value) == 1)
-    assert at.dataframe[0].value.iloc[0]["Action"] == "🟢 allow"
+    assert at.dataframe[0].value.iloc[0]["Action"] == "allow"
 
 
 def test_a_verdict_is_published_once_and_leaves_every_queue(ui_env, kafka_bootstrap,

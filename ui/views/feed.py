@@ -8,6 +8,8 @@ import streamlit as st
 from fraud.schema import ACTIONS, parse_timestamp
 from ui import runtime
 from ui.format import (
+    ACTION_BADGES,
+    ACTION_COLORS,
     clock,
     feature_in_words,
     millis,
@@ -19,12 +21,11 @@ from ui.format import (
 from ui.store import DecisionRow
 from ui.widgets import kafka_banner, retailer_filter
 
-ACTION_BADGE = {"allow": "🟢 allow", "verify": "🟡 verify", "hold": "🟠 hold", "block": "🔴 block"}
 SHOWN = 200
 
 rt = runtime.current()
 st.title("Live feed")
-left, middle, right, pause = st.columns([3, 3, 3, 1])
+left, middle, right, pause = st.columns([3, 3, 3, 1.4])
 with left:
     retailers = retailer_filter(rt, "feed_retailers")
 with middle:
@@ -39,8 +40,9 @@ def details(row: DecisionRow) -> None:
     d = row.decision
     tx = rt.store.transaction(d.tx_id)
     st.subheader(f"Transaction {d.tx_id}")
+    st.markdown(f"{ACTION_BADGES[d.action]} · {d.retailer_id} · customer `{row.key or '-'}`")
     cols = st.columns(5)
-    cols[0].metric("Action", ACTION_BADGE[d.action])
+    cols[0].metric("Action", d.action)
     cols[1].metric("Score", f"{d.score:.3f}")
     cols[2].metric("Amount", money(tx["amount"], tx.get("currency")) if tx else "-")
     cols[3].metric("Latency", millis(row.latency_s))
@@ -102,19 +104,24 @@ def live() -> None:
         "Amount": [money(*amounts[r.decision.tx_id]) if r.decision.tx_id in amounts else "-"
                    for r in rows],
         "Score": [r.decision.score for r in rows],
-        "Action": [ACTION_BADGE[r.decision.action] for r in rows],
-        "Top reasons": [reasons_in_words(r.decision.reasons) for r in rows],
+        "Action": [r.decision.action for r in rows],
         "Latency": [millis(r.latency_s) for r in rows],
+        "Top reasons": [reasons_in_words(r.decision.reasons) for r in rows],
     })
+    styled = table.style.map(lambda a: f"color: {ACTION_COLORS[a]}; font-weight: 600",
+                             subset=["Action"])
     st.caption(f"Showing the newest {len(rows):,} of {total:,} decisions in memory · "
                "click a row for its details")
     st.session_state["feed_ids"] = [r.decision.tx_id for r in rows]
     st.dataframe(
-        table, key="feed_table", on_select="rerun", selection_mode="single-row",
+        styled, key="feed_table", on_select="rerun", selection_mode="single-row",
         hide_index=True, width="stretch", height=420,
         column_config={
             "Score": st.column_config.ProgressColumn("Score", min_value=0.0, max_value=1.0,
                                                      format="%.2f"),
+            "Time": st.column_config.TextColumn("Time", width="small"),
+            "Action": st.column_config.TextColumn("Action", width="small"),
+            "Latency": st.column_config.TextColumn("Latency", width="small"),
             "Top reasons": st.column_config.TextColumn("Top reasons", width="large"),
         })
     selected = st.session_state.get("feed_selected_tx")

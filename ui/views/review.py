@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from ui import runtime
-from ui.format import clock, millis, money, reasons_in_words
+from ui.format import ACTION_BADGES, clock, millis, money, reasons_in_words
 from ui.store import DecisionRow
 from ui.widgets import kafka_banner, retailer_filter
 
@@ -60,8 +60,8 @@ def queue() -> None:
         with st.container(border=True):
             info, buttons = st.columns([5, 2])
             amount = money(*amounts[d.tx_id]) if d.tx_id in amounts else "-"
-            badge = "🟠 hold" if d.action == "hold" else "🟡 verify"
-            info.markdown(f"**{badge}** · {d.retailer_id} · **{amount}** · score "
+            badge = ACTION_BADGES[d.action]
+            info.markdown(f"{badge} · {d.retailer_id} · **{amount}** · score "
                           f"**{d.score:.2f}** · {clock(row.decided_at)} · "
                           f"latency {millis(row.latency_s)}  \n`{d.tx_id}` · customer "
                           f"`{row.key or '-'}`")
