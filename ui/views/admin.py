@@ -23,7 +23,7 @@ reachable = kafka_banner(rt)
 keys, why_not = runtime.admin_store(rt.settings)
 registry, registry_note = runtime.trust_registry(rt.settings, keys)
 if keys is None:
-    st.warning(f"Read only: {why_not}.", icon="🔒")
+    st.warning(f"Read only: {why_not}.", icon=":material/lock:")
 if registry_note:
     st.caption(registry_note)
 
@@ -60,7 +60,7 @@ with edit:
                                      format="%.2f", disabled=locked,
                                      key=f"th_block_{current.version}")
         if "thresholds" in errors:
-            st.error(errors["thresholds"], icon="⚠️")
+            st.error(errors["thresholds"], icon=":material/error:")
 
         lists: dict[str, dict[str, str]] = {"block": {}, "allow": {}}
         for which, title in (("block", "Block lists"), ("allow", "Allow lists")):
@@ -71,7 +71,7 @@ with edit:
                     LIST_LABELS[kind], getattr(form0, which)[kind], height=90,
                     disabled=locked, key=f"{which}_{kind}_{current.version}")
             if which in errors:
-                st.error(errors[which], icon="⚠️")
+                st.error(errors[which], icon=":material/error:")
 
         st.markdown("#### Model")
         presets = list(admin.MODEL_PRESETS)
@@ -84,17 +84,17 @@ with edit:
         top = st.number_input("Reasons given per decision", 0, 10, form0.top_reasons,
                               disabled=locked, key=f"top_{current.version}")
         if "model" in errors:
-            st.error(errors["model"], icon="⚠️")
+            st.error(errors["model"], icon=":material/error:")
         if "top_reasons" in errors:
-            st.error(errors["top_reasons"], icon="⚠️")
+            st.error(errors["top_reasons"], icon=":material/error:")
 
         st.markdown("#### Federated learning")
         sync = st.number_input("Sync interval (seconds)", value=form0.fl_sync_interval_s,
                                step=30.0, disabled=locked, key=f"fl_{current.version}")
         if "fl" in errors:
-            st.error(errors["fl"], icon="⚠️")
+            st.error(errors["fl"], icon=":material/error:")
         if "general" in errors:
-            st.error(errors["general"], icon="⚠️")
+            st.error(errors["general"], icon=":material/error:")
         submitted = st.form_submit_button("Validate, sign and publish", type="primary",
                                           disabled=locked or not reachable)
 
@@ -129,12 +129,12 @@ with edit:
     published = st.session_state.pop("admin_published", None)
     if published:
         st.success(f"Published {published}, signed by {keys.identity.name if keys else '?'}. "
-                   "Workers apply it within seconds.", icon="✅")
+                   "Workers apply it within seconds.", icon=":material/check_circle:")
 
 with history:
     if not replayed.entries:
         st.info(f"No config published yet: workers use the built-in defaults "
-                f"({topics.CONFIG} is empty).", icon="📭")
+                f"({topics.CONFIG} is empty).", icon=":material/inbox:")
     else:
         rows = []
         for e in reversed(replayed.entries):
@@ -142,21 +142,23 @@ with history:
             shown = o.document
             rows.append({
                 "Offset": e.offset, "Scope": e.key or "-",
-                "Outcome": {"applied": "✅ applied", "rejected": "❌ rejected",
-                            "ignored": "⏭️ other scope"}.get(o.status, o.status),
+                "Outcome": {"ignored": "other scope"}.get(o.status, o.status),
                 "Version": f"v{o.version}" if o.version else "-",
                 "Signed by": o.signer or "-",
                 "Issued": when(shown.issued_at) if shown is not None and shown.issued_at else "-",
                 "Why": f"{o.reason}: {o.error}" if o.status == "rejected" else "",
             })
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        colours = {"applied": "#2e7d32", "rejected": "#c62828"}
+        st.dataframe(pd.DataFrame(rows).style.map(
+            lambda v: f"color: {colours.get(v, '#616161')}; font-weight: 600",
+            subset=["Outcome"]), hide_index=True, width="stretch")
         st.caption(f"As a worker of scope {scope} sees {topics.CONFIG}; newest first.")
 
 with rejected:
     reports = [decode_json(r.value) for r in rt.store.records(topics.CONFIG_REJECTED)]
     reports = [r for r in reports if isinstance(r, dict)]
     if not reports:
-        st.info("No worker has rejected a config.", icon="✅")
+        st.info("No worker has rejected a config.", icon=":material/check_circle:")
     else:
         st.dataframe(pd.DataFrame([{
             "When": when(float(r.get("rejected_at") or 0)),

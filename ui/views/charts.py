@@ -25,7 +25,7 @@ retailers = retailer_filter(rt, "charts_retailers")
 
 
 def empty(text: str) -> None:
-    st.info(text, icon="📭")
+    st.info(text, icon=":material/inbox:")
 
 
 def time_axis() -> alt.X:
@@ -111,7 +111,7 @@ def all_charts() -> None:
                 tooltip=["time:T", "percentile:N", alt.Tooltip("ms:Q", format=",.1f")],
             ).properties(height=HEIGHT), width="stretch")
     with f:
-        st.subheader("Workers: consumer lag and throughput")
+        st.subheader("Workers: lag and throughput")
         history = rt.metrics.history()
         if not rt.settings.metrics_urls:
             empty("No worker /metrics configured (start the UI with --metrics HOST:PORT).")
@@ -123,14 +123,15 @@ def all_charts() -> None:
                 "time": [datetime.fromtimestamp(s.at, UTC) for s in history],
                 "worker": [f"{s.retailer} ({s.url.split('//')[-1].split('/')[0]})"
                            for s in history],
-                "lag (records)": [s.lag for s in history],
-                "throughput (tx/s)": [s.throughput for s in history]})
-            long = frame.melt(["time", "worker"], var_name="measure", value_name="value")
-            st.altair_chart(alt.Chart(long).mark_line().encode(
-                time_axis(), alt.Y("value:Q", title=None), alt.Color("worker:N", title=None),
-                alt.Row("measure:N", title=None),
-                tooltip=["time:T", "worker:N", "measure:N", "value:Q"],
-            ).properties(height=HEIGHT // 2 - 10), width="stretch")
+                "lag": [s.lag for s in history],
+                "throughput": [s.throughput for s in history]})
+            for measure, title in (("lag", "consumer lag (records)"),
+                                   ("throughput", "throughput (tx/s)")):
+                st.altair_chart(alt.Chart(frame).mark_line().encode(
+                    time_axis(), alt.Y(f"{measure}:Q", title=title),
+                    alt.Color("worker:N", title=None, legend=alt.Legend(orient="bottom")),
+                    tooltip=["time:T", "worker:N", alt.Tooltip(f"{measure}:Q", format=",.1f")],
+                ).properties(height=HEIGHT // 2 + 10), width="stretch")
 
     st.subheader("Federated learning rounds")
     records = rt.store.records(topics.FL_GLOBAL)

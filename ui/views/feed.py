@@ -95,7 +95,7 @@ def live() -> None:
     if not rows:
         st.info("No decisions yet. They appear here as soon as a worker writes one to "
                 "`<retailer>.decisions`." if rt.store.status.reachable
-                else "No decisions to show.", icon="📭")
+                else "No decisions to show.", icon=":material/inbox:")
         return
     amounts = rt.store.amounts(r.decision.tx_id for r in rows)
     table = pd.DataFrame({

@@ -48,10 +48,11 @@ def queue() -> None:
         getattr(st, note[0])(note[1])
     loaded = rt.store.status.labels_loaded
     if reachable and not loaded:
-        st.info("Reading past verdicts from Kafka before accepting new ones ...", icon="⏳")
+        st.info("Reading past verdicts from Kafka before accepting new ones ...",
+                icon=":material/hourglass_top:")
     rows = rt.store.review_queue(retailers)
     if not rows:
-        st.success("The queue is empty: nothing waits for review.", icon="✅")
+        st.success("The queue is empty: nothing waits for review.", icon=":material/check_circle:")
         return
     st.markdown(f"**{len(rows):,} waiting** · showing the oldest {min(len(rows), SHOWN)}")
     amounts = rt.store.amounts(r.decision.tx_id for r in rows[:SHOWN])
