@@ -150,7 +150,8 @@ def test_admin_publishes_a_valid_config_and_sees_errors_next_to_the_field(
 
     field("Verify from").set_value(0.9)
     submit()
-    assert [e.value for e in at.error] == ["thresholds: need verify <= hold <= block"]
+    assert [e.value for e in at.error] == ["thresholds: need verify <= hold <= block",
+                                           "Not published: see the field marked above."]
 
     field("Verify from").set_value(0.3)
     next(w for w in at.text_area if w.label == "Devices").set_value("dev-evil\ndev-bad")

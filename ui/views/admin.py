@@ -10,7 +10,7 @@ from fraud.decisions import LIST_KINDS
 from fraud.schema import SchemaError
 from streams.config_history import read_config_records, replay
 from ui import admin, runtime
-from ui.format import when
+from ui.format import clock, when
 from ui.kafka_reader import decode_json, publish_config
 from ui.widgets import kafka_banner
 
@@ -38,7 +38,8 @@ versions = {s.retailer or s.url: s.config_version for s in rt.metrics.latest() i
 cols = st.columns(3)
 cols[0].metric("Version in effect", f"v{current.version}")
 cols[1].metric("Signed by", current.issued_by or "built-in defaults")
-cols[2].metric("Issued", when(current.issued_at) if current.issued_at else "-")
+cols[2].metric("Issued", f"{clock(current.issued_at)} UTC" if current.issued_at else "-",
+               help=when(current.issued_at) if current.issued_at else None)
 if versions:
     st.caption("Workers report: " + ", ".join(
         f"{w} v{v}" if v is not None else f"{w} (no version)" for w, v in versions.items()))
@@ -95,6 +96,8 @@ with edit:
             st.error(errors["fl"], icon=":material/error:")
         if "general" in errors:
             st.error(errors["general"], icon=":material/error:")
+        elif errors:  # the page may be scrolled here: say where the problem is
+            st.error("Not published: see the field marked above.", icon=":material/error:")
         submitted = st.form_submit_button("Validate, sign and publish", type="primary",
                                           disabled=locked or not reachable)
 

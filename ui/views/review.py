@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from ui import runtime
@@ -10,6 +12,8 @@ from ui.store import DecisionRow
 from ui.widgets import kafka_banner, retailer_filter
 
 SHOWN = 20
+NOTE_S = 10.0
+"""How long the outcome of the last verdict stays on screen (the queue refreshes meanwhile)."""
 
 rt = runtime.current()
 st.title("Review queue")
@@ -21,13 +25,15 @@ retailers = retailer_filter(rt, "review_retailers")
 def verdict(row: DecisionRow, is_fraud: bool) -> None:
     d = row.decision
     if rt.publisher is None:
-        st.session_state["review_note"] = ("error", "No Kafka configured: nothing was sent.")
+        st.session_state["review_note"] = ("error", "No Kafka configured: nothing was sent.",
+                                           time.monotonic())
         return
     try:
         state = rt.publisher.publish(d.retailer_id, d.tx_id, row.key, is_fraud)
     except Exception as exc:  # BufferError, KafkaException: say so, keep the row
         rt.store.settle_verdict(d.tx_id, str(exc))
-        st.session_state["review_note"] = ("error", f"Could not send the verdict: {exc}")
+        st.session_state["review_note"] = ("error", f"Could not send the verdict: {exc}",
+                                           time.monotonic())
         return
     word = "fraud" if is_fraud else "legitimate"
     notes = {
@@ -37,14 +43,14 @@ def verdict(row: DecisionRow, is_fraud: bool) -> None:
         "already": ("info", f"{d.tx_id} already has a verdict: nothing sent."),
         "failed": ("error", f"Kafka refused the verdict for {d.tx_id}; it is back in the queue."),
     }
-    st.session_state["review_note"] = notes[state]
+    st.session_state["review_note"] = (*notes[state], time.monotonic())
 
 
 @st.fragment(run_every=rt.settings.refresh_s * 2)
 def queue() -> None:
     reachable = kafka_banner(rt)
-    note = st.session_state.pop("review_note", None)
-    if note is not None:
+    note = st.session_state.get("review_note")
+    if note is not None and time.monotonic() - note[2] < NOTE_S:
         getattr(st, note[0])(note[1])
     loaded = rt.store.status.labels_loaded
     if reachable and not loaded:
