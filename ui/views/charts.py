@@ -125,13 +125,17 @@ def all_charts() -> None:
                            for s in history],
                 "lag": [s.lag for s in history],
                 "throughput": [s.throughput for s in history]})
-            for measure, title in (("lag", "consumer lag (records)"),
-                                   ("throughput", "throughput (tx/s)")):
+            several = frame["worker"].nunique() > 1
+            for measure, title in (("lag", "lag (records)"), ("throughput", "tx/s")):
                 st.altair_chart(alt.Chart(frame).mark_line().encode(
-                    time_axis(), alt.Y(f"{measure}:Q", title=title),
-                    alt.Color("worker:N", title=None, legend=alt.Legend(orient="bottom")),
+                    time_axis(), alt.Y(f"{measure}:Q", title=title,
+                                       scale=alt.Scale(domainMin=0, nice=True)),
+                    alt.Color("worker:N", title=None,
+                              legend=alt.Legend(orient="top") if several else None),
                     tooltip=["time:T", "worker:N", alt.Tooltip(f"{measure}:Q", format=",.1f")],
-                ).properties(height=HEIGHT // 2 + 10), width="stretch")
+                ).properties(height=150), width="stretch")
+            if not several:
+                st.caption(f"Worker: {frame['worker'].iloc[-1]}")
 
     st.subheader("Federated learning rounds")
     records = rt.store.records(topics.FL_GLOBAL)
