@@ -1,6 +1,6 @@
 """``qsfraud ui``: the Streamlit app for analysts and admins (default http://127.0.0.1:8501).
 
-Runs ``streamlit run ui/app.py`` with the settings passed in the environment (see
+Becomes ``streamlit run ui/app.py`` (exec) with the settings passed in the environment (see
 :mod:`ui.runtime`); it stops with Ctrl-C.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,10 +46,12 @@ def run(args: argparse.Namespace) -> int:
     env = environment(args)
     print(f"qsfraud ui: http://{args.host}:{args.port} (Kafka {env['QSFRAUD_BOOTSTRAP']}"
           + (", admin" if env.get("QSFRAUD_ADMIN_KEYS") else ", analyst") + ")", flush=True)
-    try:
-        return subprocess.call(streamlit_command(args), env=env)
+    command = streamlit_command(args)
+    try:  # become streamlit: signals (Ctrl-C, a supervisor's SIGTERM) reach it directly
+        os.execve(command[0], command, env)
     except OSError as exc:
         raise CommandError(f"cannot start streamlit: {exc}") from None
+    return 0  # not reached
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
