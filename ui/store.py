@@ -218,6 +218,10 @@ class Store:
         held = self._verdicts.get(tx_id)
         return held is None or held.state == "failed"
 
+    def decision(self, tx_id: str) -> DecisionRow | None:
+        with self._lock:
+            return self._decisions.get(tx_id)
+
     def transaction(self, tx_id: str) -> dict[str, Any] | None:
         with self._lock:
             fields = self._transactions.get(tx_id)

@@ -126,7 +126,7 @@ def live() -> None:
         })
     selected = st.session_state.get("feed_selected_tx")
     if selected:
-        match = next((r for r in rt.store.feed() if r.decision.tx_id == selected), None)
+        match = rt.store.decision(selected)
         if match is not None:
             details(match)
 

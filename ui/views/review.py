@@ -49,6 +49,8 @@ def verdict(row: DecisionRow, is_fraud: bool) -> None:
 @st.fragment(run_every=rt.settings.refresh_s * 2)
 def queue() -> None:
     reachable = kafka_banner(rt)
+    if rt.publisher is not None:
+        rt.publisher.poll()  # settle verdicts Kafka confirmed late
     note = st.session_state.get("review_note")
     if note is not None and time.monotonic() - note[2] < NOTE_S:
         getattr(st, note[0])(note[1])
