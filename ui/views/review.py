@@ -60,7 +60,11 @@ def queue() -> None:
                 icon=":material/hourglass_top:")
     rows = rt.store.review_queue(retailers)
     if not rows:
-        st.success("The queue is empty: nothing waits for review.", icon=":material/check_circle:")
+        if reachable:
+            st.success("The queue is empty: nothing waits for review.",
+                       icon=":material/check_circle:")
+        else:
+            st.info("Nothing to review in what was read from Kafka.", icon=":material/inbox:")
         return
     st.markdown(f"**{len(rows):,} waiting** · showing the oldest {min(len(rows), SHOWN)}")
     amounts = rt.store.amounts(r.decision.tx_id for r in rows[:SHOWN])
