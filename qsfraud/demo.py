@@ -34,6 +34,7 @@ from fraud.metrics import average_precision, roc_auc
 from fraud.schema import Label
 from fraud.topics import DEFAULT_PARTITIONS, RetailerTopics
 from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig, free_port
+from qsfraud.stack.service import port_is_free
 from qsfraud.worker_process import worker_ready
 
 ORDERS = "orders"
@@ -52,6 +53,7 @@ class DemoSettings:
     tx_per_day: int = 1500
     seed: int = 7
     report_every: float = 2.0
+    ui_port: int | None = 8501  # the UI (`qsfraud ui`) on this port, or a free one; None: no UI
 
 
 class OrdersDatabase(ABC):
@@ -374,6 +376,7 @@ class Demo:
             t0 = time.monotonic()
             self.wait_for_workers(ports)
             self.say(f"workers ready in {time.monotonic() - t0:.1f} s")
+            self.start_ui(bootstrap, ports)
             watcher = DecisionWatcher(bootstrap, list(self.RETAILERS), self.truth,
                                       self.commit_times, self.tallies, self.lock)
             watcher.start()
@@ -393,6 +396,16 @@ class Demo:
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
+
+    def start_ui(self, bootstrap: str, ports: dict[str, int]) -> None:
+        """The analysts' UI on this demo's Kafka and workers (a crash of it stops nothing)."""
+        if self.settings.ui_port is None:
+            return
+        port = self.settings.ui_port if port_is_free("127.0.0.1", self.settings.ui_port) \
+            else free_port()
+        self.spawn("ui", ["ui", "--bootstrap", bootstrap, "--port", str(port),
+                          *(f"--metrics=127.0.0.1:{p}" for p in ports.values())])
+        self.say(f"UI: http://127.0.0.1:{port}")
 
     def rows(self) -> Iterator[dict[str, Any]]:
         s = self.settings
@@ -488,7 +501,7 @@ class Demo:
 
     def check_children(self) -> None:
         for name, proc in self.children.items():
-            if proc.poll() is not None:
+            if proc.poll() is not None and name != "ui":
                 log = self.root / "logs" / f"{name}.log"
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
                 raise DemoError(f"{name} exited with code {proc.returncode}; {log}:\n{tail}")

@@ -11,22 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsfraud.cli import CommandError
 from qsfraud.commands.worker import default_bootstrap
 from streams.settings import CONFIG_TOPIC, DEFAULT_ADMIN_KEYS, DEFAULT_TRUST_REGISTRY
 
-
-def _records(args: argparse.Namespace) -> list[tuple[int, bytes | None, bytes | None]]:
-    from streams.topics import TopicSpec, ensure_topics, read_topic
-
-    bootstrap = default_bootstrap(args.bootstrap)
-    try:
-        ensure_topics(bootstrap, [TopicSpec(args.topic, 1, {"cleanup.policy": "compact"})])
-        return list(read_topic(bootstrap, args.topic))
-    except Exception as exc:  # Kafka unreachable, timeouts
-        raise CommandError(f"cannot read {args.topic} at {bootstrap}: {exc}") from None
+if TYPE_CHECKING:
+    from streams.config_history import ConfigReplay
 
 
 def _registry(path: str) -> Any:
@@ -39,25 +31,21 @@ def _registry(path: str) -> Any:
         raise CommandError(f"cannot load the trust registry {path}: {exc}") from None
 
 
-def _replay(args: argparse.Namespace, scope: str) -> tuple[Any, list[tuple[int, str, Any]], int]:
-    """(config in effect for scope, [(offset, key, outcome)], highest valid version)."""
-    from pqc import TimeWindow
-    from streams.config_stream import ConfigApplier
+def _replay(args: argparse.Namespace, scope: str) -> ConfigReplay:
+    """The config topic replayed for ``scope`` (see :mod:`streams.config_history`)."""
+    from streams.config_history import read_config_records, replay
 
-    applier = ConfigApplier(scope, _registry(args.trust),
-                            window=TimeWindow(max_age_s=10 * 365 * 86400.0, max_future_s=120))
-    outcomes = []
-    highest = 0
-    for offset, key, value in _records(args):
-        outcome = applier.offer(value, key)
-        if outcome.status == "ignored" and outcome.version:
-            highest = max(highest, outcome.version)
-        outcomes.append((offset, (key or b"").decode("utf-8", "replace"), outcome))
-    return applier.current, outcomes, max(highest, applier.current.version)
+    registry = _registry(args.trust)
+    bootstrap = default_bootstrap(args.bootstrap)
+    try:
+        records = read_config_records(bootstrap, args.topic)
+    except Exception as exc:  # Kafka unreachable, timeouts
+        raise CommandError(f"cannot read {args.topic} at {bootstrap}: {exc}") from None
+    return replay(records, scope, registry)
 
 
 def show(args: argparse.Namespace) -> int:
-    current, _outcomes, _highest = _replay(args, args.scope)
+    current = _replay(args, args.scope).current
     if args.json:
         print(json.dumps(current.to_dict(), indent=2, sort_keys=True))
     else:
@@ -94,9 +82,9 @@ def set_(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot load the admin key store {args.keys}: {exc}") from None
     if store.identity.role != "admin":
         raise CommandError(f"{store.identity.name} is a {store.identity.role}, not an admin")
-    current, _outcomes, highest = _replay(args, args.scope)
+    replayed = _replay(args, args.scope)
     try:
-        doc = current.updated(changes, version=highest + 1, scope=args.scope,
+        doc = replayed.current.updated(changes, version=replayed.next_version, scope=args.scope,
                               issued_by=store.identity.name)
     except SchemaError as exc:
         raise CommandError(f"invalid config: {exc}") from None
@@ -110,10 +98,11 @@ def set_(args: argparse.Namespace) -> int:
 
 
 def history(args: argparse.Namespace) -> int:
-    _current, outcomes, _highest = _replay(args, args.scope)
-    if not outcomes:
+    entries = _replay(args, args.scope).entries
+    if not entries:
         print(f"{args.topic} is empty")
-    for offset, key, outcome in outcomes:
+    for entry in entries:
+        offset, key, outcome = entry.offset, entry.key, entry.outcome
         doc = outcome.document
         what = doc.summary() if doc is not None else f"v{outcome.version or '?'}"
         signer = f" by {outcome.signer}" if outcome.signer else ""
