@@ -162,6 +162,17 @@ def test_bundle_entry_name_rules_accept_printable_ascii(tmp_path):
     assert trusted_from_json(without_expiry).expires is None  # a missing expires is null
 
 
+@pytest.mark.parametrize("version", [1.0, True, "1", None])
+def test_format_version_is_the_integer_1(tmp_path, version):
+    store = init_keystore(tmp_path / "k", "retailer-1", "retailer")
+    with pytest.raises(KeyStoreError, match="version"):
+        read_bundle({**public_bundle(store), "version": version})
+    path = tmp_path / "k" / "identity.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": version}))
+    with pytest.raises(KeyStoreError, match="version"):
+        load_keystore(tmp_path / "k")
+
+
 def test_a_bundle_holds_one_party(tmp_path):
     one = public_bundle(init_keystore(tmp_path / "a", "retailer-1", "retailer"))
     two = public_bundle(init_keystore(tmp_path / "b", "retailer-2", "retailer"))
