@@ -26,7 +26,15 @@ from dilithium_py.ml_dsa import ML_DSA_65 as REFERENCE_MLDSA
 from kyber_py.ml_kem import ML_KEM_768 as REFERENCE_MLKEM
 
 from pqc import envelope, errors
-from pqc.backend import KEM, ML_DSA_65, X25519_ML_KEM_768, Backend, PrivateKey
+from pqc.backend import (
+    KEM,
+    ML_DSA_65,
+    X25519_ML_KEM_768,
+    Backend,
+    PrivateKey,
+    find_liboqs,
+    get_backend,
+)
 from pqc.freshness import InMemoryFreshness
 from pqc.hybrid_kem import X25519MLKEM768
 from pqc.keys import Identity, KemKeyring, OwnedKey, Registry, TrustedKey, key_id
@@ -704,3 +712,32 @@ if __name__ == "__main__":
         sys.exit("usage: tests/pqc/test_vectors.py --write   (rewrites docs/envelope-vectors.json)")
     VECTORS.write_text(render(make_vectors()), encoding="utf-8")
     print(f"wrote {VECTORS}")
+
+
+@pytest.mark.skipif(find_liboqs() is None, reason="no liboqs library (make builds one)")
+def test_the_liboqs_backend_opens_and_verifies_every_vector(vectors):
+    oqs = get_backend("oqs")
+    seeds = {label: bytes.fromhex(party["seed"]) for label, party in vectors["keys"].items()}
+    sender = oqs.signature(ML_DSA_65).keygen(seeds["sender"])
+    registry = registry_of({"sender": ("retailer-1", "retailer", sender)})
+    for vector in vectors["sealed"]:
+        key = oqs.kem(vector["kem"]).keygen(seeds[vector["recipient"]])
+        keyring = KemKeyring("aggregator", "aggregator", (OwnedKey(key, 0.0),), oqs)
+        payload, _meta = envelope.open(
+            bytes.fromhex(vector["envelope"]),
+            keyring,
+            registry,
+            freshness=InMemoryFreshness(),
+            now=vector["open_at"],
+        )
+        assert payload == bytes.fromhex(vector["payload"])
+    document = vectors["signed_document"]
+    signer = oqs.signature(ML_DSA_65).keygen(seeds["signer"])
+    payload, _meta = envelope.verify_document(
+        bytes.fromhex(document["envelope"]),
+        registry_of({"signer": ("admin-1", "admin", signer)}),
+        freshness=InMemoryFreshness(),
+        now=document["open_at"],
+        backend=oqs,
+    )
+    assert payload == bytes.fromhex(document["payload"])
