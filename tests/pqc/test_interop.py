@@ -86,34 +86,15 @@ def spec_binding(bind_key: bytes, payload: bytes) -> bytes:
 
 
 def spec_header(
-    version: int,
-    kem_id: int,
-    aead_id: int,
-    sender_id: bytes,
-    recipient_id: bytes,
-    seq: int,
-    body_length: int,
-    purpose: bytes,
+    version: int, kem_id: int, aead_id: int, sender_id: bytes, recipient_id: bytes, seq: int,
+    body_length: int, purpose: bytes,
 ) -> bytes:
     """An envelope header as the specification lays it out (ML-DSA-65, timestamp ``NOW``),
     purpose included."""
-    return (
-        struct.pack(
-            ">4sBBBB16s16sQQQB",
-            b"QSFE",
-            version,
-            kem_id,
-            aead_id,
-            1,
-            sender_id,
-            recipient_id,
-            seq,
-            int(NOW * 1000),
-            body_length,
-            len(purpose),
-        )
-        + purpose
-    )
+    return struct.pack(
+        ">4sBBBB16s16sQQQB", b"QSFE", version, kem_id, aead_id, 1, sender_id, recipient_id,
+        seq, int(NOW * 1000), body_length, len(purpose),
+    ) + purpose
 
 
 def spec_sealed_prefix(
@@ -124,16 +105,9 @@ def spec_sealed_prefix(
     ml_secret, ml_ct = ML_KEM_768.encaps(recipient_pk[:1184])
     ephemeral = x25519.X25519PrivateKey.generate()
     peer = x25519.X25519PublicKey.from_public_bytes(recipient_pk[1184:])
-    header = spec_header(
-        version,
-        2,
-        1,
-        key_id("ML-DSA-65", signer_pk),
-        key_id("X25519MLKEM768", recipient_pk),
-        seq,
-        payload_length + 16,
-        b"model-update",
-    )
+    header = spec_header(version, 2, 1, key_id("ML-DSA-65", signer_pk),
+                         key_id("X25519MLKEM768", recipient_pk), seq, payload_length + 16,
+                         b"model-update")
     prefix = header + ml_ct + ephemeral.public_key().public_bytes_raw()
     return ml_secret + ephemeral.exchange(peer), prefix
 
@@ -267,9 +241,8 @@ def test_recipient_cannot_swap_the_ciphertext_under_the_same_tag(tmp_path):
 
 
 def spec_document(version: int, signer_sk: bytes, signer_pk: bytes, payload: bytes) -> bytes:
-    header = spec_header(
-        version, 0, 0, key_id("ML-DSA-65", signer_pk), bytes(16), 5, len(payload), b"config"
-    )
+    header = spec_header(version, 0, 0, key_id("ML-DSA-65", signer_pk), bytes(16), 5,
+                         len(payload), b"config")
     message = header + hashlib.sha256(payload).digest()
     return header + payload + ML_DSA_65.sign(signer_sk, message, ctx=b"qsfraud/v1/config")
 
