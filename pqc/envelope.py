@@ -578,6 +578,12 @@ def open(  # shadows the builtin on purpose: envelope.open is the API
             f"sealed to KEM key {header.recipient_key_id.hex()}, which {recipient.name} "
             "does not hold (or which has expired)"
         )
+    if kem_key.private.algorithm != KEM_IDS[header.kem_id]:
+        # the key id names the key, the KEM id how to decapsulate: both must agree
+        raise WrongRecipient(
+            f"sealed to KEM key {header.recipient_key_id.hex()} with {KEM_IDS[header.kem_id]}, "
+            f"but that key of {recipient.name} is an {kem_key.private.algorithm} key"
+        )
     trusted = registry.sender(header.sender_key_id, now)  # before any expensive work
     view = memoryview(blob)
     kem_end = header.header_length + header.kem_length

@@ -3,7 +3,8 @@
 Byte order follows TLS (ML-KEM first): public key ``mlkem_pk || x25519_pk`` (1,216 B),
 ciphertext ``mlkem_ct || x25519_ephemeral_pk`` (1,120 B), shared secret
 ``mlkem_ss || x25519_ss`` (64 B, to be fed to a KDF), seed ``mlkem_seed || x25519_private``
-(96 B). The secret stays safe while either ML-KEM-768 or X25519 stands.
+(96 B). The secret stays safe while either ML-KEM-768 or X25519 stands. An X25519 exchange
+whose result is all zero (a low-order peer key) raises ValueError on both sides.
 
 >>> from pqc.openssl_backend import OpenSSLMLKEM768
 >>> kem = X25519MLKEM768(OpenSSLMLKEM768())
@@ -50,10 +51,14 @@ class X25519MLKEM768(KEM):
         split = self.ml_kem.public_key_size
         pq_secret, pq_ciphertext = self.ml_kem.encapsulate(public_key[:split])
         peer = x25519.X25519PublicKey.from_public_bytes(public_key[split:])
-        ephemeral = x25519.X25519PrivateKey.generate()
-        classic_secret = ephemeral.exchange(peer)
+        ephemeral = self._ephemeral()
+        classic_secret = ephemeral.exchange(peer)  # ValueError if all zero (low-order point)
         ciphertext = pq_ciphertext + ephemeral.public_key().public_bytes_raw()
         return pq_secret + classic_secret, ciphertext
+
+    def _ephemeral(self) -> x25519.X25519PrivateKey:
+        """A fresh ephemeral X25519 key (the test vectors' subclass fixes it instead)."""
+        return x25519.X25519PrivateKey.generate()
 
     def decapsulate(self, private_key: PrivateKey, ciphertext: bytes) -> bytes:
         if len(ciphertext) != self.ciphertext_size:
@@ -65,4 +70,5 @@ class X25519MLKEM768(KEM):
         split = self.ml_kem.ciphertext_size
         pq_secret = self.ml_kem.decapsulate(pq, ciphertext[:split])
         peer = x25519.X25519PublicKey.from_public_bytes(ciphertext[split:])
+        # OpenSSL refuses an all-zero X25519 secret (RFC 7748 section 6.1): ValueError
         return bytes(pq_secret + classic.exchange(peer))

@@ -272,6 +272,11 @@ def write_private_json(path: Path, document: dict[str, Any]) -> None:
         raise
 
 
+def _is_format_version(value: object) -> bool:
+    """True for the integer :data:`FORMAT_VERSION` only (not ``1.0``, not ``true``)."""
+    return type(value) is int and value == FORMAT_VERSION
+
+
 def _read(path: Path, expected_format: str, private: bool) -> dict[str, Any]:
     try:
         info = path.stat()
@@ -285,7 +290,7 @@ def _read(path: Path, expected_format: str, private: bool) -> dict[str, Any]:
         raise KeyStoreError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != expected_format:
         raise KeyStoreError(f"{path} is not a {expected_format} file")
-    if document.get("version") != FORMAT_VERSION:
+    if not _is_format_version(document.get("version")):
         raise KeyStoreError(f"{path} has unsupported version {document.get('version')!r}")
     return document
 
@@ -447,7 +452,7 @@ def read_bundle(document: Any, backend: Backend | None = None) -> list[TrustedKe
     """The trusted keys in a public-key bundle (see :func:`public_bundle`)."""
     if not isinstance(document, dict) or document.get("format") != "qsfraud-public-keys":
         raise KeyStoreError("not a qsfraud-public-keys bundle")
-    if document.get("version") != FORMAT_VERSION:
+    if not _is_format_version(document.get("version")):
         raise KeyStoreError(f"unsupported bundle version {document.get('version')!r}")
     entries = document.get("keys")
     if not isinstance(entries, list) or not entries:

@@ -22,6 +22,7 @@ from pqc.keys import (
     read_bundle,
     rotate_keystore,
     save_store_registry,
+    trusted_from_json,
 )
 
 NOW = 1_750_000_000.0
@@ -107,6 +108,78 @@ def test_bundle_round_trip_and_bad_bundles(tmp_path):
         read_bundle(bad)
     with pytest.raises(KeyStoreError):
         read_bundle({"format": "something-else"})
+
+
+def _unpadded(entry):
+    entry["public_key"] = entry["public_key"].rstrip("=")
+    assert len(entry["public_key"]) % 4  # the ML-DSA-65 key (1,952 B) needs padding
+
+
+def _urlsafe(entry):
+    raw = base64.b64decode(entry["public_key"])
+    entry["public_key"] = base64.urlsafe_b64encode(raw).decode()
+    assert entry["public_key"] != base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda e: e.update(key_id=e["key_id"].upper()), id="upper-case hex key id"),
+        pytest.param(_unpadded, id="base64 without padding"),
+        pytest.param(_urlsafe, id="url-safe base64"),
+        pytest.param(
+            lambda e: e.update(public_key=e["public_key"][:64] + "\n" + e["public_key"][64:]),
+            id="base64 with a line break",
+        ),
+        pytest.param(lambda e: e.update(name="retailer 1"), id="name with a space"),
+        pytest.param(lambda e: e.update(name="r" * 65), id="name of 65 characters"),
+        pytest.param(lambda e: e.update(name="retailer-\u00e9"), id="non-ASCII name"),
+        pytest.param(lambda e: e.update(name=""), id="empty name"),
+        pytest.param(lambda e: e.update(role="auditor"), id="unknown role"),
+        pytest.param(lambda e: e.update(kind="kem"), id="kind does not fit the algorithm"),
+        pytest.param(lambda e: e.update(created="2026-01-01"), id="created not a number"),
+        pytest.param(lambda e: e.update(created=True), id="created a boolean"),
+        pytest.param(lambda e: e.update(expires="never"), id="expires neither null nor number"),
+    ],
+)
+def test_bundle_entry_format_rules(tmp_path, edit):
+    """The format rules docs/envelope.md states for key files and bundles."""
+    store = init_keystore(tmp_path / "k", "retailer-1", "retailer")
+    entry = public_bundle(store)["keys"][0]
+    assert entry["kind"] == "signature"
+    assert trusted_from_json(dict(entry)).key_id == store.identity.key_id
+    edit(entry)
+    with pytest.raises(KeyStoreError):
+        trusted_from_json(entry)
+
+
+def test_bundle_entry_name_rules_accept_printable_ascii(tmp_path):
+    store = init_keystore(tmp_path / "k", "retailer-1", "retailer")
+    entry = public_bundle(store)["keys"][0]
+    for name in ("r" * 64, "Shop_7/Paris+EU", "a"):
+        assert trusted_from_json({**entry, "name": name}).name == name
+    without_expiry = {k: v for k, v in entry.items() if k != "expires"}
+    assert trusted_from_json(without_expiry).expires is None  # a missing expires is null
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1", None])
+def test_format_version_is_the_integer_1(tmp_path, version):
+    store = init_keystore(tmp_path / "k", "retailer-1", "retailer")
+    with pytest.raises(KeyStoreError, match="version"):
+        read_bundle({**public_bundle(store), "version": version})
+    path = tmp_path / "k" / "identity.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": version}))
+    with pytest.raises(KeyStoreError, match="version"):
+        load_keystore(tmp_path / "k")
+
+
+def test_a_bundle_holds_one_party(tmp_path):
+    one = public_bundle(init_keystore(tmp_path / "a", "retailer-1", "retailer"))
+    two = public_bundle(init_keystore(tmp_path / "b", "retailer-2", "retailer"))
+    mixed = {**one, "keys": one["keys"] + two["keys"]}
+    store = init_keystore(tmp_path / "c", "aggregator", "aggregator")
+    with pytest.raises(KeyStoreError, match="exactly one party"):
+        store.registry.trust(read_bundle(mixed))
 
 
 def test_rotation_overlap(tmp_path):
