@@ -5,14 +5,15 @@ publishes). :class:`Aggregator` is the Kafka loop around it:
 
 - one consumer group on the one-partition updates topic: only the member that holds the
   partition aggregates (the leader); the others wait;
-- a transactional producer (``transactional.id`` shared by every aggregator process): a
-  round's global model and the consumed offsets of its updates are committed in one Kafka
-  transaction (``send_offsets_to_transaction``), so after kill -9 the updates of an
-  unpublished round are read again and a published round's are not;
-- on every partition assignment the round state is rebuilt from the last committed global
-  model (its round and version), so a new leader continues where the old one published;
-- a second process starting with the same ``transactional.id`` fences the first: the first
-  one's next commit fails and it exits without publishing.
+- a transactional producer (``transactional.id`` shared by every aggregator process, created
+  by the leader when it is assigned the partition): a round's global model and the consumed
+  offsets of its updates are committed in one Kafka transaction
+  (``send_offsets_to_transaction``), so after kill -9 the updates of an unpublished round are
+  read again and a published round's are not;
+- on every partition assignment the new leader initialises that transactional id, which
+  fences a former leader that is only paused (its next commit fails and it exits, code 3)
+  and completes or aborts its open transaction; then it rebuilds the round state from the
+  last committed global model (its round and version) and continues from there.
 
 Refusals (each counted in :attr:`Aggregator.metrics` and logged with its reason):
 ``oversized``, ``unknown_sender``, ``unauthorized``, ``tampered``, ``replayed``,
@@ -329,25 +330,34 @@ class Aggregator:
         s = self.settings
         ensure_topics(s.bootstrap, [TopicSpec(s.updates_topic, 1, {}),
                                     TopicSpec(s.global_topic, 1, {"cleanup.policy": "compact"})])
-        producer = Producer({"bootstrap.servers": s.bootstrap,
-                             "transactional.id": s.transactional_id})
-        producer.init_transactions(30)
         consumer = Consumer({"bootstrap.servers": s.bootstrap, "group.id": s.group_id,
                              "enable.auto.commit": False, "auto.offset.reset": "earliest",
                              "isolation.level": "read_committed",
                              "session.timeout.ms": s.session_timeout_ms,
                              "heartbeat.interval.ms": max(s.session_timeout_ms // 5, 100)})
+        producer: Producer | None = None
 
         def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
-            if partitions:
-                self._restore()
+            nonlocal producer
+            if not partitions:
+                return
+            # Only the leader holds the transactional id: initialising it fences a paused or
+            # partitioned former leader and waits until its open transaction is finished, so
+            # the last global read next is final.
+            producer = Producer({"bootstrap.servers": s.bootstrap,
+                                 "transactional.id": s.transactional_id})
+            producer.init_transactions(30)
+            self._restore()
 
         def on_revoke(c: Consumer, partitions: list[TopicPartition]) -> None:
+            nonlocal producer
+            producer = None
             self._round = None
             self._emit({"event": "revoked"})
 
         consumer.subscribe([s.updates_topic], on_assign=on_assign, on_revoke=on_revoke)
         published_here = 0
+        self._emit({"event": "started", "group": s.group_id})
         try:
             while not self._stopping:
                 msg = consumer.poll(0.2)
@@ -359,7 +369,7 @@ class Aggregator:
                             self._emit({"event": "kafka_error", "error": str(err)})
                     elif self._round is not None:
                         self.offer(msg.value(), now)
-                if self._round is not None and self._round.ready(now):
+                if producer is not None and self._round is not None and self._round.ready(now):
                     self._publish(producer, consumer)
                     published_here += 1
                     self._emit(self.metrics_line())
