@@ -57,7 +57,7 @@ from pqc.errors import (
     WrongPurpose,
     WrongRecipient,
 )
-from pqc.freshness import FileFreshness, InMemoryFreshness
+from pqc.freshness import FileFreshness, FreshnessStore, InMemoryFreshness
 from pqc.keys import KeyStore
 from streams.topics import TopicSpec, ensure_topics
 
@@ -190,6 +190,37 @@ class Round:
                      self.quorum, self.deadline_s)
 
 
+class RoundFreshness:
+    """Sequence numbers accepted in the open round, kept apart until it is published.
+
+    A restart reads the unpublished round's updates again: they must not look like replays
+    then, so ``durable`` learns them only in :meth:`persist` (after the publication).
+    """
+
+    def __init__(self, durable: FreshnessStore) -> None:
+        self.durable = durable
+        self._pending: dict[tuple[str, str], int] = {}
+
+    def last_sequence(self, sender: str, purpose: str) -> int | None:
+        pending = self._pending.get((sender, purpose))
+        return pending if pending is not None else self.durable.last_sequence(sender, purpose)
+
+    def advance(self, sender: str, purpose: str, sequence: int) -> None:
+        last = self.last_sequence(sender, purpose)
+        if last is not None and sequence <= last:
+            raise Replay(f"sequence {sequence} from {sender} ({purpose}) is not after {last}: "
+                         "replay")
+        self._pending[(sender, purpose)] = sequence
+
+    def persist(self) -> None:
+        for (sender, purpose), sequence in sorted(self._pending.items()):
+            self.durable.advance(sender, purpose, sequence)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        self._pending.clear()
+
+
 @dataclass
 class AggregatorSettings:
     bootstrap: str
@@ -216,11 +247,9 @@ class Aggregator:
         self.strategy = strategy_named(settings.strategy)
         self.log = log
         self.metrics: Counter[str] = Counter()
-        # Sequence numbers are persisted only once a round is published: a restart reads the
-        # unpublished round's updates again, and they must not look like replays then.
-        self._durable = (FileFreshness(settings.freshness_path) if settings.freshness_path
-                         else InMemoryFreshness())
-        self._freshness = InMemoryFreshness()
+        durable = (FileFreshness(settings.freshness_path) if settings.freshness_path
+                   else InMemoryFreshness())
+        self._freshness = RoundFreshness(durable)
         self._round: Round | None = None
         self._stopping = False
         self._last_metrics = time.monotonic()
@@ -238,11 +267,6 @@ class Aggregator:
                 "refused": refused}
 
     # -- state -----------------------------------------------------------------------------
-    def _reset_freshness(self) -> None:
-        self._freshness = InMemoryFreshness()
-        for (sender, purpose), seq in getattr(self._durable, "_last", {}).items():
-            self._freshness.advance(sender, purpose, seq)
-
     def _last_global(self) -> GlobalModel | None:
         """The last committed global model on the global topic (read_committed)."""
         s = self.settings
@@ -276,7 +300,7 @@ class Aggregator:
         else:
             self._round = Round(last.round + 1, last.version, last.parameters, s.quorum,
                                 s.deadline_s)
-        self._reset_freshness()
+        self._freshness.discard()
         self._emit({"event": "leader", "round": self._round.number,
                     "parent_version": self._round.parent_version})
 
@@ -312,9 +336,7 @@ class Aggregator:
         producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
                                              consumer.consumer_group_metadata())
         producer.commit_transaction()
-        for (sender, purpose), last in getattr(self._freshness, "_last", {}).items():
-            if (self._durable.last_sequence(sender, purpose) or -1) < last:
-                self._durable.advance(sender, purpose, last)
+        self._freshness.persist()
         self.metrics["published"] += 1
         self._emit({"event": "published", "round": published.round,
                     "version": published.version, "parent_version": published.parent_version,

@@ -230,9 +230,11 @@ def test_every_refusal_is_counted_with_its_reason(
 
 
 def test_kill_9_mid_round_then_restart_publishes_the_round_once(
-    kafka_bootstrap: str, federation: Federation, topics: Topics, start: Callable[..., Any]
+    kafka_bootstrap: str, federation: Federation, topics: Topics, start: Callable[..., Any],
+    tmp_path: Path,
 ) -> None:
-    agg = start("--quorum", "3", "--deadline", "60")
+    freshness = str(tmp_path / "freshness.json")
+    agg = start("--quorum", "3", "--deadline", "60", "--freshness", freshness)
     retailers = [Retailer(i, federation) for i in range(3)]
     for r in retailers:
         r.learn()
@@ -240,7 +242,8 @@ def test_kill_9_mid_round_then_restart_publishes_the_round_once(
     agg.wait_for(lambda ev: sum(e.get("event") == "accepted" for e in ev) == 2)
     agg.process.kill()
     agg.process.wait()
-    again = start("--quorum", "3", "--deadline", "60", log="restarted.log")
+    again = start("--quorum", "3", "--deadline", "60", "--freshness", freshness,
+                  log="restarted.log")
     send(kafka_bootstrap, topics.updates, retailers[2].sealed(1))
     again.wait_for(lambda ev: len(published(ev)) == 1)
     for r in retailers:
@@ -251,6 +254,7 @@ def test_kill_9_mid_round_then_restart_publishes_the_round_once(
     models = opened_globals(kafka_bootstrap, topics.globals, federation, 2)
     assert [g.round for g in models] == [1, 2]
     assert models[0].contributors == ("retailer-0", "retailer-1", "retailer-2")
+    assert not [e for e in again.events() if e.get("event") == "refused"]
 
 
 def leads(events: list[dict]) -> bool:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from fl.aggregator import Refused, Round, strategy_named
+from fl.aggregator import Refused, Round, RoundFreshness, strategy_named
 from fl.update import ModelUpdate
+from pqc.errors import Replay
+from pqc.freshness import FileFreshness
 
 
 def update(who: str, round_: int, w: list[float], examples: int = 10,
@@ -53,3 +57,18 @@ def test_a_feature_one_retailer_never_saw_is_averaged_over_those_that_did() -> N
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="fedavg"):
         strategy_named("fedsgd")
+
+
+def test_round_freshness_reaches_the_durable_store_only_when_published(tmp_path: Path) -> None:
+    path = tmp_path / "freshness.json"
+    fresh = RoundFreshness(FileFreshness(path))
+    fresh.advance("retailer-0", "fl.update", 5)
+    with pytest.raises(Replay):
+        fresh.advance("retailer-0", "fl.update", 5)
+    assert FileFreshness(path).last_sequence("retailer-0", "fl.update") is None
+    fresh.discard()  # a restart before publishing: the same update is accepted again
+    fresh.advance("retailer-0", "fl.update", 5)
+    fresh.persist()
+    assert FileFreshness(path).last_sequence("retailer-0", "fl.update") == 5
+    with pytest.raises(Replay):
+        RoundFreshness(FileFreshness(path)).advance("retailer-0", "fl.update", 4)
