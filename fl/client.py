@@ -47,7 +47,11 @@ class StaleGlobal(ValueError):
 
 
 def vectors_from_state(state: Mapping[str, Any]) -> Vectors:
-    """The shared part of a RiskModel state as named vectors (weights, scaler mean/variance)."""
+    """The shared part of a model state as named vectors (weights, scaler mean/variance).
+
+    Reads RiskModel's ``export_shared`` and River's ``export_linear_pipeline``
+    (``StandardScaler | LogisticRegression``) alike: both hold ``scaler`` and ``linear``.
+    """
     scaler = state["scaler"]
     weights = state["linear"]["weights"]
     keys = set(weights) | {k for k, n in scaler["counts"].items() if n > 0}
@@ -63,7 +67,8 @@ def vectors_from_state(state: Mapping[str, Any]) -> Vectors:
 
 def state_from_vectors(vectors: Mapping[str, np.ndarray], template: Mapping[str, Any],
                        examples: int, version: str) -> dict[str, Any]:
-    """A RiskModel shared state holding ``vectors``; params and counts come from ``template``.
+    """``template`` (a RiskModel shared state or a River linear pipeline state, same shape)
+    holding ``vectors``; everything else (params, counts) comes from ``template``.
 
     Counts are not federated (a count is what a poisoner inflates): a feature keeps the
     template's count, a feature new to it gets ``max(examples, 1)``; the label counts
@@ -85,18 +90,15 @@ def state_from_vectors(vectors: Mapping[str, np.ndarray], template: Mapping[str,
         means[key] = float(values[1])
         variances[key] = max(float(values[2]), 0.0)
     intercept = vectors.get(INTERCEPT)
-    return {
-        "v": template["v"],
-        "kind": template["kind"],
-        "version": version,
-        "params": dict(template.get("params") or {}),
-        "scaler": {"counts": counts, "means": means, "vars": variances},
-        "linear": {"weights": weights,
-                   "intercept": float(intercept[0]) if intercept is not None else 0.0,
-                   "n": int(linear["n"]), "n_pos": int(linear["n_pos"]),
-                   "n_neg": int(linear["n_neg"])},
-        "anomaly": None,
+    state = dict(template)
+    state["version"] = version
+    state["scaler"] = {"counts": counts, "means": means, "vars": variances}
+    state["linear"] = {
+        **linear,
+        "weights": weights,
+        "intercept": float(intercept[0]) if intercept is not None else 0.0,
     }
+    return state
 
 
 def update_from_model(model: RiskModel, participant: str, round: int) -> ModelUpdate:
@@ -108,6 +110,14 @@ def update_from_model(model: RiskModel, participant: str, round: int) -> ModelUp
     delta = model.export_delta()
     examples = max(int(delta["linear"]["n"]), 0)
     return ModelUpdate(participant, round, examples, vectors_from_state(model.export_shared()))
+
+
+def update_from_state(state: Mapping[str, Any], participant: str, round: int,
+                      examples: int) -> ModelUpdate:
+    """An update from any state :func:`vectors_from_state` reads (e.g. a River linear
+    pipeline's); ``examples`` are the labels learned since the last global, which River does
+    not count: the caller does."""
+    return ModelUpdate(participant, round, examples, vectors_from_state(state))
 
 
 # ----------------------------------------------------------------------------- sealing

@@ -22,6 +22,7 @@ from fl.client import (
     sign_global,
     state_from_vectors,
     update_from_model,
+    update_from_state,
     vectors_from_state,
 )
 from fl.update import ModelUpdate, UpdateFormatError
@@ -175,3 +176,24 @@ def test_blend_is_between_local_and_global(local: dict, glob: dict, mix: float) 
 def test_global_wire_parser_names_the_field_or_accepts(wire: object) -> None:
     with contextlib.suppress(UpdateFormatError):
         GlobalModel.from_wire(wire)
+
+
+def test_river_linear_pipeline_round_trips_through_update_vectors() -> None:
+    from river import linear_model, preprocessing
+
+    from fraud.models.river_state import export_linear_pipeline, load_linear_pipeline
+
+    pipe = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    rng = random.Random(11)
+    rows = [({"amount": rng.gauss(3.0 if y else 0.0, 1.0), "n": rng.random()}, y)
+            for y in (rng.random() < 0.3 for _ in range(200))]
+    for x, y in rows:
+        pipe.learn_one(x, y)
+    state = export_linear_pipeline(pipe, n=200, n_pos=sum(y for _, y in rows),
+                                   n_neg=sum(not y for _, y in rows), version="local")
+    vectors = update_from_state(state, "retailer-0", 1, 200).vectors
+    assert set(vectors) == {"f/amount", "f/n", "intercept"}
+    rebuilt = load_linear_pipeline(state_from_vectors(vectors, state, 200, "g1"))
+    for x, _ in rows[:20]:
+        assert rebuilt.predict_proba_one(x)[True] == pytest.approx(
+            pipe.predict_proba_one(x)[True], abs=1e-9)
