@@ -1,0 +1,294 @@
+"""The retailer's side of a federated round: pure, no Kafka (the worker does the I/O).
+
+- :func:`update_from_model` turns a :class:`~fraud.models.risk.RiskModel` into an
+  ``fl.update`` for round ``r``: named vectors (one per feature key, ``f/<key>`` =
+  ``[weight, mean, variance]``, plus ``intercept``) and the examples learned *since the last
+  global model* (``export_delta``'s count, never the lifetime count);
+- :func:`seal_update` signs it with the retailer's ML-DSA key and encrypts it to the
+  aggregator's KEM key (purpose ``fl.update``); :func:`open_update` is the aggregator's inverse;
+- :class:`GlobalModel` is what the aggregator publishes, signed (purpose ``fl.global``);
+  :func:`open_global` verifies it and refuses a stale round or a replay;
+- :func:`fold_in` merges the global model into the local one, personalised (see its docstring
+  and fl/README.md "Fold-in").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fl.update import ModelUpdate, UpdateFormatError, Vectors, as_vectors, read_header
+from fraud.models.risk import RiskModel
+from pqc.envelope import open as open_envelope
+from pqc.envelope import read_header as read_envelope_header
+from pqc.envelope import seal, sign_document, verify_document
+from pqc.freshness import FreshnessStore
+from pqc.keys import Identity, KemKeyring, Registry, TrustedKey
+
+UPDATE_PURPOSE = "fl.update"
+GLOBAL_PURPOSE = "fl.global"
+GLOBAL_WIRE_VERSION = 1
+FEATURE_PREFIX = "f/"
+INTERCEPT = "intercept"
+#: The mixing weights a retailer may give the global model (see :func:`fold_in`).
+MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class StaleGlobal(ValueError):
+    """A global model whose round is not newer than the one already folded in."""
+
+
+# ----------------------------------------------------------------------------- model <-> vectors
+
+
+def vectors_from_state(state: Mapping[str, Any]) -> Vectors:
+    """The shared part of a model state as named vectors (weights, scaler mean/variance).
+
+    Reads RiskModel's ``export_shared`` and River's ``export_linear_pipeline``
+    (``StandardScaler | LogisticRegression``) alike: both hold ``scaler`` and ``linear``.
+    """
+    scaler = state["scaler"]
+    weights = state["linear"]["weights"]
+    keys = set(weights) | {k for k, n in scaler["counts"].items() if n > 0}
+    out: Vectors = {}
+    for key in sorted(keys):
+        out[FEATURE_PREFIX + key] = np.array(
+            [float(weights.get(key, 0.0)), float(scaler["means"].get(key, 0.0)),
+             float(scaler["vars"].get(key, 0.0))]
+        )
+    out[INTERCEPT] = np.array([float(state["linear"]["intercept"])])
+    return out
+
+
+def state_from_vectors(vectors: Mapping[str, np.ndarray], template: Mapping[str, Any],
+                       examples: int, version: str) -> dict[str, Any]:
+    """``template`` (a RiskModel shared state or a River linear pipeline state, same shape)
+    holding ``vectors``; everything else (params, counts) comes from ``template``.
+
+    Counts are not federated (a count is what a poisoner inflates): a feature keeps the
+    template's count, a feature new to it gets ``max(examples, 1)``; the label counts
+    (``n``, ``n_pos``, ``n_neg``) are the template's.
+    """
+    count = float(max(examples, 1))
+    own_counts = template["scaler"]["counts"]
+    linear = template["linear"]
+    weights: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    means: dict[str, float] = {}
+    variances: dict[str, float] = {}
+    for name, values in vectors.items():
+        if not name.startswith(FEATURE_PREFIX):
+            continue
+        key = name[len(FEATURE_PREFIX):]
+        weights[key] = float(values[0])
+        counts[key] = float(own_counts.get(key) or count)
+        means[key] = float(values[1])
+        variances[key] = max(float(values[2]), 0.0)
+    intercept = vectors.get(INTERCEPT)
+    state = dict(template)
+    state["version"] = version
+    state["scaler"] = {"counts": counts, "means": means, "vars": variances}
+    state["linear"] = {
+        **linear,
+        "weights": weights,
+        "intercept": float(intercept[0]) if intercept is not None else 0.0,
+    }
+    return state
+
+
+def update_from_model(model: RiskModel, participant: str, round: int) -> ModelUpdate:
+    """This round's update: the model's parameters now, and the labels learned since the base.
+
+    ``export_delta`` counts only what was learned since the last :meth:`RiskModel.load_shared`,
+    so a label that reached the global model once is never weighed again.
+    """
+    delta = model.export_delta()
+    examples = max(int(delta["linear"]["n"]), 0)
+    return ModelUpdate(participant, round, examples, vectors_from_state(model.export_shared()))
+
+
+def update_from_state(state: Mapping[str, Any], participant: str, round: int,
+                      examples: int) -> ModelUpdate:
+    """An update from any state :func:`vectors_from_state` reads (e.g. a River linear
+    pipeline's); ``examples`` are the labels learned since the last global, which River does
+    not count: the caller does."""
+    return ModelUpdate(participant, round, examples, vectors_from_state(state))
+
+
+# ----------------------------------------------------------------------------- sealing
+
+
+def seal_update(update: ModelUpdate, sender_key: Identity, aggregator_kem_public: TrustedKey,
+                sequence: int, *, now: float | None = None) -> bytes:
+    """The update as JSON, encrypted to the aggregator and signed by the retailer."""
+    payload = json.dumps(update.to_wire(), separators=(",", ":")).encode()
+    return seal(payload, sender_key, aggregator_kem_public, UPDATE_PURPOSE, sequence, now=now)
+
+
+def open_update(blob: bytes, aggregator_kem: KemKeyring, registry: Registry,
+                freshness: FreshnessStore, *, now: float | None = None) -> ModelUpdate:
+    """Opens a sealed update (retailers only) and checks that its participant is its signer.
+
+    Raises :class:`pqc.errors.EnvelopeError` subclasses or :class:`UpdateFormatError`.
+    """
+    payload, meta = open_envelope(blob, aggregator_kem, registry, freshness=freshness,
+                                  purpose=UPDATE_PURPOSE, roles=("retailer",), now=now)
+    try:
+        wire = json.loads(payload)
+    except ValueError as exc:
+        raise UpdateFormatError("update", f"not JSON ({exc})") from None
+    update = ModelUpdate.from_wire(wire)
+    if update.participant != meta.sender:
+        raise UpdateFormatError(
+            "participant", f"{meta.sender} signed an update claiming to be {update.participant}"
+        )
+    return update
+
+
+# ----------------------------------------------------------------------------- global model
+
+
+@dataclass(frozen=True, eq=False)
+class GlobalModel:
+    """A round's aggregate as published: versioned, with its lineage."""
+
+    round: int
+    version: str
+    parent_version: str | None
+    contributors: tuple[str, ...]
+    strategy: str
+    examples: int
+    parameters: Vectors = field(repr=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": GLOBAL_WIRE_VERSION,
+            "participant": "aggregator",
+            "round": self.round,
+            "version": self.version,
+            "parent_version": self.parent_version,
+            "contributors": list(self.contributors),
+            "strategy": self.strategy,
+            "examples": self.examples,
+            "parameters": {k: self.parameters[k].tolist() for k in sorted(self.parameters)},
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> GlobalModel:
+        _, round_ = read_header(wire)
+        version = wire.get("version")
+        parent = wire.get("parent_version")
+        contributors = wire.get("contributors")
+        strategy = wire.get("strategy")
+        examples = wire.get("examples")
+        if not isinstance(version, str) or not version:
+            raise UpdateFormatError("version", "must be a non-empty string")
+        if parent is not None and not isinstance(parent, str):
+            raise UpdateFormatError("parent_version", "must be a string or null")
+        if not isinstance(contributors, list) or not all(isinstance(c, str) for c in contributors):
+            raise UpdateFormatError("contributors", "must be a list of names")
+        if not isinstance(strategy, str):
+            raise UpdateFormatError("strategy", "must be a string")
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+            raise UpdateFormatError("examples", "must be an integer >= 0")
+        return cls(round_, version, parent, tuple(contributors), strategy, examples,
+                   as_vectors(wire.get("parameters"), "parameters"))
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_wire(), separators=(",", ":")).encode()
+
+
+def sign_global(model: GlobalModel, aggregator: Identity, sequence: int, *,
+                now: float | None = None) -> bytes:
+    """The global model as a signed (not encrypted) document: every retailer reads it."""
+    return sign_document(model.to_bytes(), aggregator, GLOBAL_PURPOSE, sequence, now=now)
+
+
+def read_global_unverified_round(blob: bytes) -> dict[str, Any]:
+    """The body of a signed global document, unverified: only for the aggregator's own log."""
+    header = read_envelope_header(blob)
+    body = blob[header.header_length: header.header_length + header.body_length]
+    parsed: dict[str, Any] = json.loads(body)
+    return parsed
+
+
+def open_global(blob: bytes, registry: Registry, freshness: FreshnessStore, *,
+                last_round: int | None = None, now: float | None = None) -> GlobalModel:
+    """Verifies the aggregator's signature, purpose and sequence; refuses a round <= last_round.
+
+    A replayed document fails in ``freshness`` (its sequence is not new); an old but freshly
+    re-signed one, or one from before a restart, fails the round check (:class:`StaleGlobal`).
+    """
+    payload, _meta = verify_document(blob, registry, freshness=freshness, purpose=GLOBAL_PURPOSE,
+                                     roles=("aggregator",), now=now)
+    try:
+        wire = json.loads(payload)
+    except ValueError as exc:
+        raise UpdateFormatError("global", f"not JSON ({exc})") from None
+    model = GlobalModel.from_wire(wire)
+    if last_round is not None and model.round <= last_round:
+        raise StaleGlobal(f"global model of round {model.round}, already at round {last_round}")
+    return model
+
+
+# ----------------------------------------------------------------------------- fold-in
+
+
+def _log_loss(model: RiskModel, recent: Sequence[tuple[Mapping[str, float], bool]]) -> float:
+    eps = 1e-6
+    total = 0.0
+    for x, y in recent:
+        p = min(max(model.supervised_proba(x), eps), 1.0 - eps)
+        total -= math.log(p if y else 1.0 - p)
+    return total / len(recent)
+
+
+def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vectors:
+    """``mix * global + (1 - mix) * local`` per name; a name one side lacks keeps the other's."""
+    out: Vectors = {}
+    for name in sorted(set(local) | set(global_)):
+        if name not in global_:
+            out[name] = np.array(local[name])
+        elif name not in local:
+            out[name] = np.array(global_[name], dtype=np.float64)
+        else:
+            out[name] = mix * np.asarray(global_[name]) + (1.0 - mix) * local[name]
+    return out
+
+
+def fold_in(model: RiskModel, global_model: GlobalModel,
+            recent: Sequence[tuple[Mapping[str, float], bool]], *,
+            min_labels: int = 20) -> float:
+    """Folds ``global_model`` into ``model`` in place; returns the mixing weight chosen.
+
+    local' = mix * global + (1 - mix) * local, on weights, intercept and scaler moments, where
+    ``mix`` in :data:`MIX_GRID` minimises the log-loss on this retailer's own ``recent``
+    labelled vectors (ties go to the larger mix: more shared knowledge). With fewer than
+    ``min_labels`` recent labels there is no evidence either way and ``mix`` is 0.5. The
+    result is loaded with :meth:`RiskModel.load_shared`, so it becomes the base: its counts
+    are the global model's and :meth:`RiskModel.export_delta` reports only labels learned
+    after this call. The label counts stay the model's own (the base), so the labels it had
+    already sent are not sent again, and the global model's are never added to them.
+    The local anomaly statistics are untouched.
+    """
+    template = model.export_shared()
+    local = vectors_from_state(template)
+    candidates: dict[float, dict[str, Any]] = {}
+    for mix in MIX_GRID:
+        candidates[mix] = state_from_vectors(
+            blend(local, global_model.parameters, mix), template, global_model.examples,
+            global_model.version,
+        )
+    if len(recent) < min_labels:
+        chosen = 0.5
+    else:
+        losses = {mix: _log_loss(RiskModel.from_state(st), recent)
+                  for mix, st in candidates.items()}
+        chosen = min(MIX_GRID, key=lambda m: (round(losses[m], 12), -m))
+    model.load_shared(candidates[chosen])
+    return chosen

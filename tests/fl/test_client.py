@@ -1,0 +1,199 @@
+"""fl.client: model <-> update vectors, sealing, the signed global model, the fold-in."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl.client import (
+    MIX_GRID,
+    GlobalModel,
+    StaleGlobal,
+    blend,
+    fold_in,
+    open_global,
+    open_update,
+    seal_update,
+    sign_global,
+    state_from_vectors,
+    update_from_model,
+    update_from_state,
+    vectors_from_state,
+)
+from fl.update import ModelUpdate, UpdateFormatError
+from fraud.models.risk import RiskModel
+from pqc.errors import Replay, TamperedEnvelope, UnauthorizedSender, UnknownSender
+from pqc.freshness import InMemoryFreshness
+from tests.fl.conftest import Federation
+
+
+def trained(seed: int, n: int = 200, shift: float = 0.0) -> tuple[RiskModel, list]:
+    rng = random.Random(seed)
+    model = RiskModel()
+    data = []
+    for _ in range(n):
+        y = rng.random() < 0.2
+        amount = rng.gauss(3.0 if y else 0.0, 1.0) + shift
+        x = {"amount": amount, "night": float(rng.random() < 0.5)}
+        model.learn_one(x, y)
+        data.append((x, y))
+    return model, data
+
+
+def test_update_counts_only_labels_since_the_last_global() -> None:
+    model, _ = trained(1, 120)
+    first = update_from_model(model, "retailer-0", 1)
+    assert first.examples == 120
+    assert set(first.vectors) == {"f/amount", "f/night", "intercept"}
+    glob = GlobalModel(1, "g1", None, ("retailer-0",), "FedAvg", 120, first.vectors)
+    fold_in(model, glob, [])
+    assert update_from_model(model, "retailer-0", 2).examples == 0
+    rng = random.Random(2)
+    for _ in range(30):
+        model.learn_one({"amount": rng.gauss(0, 1)}, False)
+    assert update_from_model(model, "retailer-0", 2).examples == 30
+
+
+def test_vectors_round_trip_through_a_state() -> None:
+    model, data = trained(3)
+    state = model.export_shared()
+    vectors = vectors_from_state(state)
+    rebuilt = RiskModel.from_state(state_from_vectors(vectors, state, state["linear"]["n"], "v"))
+    for x, _ in data[:20]:
+        assert rebuilt.supervised_proba(x) == pytest.approx(model.supervised_proba(x), abs=1e-9)
+
+
+def test_sealed_update_opens_only_for_the_aggregator_and_once(federation: Federation) -> None:
+    retailer = federation.retailers[0]
+    update = ModelUpdate(retailer.identity.name, 4, 10, {"w": [1.0, 2.0]})
+    blob = seal_update(update, retailer.identity, federation.aggregator_kem, 7)
+    fresh = InMemoryFreshness()
+    agg = federation.aggregator
+    assert open_update(blob, agg.kem, agg.registry, fresh) == update
+    with pytest.raises(Replay):
+        open_update(blob, agg.kem, agg.registry, fresh)
+    tampered = bytearray(blob)
+    tampered[-100] ^= 1
+    with pytest.raises(TamperedEnvelope):
+        open_update(bytes(tampered), agg.kem, agg.registry, InMemoryFreshness())
+
+
+def test_update_from_a_non_retailer_or_a_stranger_is_refused(federation: Federation) -> None:
+    agg = federation.aggregator
+    admin = federation.admin
+    blob = seal_update(ModelUpdate("admin-1", 1, 1, {"w": [1.0]}), admin.identity,
+                       federation.aggregator_kem, 1)
+    with pytest.raises(UnauthorizedSender):
+        open_update(blob, agg.kem, agg.registry, InMemoryFreshness())
+    outsider = federation.outsider
+    blob = seal_update(ModelUpdate("retailer-x", 1, 1, {"w": [1.0]}), outsider.identity,
+                       outsider.registry.current_kem_key("aggregator"), 1)
+    with pytest.raises(UnknownSender):
+        open_update(blob, agg.kem, agg.registry, InMemoryFreshness())
+
+
+def test_update_claiming_another_participant_is_refused(federation: Federation) -> None:
+    r0 = federation.retailers[0]
+    blob = seal_update(ModelUpdate("retailer-1", 1, 1, {"w": [1.0]}), r0.identity,
+                       federation.aggregator_kem, 1)
+    agg = federation.aggregator
+    with pytest.raises(UpdateFormatError, match="participant"):
+        open_update(blob, agg.kem, agg.registry, InMemoryFreshness())
+
+
+def test_global_model_verifies_and_stale_rounds_are_refused(federation: Federation) -> None:
+    glob = GlobalModel(3, "g3", "g2", ("retailer-0", "retailer-1"), "FedAvg", 50,
+                       {"intercept": np.array([0.5])})
+    blob = sign_global(glob, federation.aggregator.identity, 3)
+    registry = federation.retailers[1].registry
+    fresh = InMemoryFreshness()
+    opened = open_global(blob, registry, fresh, last_round=2)
+    assert opened.to_wire() == glob.to_wire()
+    with pytest.raises(Replay):
+        open_global(blob, registry, fresh, last_round=2)
+    with pytest.raises(StaleGlobal):
+        open_global(sign_global(glob, federation.aggregator.identity, 4), registry,
+                    InMemoryFreshness(), last_round=3)
+    forged = sign_global(glob, federation.retailers[0].identity, 5)
+    with pytest.raises(UnauthorizedSender):
+        open_global(forged, registry, InMemoryFreshness())
+
+
+def test_fold_in_is_personalised_not_an_overwrite() -> None:
+    local, data = trained(5, 300)
+    other, _ = trained(6, 300, shift=5.0)  # a retailer whose data looks nothing like ours
+    bad = update_from_model(other, "retailer-9", 1).vectors
+    glob = GlobalModel(1, "g1", None, ("retailer-9",), "FedAvg", 300, bad)
+    mix = fold_in(local, glob, data[-100:])
+    assert mix < 1.0  # our own labels say the foreign model is worse: we keep ours mostly
+    assert local.version == "g1"
+    similar, _ = trained(7, 300)
+    glob2 = GlobalModel(2, "g2", "g1", ("retailer-8",), "FedAvg", 300,
+                        update_from_model(similar, "retailer-8", 2).vectors)
+    assert fold_in(local, glob2, data[-100:]) in MIX_GRID
+
+
+def test_fold_in_keeps_local_counts_so_nothing_is_counted_twice() -> None:
+    local, data = trained(8, 150)
+    n_before = local.n
+    glob = GlobalModel(1, "g1", None, ("a", "b"), "FedAvg", 10_000,
+                       update_from_model(trained(9, 150)[0], "a", 1).vectors)
+    fold_in(local, glob, data)
+    assert local.n == n_before  # the global's 10,000 are not added to ours
+    assert local.export_delta()["linear"]["n"] == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "c"]),
+                    st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=2), min_size=1),
+    st.dictionaries(st.sampled_from(["b", "c", "d"]),
+                    st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=2), min_size=1),
+    st.sampled_from(MIX_GRID),
+)
+def test_blend_is_between_local_and_global(local: dict, glob: dict, mix: float) -> None:
+    lv = {k: np.array(v) for k, v in local.items()}
+    gv = {k: np.array(v) for k, v in glob.items()}
+    out = blend(lv, gv, mix)
+    assert set(out) == set(lv) | set(gv)
+    for name, values in out.items():
+        lo = np.minimum(lv.get(name, gv.get(name)), gv.get(name, lv.get(name)))
+        hi = np.maximum(lv.get(name, gv.get(name)), gv.get(name, lv.get(name)))
+        assert np.all(values >= lo - 1e-6) and np.all(values <= hi + 1e-6)
+    if mix == 0.0:
+        assert all(np.array_equal(out[k], lv[k]) for k in lv)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=5) | st.floats(),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
+                                                                        max_size=3)))
+def test_global_wire_parser_names_the_field_or_accepts(wire: object) -> None:
+    with contextlib.suppress(UpdateFormatError):
+        GlobalModel.from_wire(wire)
+
+
+def test_river_linear_pipeline_round_trips_through_update_vectors() -> None:
+    from river import linear_model, preprocessing
+
+    from fraud.models.river_state import export_linear_pipeline, load_linear_pipeline
+
+    pipe = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    rng = random.Random(11)
+    rows = [({"amount": rng.gauss(3.0 if y else 0.0, 1.0), "n": rng.random()}, y)
+            for y in (rng.random() < 0.3 for _ in range(200))]
+    for x, y in rows:
+        pipe.learn_one(x, y)
+    state = export_linear_pipeline(pipe, n=200, n_pos=sum(y for _, y in rows),
+                                   n_neg=sum(not y for _, y in rows), version="local")
+    vectors = update_from_state(state, "retailer-0", 1, 200).vectors
+    assert set(vectors) == {"f/amount", "f/n", "intercept"}
+    rebuilt = load_linear_pipeline(state_from_vectors(vectors, state, 200, "g1"))
+    for x, _ in rows[:20]:
+        assert rebuilt.predict_proba_one(x)[True] == pytest.approx(
+            pipe.predict_proba_one(x)[True], abs=1e-9)
