@@ -18,17 +18,19 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fl.update import ModelUpdate, UpdateFormatError, Vectors, as_vectors, read_header
-from fraud.models.risk import RiskModel
 from pqc.envelope import open as open_envelope
 from pqc.envelope import read_header as read_envelope_header
 from pqc.envelope import seal, sign_document, verify_document
 from pqc.freshness import FreshnessStore
 from pqc.keys import Identity, KemKeyring, Registry, TrustedKey
+
+if TYPE_CHECKING:  # fraud.models imports River and scipy (~2 s): the aggregator needs neither
+    from fraud.models.risk import RiskModel
 
 UPDATE_PURPOSE = "fl.update"
 GLOBAL_PURPOSE = "fl.global"
@@ -287,6 +289,8 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
     if len(recent) < min_labels:
         chosen = 0.5
     else:
+        from fraud.models.risk import RiskModel
+
         losses = {mix: _log_loss(RiskModel.from_state(st), recent)
                   for mix, st in candidates.items()}
         chosen = min(MIX_GRID, key=lambda m: (round(losses[m], 12), -m))
