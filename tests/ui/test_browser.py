@@ -186,6 +186,19 @@ def button(d: Any, text: str) -> Any:
     return None
 
 
+def reloaded_shows(d: Any, url: str, text: str) -> bool:
+    """Load ``url`` afresh; whether the page shows ``text`` once it has rendered."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d.get(url)
+    try:
+        WebDriverWait(d, 5).until(shows(text))
+    except TimeoutException:
+        return False
+    return True
+
+
 def screenshot(d: Any, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     time.sleep(0.5)  # let the last fragment run and the charts finish drawing
@@ -200,13 +213,24 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_feed_verdict_and_config_change_in_a_real_browser(
-    driver: Any, ui_url: str, worker: WorkerProcess, kafka_bootstrap: str, unique_name: str
+    driver: Any, ui_url: str, worker: WorkerProcess, kafka_bootstrap: str, unique_name: str,
+    tmp_path: Path,
 ) -> None:
+    try:
+        scenario(driver, ui_url, worker, kafka_bootstrap, unique_name)
+    except Exception:  # what the browser, the app and the worker saw, then the failure
+        print(f"page: {driver.current_url}\n{driver.find_element('tag name', 'body').text}")
+        print(f"ui log:\n{(tmp_path / 'ui.log').read_text()[-4000:]}")
+        print(f"worker log:\n{worker.log_tail()}")
+        screenshot(driver, "failure")
+        raise
+
+
+def scenario(d: Any, ui_url: str, worker: WorkerProcess, kafka_bootstrap: str,
+             retailer: str) -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    retailer = unique_name
-    d = driver
     d.get(ui_url)
     WebDriverWait(d, 30).until(shows("No decisions yet"))
 
@@ -215,7 +239,7 @@ def test_feed_verdict_and_config_change_in_a_real_browser(
     for i, (tx_id, amount) in enumerate((("small-1", 20.0), ("big-1", 950.0))):
         produce_transaction(kafka_bootstrap, retailer, tx(tx_id, retailer, amount))
         on_kafka = collect(kafka_bootstrap, RetailerTopics(retailer).decisions,
-                           lambda ms: len(ms) > i, timeout=30)
+                           lambda ms, n=i + 1: len(ms) >= n, timeout=30)
         assert len(on_kafka) == i + 1, worker.log_tail()
         decided = time.monotonic()
         WebDriverWait(d, 5, poll_frequency=0.1).until(
@@ -256,8 +280,9 @@ def test_feed_verdict_and_config_change_in_a_real_browser(
     publish_button.click()
     WebDriverWait(d, 30).until(shows("Published v2"))
     wait_for(lambda: config_version(worker) == 2, 30, lambda: worker.log_tail())
-    WebDriverWait(d, 30).until(shows("v2"))
-    d.execute_script("window.scrollTo(0, 0);")
+    # the page as an admin sees it next: v2 in effect, and the worker saying it applied v2
+    # (the UI scrapes /metrics in the background: reload until it has)
+    wait_for(lambda: reloaded_shows(d, f"{ui_url}/admin", f"{retailer} v2"), 30)
     screenshot(d, "admin")
 
     for name in ("feed", "review", "charts", "admin"):
