@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install liboqs lint test demo clean stack-up stack-down stack-status
+.PHONY: install liboqs browser lint test demo clean stack-up stack-down stack-status
 
-install: $(STAMP) liboqs
+install: $(STAMP) liboqs browser
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 liboqs: $(STAMP)
 	@scripts/build-liboqs $(VENV) || echo "make: liboqs was not built (see above);" \
 	  "the oqs backend stays unavailable and its tests are skipped" >&2
+
+# Debian's chromium and chromedriver for the UI's browser test; without them that test skips.
+browser:
+	@scripts/install-browser || echo "make: chromium/chromedriver not installed (see above);" \
+	  "the UI's browser test is skipped" >&2
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,7 +3,9 @@ real Kafka, the review verdict, and the admin guard and publish."""
 
 from __future__ import annotations
 
+import ast
 import time
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +181,14 @@ def test_no_page_raises_with_data(ui_env, kafka_bootstrap, unique_name, page):
     at.switch_page(page).run()
     assert not at.exception
     assert "Kafka is unreachable" not in texts(at)
+
+
+def test_no_page_has_a_bare_string_that_streamlit_magic_would_print():
+    # Streamlit writes any bare expression of a page script to the page, except the module
+    # docstring: an attribute docstring there showed up as text on the review queue
+    root = Path(__file__).resolve().parents[2] / "ui"
+    for page in ("app.py", *PAGES):
+        body = ast.parse((root / page).read_text()).body
+        stray = [n.lineno for n in body[1:] if isinstance(n, ast.Expr)
+                 and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)]
+        assert stray == [], f"{page}: bare strings at lines {stray}"

@@ -12,8 +12,9 @@ from ui.store import DecisionRow
 from ui.widgets import kafka_banner, retailer_filter
 
 SHOWN = 20
+# How long the outcome of the last verdict stays on screen (the queue refreshes meanwhile).
+# A comment, not a docstring: Streamlit's magic would print a bare string on the page.
 NOTE_S = 10.0
-"""How long the outcome of the last verdict stays on screen (the queue refreshes meanwhile)."""
 
 rt = runtime.current()
 st.title("Review queue")
