@@ -531,10 +531,12 @@ def _profile(plan: ColumnPlan, c: str, col: _Column, n: int, order: np.ndarray) 
         return
     numbers = floats[~np.isnan(floats)]
     numeric_share = numbers.size / present
-    if codes is not None:
+    if numeric_share >= 0.95:  # distinct numbers: "0" and "0.0" are one value, as parsed
+        distinct = int(np.unique(numbers).size)
+    elif codes is not None:
         distinct = int(np.unique(codes[codes >= 0]).size)
     else:
-        distinct = int(np.unique(numbers).size) if numeric_share >= 0.95 else MAX_TEXT_CODES + 1
+        distinct = MAX_TEXT_CODES + 1
     if distinct <= 1 and present == n:
         plan.ignored.append(c)
     elif numeric_share >= 0.95:
