@@ -31,14 +31,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from cdc.debezium import DebeziumDecoder
 from fraud.models import RiskModel, RiverModel
@@ -320,22 +320,36 @@ class GapFiller:
     and, when a batch jumps ahead, fetches the missing records with a plain consumer and
     processes them first, before the batch (and thus their offsets) is acked. Offsets the
     log holds no record at (``log_gaps``, noted as the records were fetched) are not read.
+
+    A partition's *last* records can be lost the same way (faust's fetch loop stops
+    handing over a fetched batch when the flow stops, and resumes without seeking back
+    when it restarts at once): no later record then shows the jump. :meth:`check_tail`,
+    called while the agent is idle, reads what lies between the next expected offset and
+    the high watermark of a partition that has been quiet for ``quiet_s``; :meth:`fill`
+    hands those records over first and skips the offsets it already handed over if faust
+    delivers them after all.
     """
 
     def __init__(self, bootstrap: str, group: str, topic: str,
-                 log_gaps: LogGaps | None = None) -> None:
+                 log_gaps: LogGaps | None = None, quiet_s: float = 2.0) -> None:
         self.topic = topic
         self.log_gaps = log_gaps if log_gaps is not None else LogGaps((topic,))
         self.next_offset: dict[int, int] = {}
+        self.quiet_s = quiet_s
+        self.pending: list[InputRecord] = []  # read by check_tail, handed over by fill
+        self._quiet_since: dict[int, float] = {}
         self._resets = 0  # a fill that spans a reset must not bring back old positions
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                                    "enable.auto.commit": False,
+                                   "enable.partition.eof": True,
                                    "isolation.level": "read_committed"})
 
     def reset(self) -> None:
         """Forget positions (after a rebalance, partitions may have moved)."""
         self.next_offset.clear()
         self.log_gaps.clear()
+        self.pending.clear()
+        self._quiet_since.clear()
         self._resets += 1
 
     def _start_of(self, partition: int) -> int:
@@ -346,14 +360,22 @@ class GapFiller:
         low, _high = watermarks(self._consumer, tp)
         return low
 
-    def _read(self, partition: int, start: int, end: int) -> list[InputRecord]:
+    def _read(self, partition: int, start: int, end: int, timeout: float = 30.0
+              ) -> list[InputRecord]:
+        """The records of ``partition`` in ``[start, end)``; stops early at the end of what
+        is readable (``read_committed``: an open transaction's records are not)."""
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         out: list[InputRecord] = []
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 msg = self._consumer.poll(1.0)
-                if msg is None or msg.error() is not None:
+                if msg is None:
+                    continue
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        break
                     continue
                 offset = msg.offset() or 0
                 if offset >= end:
@@ -367,9 +389,47 @@ class GapFiller:
             self._consumer.unassign()
         return out
 
+    async def check_tail(self, highwaters: Mapping[int, int], now: float | None = None
+                         ) -> bool:
+        """Read the records between the next expected offset and the high watermark of
+        each partition in ``highwaters`` (partition -> high watermark: the ones this worker
+        holds) that has handed over nothing for ``quiet_s``; True if any are now pending.
+
+        A quiet partition is read at most once per ``quiet_s``; one whose tail holds only
+        transaction markers is then known to end there and is not read again.
+        """
+        now = time.monotonic() if now is None else now
+        resets = self._resets
+        for partition, high in highwaters.items():
+            since = self._quiet_since.setdefault(partition, now)
+            if now - since < self.quiet_s:
+                continue
+            self._quiet_since[partition] = now
+            expected = self.next_offset.get(partition)
+            if expected is None:
+                expected = await asyncio.to_thread(self._start_of, partition)
+                if self._resets != resets:
+                    return False
+                self.next_offset[partition] = expected
+            if high <= expected:
+                continue
+            missing = await asyncio.to_thread(self._read, partition, expected, high,
+                                              self.quiet_s)
+            if self._resets != resets:
+                return False
+            if missing:
+                log.warning("faust never handed over %s[%d] offsets %d..%d; read %d of them "
+                            "directly", self.topic, partition, expected, high - 1,
+                            len(missing))
+                self.pending.extend(missing)
+            else:  # only markers (or an open transaction: its records come later)
+                self.next_offset[partition] = max(expected, high)
+        return bool(self.pending)
+
     async def fill(self, records: list[Record]) -> tuple[list[Record], int, int]:
-        """``records`` with any skipped records of their partitions put before them; how
-        many records were put there, and how many reads it took.
+        """``records`` with any skipped records of their partitions put before them (and
+        the records :meth:`check_tail` read first); how many records were put there, and
+        how many reads it took.
 
         The broker is asked in a thread: these calls block, and the event loop also runs
         the group consumer's heartbeats.
@@ -378,11 +438,23 @@ class GapFiller:
         filled = reads = 0
         resets = self._resets
         take_gap = self.log_gaps.take
+        next_offset = self.next_offset
+        quiet_since = self._quiet_since
+        if self.pending:
+            pending, self.pending = self.pending, []
+            for tail in pending:
+                out.append(tail)
+                next_offset[tail.partition] = tail.offset + 1
+            filled += len(pending)
+        now = time.monotonic()
         for rec in records:
             partition = rec.partition
-            expected = self.next_offset.get(partition)
+            quiet_since[partition] = now
+            expected = next_offset.get(partition)
             if expected is None:
                 expected = await asyncio.to_thread(self._start_of, partition)
+            if rec.offset < expected and self._resets == resets:
+                continue  # handed over already, read directly by check_tail
             if rec.offset > expected:
                 empty_from = take_gap(self.topic, partition, rec.offset)
                 if empty_from is None or empty_from > expected:  # not all of it is empty
@@ -396,7 +468,7 @@ class GapFiller:
                     filled += len(missing)
             out.append(rec)
             if self._resets == resets:
-                self.next_offset[partition] = rec.offset + 1
+                next_offset[partition] = rec.offset + 1
         return out, filled, reads
 
     def close(self) -> None:
@@ -493,6 +565,22 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     gaps = {topic: GapFiller(settings.bootstrap, settings.app_id, topic, runtime.log_gaps)
             for topic in (settings.transactions_topic, settings.labels_topic)}
 
+    async def check_tail(topic: str) -> bool:
+        """While an agent is idle: read the records faust fetched at the end of a quiet
+        partition of ``topic`` and never handed over (:meth:`GapFiller.check_tail`)."""
+        if app.in_recovery or app.rebalancing:  # the tables are being restored
+            return False
+        highwaters: dict[int, int] = {}
+        try:
+            consumer = app.consumer
+            for tp in consumer.assignment():
+                if tp.topic == topic and (high := consumer.highwater(tp)) is not None:
+                    highwaters[tp.partition] = high
+        except Exception as exc:  # not assigned yet, or rebalancing
+            log.debug("no high watermarks yet: %s", exc)
+            return False
+        return await gaps[topic].check_tail(highwaters)
+
     async def forget_positions(sender: Any, assigned: Any, **kwargs: Any) -> None:
         for filler in gaps.values():
             filler.reset()
@@ -523,9 +611,10 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             ack(unconfirmed)  # their decisions are written
             unconfirmed = []
 
-        async def on_idle() -> None:
+        async def on_idle() -> bool:
             if unconfirmed:
                 await confirm()
+            return await check_tail(settings.transactions_topic)
 
         try:
             runtime.between_batches.attach(asyncio.get_running_loop())
@@ -570,10 +659,16 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     @app.agent(labels, name="learn")
     async def learn(stream: Any) -> None:
         runtime.between_batches.attach(asyncio.get_running_loop())
-        async for messages in message_batches(app, stream, settings.batch_size):
+
+        async def on_idle() -> bool:
+            return await check_tail(settings.labels_topic)
+
+        async for messages in message_batches(app, stream, settings.batch_size, on_idle):
             runtime.between_batches.apply_pending()
-            batch, _filled, reads = await gaps[settings.labels_topic].fill(
+            batch, filled, reads = await gaps[settings.labels_topic].fill(
                 records_of(messages))
+            if filled:
+                metrics.count("qsfraud_refetched_total", filled)
             if reads:
                 metrics.count("qsfraud_gap_reads_total", reads, topic=settings.labels_topic)
             result = pipeline.learn_batch(batch)

@@ -134,7 +134,7 @@ def install(app: faust.App, on_fetched: OnFetched | None = None) -> None:
          "f0fdf0d7125731341039a6de582139901d8fa30d430d558bbd0cb24d1cb1365a")
 async def message_batches(
     app: faust.App, stream: Any, max_messages: int,
-    on_idle: Callable[[], Awaitable[None]] | None = None,
+    on_idle: Callable[[], Awaitable[bool | None]] | None = None, idle_interval: float = 1.0,
 ) -> AsyncIterator[list[Any]]:
     """Batches of faust's consumer messages waiting on an agent's channel, at most
     ``max_messages`` each.
@@ -148,7 +148,9 @@ async def message_batches(
     The queue holds the messages themselves (:class:`RawSchema`), whether the drain loop
     or faust's own handler (around a rebalance) put them there. The caller acks each
     message (``message.ack(app.consumer)``) once its results are written; ``on_idle`` runs
-    whenever the queue is empty, before waiting for the next message. Messages faust's
+    whenever the queue is empty, before waiting for the next message, and again every
+    ``idle_interval`` seconds while none comes; when it returns True an empty batch is
+    yielded (the caller has records of its own to process: :class:`GapFiller`'s). Messages faust's
     stream would skip (flow control paused, or fetched in an older consumer generation:
     around a rebalance) are acked unprocessed, as the stream does; :class:`GapFiller` reads
     those offsets again.
@@ -159,10 +161,17 @@ async def message_batches(
     acking_topics = app.topics.acking_topics
     flow_control = app.flow_control
     while True:
-        if on_idle is not None and queue.empty():
-            await on_idle()
         try:
-            messages = [await queue.get()]
+            if on_idle is not None and queue.empty():
+                if await on_idle():
+                    yield []  # the caller has something of its own to process
+                    continue
+                try:
+                    messages = [await asyncio.wait_for(queue.get(), idle_interval)]
+                except TimeoutError:
+                    continue  # still idle: on_idle again
+            else:
+                messages = [await queue.get()]
         except StopAsyncIteration:  # faust ends the stream (the worker stops): end the batches
             return
         get_nowait = queue.get_nowait

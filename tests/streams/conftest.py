@@ -97,6 +97,24 @@ def admin(tmp_path: Path) -> KeyStore:
     return init_keystore(tmp_path / "admin-keys", "admin-1", "admin")
 
 
+def group_positions(bootstrap: str, group: str, topic: str) -> dict[int, tuple[int | None, int]]:
+    """``{partition: (committed offset or None, high watermark)}`` of ``group`` on ``topic``:
+    what a failing test shows of where a consumer group stands."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        committed = consumer.committed(tps, timeout=10)
+        return {tp.partition: (tp.offset if tp.offset >= 0 else None,
+                               consumer.get_watermark_offsets(tp, timeout=10)[1])
+                for tp in committed}
+    finally:
+        consumer.close()
+
+
 class Kit:
     """The helpers above, handed to tests as a fixture (test modules do not import conftest)."""
 
@@ -105,6 +123,7 @@ class Kit:
     produce_transactions = staticmethod(produce_transactions)
     collect = staticmethod(collect)
     decisions_by_tx = staticmethod(decisions_by_tx)
+    group_positions = staticmethod(group_positions)
 
 
 @pytest.fixture

@@ -144,6 +144,52 @@ def test_records_dropped_after_they_were_fetched_are_still_read(kafka_bootstrap:
         filler.close()
 
 
+def test_the_last_records_of_a_quiet_partition_are_read_when_faust_never_hands_them_over(
+    kafka_bootstrap: str,
+) -> None:
+    topic = _topic_with_ten_records(kafka_bootstrap)
+    filler = GapFiller(kafka_bootstrap, f"group-{topic}", topic, quiet_s=2.0)
+    try:
+        async def scenario() -> None:
+            first, _, _ = await filler.fill([_record(topic, o) for o in (0, 1, 2)])
+            assert [r.offset for r in first] == [0, 1, 2]
+            now = time.monotonic()
+            # 3..9 were fetched and dropped: no later record shows the jump
+            assert not await filler.check_tail({0: 10}, now + 0.5)  # not quiet yet
+            assert await filler.check_tail({0: 10}, now + 2.5)
+            tail, filled, reads = await filler.fill([])
+            assert [r.offset for r in tail] == list(range(3, 10))
+            assert [r.value for r in tail] == [f"v{i}".encode() for i in range(3, 10)]
+            assert (filled, reads) == (7, 0)
+            assert filler.next_offset == {0: 10}
+            # faust hands some of them over after all: not processed twice
+            late, filled, reads = await filler.fill([_record(topic, o) for o in (8, 9)])
+            assert late == [] and (filled, reads) == (0, 0)
+            # nothing beyond the high watermark: nothing more to read
+            assert not await filler.check_tail({0: 10}, now + 10.0)
+        asyncio.run(scenario())
+    finally:
+        filler.close()
+
+
+def test_a_tail_of_transaction_markers_is_read_once_and_quickly(kafka_bootstrap: str) -> None:
+    topic = _transactional_topic(kafka_bootstrap)
+    records = _fetch_committed(kafka_bootstrap, topic)
+    filler = GapFiller(kafka_bootstrap, f"group-{topic}", topic, quiet_s=2.0)
+    try:
+        async def scenario() -> None:
+            filler.log_gaps.fetched(topic, 0, records)
+            await filler.fill(list(records))
+            assert filler.next_offset == {0: 16}  # offset 16 is the last commit's marker
+            started = time.monotonic()
+            assert not await filler.check_tail({0: 17}, started + 3.0)
+            assert time.monotonic() - started < 2.0  # the end of the log, not a timeout
+            assert filler.next_offset == {0: 17}
+        asyncio.run(scenario())
+    finally:
+        filler.close()
+
+
 class _Fetched:
     def __init__(self, offset: int) -> None:
         self.offset = offset

@@ -161,7 +161,10 @@ def test_hostile_records_are_dead_lettered_and_valid_ones_decided_across_a_kill(
     by_tx = kit.decisions_by_tx(messages)
     assert set(by_tx) == wanted, (len(wanted - set(by_tx)), sorted(wanted - set(by_tx))[:10],
                                   [line for line in worker.metrics().splitlines()
-                                   if line.startswith("qsfraud_") and "bucket" not in line])
+                                   if line.startswith("qsfraud_") and "bucket" not in line],
+                                  kit.group_positions(kafka_bootstrap, f"qsfraud-{retailer}",
+                                                      topic),
+                                  worker.log_tail(6000))
     assert all(len(set(copies)) == 1 for copies in by_tx.values())
 
     expected = {pos: reason for pos, (_, reason) in delivered.items() if reason is not None}
