@@ -246,6 +246,7 @@ def scenario(d: Any, ui_url: str, worker: WorkerProcess, kafka_bootstrap: str,
         # 2-core machine); from then on a decision shows within 5 s of being readable on Kafka
         WebDriverWait(d, 30 if i == 0 else 6, poll_frequency=0.1).until(
             shows(f"of {i + 1} decisions in memory"))
+        print(f"decision {i + 1} in the feed {time.monotonic() - seen:.2f} s after Kafka")
         if i > 0:
             assert time.monotonic() - seen < 5.0
     screenshot(d, "feed")

@@ -96,7 +96,8 @@ def live() -> None:
         st.info("No decisions yet. They appear here as soon as a worker writes one to "
                 "`<retailer>.decisions`." if rt.store.status.reachable
                 else "No decisions to show.", icon=":material/inbox:")
-        return
+    # The table is drawn even while empty: the browser loads the grid's code with the page,
+    # not when the first decision arrives (that took 3-7 s on a busy machine).
     amounts = rt.store.amounts(r.decision.tx_id for r in rows)
     table = pd.DataFrame({
         "Time": [clock(r.decided_at) for r in rows],
@@ -110,8 +111,9 @@ def live() -> None:
     })
     styled = table.style.map(lambda a: f"color: {ACTION_COLORS[a]}; font-weight: 600",
                              subset=["Action"])
-    st.caption(f"Showing the newest {len(rows):,} of {total:,} decisions in memory · "
-               "click a row for its details")
+    if rows:
+        st.caption(f"Showing the newest {len(rows):,} of {total:,} decisions in memory · "
+                   "click a row for its details")
     st.session_state["feed_ids"] = [r.decision.tx_id for r in rows]
     st.dataframe(
         styled, key="feed_table", on_select="rerun", selection_mode="single-row",
