@@ -20,8 +20,9 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
+from fl.client import read_global_unverified_round
 from fraud.schema import Label
-from ui.store import DecisionRow
+from ui.store import DecisionRow, TopicRecord
 
 FLAGGED: Final = frozenset(("verify", "hold", "block"))
 """Actions that count as "flagged as fraud" for precision and recall."""
@@ -100,3 +101,26 @@ def rolling_precision_recall(rows: Sequence[DecisionRow], labels: Sequence[Label
         recall = np.where(true > 0, tp / np.maximum(true, 1), np.nan)
     return pd.DataFrame({"time": [datetime.fromtimestamp(t, UTC) for t, _, _ in joined],
                          "precision": precision, "recall": recall})
+
+
+def federated_rounds(records: Sequence[TopicRecord]) -> pd.DataFrame:
+    """``time, round, contributors, version, strategy`` of each global model published on
+    ``qsfraud.fl.global`` (signed documents, read here without verifying the signature: the
+    workers verify before they fold a model in; this only shows what was published).
+    Records that are not a signed global model are left out."""
+    rounds = []
+    for rec in records:
+        if not rec.value:
+            continue
+        try:
+            doc = read_global_unverified_round(rec.value)
+            round_ = int(doc["round"])
+            contributors = doc.get("contributors") or []
+        except Exception:  # anything unreadable is just not a round to show
+            continue
+        rounds.append({"time": datetime.fromtimestamp(rec.timestamp, UTC), "round": round_,
+                       "contributors": len(contributors) if isinstance(contributors, list)
+                       else 0,
+                       "version": str(doc.get("version", "-")),
+                       "strategy": str(doc.get("strategy", "-"))})
+    return pd.DataFrame(rounds, columns=["time", "round", "contributors", "version", "strategy"])

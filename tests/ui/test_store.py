@@ -103,3 +103,24 @@ def test_a_failed_verdict_can_be_given_again_but_not_over_a_read_back_label():
     assert not s.claim_verdict("t2", False)
     s.add_label(Label("t3", True, "chargeback", 1.0))
     assert not s.claim_verdict("t3", False)
+
+
+def test_federated_rounds_are_read_from_signed_global_models(tmp_path):
+    import numpy as np
+
+    from fl.client import GlobalModel, sign_global
+    from pqc.keys import init_keystore
+
+    aggregator = init_keystore(tmp_path / "agg", "aggregator", "aggregator")
+    records = [TopicRecord("qsfraud.fl.global", r - 1, None, sign_global(
+        GlobalModel(r, f"g{r}", f"g{r - 1}" if r > 1 else None,
+                    tuple(f"retailer-{i}" for i in range(r + 1)), "FedAvg", 10 * r,
+                    {"intercept": np.array([0.1 * r])}), aggregator.identity, r),
+        1000.0 + r) for r in (1, 2)]
+    records.insert(1, TopicRecord("qsfraud.fl.global", 9, None, b"not a global model", 1001.5))
+    frame = ui.charts.federated_rounds(records)
+    assert list(frame["round"]) == [1, 2]
+    assert list(frame["contributors"]) == [2, 3]
+    assert list(frame["version"]) == ["g1", "g2"]
+    assert list(frame["strategy"]) == ["FedAvg", "FedAvg"]
+    assert ui.charts.federated_rounds([]).empty

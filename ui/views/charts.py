@@ -12,7 +12,6 @@ from fraud import topics
 from fraud.schema import ACTIONS
 from ui import charts, runtime
 from ui.format import millis, percent
-from ui.kafka_reader import decode_json
 from ui.widgets import kafka_banner, retailer_filter
 
 ACTION_COLORS = alt.Scale(domain=list(ACTIONS),
@@ -138,25 +137,17 @@ def all_charts() -> None:
                 st.caption(f"Worker: {frame['worker'].iloc[-1]}")
 
     st.subheader("Federated learning rounds")
-    records = rt.store.records(topics.FL_GLOBAL)
-    if not records:
+    frame = charts.federated_rounds(rt.store.records(topics.FL_GLOBAL))
+    if frame.empty:
         empty("No federated rounds yet: global models published on "
               f"{topics.FL_GLOBAL} appear here.")
     else:
-        rounds = []
-        for rec in records:
-            doc = decode_json(rec.value) or {}
-            rounds.append({
-                "time": datetime.fromtimestamp(rec.timestamp, UTC),
-                "round": doc.get("round", rec.offset + 1),
-                "contributors": doc.get("contributors", doc.get("n_contributors")),
-                "version": str(doc.get("version", doc.get("global_version", "-")))})
-        frame = pd.DataFrame(rounds)
-        if isinstance(frame["contributors"].iloc[0], list):
-            frame["contributors"] = frame["contributors"].map(len)
+        last = frame.iloc[-1]
+        st.caption(f"Round {last['round']:,} · global version {last['version']} · "
+                   f"{last['contributors']} contributors · {last['strategy']}")
         st.altair_chart(alt.Chart(frame).mark_bar().encode(
             time_axis(), alt.Y("contributors:Q", title="contributors"),
-            tooltip=["time:T", "round:Q", "contributors:Q", "version:N"],
+            tooltip=["time:T", "round:Q", "contributors:Q", "version:N", "strategy:N"],
         ).properties(height=HEIGHT), width="stretch")
 
 
