@@ -1,6 +1,6 @@
 """Federated learning end to end on real Kafka: three retailers' real worker processes and the
-aggregator process; rounds, kill -9 of the aggregator mid-round, and the privacy audit of
-every record on both FL topics."""
+aggregator process; rounds, kill -9 of the aggregator mid-round and of a worker, and the
+privacy audit of every record on both FL topics."""
 
 from __future__ import annotations
 
@@ -200,14 +200,27 @@ def test_three_workers_federate_through_kafka_and_nothing_private_leaves(
     for i in range(3):
         fed.wait_round(i, 3)
 
+    # round 4 after kill -9 of a worker: its sequence numbers go on increasing (nothing is
+    # refused as a replay) and its checkpoint already holds round 3 (not folded in again)
+    time.sleep(2)  # a checkpoint a second: one after the fold-in
+    fed.workers[0].kill()
+    fed.workers[0].start(wait=True)
+    fed.wait_round(0, 3)
+    for i in range(3):
+        fed.feed(i)
+    again.wait_for(lambda ev: len(published(ev)) >= 2, timeout=90)
+    for i in range(3):
+        fed.wait_round(i, 4)
+    assert not [e for e in again.events() if e.get("event") == "refused"], again.events()
+    assert "already in the model" in fed.workers[0].log_tail(100_000)
+
     registry = federation.retailers[0].registry
     fresh = InMemoryFreshness()
     globals_ = [open_global(blob, registry, fresh) for blob in every_record(
         kafka_bootstrap, fed.topics.globals) if blob]
-    assert [g.round for g in globals_] == [1, 2, 3]  # each round published once
+    assert [g.round for g in globals_] == [1, 2, 3, 4]  # each round published once
     assert all(g.contributors == tuple(f"retailer-{i}" for i in range(3)) for g in globals_)
-    assert [g.parent_version for g in globals_] == [None, globals_[0].version,
-                                                    globals_[1].version]
+    assert [g.parent_version for g in globals_] == [None, *(g.version for g in globals_[:-1])]
     latest = globals_[-1].version
     for i, worker in enumerate(fed.workers):
         text = worker.metrics()
@@ -217,7 +230,7 @@ def test_three_workers_federate_through_kafka_and_nothing_private_leaves(
         model = gauge(text, "qsfraud_model_info")
         assert [k for k in model if f'version="{latest}+' in k], model  # the model itself
         sent = gauge(text, "qsfraud_fl_updates_total")[f'{{retailer="{retailer}"}}']
-        assert sent == 3
+        assert sent == (1 if i == 0 else 4)  # the restarted worker's count starts again
         assert not [k for k in gauge(text, "qsfraud_fl_globals_total") if "refused" in k]
 
     audit_privacy(fed, federation, kafka_bootstrap, globals_)
@@ -228,7 +241,7 @@ def audit_privacy(fed: Federated, federation: Federation, bootstrap: str,
     """Every record on both topics is a sealed (updates) or signed (global) envelope, and no
     identifier or amount of the input appears in any payload once opened."""
     updates = every_record(bootstrap, fed.topics.updates)
-    assert len(updates) == 9  # 3 retailers x 3 rounds, nothing else
+    assert len(updates) == 12  # 3 retailers x 4 rounds, nothing else
     payloads: list[str] = []
     for blob in updates:
         assert blob is not None
@@ -239,7 +252,7 @@ def audit_privacy(fed: Federated, federation: Federation, bootstrap: str,
     for blob in every_record(bootstrap, fed.topics.globals):
         assert blob is not None and read_header(blob).is_document  # signed by the aggregator
     payloads.extend(json.dumps(g.to_wire()) for g in globals_)
-    assert len(fed.inputs) == 3 * 3 * LABELS_PER_ROUND
+    assert len(fed.inputs) == 3 * 4 * LABELS_PER_ROUND
     identifiers = {tx[field] for tx in fed.inputs
                    for field in ("tx_id", "customer_id", "payment_instrument", "device_id", "ip")}
     amounts = {float(tx["amount"]) for tx in fed.inputs}
