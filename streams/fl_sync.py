@@ -275,9 +275,10 @@ class FlClient:
                 mix = fold_in_river(model, global_model, recent)
                 self._river_base_n = model.n
             self.metrics.gauge("qsfraud_fl_mix", mix)
-            log.info("FL global model %s (round %d, %d contributors) folded in with mix %.2f "
-                     "in %.0f ms", global_model.version, global_model.round,
-                     len(global_model.contributors), mix, (time.perf_counter() - started) * 1e3)
+            log.info("FL global model %s (round %d, %d contributors) folded into the %s with "
+                     "mix %.2f in %.0f ms", global_model.version, global_model.round,
+                     len(global_model.contributors), type(model).__name__, mix,
+                     (time.perf_counter() - started) * 1e3)
         self.global_round = global_model.round
         self.global_version = global_model.version
         self.metrics.count("qsfraud_fl_globals_total", outcome="applied", reason="ok")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from pqc.envelope import read_header
 from pqc.freshness import InMemoryFreshness
 from pqc.keys import public_bundle
 from qsfraud.worker_process import WorkerProcess
+from streams.config_stream import ConfigDocument, sign_config
 from tests.fl.conftest import Federation
 from tests.fl.test_aggregator import AggregatorProcess, Topics, published
 
@@ -91,7 +92,7 @@ class Federated:
     """Three retailers' workers with FL on, their inputs, and the aggregator."""
 
     def __init__(self, bootstrap: str, federation: Federation, topics: Topics, root: Path,
-                 unique: str) -> None:
+                 unique: str, *extra: str) -> None:
         self.bootstrap = bootstrap
         self.federation = federation
         self.topics = topics
@@ -107,18 +108,19 @@ class Federated:
                           "--fl-trust", str(federation.retailers[i].path / "registry.json"),
                           "--fl-sync-labels", str(SYNC_LABELS),
                           "--fl-updates-topic", topics.updates,
-                          "--fl-global-topic", topics.globals)
+                          "--fl-global-topic", topics.globals, *extra)
             for i, retailer in enumerate(self.retailers)]
+        self.config_topic = f"{unique}.config"
         for worker in self.workers:
             worker.workdir.mkdir(parents=True, exist_ok=True)
         self.aggregators: list[AggregatorProcess] = []
         self.inputs: list[dict[str, Any]] = []
         self.next_tx = [0, 0, 0]
 
-    def start_aggregator(self) -> AggregatorProcess:
+    def start_aggregator(self, quorum: int = 3) -> AggregatorProcess:
         agg = AggregatorProcess(self.bootstrap, self.federation, self.topics,
                                 self.root / f"aggregator-{len(self.aggregators)}.log",
-                                "--quorum", "3", "--deadline", "60",
+                                "--quorum", str(quorum), "--deadline", "60",
                                 "--freshness", str(self.root / "agg-freshness.json"))
         self.aggregators.append(agg)
         return agg
@@ -160,13 +162,24 @@ class Federated:
 
 
 @pytest.fixture
-def federated(kafka_bootstrap: str, federation: Federation, unique_name: str,
-              tmp_path: Path) -> Iterator[Federated]:
-    unique = unique_name[-24:].strip("_")
-    topics = Topics(f"{unique}.fl.updates", f"{unique}.fl.global", f"{unique}-agg")
-    setup = Federated(kafka_bootstrap, federation, topics, tmp_path, unique)
-    yield setup
-    setup.stop()
+def make_federated(kafka_bootstrap: str, federation: Federation, unique_name: str,
+                   tmp_path: Path) -> Iterator[Callable[..., Federated]]:
+    made: list[Federated] = []
+
+    def make(*extra: str) -> Federated:
+        unique = unique_name[-24:].strip("_")
+        topics = Topics(f"{unique}.fl.updates", f"{unique}.fl.global", f"{unique}-agg")
+        made.append(Federated(kafka_bootstrap, federation, topics, tmp_path, unique, *extra))
+        return made[-1]
+
+    yield make
+    for setup in made:
+        setup.stop()
+
+
+@pytest.fixture
+def federated(make_federated: Callable[..., Federated]) -> Federated:
+    return make_federated()
 
 
 def test_three_workers_federate_through_kafka_and_nothing_private_leaves(
@@ -262,3 +275,41 @@ def audit_privacy(fed: Federated, federation: Federation, bootstrap: str,
         numbers = {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", payload)}
         assert not numbers & amounts, f"amounts {sorted(numbers & amounts)[:5]} leaked"
         assert "card-" not in payload and "cust-" not in payload and "10.77." not in payload
+
+
+RIVER_LINEAR = [{"class": "preprocessing.StandardScaler"},
+                {"class": "linear_model.LogisticRegression"}]
+
+
+def test_a_river_pipeline_federates_through_the_worker(
+    make_federated: Callable[..., Federated], federation: Federation, kafka_bootstrap: str
+) -> None:
+    fed = make_federated("--trust", str(federation.admin.path / "registry.json"))
+    river = fed.workers[0]
+    doc = ConfigDocument.default().updated({"river_model": RIVER_LINEAR}, version=1,
+                                           scope=fed.retailers[0])
+    produce_raw(kafka_bootstrap, fed.config_topic, fed.retailers[0].encode(),
+                sign_config(doc, federation.admin.identity))
+    agg = fed.start_aggregator(quorum=1)
+    river.start(wait=True)
+    for round_ in (1, 2):
+        fed.feed(0)
+        agg.wait_for(lambda ev, n=round_: len(published(ev)) >= n, timeout=90)
+        fed.wait_round(0, round_)
+    globals_ = [open_global(blob, federation.retailers[0].registry, InMemoryFreshness())
+                for blob in every_record(kafka_bootstrap, fed.topics.globals) if blob]
+    assert [g.round for g in globals_] == [1, 2]
+    assert [g.examples for g in globals_] == [LABELS_PER_ROUND] * 2  # each label once
+    assert any(name.startswith("f/") for name in globals_[-1].parameters)
+    text = river.metrics()
+    model = gauge(text, "qsfraud_model_info")
+    assert [k for k in model if f'version="{globals_[-1].version}+' in k], model
+    assert not [k for k in gauge(text, "qsfraud_fl_globals_total") if "refused" in k]
+    log = river.log_tail(100_000)
+    assert log.count("folded into the RiverModel with mix") == 2, log
+
+
+def produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
+    p = Producer({"bootstrap.servers": bootstrap})
+    p.produce(topic, key=key, value=value)
+    assert p.flush(30) == 0
