@@ -610,9 +610,14 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         @app.timer(interval=FL_TICK_S)
         async def fl_sync() -> None:
             due = fl.next_update(pipeline.model, pipeline.config.fl_sync_interval_s)
-            if due is not None:  # sealed on the loop, between batches: the model is still
+            if due is None:
+                return
+            try:  # sealed on the loop, between batches: the model is still
                 await publisher.publish((settings.fl_updates_topic, [(0, None, due[1])]))
-                fl.sent(due[0])
+            except (KafkaException, TimeoutError) as exc:  # sealed afresh at the next tick
+                log.warning("FL update for round %d not sent: %s", due[0], exc)
+                return
+            fl.sent(due[0])
 
     @app.timer(interval=EXPIRY_INTERVAL_S)
     async def expire() -> None:

@@ -194,3 +194,11 @@ def test_unusable_key_files_are_named(fed: Federation, tmp_path: Path):
         load_fl_keys(fed.retailers[0].path, retailer_bundle, registry)
     with pytest.raises(FlSetupError, match="--fl-trust"):
         load_fl_keys(fed.retailers[0].path, bundle, tmp_path / "missing.json")
+
+
+def test_fl_needs_all_three_key_flags() -> None:
+    from streams.settings import WorkerSettings
+
+    with pytest.raises(ValueError, match="--fl-identity, --fl-aggregator and --fl-trust"):
+        WorkerSettings("acme", "x", fl_identity=Path("keys"))
+    assert not WorkerSettings("acme", "x").fl_enabled
