@@ -127,7 +127,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="older timestamps are dead-lettered (default 10 years)")
     p.add_argument("--max-event-future", type=float, default=b.max_future_s, metavar="SECONDS",
                    help="timestamps further ahead of now are dead-lettered (default 1 day)")
-    fl = p.add_argument_group("federated learning (off unless all three key flags are given)")
+    fl = p.add_argument_group("federated learning (on with all three key flags, off with none)")
     fl.add_argument("--fl-identity", metavar="PATH", default=env("QSFRAUD_FL_IDENTITY"),
                     help="the retailer's key store (qsfraud keys init --role retailer)")
     fl.add_argument("--fl-aggregator", metavar="FILE", default=env("QSFRAUD_FL_AGGREGATOR"),
