@@ -609,10 +609,11 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     if fl is not None:
         @app.timer(interval=FL_TICK_S)
         async def fl_sync() -> None:
+            # sealed here, on the loop: between batches, so no batch changes the model meanwhile
             due = fl.next_update(pipeline.model, pipeline.config.fl_sync_interval_s)
             if due is None:
                 return
-            try:  # sealed on the loop, between batches: the model is still
+            try:
                 await publisher.publish((settings.fl_updates_topic, [(0, None, due[1])]))
             except (KafkaException, TimeoutError) as exc:  # sealed afresh at the next tick
                 log.warning("FL update for round %d not sent: %s", due[0], exc)
