@@ -26,7 +26,7 @@ from fl.update import ModelUpdate, UpdateFormatError, Vectors, as_vectors, read_
 from pqc.envelope import open as open_envelope
 from pqc.envelope import read_header as read_envelope_header
 from pqc.envelope import seal, sign_document, verify_document
-from pqc.freshness import FreshnessStore
+from pqc.freshness import DEFAULT_WINDOW, FreshnessStore, TimeWindow
 from pqc.keys import Identity, KemKeyring, Registry, TrustedKey
 
 if TYPE_CHECKING:  # fraud.models imports River and scipy (~2 s): the aggregator needs neither
@@ -220,14 +220,17 @@ def read_global_unverified_round(blob: bytes) -> dict[str, Any]:
 
 
 def open_global(blob: bytes, registry: Registry, freshness: FreshnessStore, *,
-                last_round: int | None = None, now: float | None = None) -> GlobalModel:
+                last_round: int | None = None, window: TimeWindow = DEFAULT_WINDOW,
+                now: float | None = None) -> GlobalModel:
     """Verifies the aggregator's signature, purpose and sequence; refuses a round <= last_round.
 
     A replayed document fails in ``freshness`` (its sequence is not new); an old but freshly
     re-signed one, or one from before a restart, fails the round check (:class:`StaleGlobal`).
+    ``window`` bounds the document's age (a worker that starts long after the last round
+    passes a wider one than the envelopes' default).
     """
     payload, _meta = verify_document(blob, registry, freshness=freshness, purpose=GLOBAL_PURPOSE,
-                                     roles=("aggregator",), now=now)
+                                     roles=("aggregator",), window=window, now=now)
     try:
         wire = json.loads(payload)
     except ValueError as exc:

@@ -53,6 +53,7 @@ from streams.faust_compat import (
     message_batches,
 )
 from streams.faust_compat import install as install_compat
+from streams.fl_sync import FlClient, GlobalFollower, start_client
 from streams.metrics import WorkerMetrics
 from streams.scoring import (
     EncodedStore,
@@ -203,6 +204,9 @@ class WorkerRuntime:
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     log_gaps: LogGaps = field(init=False)
     between_batches: BetweenBatches = field(default_factory=BetweenBatches)
+    fl: FlClient | None = None
+    """The federated-learning client (streams.fl_sync), if FL is on."""
+    fl_follower: GlobalFollower | None = None
 
     def __post_init__(self) -> None:
         self.log_gaps = LogGaps((self.settings.transactions_topic, self.settings.labels_topic))
@@ -485,6 +489,9 @@ EXPIRY_LIMIT = 10_000
 EXPIRY_BUCKETS = 32
 """Event-time buckets per horizon in the stores' expiry index."""
 
+FL_TICK_S = 1.0
+"""How often a worker looks whether a federated update is due."""
+
 FULL_COLLECTION_INTERVAL_S = 3600.0
 """How often a worker runs a full garbage collection (it collects only the youngest
 generation otherwise)."""
@@ -672,6 +679,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
             if reads:
                 metrics.count("qsfraud_gap_reads_total", reads, topic=settings.labels_topic)
             result = pipeline.learn_batch(batch)
+            if runtime.fl is not None:
+                runtime.fl.learned(result.examples)
             await publisher.publish(dlq(result.dead_letters), *state_writes())
             ack(messages)
             for outcome in ("learned", "unknown", "duplicate"):
@@ -690,6 +699,21 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         await publisher.publish((settings.checkpoints_topic,
                                  [(0, settings.retailer.encode(), value)]))
         metrics.count("qsfraud_checkpoints_total")
+
+    fl = runtime.fl
+    if fl is not None:
+        @app.timer(interval=FL_TICK_S)
+        async def fl_sync() -> None:
+            # sealed here, on the loop: between batches, so no batch changes the model meanwhile
+            due = fl.next_update(pipeline.model, pipeline.config.fl_sync_interval_s)
+            if due is None:
+                return
+            try:
+                await publisher.publish((settings.fl_updates_topic, [(0, None, due[1])]))
+            except (KafkaException, TimeoutError) as exc:  # sealed afresh at the next tick
+                log.warning("FL update for round %d not sent: %s", due[0], exc)
+                return
+            fl.sent(due[0])
 
     @app.timer(interval=EXPIRY_INTERVAL_S)
     async def expire() -> None:
@@ -751,8 +775,9 @@ def restore_model(settings: WorkerSettings) -> RiskModel | RiverModel | None:
 
 
 def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
-    """Topics, checkpoint, config replay: everything before faust starts. The runtime's
-    settings have the partition count the topics have (:func:`settle_partitions`)."""
+    """Topics, checkpoint, config replay, the FL client: everything before faust starts.
+    The runtime's settings have the partition count the topics have
+    (:func:`settle_partitions`)."""
     settings = settle_partitions(settings)
     ensure_topics(settings.bootstrap, worker_topics(settings))
     model = restore_model(settings)
@@ -781,6 +806,9 @@ def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
     if not follower.ready.wait(settings.config_replay_timeout_s):
         log.warning("config replay not finished after %.0f s; starting with v%d",
                     settings.config_replay_timeout_s, pipeline.config.version)
+    if settings.fl_enabled:
+        runtime.fl, runtime.fl_follower = start_client(settings, pipeline, runtime.metrics,
+                                                       runtime.between_batches.submit)
     return runtime, follower
 
 
@@ -807,6 +835,8 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> int:
         worker.execute_from_commandline()
     finally:
         follower.stop()
+        if runtime.fl_follower is not None:
+            runtime.fl_follower.stop()
     return 0
 
 

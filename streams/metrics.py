@@ -40,7 +40,15 @@ HELP: Final = {
     "qsfraud_config_version": ("gauge", "The applied config version"),
     "qsfraud_scored_entries": ("gauge", "Entries in the dedup/feature store"),
     "qsfraud_decision_latency_seconds": ("histogram", "Record produced -> decision made"),
+    "qsfraud_fl_updates_total": ("counter", "Federated updates sent (one a round at most)"),
+    "qsfraud_fl_globals_total": ("counter", "Global models, by outcome (applied, refused) "
+                                 "and reason"),
+    "qsfraud_fl_global_round": ("gauge", "Round of the global model folded in last"),
+    "qsfraud_fl_global_info": ("gauge", "Version of the global model folded in last"),
+    "qsfraud_fl_mix": ("gauge", "Weight of the global model in the last fold-in"),
 }
+ONE_SERIES: Final = frozenset({"qsfraud_model_info", "qsfraud_fl_global_info"})
+"""Gauges whose label is the current value: a new one replaces the old series."""
 
 
 def _labels(pairs: Iterable[tuple[str, str]]) -> str:
@@ -73,7 +81,7 @@ class WorkerMetrics:
 
     def gauge(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
-            if name == "qsfraud_model_info":  # one series: the current version
+            if name in ONE_SERIES:  # one series: the current version
                 self._gauges = {k: v for k, v in self._gauges.items() if k[0] != name}
             self._gauges[self._key(name, labels)] = value
 

@@ -742,6 +742,8 @@ class LabelResult:
     duplicate: int = 0
     dead_letters: list[OutputRecord] = field(default_factory=list)
     unknown_ids: list[str] = field(default_factory=list)
+    examples: list[tuple[dict[str, float], bool]] = field(default_factory=list)
+    """The labelled vectors learned (the FL client picks its mixing weight with them)."""
 
 
 def _runs(model: RiskModel | RiverModel, policy: PolicyConfig) -> bool:
@@ -1087,7 +1089,9 @@ class ScoringPipeline:
                 x = entry["x"]
                 if not isfinite(fsum(x)):  # the model state's boundary: never non-finite
                     raise BadRecord("non-finite-features", f"features {x!r}")
-                model.learn_one(dict(zip(names, x, strict=True)), label.is_fraud)
+                vector = dict(zip(names, x, strict=True))
+                model.learn_one(vector, label.is_fraud)
+                out.examples.append((vector, label.is_fraud))
                 entities = entry.get("e")
                 if entities:  # the label history of the transaction's entities
                     features = self.features

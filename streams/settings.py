@@ -73,6 +73,17 @@ class WorkerSettings:
     """A file with the ``[mapping]`` table for Debezium rows (None: canonical field names)."""
     input_bounds: InputBounds = DEFAULT_BOUNDS
     """What an input record must meet (size, ids, amounts, time window); see InputBounds."""
+    fl_identity: Path | None = None
+    """Federated learning (off without it): the retailer's key store (``qsfraud keys init``)."""
+    fl_aggregator: Path | None = None
+    """The aggregator's public-key bundle (``qsfraud keys show --export``): updates are sealed
+    to its KEM key."""
+    fl_trust: Path | None = None
+    """The registry that says which aggregator signs global models."""
+    fl_sync_labels: int = 500
+    """Send an update after this many labels (or the live config's ``fl.sync_interval_s``)."""
+    fl_updates_topic: str = topics.FL_UPDATES
+    fl_global_topic: str = topics.FL_GLOBAL
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):
@@ -83,12 +94,22 @@ class WorkerSettings:
             raise ValueError("partitions must be >= 1")
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format: one of {', '.join(INPUT_FORMATS)}")
+        fl_paths = (self.fl_identity, self.fl_aggregator, self.fl_trust)
+        if any(p is not None for p in fl_paths) and not all(p is not None for p in fl_paths):
+            raise ValueError("federated learning needs --fl-identity, --fl-aggregator and "
+                             "--fl-trust together")
+        if self.fl_sync_labels < 1:
+            raise ValueError("fl_sync_labels must be >= 1")
         longest_window = max(seconds for seconds, _ in WINDOWS)
         if not self.state_horizon_s > max(longest_window, self.scored_ttl_s):
             raise ValueError(
                 f"the state horizon ({self.state_horizon_s:g} s) must be longer than the "
                 f"longest feature window ({longest_window:g} s) and the label delay "
                 f"(scored TTL, {self.scored_ttl_s:g} s)")
+
+    @property
+    def fl_enabled(self) -> bool:
+        return self.fl_identity is not None
 
     @property
     def topics(self) -> RetailerTopics:

@@ -58,7 +58,18 @@ def run(args: argparse.Namespace) -> int:
             input_bounds=InputBounds(max_record_bytes=args.max_record_bytes,
                                      max_amount=args.max_amount, max_age_s=args.max_event_age,
                                      max_future_s=args.max_event_future),
+            fl_identity=Path(args.fl_identity) if args.fl_identity else None,
+            fl_aggregator=Path(args.fl_aggregator) if args.fl_aggregator else None,
+            fl_trust=Path(args.fl_trust) if args.fl_trust else None,
+            fl_sync_labels=args.fl_sync_labels,
+            fl_updates_topic=args.fl_updates_topic,
+            fl_global_topic=args.fl_global_topic,
         )
+        if settings.fl_enabled:  # unusable key files stop the command here, with one line
+            from streams.fl_sync import load_fl_keys
+
+            load_fl_keys(*(Path(p) for p in (args.fl_identity, args.fl_aggregator,
+                                             args.fl_trust)))
         # a bad mapping file stops the command here, with one line, not in the worker
         DebeziumDecoder.load(settings.retailer, settings.mapping)
     except ValueError as exc:  # also cdc.mapping.ConfigError
@@ -116,5 +127,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="older timestamps are dead-lettered (default 10 years)")
     p.add_argument("--max-event-future", type=float, default=b.max_future_s, metavar="SECONDS",
                    help="timestamps further ahead of now are dead-lettered (default 1 day)")
+    fl = p.add_argument_group("federated learning (on with all three key flags, off with none)")
+    fl.add_argument("--fl-identity", metavar="PATH", default=env("QSFRAUD_FL_IDENTITY"),
+                    help="the retailer's key store (qsfraud keys init --role retailer)")
+    fl.add_argument("--fl-aggregator", metavar="FILE", default=env("QSFRAUD_FL_AGGREGATOR"),
+                    help="the aggregator's public-key bundle (qsfraud keys show --export)")
+    fl.add_argument("--fl-trust", metavar="FILE", default=env("QSFRAUD_FL_TRUST"),
+                    help="registry of trusted keys that verifies the aggregator's global models")
+    fl.add_argument("--fl-sync-labels", type=int, metavar="N",
+                    default=int(env("QSFRAUD_FL_SYNC_LABELS", "500")),
+                    help="send an update after N learned labels, or after the live config's "
+                         "fl.sync_interval_s seconds (default 500)")
+    fl.add_argument("--fl-updates-topic", default=topics.FL_UPDATES)
+    fl.add_argument("--fl-global-topic", default=topics.FL_GLOBAL)
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.set_defaults(func=run)

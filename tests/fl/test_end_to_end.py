@@ -1,0 +1,315 @@
+"""Federated learning end to end on real Kafka: three retailers' real worker processes and the
+aggregator process; rounds, kill -9 of the aggregator mid-round and of a worker, and the
+privacy audit of every record on both FL topics."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from fl.client import GlobalModel, open_global, open_update
+from pqc.envelope import read_header
+from pqc.freshness import InMemoryFreshness
+from pqc.keys import public_bundle
+from qsfraud.worker_process import WorkerProcess
+from streams.config_stream import ConfigDocument, sign_config
+from tests.fl.conftest import Federation
+from tests.fl.test_aggregator import AggregatorProcess, Topics, published
+
+pytestmark = pytest.mark.integration
+LABELS_PER_ROUND = 40
+SYNC_LABELS = 30
+
+
+def transaction(retailer: str, i: int) -> dict[str, Any]:
+    """Identifiers and amounts distinctive enough to be searched for in the FL payloads."""
+    fraud = i % 5 == 0
+    return {"tx_id": f"{retailer}-tx-{i}", "retailer_id": retailer,
+            "amount": round((912.37 if fraud else 23.11) + (i * 7.13) % 97, 2),
+            "customer_id": f"cust-{retailer}-{i % 17}", "payment_instrument": f"card-{i % 19}",
+            "device_id": f"dev-{i % 13}-{retailer}", "ip": f"10.77.{i % 200}.{i % 11}",
+            "occurred_at": 1767225600.0 + i * 30}
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[str, dict[str, Any]]]) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+    for key, value in records:
+        p.produce(topic, key=key.encode(), value=json.dumps(value).encode())
+    assert p.flush(30) == 0
+
+
+def count_records(bootstrap: str, topic: str) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fl-e2e-count"})
+    try:
+        total = 0
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        for partition in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+            total += high - low
+        return total
+    finally:
+        consumer.close()
+
+
+def every_record(bootstrap: str, topic: str) -> list[bytes | None]:
+    """Every record of the one-partition ``topic``, aborted ones too (read_uncommitted)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fl-e2e-audit",
+                         "enable.auto.commit": False, "enable.partition.eof": True,
+                         "isolation.level": "read_uncommitted"})
+    out: list[bytes | None] = []
+    try:
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        while True:
+            msg = consumer.poll(10)
+            assert msg is not None, f"reading {topic} timed out"
+            err = msg.error()
+            if err is not None:
+                assert err.code() == KafkaError._PARTITION_EOF, err
+                return out
+            out.append(msg.value())
+    finally:
+        consumer.close()
+
+
+def gauge(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric on a /metrics page."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(rf"{name}(\{{[^}}]*\}})? (\S+)$", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+class Federated:
+    """Three retailers' workers with FL on, their inputs, and the aggregator."""
+
+    def __init__(self, bootstrap: str, federation: Federation, topics: Topics, root: Path,
+                 unique: str, *extra: str) -> None:
+        self.bootstrap = bootstrap
+        self.federation = federation
+        self.topics = topics
+        self.root = root
+        bundle = root / "aggregator.json"
+        bundle.write_text(json.dumps(public_bundle(federation.aggregator)))
+        self.retailers = [f"{unique}-r{i}" for i in range(3)]
+        self.workers = [
+            WorkerProcess(bootstrap, retailer, root / f"w{i}", "--checkpoint-interval", "1",
+                          "--config-topic", f"{unique}.config",
+                          "--fl-identity", str(federation.retailers[i].path),
+                          "--fl-aggregator", str(bundle),
+                          "--fl-trust", str(federation.retailers[i].path / "registry.json"),
+                          "--fl-sync-labels", str(SYNC_LABELS),
+                          "--fl-updates-topic", topics.updates,
+                          "--fl-global-topic", topics.globals, *extra)
+            for i, retailer in enumerate(self.retailers)]
+        self.config_topic = f"{unique}.config"
+        for worker in self.workers:
+            worker.workdir.mkdir(parents=True, exist_ok=True)
+        self.aggregators: list[AggregatorProcess] = []
+        self.inputs: list[dict[str, Any]] = []
+        self.next_tx = [0, 0, 0]
+
+    def start_aggregator(self, quorum: int = 3) -> AggregatorProcess:
+        agg = AggregatorProcess(self.bootstrap, self.federation, self.topics,
+                                self.root / f"aggregator-{len(self.aggregators)}.log",
+                                "--quorum", str(quorum), "--deadline", "60",
+                                "--freshness", str(self.root / "agg-freshness.json"))
+        self.aggregators.append(agg)
+        return agg
+
+    def feed(self, index: int, n: int = LABELS_PER_ROUND) -> None:
+        """``n`` transactions to retailer ``index``; once all are decided, their labels."""
+        retailer = self.retailers[index]
+        start = self.next_tx[index]
+        self.next_tx[index] += n
+        txs = [transaction(retailer, i) for i in range(start, start + n)]
+        self.inputs.extend(txs)
+        produce(self.bootstrap, f"{retailer}.transactions",
+                [(tx["customer_id"], tx) for tx in txs])
+        deadline = time.monotonic() + 90
+        while count_records(self.bootstrap, f"{retailer}.decisions") < self.next_tx[index]:
+            assert time.monotonic() < deadline, self.workers[index].log_tail()
+            time.sleep(0.3)
+        produce(self.bootstrap, f"{retailer}.labels", [
+            (tx["tx_id"], {"tx_id": tx["tx_id"], "is_fraud": tx["amount"] > 500,
+                           "source": "chargeback", "labelled_at": time.time()})
+            for tx in txs])
+
+    def wait_round(self, index: int, round_: int, timeout: float = 60.0) -> None:
+        """Until worker ``index`` folded in the global model of ``round_``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.workers[index].metrics()
+            if gauge(text, "qsfraud_fl_global_round").get(
+                    f'{{retailer="{self.retailers[index]}"}}', 0) >= round_:
+                return
+            assert time.monotonic() < deadline, self.workers[index].log_tail()
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for agg in self.aggregators:
+            agg.stop()
+
+
+@pytest.fixture
+def make_federated(kafka_bootstrap: str, federation: Federation, unique_name: str,
+                   tmp_path: Path) -> Iterator[Callable[..., Federated]]:
+    made: list[Federated] = []
+
+    def make(*extra: str) -> Federated:
+        unique = unique_name[-24:].strip("_")
+        topics = Topics(f"{unique}.fl.updates", f"{unique}.fl.global", f"{unique}-agg")
+        made.append(Federated(kafka_bootstrap, federation, topics, tmp_path, unique, *extra))
+        return made[-1]
+
+    yield make
+    for setup in made:
+        setup.stop()
+
+
+@pytest.fixture
+def federated(make_federated: Callable[..., Federated]) -> Federated:
+    return make_federated()
+
+
+def test_three_workers_federate_through_kafka_and_nothing_private_leaves(
+    federated: Federated, federation: Federation, kafka_bootstrap: str
+) -> None:
+    fed = federated
+    agg = fed.start_aggregator()
+    for worker in fed.workers:
+        worker.start(wait=False)
+    for worker in fed.workers:
+        worker.wait_ready(120)
+
+    for round_ in (1, 2):
+        for i in range(3):
+            fed.feed(i)
+        agg.wait_for(lambda ev, n=round_: len(published(ev)) >= n, timeout=90)
+        for i in range(3):
+            fed.wait_round(i, round_)
+
+    # round 3: two updates accepted, then kill -9; the restarted aggregator reads them again
+    fed.feed(0)
+    fed.feed(1)
+    agg.wait_for(lambda ev: sum(1 for e in ev if e.get("event") == "accepted"
+                                and e.get("round") == 3) >= 2, timeout=60)
+    agg.process.kill()
+    agg.process.wait(10)
+    assert not [e for e in published(agg.events()) if e["round"] == 3]
+    again = fed.start_aggregator()
+    fed.feed(2)
+    again.wait_for(lambda ev: len(published(ev)) >= 1, timeout=90)
+    for i in range(3):
+        fed.wait_round(i, 3)
+
+    # round 4 after kill -9 of a worker: its sequence numbers go on increasing (nothing is
+    # refused as a replay) and its checkpoint already holds round 3 (not folded in again)
+    time.sleep(2)  # a checkpoint a second: one after the fold-in
+    fed.workers[0].kill()
+    fed.workers[0].start(wait=True)
+    fed.wait_round(0, 3)
+    for i in range(3):
+        fed.feed(i)
+    again.wait_for(lambda ev: len(published(ev)) >= 2, timeout=90)
+    for i in range(3):
+        fed.wait_round(i, 4)
+    assert not [e for e in again.events() if e.get("event") == "refused"], again.events()
+    assert "already in the model" in fed.workers[0].log_tail(100_000)
+
+    registry = federation.retailers[0].registry
+    fresh = InMemoryFreshness()
+    globals_ = [open_global(blob, registry, fresh) for blob in every_record(
+        kafka_bootstrap, fed.topics.globals) if blob]
+    assert [g.round for g in globals_] == [1, 2, 3, 4]  # each round published once
+    assert all(g.contributors == tuple(f"retailer-{i}" for i in range(3)) for g in globals_)
+    assert [g.parent_version for g in globals_] == [None, *(g.version for g in globals_[:-1])]
+    latest = globals_[-1].version
+    for i, worker in enumerate(fed.workers):
+        text = worker.metrics()
+        retailer = fed.retailers[i]
+        assert gauge(text, "qsfraud_fl_global_info") == {
+            f'{{retailer="{retailer}",version="{latest}"}}': 1.0}
+        model = gauge(text, "qsfraud_model_info")
+        assert [k for k in model if f'version="{latest}+' in k], model  # the model itself
+        sent = gauge(text, "qsfraud_fl_updates_total")[f'{{retailer="{retailer}"}}']
+        assert sent == (1 if i == 0 else 4)  # the restarted worker's count starts again
+        assert not [k for k in gauge(text, "qsfraud_fl_globals_total") if "refused" in k]
+
+    audit_privacy(fed, federation, kafka_bootstrap, globals_)
+
+
+def audit_privacy(fed: Federated, federation: Federation, bootstrap: str,
+                  globals_: list[GlobalModel]) -> None:
+    """Every record on both topics is a sealed (updates) or signed (global) envelope, and no
+    identifier or amount of the input appears in any payload once opened."""
+    updates = every_record(bootstrap, fed.topics.updates)
+    assert len(updates) == 12  # 3 retailers x 4 rounds, nothing else
+    payloads: list[str] = []
+    for blob in updates:
+        assert blob is not None
+        assert not read_header(blob).is_document  # sealed: encrypted to the aggregator
+        update = open_update(blob, federation.aggregator.kem, federation.aggregator.registry,
+                             InMemoryFreshness())
+        payloads.append(json.dumps(update.to_wire()))
+    for blob in every_record(bootstrap, fed.topics.globals):
+        assert blob is not None and read_header(blob).is_document  # signed by the aggregator
+    payloads.extend(json.dumps(g.to_wire()) for g in globals_)
+    assert len(fed.inputs) == 3 * 4 * LABELS_PER_ROUND
+    identifiers = {tx[field] for tx in fed.inputs
+                   for field in ("tx_id", "customer_id", "payment_instrument", "device_id", "ip")}
+    amounts = {float(tx["amount"]) for tx in fed.inputs}
+    for payload in payloads:
+        for identifier in identifiers:
+            assert identifier not in payload, f"{identifier} leaked into an FL payload"
+        numbers = {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", payload)}
+        assert not numbers & amounts, f"amounts {sorted(numbers & amounts)[:5]} leaked"
+        assert "card-" not in payload and "cust-" not in payload and "10.77." not in payload
+
+
+RIVER_LINEAR = [{"class": "preprocessing.StandardScaler"},
+                {"class": "linear_model.LogisticRegression"}]
+
+
+def test_a_river_pipeline_federates_through_the_worker(
+    make_federated: Callable[..., Federated], federation: Federation, kafka_bootstrap: str
+) -> None:
+    fed = make_federated("--trust", str(federation.admin.path / "registry.json"))
+    river = fed.workers[0]
+    doc = ConfigDocument.default().updated({"river_model": RIVER_LINEAR}, version=1,
+                                           scope=fed.retailers[0])
+    produce_raw(kafka_bootstrap, fed.config_topic, fed.retailers[0].encode(),
+                sign_config(doc, federation.admin.identity))
+    agg = fed.start_aggregator(quorum=1)
+    river.start(wait=True)
+    for round_ in (1, 2):
+        fed.feed(0)
+        agg.wait_for(lambda ev, n=round_: len(published(ev)) >= n, timeout=90)
+        fed.wait_round(0, round_)
+    globals_ = [open_global(blob, federation.retailers[0].registry, InMemoryFreshness())
+                for blob in every_record(kafka_bootstrap, fed.topics.globals) if blob]
+    assert [g.round for g in globals_] == [1, 2]
+    assert [g.examples for g in globals_] == [LABELS_PER_ROUND] * 2  # each label once
+    assert any(name.startswith("f/") for name in globals_[-1].parameters)
+    text = river.metrics()
+    model = gauge(text, "qsfraud_model_info")
+    assert [k for k in model if f'version="{globals_[-1].version}+' in k], model
+    assert not [k for k in gauge(text, "qsfraud_fl_globals_total") if "refused" in k]
+    log = river.log_tail(100_000)
+    assert log.count("folded into the RiverModel with mix") == 2, log
+
+
+def produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
+    p = Producer({"bootstrap.servers": bootstrap})
+    p.produce(topic, key=key, value=value)
+    assert p.flush(30) == 0
