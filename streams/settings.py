@@ -73,6 +73,18 @@ class WorkerSettings:
     """A file with the ``[mapping]`` table for Debezium rows (None: canonical field names)."""
     input_bounds: InputBounds = DEFAULT_BOUNDS
     """What an input record must meet (size, ids, amounts, time window); see InputBounds."""
+    api_tokens: Path | None = None
+    """The HTTP API's tokens file (SHA-256 digests per retailer; :mod:`streams.api`); without
+    one every API request but ``/health`` is refused (401)."""
+    api_cert: Path | None = None
+    """TLS certificate (PEM chain) of the web server: with it, ``/metrics`` and the API are
+    served over HTTPS only."""
+    api_key: Path | None = None
+    api_url: str | None = None
+    """The URL other workers reach this one at (default: scheme, ``web_host``, ``web_port``)."""
+    api_max_body_bytes: int = 1024 * 1024
+    api_max_wait_ms: int = 5000
+    api_default_wait_ms: int = 2000
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):
@@ -81,6 +93,8 @@ class WorkerSettings:
             )
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if not 0 <= self.api_default_wait_ms <= self.api_max_wait_ms:
+            raise ValueError("api_default_wait_ms must be within 0..api_max_wait_ms")
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format: one of {', '.join(INPUT_FORMATS)}")
         longest_window = max(seconds for seconds, _ in WINDOWS)
