@@ -245,8 +245,71 @@ class DecisionFeed:
             self._waiters.discard(waiter)
 
 
-Publish = Callable[[str, Sequence[tuple[int, bytes | None, bytes | None]]], Awaitable[None]]
-"""Writes records ``(partition, key, value)`` to a topic and returns once acknowledged."""
+Write = tuple[int, bytes | None, bytes | None]
+"""A record to write: partition, key, value."""
+Publish = Callable[..., Awaitable[None]]
+"""``publish(*(topic, records))``: writes every record and returns once all are
+acknowledged (:meth:`streams.app.BatchPublisher.publish`)."""
+
+
+class GroupPublisher:
+    """Requests' records written together: whatever requests queued while the previous
+    write was in flight goes out in the next one (a group commit), so 200 requests a second
+    make a few produce requests, not 200 batches queued one behind another per partition.
+
+    ``write`` returns once the record is acknowledged, or raises what the write raised.
+    """
+
+    def __init__(self, publish: Publish) -> None:
+        self.publish = publish
+        self._queued: list[tuple[str, Write, asyncio.Future[None]]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, topic: str, records: Sequence[Write]) -> None:
+        if not records:
+            return
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._run())
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        futures = []
+        for record in records:
+            future: asyncio.Future[None] = loop.create_future()
+            self._queued.append((topic, record, future))
+            futures.append(future)
+        self._wake.set()
+        await asyncio.gather(*futures)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            queued, self._queued = self._queued, []
+            if not queued:
+                continue
+            by_topic: dict[str, list[Write]] = {}
+            for topic, record, _ in queued:
+                by_topic.setdefault(topic, []).append(record)
+            try:
+                await self.publish(*by_topic.items())
+            except Exception as exc:  # each request answers with it (503)
+                for _, _, future in queued:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for _, _, future in queued:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 class Api:
@@ -257,7 +320,7 @@ class Api:
         self.app = app
         self.settings = settings
         self.feed = feed
-        self.publish = publish
+        self.publisher = GroupPublisher(publish)
         self.tokens = TokenStore(settings.api_tokens)
         self.self_url = str(app.conf.canonical_url)
         self._client: aiohttp.ClientSession | None = None
@@ -372,8 +435,8 @@ class Api:
         tx = self.parse_transaction(raw)
         self.check_retailer(tx.retailer_id, "retailer_id")
         partition = partition_of(tx.customer_id, self.settings.partitions)
-        await self.publish(self.settings.transactions_topic,
-                           [(partition, tx.customer_id.encode(), tx.to_json())])
+        await self.write(self.settings.transactions_topic,
+                         [(partition, tx.customer_id.encode(), tx.to_json())])
         decision = await self.lookup(request, tx.tx_id, tx.customer_id, wait_ms)
         if decision is None:
             location = f"/v1/decisions/{tx.tx_id}?customer_id={tx.customer_id}"
@@ -419,7 +482,7 @@ class Api:
             records.append((partition_of(customer_id, self.settings.partitions),
                             customer_id.encode(), label.to_json()))
         # every label is valid: only now is anything published
-        await self.publish(self.settings.labels_topic, records)
+        await self.write(self.settings.labels_topic, records)
         return json_response({"accepted": len(records)}, 202)
 
     def parse_label(self, item: Any, at: str, now: float) -> tuple[Label, str]:
@@ -449,11 +512,20 @@ class Api:
                           self.settings.retailer)
         return label, customer_id
 
+    async def write(self, topic: str, records: Sequence[Write]) -> None:
+        try:
+            await self.publisher.write(topic, records)
+        except Exception as exc:
+            log.warning("API records for %s not written: %r", topic, exc)
+            raise ApiError(503, "unavailable", "Kafka did not acknowledge the records; "
+                           "retry", headers={"Retry-After": "1"}) from None
+
     async def openapi(self, request: web.Request) -> web.Response:
         self.authorize(request)
         return json_response(openapi_document())
 
     async def close(self) -> None:
+        await self.publisher.stop()
         if self._client is not None:
             await self._client.close()
             self._client = None

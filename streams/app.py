@@ -469,8 +469,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     publisher = BatchPublisher(settings.bootstrap)
     transactions = app.topic(settings.transactions_topic, partitions=n, schema=RawSchema())
     api_publisher = BatchPublisher(settings.bootstrap)  # the API's: its requests' records
-    decided = register_api(app, settings, pipeline.scored,
-                           lambda topic, records: api_publisher.publish((topic, records)))
+    decided = register_api(app, settings, pipeline.scored, api_publisher.publish)
     labels = app.topic(settings.labels_topic, partitions=n, schema=RawSchema())
 
     def ack(messages: list[Any]) -> None:
