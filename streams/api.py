@@ -172,7 +172,10 @@ def parse_tokens(data: bytes) -> tuple[TokenEntry, ...]:
     ...
     ValueError: tokens[0].sha256: expected 64 lowercase hex digits (the SHA-256 of the token)
     """
-    doc = json.loads(data)
+    try:
+        doc = json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("v") != TOKENS_VERSION:
         raise ValueError(f"expected an object with \"v\": {TOKENS_VERSION}")
     items = doc.get("tokens")

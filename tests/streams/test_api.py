@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -15,10 +16,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fraud.topics import RetailerTopics
 from qsfraud.worker_process import WorkerProcess
-from streams.api import partition_of, render_openapi
+from streams.api import GroupPublisher, TokenStore, parse_tokens, partition_of, render_openapi
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "acme-checkout-token"
@@ -317,3 +320,66 @@ def test_tokens_sizes_and_bad_input_get_their_status(cluster: Cluster) -> None:
 
 def test_the_checked_in_openapi_document_is_the_served_one() -> None:
     assert (ROOT / "docs/api/openapi.json").read_text() == render_openapi()
+
+
+# -- the parts without Kafka
+
+
+def test_a_rotated_tokens_file_is_read_and_a_broken_one_keeps_the_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    tokens_file(path, {"old": "acme"})
+    store = TokenStore(path)
+    assert store.retailer_of("old") == "acme" and store.retailer_of("new") is None
+    tokens_file(path, {"new": "acme", "b-token": "other"})
+    assert store.retailer_of("old") is None
+    assert store.retailer_of("new") == "acme" and store.retailer_of("b-token") == "other"
+    path.write_text('{"v": 1, "tokens": [{"retailer_id": "acme", "sha256": "not hex"}]}')
+    assert store.retailer_of("new") == "acme"  # the broken file changed nothing
+    path.unlink()
+    assert store.retailer_of("new") == "acme" and len(store) == 2
+    assert TokenStore(None).retailer_of("new") is None  # no file: no token is known
+
+
+@given(st.binary(max_size=300) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=70),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
+        st.sampled_from(["v", "tokens", "retailer_id", "sha256", "name"]), kids, max_size=4),
+    max_leaves=12).map(lambda doc: json.dumps(doc).encode()))
+def test_a_tokens_file_parses_or_raises_value_error(data: bytes) -> None:
+    try:
+        entries = parse_tokens(data)
+    except ValueError:
+        return
+    assert all(len(e.sha256) == 32 and e.retailer_id for e in entries)
+
+
+def test_requests_queued_during_a_write_go_out_together_and_share_its_failure() -> None:
+    calls: list[dict[str, list]] = []
+    fail = False
+
+    async def publish(*writes: tuple[str, list]) -> None:
+        calls.append({topic: list(records) for topic, records in writes})
+        await asyncio.sleep(0.01)
+        if fail:
+            raise RuntimeError("broker down")
+
+    async def scenario() -> None:
+        nonlocal fail
+        group = GroupPublisher(publish)
+        await asyncio.gather(*(group.write("t", [(0, b"k", bytes([i]))]) for i in range(5)),
+                             group.write("u", [(1, None, b"x")]))
+        assert len(calls) <= 2 and sum(len(r) for c in calls for r in c.values()) == 6
+        fail = True
+        results = await asyncio.gather(group.write("t", [(0, b"k", b"y")]),
+                                       group.write("t", [(0, b"k", b"z")]),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        await group.stop()
+
+    asyncio.run(scenario())
+
+
+def test_partition_of_is_the_java_clients_murmur2() -> None:
+    # values of Kafka's Utils.murmur2 (org.apache.kafka.common.utils.UtilsTest) & 0x7fffffff
+    assert partition_of("21", 1 << 31) == (-973932308 & 0x7FFFFFFF)
+    assert partition_of("foobar", 1 << 31) == (-790332482 & 0x7FFFFFFF)
