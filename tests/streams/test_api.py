@@ -1,26 +1,34 @@
-"""The worker's HTTP API (streams/api.py) on two real workers of one retailer, real Kafka."""
+"""The worker's HTTP API (streams/api.py) on two real workers of one retailer, real Kafka,
+over TLS (the workers forward to each other over it too)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import os
+import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fraud.topics import RetailerTopics
-from qsfraud.worker_process import WorkerProcess
+from qsfraud.worker_process import WorkerProcess, WorkerProcessError
 from streams.api import GroupPublisher, TokenStore, parse_tokens, partition_of, render_openapi
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,16 +56,59 @@ class Reply:
         return json.loads(self.body)
 
 
-def call(port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN,
+class ApiWorker(WorkerProcess):
+    """A worker serving HTTPS with the test's certificate (the API and /metrics)."""
+
+    context: ssl.SSLContext
+
+    def metrics(self) -> str:
+        return call(self, "GET", "/metrics", token=None).body.decode()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise WorkerProcessError(f"worker exited:\n{self.log_tail()}")
+            try:
+                if call(self, "GET", "/health", token=None, timeout=5).json()["partitions"]:
+                    return
+            except OSError:  # not serving yet
+                pass
+            time.sleep(0.3)
+        raise WorkerProcessError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qsfraud-test")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
+                ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def call(w: ApiWorker, method: str, path: str, body: Any = None, token: str | None = TOKEN,
          raw: bytes | None = None, timeout: float = 30.0) -> Reply:
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                 headers=headers)
+    req = urllib.request.Request(f"https://127.0.0.1:{w.port}{path}", data=data,
+                                 method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=w.context) as r:
             return Reply(r.status, r.read(), dict(r.headers))
     except urllib.error.HTTPError as err:
         return Reply(err.code, err.read(), dict(err.headers))
@@ -67,18 +118,18 @@ def call(port: int, method: str, path: str, body: Any = None, token: str | None 
 class Cluster:
     retailer: str
     bootstrap: str
-    workers: list[WorkerProcess]
+    workers: list[ApiWorker]
     tokens: Path
 
-    def owners(self) -> dict[int, WorkerProcess]:
+    def owners(self) -> dict[int, ApiWorker]:
         """partition of ``<R>.transactions`` -> the worker holding it (its ``/health``)."""
-        found: dict[int, WorkerProcess] = {}
+        found: dict[int, ApiWorker] = {}
         for w in self.workers:
-            for p in call(w.port, "GET", "/health", token=None).json()["partitions"]:
+            for p in call(w, "GET", "/health", token=None).json()["partitions"]:
                 found[p] = w
         return found
 
-    def customer_on(self, worker: WorkerProcess, prefix: str) -> str:
+    def customer_on(self, worker: ApiWorker, prefix: str) -> str:
         """A customer id whose partition ``worker`` holds."""
         owners = self.owners()
         for i in range(1000):
@@ -94,11 +145,11 @@ def transaction(retailer: str, tx_id: str, customer: str, amount: float = 42.5) 
             "occurred_at": time.time() - 5}
 
 
-def score(port: int, tx: dict, wait_ms: int = 5000) -> Reply:
+def score(w: ApiWorker, tx: dict, wait_ms: int = 5000) -> Reply:
     """POST /v1/score, again while the group is still settling (503)."""
     deadline = time.monotonic() + 60
     while True:
-        reply = call(port, "POST", f"/v1/score?wait_ms={wait_ms}", tx)
+        reply = call(w, "POST", f"/v1/score?wait_ms={wait_ms}", tx)
         if reply.status != 503 or time.monotonic() > deadline:
             return reply
         time.sleep(0.5)
@@ -110,11 +161,15 @@ def cluster(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> I
     retailer = f"api{os.getpid()}"
     tokens = tmp / "tokens.json"
     tokens_file(tokens, {TOKEN: retailer, OTHER_TOKEN: "other"})
-    workers = [WorkerProcess(kafka_bootstrap, retailer, tmp / f"w{i}", "--partitions",
-                             str(PARTITIONS), "--api-tokens", str(tokens), "--loglevel", "info")
+    cert, key = self_signed(tmp)
+    context = ssl.create_default_context(cafile=str(cert))
+    workers = [ApiWorker(kafka_bootstrap, retailer, tmp / f"w{i}", "--partitions",
+                         str(PARTITIONS), "--api-tokens", str(tokens), "--api-cert", str(cert),
+                         "--api-key", str(key), "--loglevel", "info")
                for i in range(2)]
     for w in workers:
         w.workdir.mkdir()
+        w.context = context
     try:
         workers[0].start()
         workers[1].start()
@@ -149,22 +204,22 @@ def test_a_lookup_on_any_worker_is_answered_by_the_owner(cluster: Cluster) -> No
     a, b = cluster.workers
     customer = cluster.customer_on(b, "route")
     tx = transaction(cluster.retailer, "route-1", customer)
-    scored = score(a.port, tx)  # asked of the worker that does not own it
+    scored = score(a, tx)  # asked of the worker that does not own it
     assert scored.status == 200, scored.body
     decision = scored.json()
     assert decision["tx_id"] == "route-1" and decision["action"] in ("allow", "verify", "hold",
                                                                       "block")
     assert set(decision["timings"]) >= {"received", "decided", "produced"}
     for w in (a, b):
-        got = call(w.port, "GET", f"/v1/decisions/route-1?customer_id={customer}")
+        got = call(w, "GET", f"/v1/decisions/route-1?customer_id={customer}")
         assert got.status == 200 and got.body == scored.body
-    missing = call(a.port, "GET", f"/v1/decisions/nope?customer_id={customer}&wait_ms=200")
+    missing = call(a, "GET", f"/v1/decisions/nope?customer_id={customer}&wait_ms=200")
     assert missing.status == 404 and missing.json()["error"]["code"] == "not_found"
     # a decision made of a CDC record, waited for through the other worker
     started = time.monotonic()
     produce(cluster.bootstrap, cluster.retailer,
             [transaction(cluster.retailer, "route-2", customer)], cdc=True)
-    got = call(a.port, "GET", f"/v1/decisions/route-2?customer_id={customer}&wait_ms=5000")
+    got = call(a, "GET", f"/v1/decisions/route-2?customer_id={customer}&wait_ms=5000")
     assert got.status == 200, got.body
     assert got.json()["timings"]["committed"] > 0 and time.monotonic() - started < 5
 
@@ -233,7 +288,7 @@ def test_score_before_commit_then_the_cdc_copy_is_deduplicated(cluster: Cluster)
     customer = cluster.customer_on(a, "dedup")
     topics = RetailerTopics(cluster.retailer)
     tx = transaction(cluster.retailer, "dedup-1", customer)
-    scored = score(b.port, tx)
+    scored = score(b, tx)
     assert scored.status == 200, scored.body
     features = topics.changelog("features")
     needle = f'c:{customer}"'.encode()
@@ -257,18 +312,18 @@ def test_labels_are_published_keyed_by_customer_and_learned(cluster: Cluster) ->
     customer = cluster.customer_on(b, "label")
     txs = [transaction(cluster.retailer, f"label-{i}", customer) for i in range(2)]
     for tx in txs:
-        assert score(a.port, tx).status == 200
+        assert score(a, tx).status == 200
     learned = _metric(b.metrics(), "qsfraud_labels_total", outcome="learned")
     good = {"tx_id": "label-0", "customer_id": customer, "is_fraud": True,
             "source": "chargeback", "labelled_at": time.time()}
     bad = {**good, "tx_id": "label-1", "source": "rumour"}
-    refused = call(a.port, "POST", "/v1/labels", {"labels": [good, bad]})
+    refused = call(a, "POST", "/v1/labels", {"labels": [good, bad]})
     assert refused.status == 422
     assert refused.json()["error"]["field"] == "labels[1].source"
-    no_customer = call(a.port, "POST", "/v1/labels", [{k: v for k, v in good.items()
+    no_customer = call(a, "POST", "/v1/labels", [{k: v for k, v in good.items()
                                                        if k != "customer_id"}])
     assert no_customer.status == 422 and no_customer.json()["error"]["field"] == "[0].customer_id"
-    accepted = call(a.port, "POST", "/v1/labels", good)
+    accepted = call(a, "POST", "/v1/labels", good)
     assert accepted.status == 202 and accepted.json() == {"accepted": 1}
     deadline = time.monotonic() + 20
     while _metric(b.metrics(), "qsfraud_labels_total", outcome="learned") < learned + 1:
@@ -285,34 +340,34 @@ def test_tokens_sizes_and_bad_input_get_their_status(cluster: Cluster) -> None:
     a, _ = cluster.workers
     customer = "sec-1"
     tx = transaction(cluster.retailer, "sec-1", customer)
-    assert call(a.port, "GET", "/health", token=None).status == 200
+    assert call(a, "GET", "/health", token=None).status == 200
     for token in (None, "wrong"):
-        reply = call(a.port, "POST", "/v1/score", tx, token=token)
+        reply = call(a, "POST", "/v1/score", tx, token=token)
         assert reply.status == 401 and reply.json()["error"]["code"] == "unauthorized"
         assert reply.headers["WWW-Authenticate"].startswith("Bearer")
-    forbidden = call(a.port, "GET", f"/v1/decisions/x?customer_id={customer}",
+    forbidden = call(a, "GET", f"/v1/decisions/x?customer_id={customer}",
                      token=OTHER_TOKEN)
     assert forbidden.status == 403 and forbidden.json()["error"]["code"] == "forbidden"
-    assert call(a.port, "POST", "/v1/labels", raw=b"x" * (1024 * 1024 + 1)).status == 413
+    assert call(a, "POST", "/v1/labels", raw=b"x" * (1024 * 1024 + 1)).status == 413
     big = {**tx, "note": "x" * 70_000}  # within 1 MiB, beyond the 64 KiB of a transaction
-    assert call(a.port, "POST", "/v1/score", big).status == 413
-    bad_json = call(a.port, "POST", "/v1/score", raw=b'{"tx_id": ')
+    assert call(a, "POST", "/v1/score", big).status == 413
+    bad_json = call(a, "POST", "/v1/score", raw=b'{"tx_id": ')
     assert bad_json.status == 400 and bad_json.json()["error"]["code"] == "bad_json"
-    invalid = call(a.port, "POST", "/v1/score", {**tx, "amount": -1})
+    invalid = call(a, "POST", "/v1/score", {**tx, "amount": -1})
     assert invalid.status == 422 and invalid.json()["error"]["field"] == "amount"
-    unknown = call(a.port, "POST", "/v1/score", {**tx, "retailer_id": "nobody"})
+    unknown = call(a, "POST", "/v1/score", {**tx, "retailer_id": "nobody"})
     assert unknown.status == 404 and unknown.json()["error"]["code"] == "unknown_retailer"
-    too_long = call(a.port, "GET", f"/v1/decisions/x?customer_id={customer}&wait_ms=60000")
+    too_long = call(a, "GET", f"/v1/decisions/x?customer_id={customer}&wait_ms=60000")
     assert too_long.status == 422 and too_long.json()["error"]["field"] == "wait_ms"
-    nowhere = call(a.port, "GET", "/v1/nowhere")
+    nowhere = call(a, "GET", "/v1/nowhere")
     assert nowhere.status == 404 and nowhere.json()["error"]["code"] == "not_found"
-    wrong_method = call(a.port, "GET", "/v1/score")
+    wrong_method = call(a, "GET", "/v1/score")
     assert wrong_method.status == 405 and "error" in wrong_method.json()
     # rotation without a restart: the old token stops working, the new one works
     tokens_file(cluster.tokens, {"rotated-token": cluster.retailer, OTHER_TOKEN: "other"})
     time.sleep(0.05)
-    assert call(a.port, "GET", "/v1/openapi.json").status == 401
-    served = call(a.port, "GET", "/v1/openapi.json", token="rotated-token")
+    assert call(a, "GET", "/v1/openapi.json").status == 401
+    served = call(a, "GET", "/v1/openapi.json", token="rotated-token")
     tokens_file(cluster.tokens, {TOKEN: cluster.retailer, OTHER_TOKEN: "other"})
     assert served.status == 200
     assert served.json() == json.loads((ROOT / "docs/api/openapi.json").read_text())
