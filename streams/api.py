@@ -203,26 +203,30 @@ class DecisionFeed:
     The decide agent calls :meth:`batch_decided` after a batch is decided (its entries are
     in the table, not yet written) and :meth:`batch_durable` once they are acknowledged;
     both run on the worker's loop, as the waiters do, so an entry seen while no batch is in
-    between was written by an acknowledged batch.
+    between was written by an acknowledged batch. :meth:`batch_durable` looks up each
+    waited-for ``tx_id`` (a dict look-up each) and wakes only the waiters of those found.
     """
 
-    RECHECK_S: Final = 0.1
-    """Waiters look again this often anyway (a restore from the changelog notifies none)."""
+    RECHECK_S: Final = 1.0
+    """Waiters look again this often anyway (a restore from the changelog wakes none)."""
 
     def __init__(self, scored: ScoredStore) -> None:
         self.scored = scored
         self._in_flight = False
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
 
     def batch_decided(self) -> None:
         self._in_flight = True
 
     def batch_durable(self) -> None:
         self._in_flight = False
-        waiters, self._waiters = self._waiters, set()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        if not self._waiting:
+            return
+        data = self.scored.data
+        for tx_id in [t for t in self._waiting if t in data]:
+            for waiter in self._waiting.pop(tx_id):
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def decision(self, tx_id: str) -> bytes | None:
         """The decision record of ``tx_id`` if its entry is durable: the bytes the worker
@@ -242,10 +246,17 @@ class DecisionFeed:
             if found is not None or remaining <= 0:
                 return found
             waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.add(waiter)
-            with contextlib.suppress(TimeoutError):
+            waiters = self._waiting.setdefault(tx_id, [])
+            waiters.append(waiter)
+            try:
                 await asyncio.wait_for(waiter, min(remaining, self.RECHECK_S))
-            self._waiters.discard(waiter)
+            except TimeoutError:
+                pass
+            finally:
+                if waiters and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters and self._waiting.get(tx_id) is waiters:
+                        del self._waiting[tx_id]
 
 
 Write = tuple[int, bytes | None, bytes | None]

@@ -29,7 +29,15 @@ from hypothesis import strategies as st
 
 from fraud.topics import RetailerTopics
 from qsfraud.worker_process import WorkerProcess, WorkerProcessError
-from streams.api import GroupPublisher, TokenStore, parse_tokens, partition_of, render_openapi
+from streams.api import (
+    DecisionFeed,
+    GroupPublisher,
+    TokenStore,
+    parse_tokens,
+    partition_of,
+    render_openapi,
+)
+from streams.scoring import ScoredStore
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "acme-checkout-token"
@@ -438,3 +446,22 @@ def test_partition_of_is_the_java_clients_murmur2() -> None:
     # values of Kafka's Utils.murmur2 (org.apache.kafka.common.utils.UtilsTest) & 0x7fffffff
     assert partition_of("21", 1 << 31) == (-973932308 & 0x7FFFFFFF)
     assert partition_of("foobar", 1 << 31) == (-790332482 & 0x7FFFFFFF)
+
+
+def test_a_decision_is_answered_only_once_its_scored_entry_is_durable() -> None:
+    scored = ScoredStore()
+    feed = DecisionFeed(scored)
+
+    async def scenario() -> None:
+        waiting = asyncio.create_task(feed.wait("t1", 5.0))
+        await asyncio.sleep(0.01)
+        feed.batch_decided()  # the batch wrote t1's entry; its changelog write is on its way
+        scored.set_on(0, "t1", {"o": 1.0, "d": {"tx_id": "t1", "score": 0.5}, "l": 0})
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and feed.decision("t1") is None
+        feed.batch_durable()
+        assert await waiting == b'{"tx_id":"t1","score":0.5}'
+        assert await feed.wait("t2", 0.05) is None
+        assert feed._waiting == {}  # nothing left behind by a timed-out waiter
+
+    asyncio.run(scenario())
