@@ -1,5 +1,7 @@
 """``qsfraud bench api``: POST /v1/score at a steady rate against one worker.
 
+(0) ``--one-at-a-time`` requests, each sent when the previous one is answered: the latency
+    without any queue;
 (a) latency: ``--rate`` requests a second (default 200, open loop: each request starts on
     its schedule, whatever the earlier ones do) of ``POST /v1/score`` for ``--seconds``
     after ``--warmup-seconds`` at that rate; request -> decision latency (the whole HTTP
@@ -11,7 +13,8 @@
 
 The client runs on the same machine (aiohttp, one connection pool). Runs its own ephemeral
 Kafka unless ``--bootstrap`` is given. The last line is JSON:
-``{"p50_ms", "p99_ms", "requests_per_s", "pending", "errors", "worker_tx_per_s",
+``{"p50_ms", "p99_ms", "requests_per_s" (the rate the client reached), "pending", "errors",
+"p50_ms_one_at_a_time", "worker_tx_per_s",
 "worker_tx_per_s_with_api", "throughput_cost", "worker_cpu_ms_per_request", ...}``.
 """
 
@@ -42,17 +45,17 @@ TOKEN = "bench-api-token"
 RETAILER = "bench_api"
 
 
-def transaction(i: int, prefix: str, rng: random.Random) -> dict[str, Any]:
+def transaction(i: int, prefix: str, rng: random.Random, retailer: str) -> dict[str, Any]:
     customer = f"c{rng.randrange(5000)}"
-    return {"tx_id": f"{prefix}-{i}", "retailer_id": RETAILER,
+    return {"tx_id": f"{prefix}-{i}", "retailer_id": retailer,
             "amount": round(rng.uniform(5, 400), 2), "customer_id": customer,
             "payment_instrument": f"pi-{customer}-{rng.randrange(2)}",
             "device_id": f"d{rng.randrange(4000)}", "ip": f"10.{rng.randrange(250)}.0.1",
             "occurred_at": time.time()}
 
 
-async def load(port: int, rate: float, seconds: float, prefix: str,
-               rng: random.Random) -> dict[str, Any]:
+async def load(port: int, rate: float, seconds: float, prefix: str, rng: random.Random,
+               retailer: str) -> dict[str, Any]:
     """``rate`` requests a second for ``seconds``; latencies of those answered 200."""
     url = f"http://127.0.0.1:{port}/v1/score?wait_ms=5000"
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -63,7 +66,7 @@ async def load(port: int, rate: float, seconds: float, prefix: str,
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(i: int) -> None:
-            body = json.dumps(transaction(i, prefix, rng)).encode()
+            body = json.dumps(transaction(i, prefix, rng, retailer)).encode()
             started = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers) as r:
@@ -88,6 +91,22 @@ async def load(port: int, rate: float, seconds: float, prefix: str,
             "requests_per_s": n / elapsed}
 
 
+async def one_at_a_time(port: int, n: int, rng: random.Random, retailer: str) -> list[float]:
+    """Latencies of ``n`` requests sent one after another (no queue anywhere)."""
+    url = f"http://127.0.0.1:{port}/v1/score?wait_ms=5000"
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    latencies = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(n):
+            body = json.dumps(transaction(i, f"one{time.time_ns()}", rng, retailer)).encode()
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                if r.status == 200:
+                    latencies.append(time.perf_counter() - started)
+    return latencies
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else -1.0
@@ -98,12 +117,13 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def produce_backlog(bootstrap: str, prefix: str, n: int, rng: random.Random) -> None:
+def produce_backlog(bootstrap: str, prefix: str, n: int, rng: random.Random,
+                    retailer: str) -> None:
     p = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random",
                   "linger.ms": 5, "queue.buffering.max.messages": 1_000_000})
-    topic = RetailerTopics(RETAILER).transactions
+    topic = RetailerTopics(retailer).transactions
     for i in range(n):
-        tx = transaction(i, prefix, rng)
+        tx = transaction(i, prefix, rng, retailer)
         p.produce(topic, key=tx["customer_id"], value=json.dumps(
             {"v": 1, "op": "c", "tx": tx, "committed_at": time.time()}).encode())
         if i % 10_000 == 0:
@@ -111,11 +131,12 @@ def produce_backlog(bootstrap: str, prefix: str, n: int, rng: random.Random) -> 
     assert p.flush(60) == 0
 
 
-def drain_rate(bootstrap: str, prefix: str, n: int, timeout: float = 300) -> float:
+def drain_rate(bootstrap: str, prefix: str, n: int, retailer: str,
+               timeout: float = 300) -> float:
     """Transactions a second the worker decided the backlog ``prefix`` at."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{time.time_ns()}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([RetailerTopics(RETAILER).decisions])
+    consumer.subscribe([RetailerTopics(retailer).decisions])
     decided: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     try:
@@ -139,10 +160,13 @@ def backlog_with_load(bootstrap: str, port: int, args: argparse.Namespace,
 
     async def both() -> tuple[float, dict[str, Any]]:
         seconds = 4.0 + 2 * args.backlog / max(args.unloaded_rate, 1.0)
-        loaded = asyncio.create_task(load(port, args.rate, seconds, "during", rng))
+        loaded = asyncio.create_task(load(port, args.rate, seconds, "during", rng,
+                                          args.retailer))
         await asyncio.sleep(2.0)
-        await asyncio.to_thread(produce_backlog, bootstrap, "loaded", args.backlog, rng)
-        rate = await asyncio.to_thread(drain_rate, bootstrap, "loaded", args.backlog)
+        await asyncio.to_thread(produce_backlog, bootstrap, "loaded", args.backlog, rng,
+                                args.retailer)
+        rate = await asyncio.to_thread(drain_rate, bootstrap, "loaded", args.backlog,
+                                       args.retailer)
         return rate, await loaded
 
     return asyncio.run(both())
@@ -152,17 +176,21 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict[str, Any]:
     rng = random.Random(7)
     tokens = tmp / "tokens.json"
     tokens.write_text(json.dumps({"v": 1, "tokens": [
-        {"retailer_id": RETAILER, "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]}))
-    worker = WorkerProcess(bootstrap, RETAILER, tmp, "--loglevel", "warn", "--api-tokens",
+        {"retailer_id": args.retailer, "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]}))
+    worker = WorkerProcess(bootstrap, args.retailer, tmp, "--loglevel", "warn", "--api-tokens",
                            str(tokens), "--trust", str(tmp / "none.json")).start()
     assert worker.proc is not None
     try:
-        asyncio.run(load(worker.port, args.rate, args.warmup_seconds, "warm", rng))
+        asyncio.run(load(worker.port, args.rate, args.warmup_seconds, "warm", rng,
+                         args.retailer))
+        single = asyncio.run(one_at_a_time(worker.port, args.one_at_a_time, rng,
+                                           args.retailer))
         cpu0 = process_cpu_s(worker.proc.pid)
-        measured = asyncio.run(load(worker.port, args.rate, args.seconds, "score", rng))
+        measured = asyncio.run(load(worker.port, args.rate, args.seconds, "score", rng,
+                                    args.retailer))
         cpu_per_request = (process_cpu_s(worker.proc.pid) - cpu0) / max(1, measured["sent"])
-        produce_backlog(bootstrap, "idle", args.backlog, rng)
-        unloaded = drain_rate(bootstrap, "idle", args.backlog)
+        produce_backlog(bootstrap, "idle", args.backlog, rng, args.retailer)
+        unloaded = drain_rate(bootstrap, "idle", args.backlog, args.retailer)
         args.unloaded_rate = unloaded
         loaded_rate, during = backlog_with_load(bootstrap, worker.port, args, rng)
     finally:
@@ -179,6 +207,8 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict[str, Any]:
         "p90_ms": round(pct(lat, 0.90), 1),
         "p99_ms": round(pct(lat, 0.99), 1),
         "max_ms": round(max(lat) * 1000, 1) if lat else -1.0,
+        "p50_ms_one_at_a_time": round(pct(single, 0.50), 1),
+        "p99_ms_one_at_a_time": round(pct(single, 0.99), 1),
         "worker_cpu_ms_per_request": round(cpu_per_request * 1000, 2),
         "worker_tx_per_s": round(unloaded, 1),
         "worker_tx_per_s_with_api": round(loaded_rate, 1),
@@ -196,9 +226,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="requests a second")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds")
     parser.add_argument("--warmup-seconds", type=float, default=15.0)
+    parser.add_argument("--one-at-a-time", type=int, default=200,
+                        help="requests sent one after another first (latency without a queue)")
     parser.add_argument("--backlog", type=int, default=20_000,
                         help="CDC transactions of each throughput backlog")
     parser.add_argument("--bootstrap", help="use this Kafka instead of an ephemeral one")
+    parser.add_argument("--retailer", default=RETAILER,
+                        help="retailer id (a fresh one on a reused Kafka: no state to restore)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qsfraud-bench-api-") as tmpdir:
         tmp = Path(tmpdir)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import faust
@@ -366,7 +367,7 @@ class Api:
         if text is None:
             return default
         limit = self.settings.api_max_wait_ms
-        if not text.isdigit() or int(text) > limit:
+        if not (text.isascii() and text.isdigit()) or int(text) > limit:
             raise ApiError(422, "invalid", f"wait_ms: an integer from 0 to {limit}",
                            "wait_ms")
         return int(text)
@@ -407,8 +408,8 @@ class Api:
                       wait_ms: int) -> bytes | None:
         if self._client is None:
             self._client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-                ssl=client_ssl_context(self.settings) or False))
-        url = f"{owner.rstrip('/')}/v1/decisions/{tx_id}"
+                ssl=client_ssl_context(self.settings) or True))  # True: the system's CAs
+        url = f"{owner.rstrip('/')}/v1/decisions/{quote(tx_id, safe='')}"
         headers = {"Authorization": request.headers.get("Authorization", ""), FORWARDED: "1"}
         params = {"customer_id": customer_id, "wait_ms": str(wait_ms)}
         timeout = aiohttp.ClientTimeout(total=wait_ms / 1000 + 5)
@@ -453,7 +454,8 @@ class Api:
                          [(partition, tx.customer_id.encode(), tx.to_json())])
         decision = await self.lookup(request, tx.tx_id, tx.customer_id, wait_ms)
         if decision is None:
-            location = f"/v1/decisions/{tx.tx_id}?customer_id={tx.customer_id}"
+            location = (f"/v1/decisions/{quote(tx.tx_id, safe='')}?"
+                        f"{urlencode({'customer_id': tx.customer_id})}")
             return json_response({"status": "pending", "tx_id": tx.tx_id, "lookup": location},
                                  202, {"Location": location})
         return web.Response(body=decision, content_type=JSON_TYPE)
