@@ -44,6 +44,7 @@ from cdc.debezium import DebeziumDecoder
 from fraud.models import RiskModel, RiverModel
 from pqc.freshness import TimeWindow
 from pqc.keys import load_registry
+from streams.api import register_api, web_settings
 from streams.checkpoints import checkpoint_value, model_from_checkpoints
 from streams.config_stream import ConfigApplier, ConfigDocument, ConfigFollower, Outcome
 from streams.faust_compat import (
@@ -524,6 +525,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         web_port=settings.web_port,
         web_bind=settings.web_host,
         web_host=settings.web_host,
+        **web_settings(settings),  # the HTTP API's: body bound, TLS, the URL peers forward to
     )
     install_compat(app, on_fetched=runtime.log_gaps.fetched)
     pipeline, metrics = runtime.pipeline, runtime.metrics
@@ -545,6 +547,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     scored_changelog = settings.changelog_topic(SCORED_TABLE)
     publisher = BatchPublisher(settings.bootstrap)
     transactions = app.topic(settings.transactions_topic, partitions=n, schema=RawSchema())
+    api_publisher = BatchPublisher(settings.bootstrap)  # the API's: its requests' records
+    decided = register_api(app, settings, pipeline.scored, api_publisher.publish)
     labels = app.topic(settings.labels_topic, partitions=n, schema=RawSchema())
 
     def ack(messages: list[Any]) -> None:
@@ -596,6 +600,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     async def stop_publisher(sender: Any, **kwargs: Any) -> None:
         await publisher.stop()
+        await api_publisher.stop()
 
     app.on_before_shutdown.connect(stop_publisher)  # type: ignore[arg-type]
 
@@ -635,6 +640,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 if filled:
                     metrics.count("qsfraud_refetched_total", filled)
                 result = pipeline.process_batch(batch)
+                decided.batch_decided()  # the API answers from `scored` once it is durable
                 # State first: once a decision is visible, the `scored` entry that answers a
                 # redelivery of its transaction must already be durable, or a crash in between
                 # would let the redelivery be decided afresh (and differently). This flush also
@@ -642,6 +648,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 for topic, writes in state_writes():
                     await out.produce(topic, writes)
                 await confirm()
+                decided.batch_durable()
                 await out.produce(settings.decisions_topic, [
                     (r.partition or 0, r.key, r.value) for r in result.decisions])
                 await out.produce(*dlq(result.dead_letters))

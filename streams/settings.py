@@ -84,6 +84,18 @@ class WorkerSettings:
     """Send an update after this many labels (or the live config's ``fl.sync_interval_s``)."""
     fl_updates_topic: str = topics.FL_UPDATES
     fl_global_topic: str = topics.FL_GLOBAL
+    api_tokens: Path | None = None
+    """The HTTP API's tokens file (SHA-256 digests per retailer; :mod:`streams.api`); without
+    one every API request but ``/health`` is refused (401)."""
+    api_cert: Path | None = None
+    """TLS certificate (PEM chain) of the web server: with it, ``/metrics`` and the API are
+    served over HTTPS only."""
+    api_key: Path | None = None
+    api_url: str | None = None
+    """The URL other workers reach this one at (default: scheme, ``web_host``, ``web_port``)."""
+    api_max_body_bytes: int = 1024 * 1024
+    api_max_wait_ms: int = 5000
+    api_default_wait_ms: int = 2000
 
     def __post_init__(self) -> None:
         if not RETAILER_ID.fullmatch(self.retailer):
@@ -92,6 +104,8 @@ class WorkerSettings:
             )
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if not 0 <= self.api_default_wait_ms <= self.api_max_wait_ms:
+            raise ValueError("api_default_wait_ms must be within 0..api_max_wait_ms")
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format: one of {', '.join(INPUT_FORMATS)}")
         fl_paths = (self.fl_identity, self.fl_aggregator, self.fl_trust)

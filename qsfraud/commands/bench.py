@@ -27,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="run a benchmark from bench/ (last line: JSON figures)")
-    p.add_argument("name", help="benchmark name, e.g. core, pqc, cdc, streams, state, fl")
+    p.add_argument("name", help="benchmark name, e.g. core, pqc, cdc, streams, state, fl, api")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     p.set_defaults(func=run)

@@ -64,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
             fl_sync_labels=args.fl_sync_labels,
             fl_updates_topic=args.fl_updates_topic,
             fl_global_topic=args.fl_global_topic,
+            api_tokens=Path(args.api_tokens) if args.api_tokens else None,
+            api_cert=Path(args.api_cert) if args.api_cert else None,
+            api_key=Path(args.api_key) if args.api_key else None,
+            api_url=args.api_url,
+            api_max_wait_ms=args.api_max_wait_ms,
+            api_default_wait_ms=min(2000, args.api_max_wait_ms),
         )
         if settings.fl_enabled:  # unusable key files stop the command here, with one line
             from streams.fl_sync import load_fl_keys
@@ -94,7 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "those of an existing <R>.transactions (the CDC's), else "
                         f"{DEFAULT_PARTITIONS}")
     p.add_argument("--web-port", type=int, default=int(env("QSFRAUD_WEB_PORT", "6066")),
-                   help="HTTP port of /metrics (default 6066)")
+                   help="HTTP port of /metrics and the API (default 6066)")
     p.add_argument("--web-host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--datadir", default=env("QSFRAUD_STREAMS_DATA", ".qsfraud/streams"))
     p.add_argument("--trust", default=env("QSFRAUD_CONFIG_TRUST", str(DEFAULT_TRUST_REGISTRY)),
@@ -140,5 +146,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "fl.sync_interval_s seconds (default 500)")
     fl.add_argument("--fl-updates-topic", default=topics.FL_UPDATES)
     fl.add_argument("--fl-global-topic", default=topics.FL_GLOBAL)
+    p.add_argument("--api-tokens", default=env("QSFRAUD_API_TOKENS"), metavar="FILE",
+                   help="the HTTP API's tokens: SHA-256 digests per retailer, re-read when the "
+                        "file changes (docs/api/README.md); without it the API refuses every "
+                        "request but /health")
+    p.add_argument("--api-cert", metavar="PEM",
+                   help="TLS certificate chain: /metrics and the API over HTTPS only")
+    p.add_argument("--api-key", metavar="PEM", help="the --api-cert's private key")
+    p.add_argument("--api-url", metavar="URL",
+                   help="where the other workers reach this one's API (default "
+                        "http(s)://--web-host:--web-port)")
+    p.add_argument("--api-max-wait-ms", type=int, default=5000, metavar="MS",
+                   help="the longest wait_ms a request may ask for (default %(default)s)")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warn", "error"])
     p.set_defaults(func=run)
