@@ -207,7 +207,7 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float,
                 retailer: str = "bench_plain") -> dict:
     """The same pipeline in a plain confluent-kafka loop, same records written."""
     settings, feeder = load_retailer(bootstrap, retailer, data, share)
-    pipeline = ScoringPipeline(retailer)
+    pipeline = ScoringPipeline(retailer, partitions=settings.partitions)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{retailer}-loop",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([settings.transactions_topic, settings.labels_topic])
@@ -352,7 +352,7 @@ def pipeline_cost(data: list[dict[str, Any]], batch: int = 500) -> float:
                            i, None, "") for i, r in enumerate(data)]
     best = float("inf")
     for _ in range(3):
-        pipeline = ScoringPipeline("calibration")
+        pipeline = ScoringPipeline("calibration", partitions=4)
         started = time.perf_counter()
         for i in range(0, len(records), batch):
             pipeline.process_batch(records[i:i + batch])

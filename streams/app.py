@@ -55,7 +55,7 @@ from streams.faust_compat import (
 from streams.faust_compat import install as install_compat
 from streams.metrics import WorkerMetrics
 from streams.scoring import (
-    EncodedStore,
+    EntityStore,
     InputRecord,
     OutputRecord,
     Record,
@@ -460,7 +460,10 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     # Values stay the JSON bytes of the changelog (EncodedStore decodes on read).
     # event-time buckets of 1/32 horizon: a key goes at most that long after its horizon
     bucket_s = settings.state_horizon_s / EXPIRY_BUCKETS
-    pipeline.features = EncodedStore(*memory_store_maps(table(FEATURES_TABLE, bytes)), bucket_s)
+    # each entity's state on its home partition's changelog (EntityStore), whatever the
+    # partition of the transaction that wrote it
+    pipeline.features = EntityStore(*memory_store_maps(table(FEATURES_TABLE, bytes)),
+                                    bucket_s, partitions=n)
     pipeline.scored = ScoredStore(*memory_store_maps(table(SCORED_TABLE, bytes)), bucket_s)
     features_changelog = settings.changelog_topic(FEATURES_TABLE)
     scored_changelog = settings.changelog_topic(SCORED_TABLE)
