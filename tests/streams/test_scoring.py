@@ -298,3 +298,41 @@ def _refused(value: Any, bounds: InputBounds, depth: int = 1) -> str | None:
             and len(str(abs(value))) > bounds.max_int_digits):
         return "int-too-large"
     return None
+
+
+def test_two_owners_exchanging_fragments_give_one_pipelines_features():
+    # two pipelines splitting 4 partitions: each computes what it owns and asks the other
+    # for the rest; per round (one transaction per entity) the result is the oracle's
+    pipes = [ScoringPipeline("acme", partitions=4), ScoringPipeline("acme", partitions=4)]
+    pipes[0].owned, pipes[1].owned = frozenset({0, 1}), frozenset({2, 3})
+    reference: dict = {}
+    fx = FeatureExtractor()
+    for r in range(6):
+        batch = [tx(10 * r + j, customer=f"c{(j + r) % 7}",
+                    payment_instrument=f"p{(j * 3 + r) % 8}", device_id=f"d{(j + 2 * r) % 6}",
+                    ip=f"10.0.0.{(j + r) % 6}",
+                    coupon_code=f"K{(j + r) % 6}" if j % 2 else None)
+                 for j in range(6)]
+        expected = {t["tx_id"]: fx.extract_values(t, reference) for t in batch}
+        by_owner: list[list[InputRecord]] = [[], []]
+        for t in batch:
+            part = home_partition(t["customer_id"], 4)
+            by_owner[0 if part < 2 else 1].append(record(t, partition=part))
+        pending = [pipe.begin_batch(recs) for pipe, recs in zip(pipes, by_owner, strict=True)]
+        answers: dict = {}
+        for p in pending:
+            for home, requests in p.requests.items():
+                owner = pipes[0 if home < 2 else 1]
+                for replies in owner.apply_requests(requests).values():
+                    answers.update({(tx_id, kind): v for tx_id, kind, v in replies})
+        for pipe, p in zip(pipes, pending, strict=True):
+            pipe.finish_batch(p, answers)
+        got = {t["tx_id"]: next(pipe.scored.get(t["tx_id"]) for pipe in pipes
+                                if pipe.scored.get(t["tx_id"]) is not None)["x"] for t in batch}
+        assert got == expected
+    # an owner asked again for a transaction it applied answers the same, state unchanged
+    requests = [[0, "d", "d1", "again", T0, 5.0, "c1", "p1", "d1", None, None]]
+    owner = pipes[0 if home_partition("d1", 4) < 2 else 1]
+    first = owner.apply_requests(requests)
+    state = owner.features.data["d:d1"]
+    assert owner.apply_requests(requests) == first and owner.features.data["d:d1"] == state
