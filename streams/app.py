@@ -644,11 +644,16 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     async def forget_positions(sender: Any, assigned: Any, **kwargs: Any) -> None:
         for filler in gaps.values():
             filler.reset()
-        # the entities this worker owns now: answer the requests for them from here on
-        exchange.holds(frozenset(tp.partition for tp in app.consumer.assignment()
-                                 if tp.topic == settings.transactions_topic))
 
     app.on_partitions_assigned.connect(forget_positions)  # type: ignore[arg-type]
+
+    async def stop_answering(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        # until the new assignment is restored: a partition this worker loses may be
+        # restored by another one meanwhile, whose state must not be written from here, and
+        # a new one's state is not here yet (requests sent in between are asked again)
+        exchange.holds(frozenset())
+
+    app.on_partitions_revoked.connect(stop_answering)  # type: ignore[arg-type]
 
     async def stop_publisher(sender: Any, **kwargs: Any) -> None:
         await exchange.stop()
@@ -660,6 +665,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         # the tables were restored from their changelogs (whose order is not event time):
         # the next batch or expiry rebuilds the event-time index from the values
         pipeline.reindex_pending = True
+        # the entities this worker owns now, restored: answer the requests for them
+        exchange.holds(frozenset(tp.partition for tp in app.consumer.assignment()
+                                 if tp.topic == settings.transactions_topic))
 
     app.on_rebalance_complete.connect(reindex_restored)  # type: ignore[arg-type]
 
