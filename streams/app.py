@@ -332,7 +332,7 @@ class EntityExchange:
     """
 
     def __init__(self, settings: WorkerSettings, pipeline: ScoringPipeline,
-                 retry_s: float = 5.0) -> None:
+                 retry_s: float = 2.0) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.retry_s = retry_s
