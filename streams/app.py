@@ -9,6 +9,10 @@ partition count and creates the topics, restores the model checkpoint, replays t
 config topic, then runs the faust worker. Accepted configs reach the agents between batches
 (:class:`BetweenBatches`).
 
+Entity state: each entity's state is owned by the worker holding its home partition; a
+worker asks the owners of the entities it does not hold for their features of a transaction
+(:class:`EntityExchange`, streams/README.md "Entity state").
+
 Everything that reaches into faust's, mode's or aiokafka's private code (the consumer, the
 drain loop, :func:`message_batches`, :class:`RawSchema`, the memory store's maps) is in
 :mod:`streams.faust_compat`; this module is the app's own wiring.
