@@ -207,7 +207,7 @@ def bench_limit(bootstrap: str, data: list[dict[str, Any]], share: float,
                 retailer: str = "bench_plain") -> dict:
     """The same pipeline in a plain confluent-kafka loop, same records written."""
     settings, feeder = load_retailer(bootstrap, retailer, data, share)
-    pipeline = ScoringPipeline(retailer)
+    pipeline = ScoringPipeline(retailer, partitions=settings.partitions)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{retailer}-loop",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([settings.transactions_topic, settings.labels_topic])
@@ -272,12 +272,18 @@ LOAD_LINGER_MS = 5
 
 
 def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, seconds: float,
-                  warmup: float, tmp: Path) -> dict:
-    """Feed ``rate`` tx/s for ``warmup + seconds``; latencies of the last ``seconds``."""
-    retailer = "bench_latency"
+                  warmup: float, tmp: Path, workers: int = 1,
+                  retailer: str = "bench_latency") -> dict:
+    """Feed ``rate`` tx/s for ``warmup + seconds``; latencies of the last ``seconds``.
+    With ``workers`` > 1, they split the partitions and ask each other for the features of
+    the entities the other holds (the hop of streams/README.md, "Entity state")."""
     settings = WorkerSettings(retailer, bootstrap)
     ensure_topics(bootstrap, worker_topics(settings))
     txs = [as_transaction(r, retailer) for r in data]
+    others = []
+    for i in range(1, workers):
+        (tmp / f"worker-{i}").mkdir(exist_ok=True)
+        others.append(start_worker(bootstrap, retailer, tmp / f"worker-{i}", wait=True))
     worker = start_worker(bootstrap, retailer, tmp, wait=True)
     latencies: list[float] = []
     try:
@@ -285,7 +291,8 @@ def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, secon
         done = threading.Event()
         # The broker answers a fetch as soon as a record arrives: the wait bounds only idle
         # fetches (at 5 ms, 200 empty requests a second for a broker that shares the cores).
-        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-latency",
+        consumer = Consumer({"bootstrap.servers": bootstrap,
+                             "group.id": f"bench-latency-{retailer}",
                              "auto.offset.reset": "earliest", "enable.auto.commit": False,
                              "fetch.wait.max.ms": 100})
         consumer.subscribe([settings.decisions_topic])
@@ -336,6 +343,8 @@ def bench_latency(bootstrap: str, data: list[dict[str, Any]], rate: float, secon
         feeder.join()
     finally:
         worker.stop()
+        for other in others:
+            other.stop()
     latencies.sort()
 
     def pct(q: float) -> float:
@@ -352,7 +361,7 @@ def pipeline_cost(data: list[dict[str, Any]], batch: int = 500) -> float:
                            i, None, "") for i, r in enumerate(data)]
     best = float("inf")
     for _ in range(3):
-        pipeline = ScoringPipeline("calibration")
+        pipeline = ScoringPipeline("calibration", partitions=4)
         started = time.perf_counter()
         for i in range(0, len(records), batch):
             pipeline.process_batch(records[i:i + batch])
@@ -360,6 +369,25 @@ def pipeline_cost(data: list[dict[str, Any]], batch: int = 500) -> float:
             pipeline.scored.drain_encoded()
         best = min(best, time.perf_counter() - started)
     return best / len(records) * 1e6
+
+
+def run_hop(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
+    """(c) with one worker, then with two on the same partitions (4), same rows and rate:
+    what asking another worker for entity features costs."""
+    data = rows(int(args.rate * (args.warmup_seconds + args.latency_seconds)))
+    one = bench_latency(bootstrap, data, args.rate, args.latency_seconds, args.warmup_seconds,
+                        tmp, 1, "bench_hop_one")
+    print(f"one worker at {args.rate:g} tx/s: p50 {one['p50_ms']:.1f} ms, "
+          f"p99 {one['p99_ms']:.1f} ms", flush=True)
+    two = bench_latency(bootstrap, data, args.rate, args.latency_seconds, args.warmup_seconds,
+                        tmp, 2, "bench_hop_two")
+    print(f"two workers at {args.rate:g} tx/s: p50 {two['p50_ms']:.1f} ms, "
+          f"p99 {two['p99_ms']:.1f} ms", flush=True)
+    return {"rate_tx_per_s": args.rate,
+            "one_worker": {k: round(v, 2) for k, v in one.items()},
+            "two_workers": {k: round(v, 2) for k, v in two.items()},
+            "pipeline_us_per_tx": round(pipeline_cost(data[:10_000]), 1),
+            "cpus": os.cpu_count()}
 
 
 def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict:
@@ -417,11 +445,15 @@ def main() -> int:
                         help="seconds at the steady rate before latencies count (the new "
                         "worker and the broker settle)")
     parser.add_argument("--bootstrap", help="use this Kafka instead of an ephemeral one")
+    parser.add_argument("--hop", action="store_true",
+                        help="only (c), with one worker and then two: the latency of asking "
+                        "another worker for entity features")
     args = parser.parse_args()
+    measure = run_hop if args.hop else run
     with tempfile.TemporaryDirectory(prefix="qsfraud-bench-streams-") as tmpdir:
         tmp = Path(tmpdir)
         if args.bootstrap:
-            result = run(args, args.bootstrap, tmp)
+            result = measure(args, args.bootstrap, tmp)
         else:
             from qsfraud.stack import Stack, StackConfig
 
@@ -430,7 +462,7 @@ def main() -> int:
             stack = Stack(StackConfig.ephemeral(tmp / "stack", kafka_full_jit=True))
             try:
                 stack.up(["kafka"])
-                result = run(args, stack.kafka.bootstrap, tmp)
+                result = measure(args, stack.kafka.bootstrap, tmp)
             finally:
                 stack.down()
     print(json.dumps(result))

@@ -223,6 +223,117 @@ def _remember(items: list[str], value: str) -> bool:
 _TWO_PI_PER_DAY: Final = 2.0 * math.pi / 86400.0
 
 
+ENTITY_KINDS: Final = ("c", "p", "d", "i", "k")
+"""The entities of a transaction, as the prefixes of their state keys: customer, payment
+instrument, device, IP, coupon."""
+MAX_REMEMBERED: Final = 8
+"""Transactions whose fragment an entity remembers (:meth:`FeatureExtractor.fragment`)."""
+FRAGMENT_SIZES: Final = {"c": 16, "p": 11, "d": 14, "i": 7, "k": 2}
+"""How many values each entity kind's fragment holds."""
+
+
+def local_features(ts: float, amount: float, channel: str, coupon: str | None,
+                   item_count: int, address_mismatch: bool) -> list[float]:
+    """The features of the transaction alone (no state)."""
+    angle = (ts % 86400.0) * _TWO_PI_PER_DAY
+    return [
+        _log1p(amount), float(item_count), 1.0 if address_mismatch else 0.0,
+        1.0 if channel == "web" else 0.0, 1.0 if channel == "app" else 0.0,
+        1.0 if channel == "pos" else 0.0, 1.0 if coupon else 0.0,
+        _sin(angle), _cos(angle),
+    ]
+
+
+def assemble(local: list[float], c: list[float], p: list[float], d: list[float],
+             i: list[float], k: list[float]) -> list[float]:
+    """The feature vector (:data:`FEATURE_NAMES` order) from the local features and each
+    entity kind's fragment."""
+    return [*local, *c[:12], *p[:7], *d[:10], *i, *k, *c[12:], *p[7:], *d[10:]]
+
+
+_ABSENT: Final = {
+    "p": [*_NO_WINDOWS, *_NO_LABELS],
+    "d": [*_NO_WINDOWS, 0.0, 0.0, 0.0, *_NO_LABELS],
+    "i": list(_NO_WINDOWS),
+    "k": [0.0, 0.0],
+}
+
+
+def _absent(kind: str, device: str | None, ip: str | None) -> list[float]:
+    """The fragment of an entity the transaction does not have."""
+    if kind == "c":
+        return [*_NO_WINDOWS, 0.0, 1.0, 0.0 if device is None else 1.0, 0.0,
+                0.0 if ip is None else 1.0, *_NO_LABELS]
+    return list(_ABSENT[kind])
+
+
+def _customer(cs: dict[str, Any], ts: float, amount: float, device: str | None,
+              ip: str | None) -> list[float]:
+    """The customer's fragment: windows, amount z-score, new device or IP, label history."""
+    amount_log = _log1p(amount)
+    cw = _windows(cs, ts, amount)
+    n = cs.get("n", 0)
+    if n:
+        mu = cs["mu"]
+        m2 = cs["m2"]
+        var = m2 / n  # tested, not m2: a subnormal m2 divided by n can round to 0
+        if n >= 2 and var > 0.0:
+            z = (amount_log - mu) / _sqrt(var)
+            amount_z = -10.0 if z < -10.0 else 10.0 if z > 10.0 else z
+        else:
+            amount_z = 0.0
+        n1 = n + 1
+        d = amount_log - mu
+        mu += d / n1
+        cs["mu"] = mu
+        cs["m2"] = m2 + d * (amount_log - mu)
+        cs["n"] = n1
+        devs: list[str] = cs["dev"]
+        new_device = 1.0 if device is not None and _remember(devs, device) else 0.0
+        new_ip = 1.0 if ip is not None and _remember(cs["ip"], ip) else 0.0
+        customer_new = 0.0
+    else:
+        amount_z = 0.0
+        cs["mu"] = amount_log
+        cs["m2"] = 0.0
+        cs["dev"] = devs = [] if device is None else [device]
+        cs["ip"] = [] if ip is None else [ip]
+        cs["n"] = 1
+        new_device = 0.0 if device is None else 1.0
+        new_ip = 0.0 if ip is None else 1.0
+        customer_new = 1.0
+    return [*cw, amount_z, customer_new, new_device, float(len(devs)), new_ip,
+            *_label_risk(cs, ts)]
+
+
+def _device(ds: dict[str, Any], ts: float, amount: float, instrument: str | None,
+            customer: str | None, coupon: str | None) -> list[float]:
+    """The device's fragment: windows, distinct instruments and customers, coupon reuse,
+    label history."""
+    dw = _windows(ds, ts, amount)
+    if "pi" not in ds:
+        ds["pi"] = []
+        ds["cu"] = []
+        ds["k"] = {}
+        ds["n"] = 0
+    pis: list[str] = ds["pi"]
+    cus: list[str] = ds["cu"]
+    if instrument is not None:
+        _remember(pis, instrument)
+    if customer is not None:
+        _remember(cus, customer)
+    dn = ds["n"]
+    reuse = 0.0
+    if coupon:
+        codes: dict[str, int] = ds["k"]
+        used = codes.get(coupon, 0)
+        reuse = used / (dn + 1.0)
+        if used or len(codes) < MAX_COUPONS:
+            codes[coupon] = used + 1
+    ds["n"] = dn + 1
+    return [*dw, float(len(pis)), float(len(cus)), reuse, *_label_risk(ds, ts)]
+
+
 class FeatureExtractor:
     """Compute the streaming feature vector of a transaction and update the entity state.
 
@@ -322,129 +433,86 @@ class FeatureExtractor:
         coupon: str | None,
         item_count: int,
         address_mismatch: bool,
+        tx_id: str | None = None,
     ) -> list[float]:
-        amount_log = _log1p(amount)
-        angle = (ts % 86400.0) * _TWO_PI_PER_DAY
+        fragment = self.fragment
+        return assemble(
+            local_features(ts, amount, channel, coupon, item_count, address_mismatch),
+            fragment(state, "c", customer, tx_id, ts, amount, customer, instrument, device, ip,
+                     coupon),
+            fragment(state, "p", instrument, tx_id, ts, amount, customer, instrument, device,
+                     ip, coupon),
+            fragment(state, "d", device, tx_id, ts, amount, customer, instrument, device, ip,
+                     coupon),
+            fragment(state, "i", ip, tx_id, ts, amount, customer, instrument, device, ip,
+                     coupon),
+            fragment(state, "k", coupon or None, tx_id, ts, amount, customer, instrument,
+                     device, ip, coupon),
+        )
 
-        # customer: windows, amount history, known devices and IPs
-        if customer is not None:
-            key = self._kc + customer
-            cs = state.get(key) or _new_entity()
-            cw = _windows(cs, ts, amount)
-            n = cs.get("n", 0)
-            if n:
-                mu = cs["mu"]
-                m2 = cs["m2"]
-                var = m2 / n  # tested, not m2: a subnormal m2 divided by n can round to 0
-                if n >= 2 and var > 0.0:
-                    z = (amount_log - mu) / _sqrt(var)
-                    amount_z = -10.0 if z < -10.0 else 10.0 if z > 10.0 else z
-                else:
-                    amount_z = 0.0
-                n1 = n + 1
-                d = amount_log - mu
-                mu += d / n1
-                cs["mu"] = mu
-                cs["m2"] = m2 + d * (amount_log - mu)
-                cs["n"] = n1
-                devs: list[str] = cs["dev"]
-                new_device = 1.0 if device is not None and _remember(devs, device) else 0.0
-                new_ip = 1.0 if ip is not None and _remember(cs["ip"], ip) else 0.0
-                customer_new = 0.0
-            else:
-                amount_z = 0.0
-                cs["mu"] = amount_log
-                cs["m2"] = 0.0
-                cs["dev"] = devs = [] if device is None else [device]
-                cs["ip"] = [] if ip is None else [ip]
-                cs["n"] = 1
-                new_device = 0.0 if device is None else 1.0
-                new_ip = 0.0 if ip is None else 1.0
-                customer_new = 1.0
-            devices = float(len(devs))
-            cl = _label_risk(cs, ts)
-            state[key] = cs
+    def extract_remembered(self, tx: Transaction, state: KeyValueState) -> list[float]:
+        """:meth:`extract_values` of a transaction that may be delivered again: each entity
+        remembers the fragment it gave the last :data:`MAX_REMEMBERED` transactions (by
+        ``tx_id``) and gives a repeated one the same fragment without counting it again."""
+        return self._values(
+            state, tx.occurred_at, tx.amount, tx.customer_id, tx.payment_instrument,
+            tx.device_id, tx.ip, tx.channel, tx.coupon_code, tx.item_count,
+            tx.address_mismatch, tx.tx_id)
+
+    def fragment(
+        self,
+        state: KeyValueState,
+        kind: str,
+        entity: str | None,
+        tx_id: str | None,
+        ts: float,
+        amount: float,
+        customer: str | None,
+        instrument: str | None,
+        device: str | None,
+        ip: str | None,
+        coupon: str | None,
+    ) -> list[float]:
+        """The features one entity (``kind`` one of :data:`ENTITY_KINDS`, ``entity`` its id,
+        None: absent) gives a transaction, from its state before it; then the transaction
+        is folded into that state. Only the state of ``kind + ":" + entity`` is read or
+        written, so the entity's owner can compute it alone (:func:`assemble` puts the
+        fragments together).
+
+        With ``tx_id``, a transaction the entity has already applied (among its last
+        :data:`MAX_REMEMBERED`) gets the fragment it got then, and the state is unchanged.
+        """
+        if entity is None:
+            return _absent(kind, device, ip)
+        key = self._prefix + kind + ":" + entity
+        st = state.get(key) or _new_entity()
+        if tx_id is not None:
+            seen: dict[str, list[float]] | None = st.get("f")
+            if seen is not None:
+                done = seen.get(tx_id)
+                if done is not None:
+                    return done
+        if kind == "c":
+            out = _customer(st, ts, amount, device, ip)
+        elif kind == "p":
+            out = [*_windows(st, ts, amount), *_label_risk(st, ts)]
+        elif kind == "d":
+            out = _device(st, ts, amount, instrument, customer, coupon)
+        elif kind == "i":
+            out = list(_windows(st, ts, amount))
+        elif kind == "k":
+            out = list(_counts(st, ts, amount))
         else:
-            cl = _NO_LABELS
-            cw = _NO_WINDOWS
-            amount_z = 0.0
-            customer_new = 1.0
-            new_device = 0.0 if device is None else 1.0
-            devices = 0.0
-            new_ip = 0.0 if ip is None else 1.0
-
-        if instrument is not None:
-            key = self._kp + instrument
-            ps = state.get(key) or _new_entity()
-            pw = _windows(ps, ts, amount)
-            pl = _label_risk(ps, ts)
-            state[key] = ps
-        else:
-            pw = _NO_WINDOWS
-            pl = _NO_LABELS
-
-        # device: windows, distinct instruments and customers, coupon reuse
-        reuse = 0.0
-        if device is not None:
-            key = self._kd + device
-            ds = state.get(key) or _new_entity()
-            dw = _windows(ds, ts, amount)
-            if "pi" not in ds:
-                ds["pi"] = []
-                ds["cu"] = []
-                ds["k"] = {}
-                ds["n"] = 0
-            pis: list[str] = ds["pi"]
-            cus: list[str] = ds["cu"]
-            if instrument is not None:
-                _remember(pis, instrument)
-            if customer is not None:
-                _remember(cus, customer)
-            dev_instruments = float(len(pis))
-            dev_customers = float(len(cus))
-            dn = ds["n"]
-            if coupon:
-                codes: dict[str, int] = ds["k"]
-                used = codes.get(coupon, 0)
-                reuse = used / (dn + 1.0)
-                if used or len(codes) < MAX_COUPONS:
-                    codes[coupon] = used + 1
-            ds["n"] = dn + 1
-            dl = _label_risk(ds, ts)
-            state[key] = ds
-        else:
-            dw = _NO_WINDOWS
-            dl = _NO_LABELS
-            dev_instruments = dev_customers = 0.0
-
-        if ip is not None:
-            key = self._ki + ip
-            ist = state.get(key) or _new_entity()
-            iw = _windows(ist, ts, amount)
-            state[key] = ist
-        else:
-            iw = _NO_WINDOWS
-
-        if coupon:
-            key = self._kk + coupon
-            ks = state.get(key) or _new_entity()
-            k1, k24 = _counts(ks, ts, amount)
-            state[key] = ks
-        else:
-            k1 = k24 = 0.0
-
-        return [
-            amount_log, float(item_count), 1.0 if address_mismatch else 0.0,
-            1.0 if channel == "web" else 0.0, 1.0 if channel == "app" else 0.0,
-            1.0 if channel == "pos" else 0.0, 1.0 if coupon else 0.0,
-            _sin(angle), _cos(angle),
-            *cw, amount_z, customer_new, new_device, devices, new_ip,
-            *pw,
-            *dw, dev_instruments, dev_customers, reuse,
-            *iw,
-            k1, k24,
-            *cl, *pl, *dl,
-        ]
+            raise ValueError(f"unknown entity kind {kind!r}")
+        if tx_id is not None:
+            seen = st.get("f")
+            if seen is None:
+                seen = st["f"] = {}
+            seen[tx_id] = out
+            if len(seen) > MAX_REMEMBERED:
+                del seen[next(iter(seen))]
+        state[key] = st
+        return out
 
     def learn_label(
         self,

@@ -9,6 +9,8 @@ changelogs (faust co-partitions a table with its input), so the CDC creates
 >>> t = RetailerTopics("acme")
 >>> t.transactions, t.labels, t.decisions, t.transactions_dlq, t.streams_dlq
 ('acme.transactions', 'acme.labels', 'acme.decisions', 'acme.transactions.dlq', 'acme.streams.dlq')
+>>> t.entity_requests, t.entity_fragments
+('acme.entity-requests', 'acme.entity-fragments')
 >>> t.checkpoints, t.app_id, t.changelog("features")
 ('acme.checkpoints', 'qsfraud-acme', 'qsfraud-acme-features-changelog')
 >>> [t.name for t in SHARED_TOPICS]
@@ -92,6 +94,17 @@ class RetailerTopics:
     def checkpoints(self) -> str:
         """The workers' model checkpoints (compacted, one partition)."""
         return f"{self.retailer}.checkpoints"
+
+    @property
+    def entity_requests(self) -> str:
+        """Workers asking an entity's owner for its features of a transaction; a record
+        goes to the entity's home partition (as many partitions as the transactions)."""
+        return f"{self.retailer}.entity-requests"
+
+    @property
+    def entity_fragments(self) -> str:
+        """The owners' answers, on the partition of the transaction they are for."""
+        return f"{self.retailer}.entity-fragments"
 
     @property
     def app_id(self) -> str:

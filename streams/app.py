@@ -9,6 +9,10 @@ partition count and creates the topics, restores the model checkpoint, replays t
 config topic, then runs the faust worker. Accepted configs reach the agents between batches
 (:class:`BetweenBatches`).
 
+Entity state: each entity's state is owned by the worker holding its home partition; a
+worker asks the owners of the entities it does not hold for their features of a transaction
+(:class:`EntityExchange`, streams/README.md "Entity state").
+
 Everything that reaches into faust's, mode's or aiokafka's private code (the consumer, the
 drain loop, :func:`message_batches`, :class:`RawSchema`, the memory store's maps) is in
 :mod:`streams.faust_compat`; this module is the app's own wiring.
@@ -25,6 +29,7 @@ answered from ``scored``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -37,7 +42,9 @@ from functools import partial
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaProducer
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import TopicPartition as TopicPartition_
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from cdc.debezium import DebeziumDecoder
@@ -57,13 +64,15 @@ from streams.faust_compat import install as install_compat
 from streams.fl_sync import FlClient, GlobalFollower, start_client
 from streams.metrics import WorkerMetrics
 from streams.scoring import (
-    EncodedStore,
+    EntityStore,
     InputRecord,
     OutputRecord,
+    PendingBatch,
     Record,
     ScoredStore,
     ScoringPipeline,
     collect_youngest_generation_only,
+    dumps,
 )
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
 from streams.topics import (
@@ -315,6 +324,145 @@ class BatchPublisher:
             await producer.stop()
 
 
+class EntityExchange:
+    """Features of entities homed on partitions another worker holds (owner routing).
+
+    Each entity's state lives on its home partition (:func:`streams.scoring.home_partition`)
+    and only the worker holding that partition of ``R.transactions`` reads or writes it. A
+    worker deciding a transaction asks the owners of its other entities: one record a home
+    partition a batch on ``R.entity-requests``, carrying that batch's requests in input
+    order; the owner applies them (:meth:`ScoringPipeline.apply_requests`: a transaction it
+    applied already gets the same fragment), writes the changed state, then answers on
+    ``R.entity-fragments`` on the transaction's partition, which the asker holds.
+
+    Both topics are read by a plain consumer outside the group, assigned the partitions
+    this worker holds, from their end: nothing there needs an offset. A request or an
+    answer lost (a worker restarting, a rebalance) is asked again after ``retry_s``.
+    """
+
+    def __init__(self, settings: WorkerSettings, pipeline: ScoringPipeline,
+                 retry_s: float = 2.0) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.retry_s = retry_s
+        self.requests_topic = settings.topics.entity_requests
+        self.fragments_topic = settings.topics.entity_fragments
+        self.changelog = settings.changelog_topic(FEATURES_TABLE)
+        self.owned: frozenset[int] = frozenset()
+        self.waiters: dict[tuple[str, str], asyncio.Future[list[float]]] = {}
+        self.out = BatchPublisher(settings.bootstrap)
+        self.asked = 0
+        self.answered = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._assigned: frozenset[int] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def holds(self, owned: frozenset[int]) -> None:
+        """The partitions of the transactions this worker holds now (their entities)."""
+        self.owned = owned
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def everything(self) -> bool:
+        """Whether this worker holds every partition: no entity is asked of another."""
+        return len(self.owned) >= self.settings.partitions
+
+    async def fetch(self, pending: PendingBatch) -> dict[tuple[str, str], list[float]]:
+        """Ask the owners for every fragment ``pending`` requested; wait for all of them."""
+        loop = asyncio.get_running_loop()
+        futures: dict[tuple[str, str], asyncio.Future[list[float]]] = {}
+        for requests in pending.requests.values():
+            for request in requests:
+                key = (request[3], request[1])
+                futures[key] = self.waiters[key] = loop.create_future()
+        attempt = 0
+        try:
+            while True:
+                missing = {home: [r for r in requests if not futures[(r[3], r[1])].done()]
+                           for home, requests in pending.requests.items()}
+                writes: list[Write] = [
+                    (home, None, dumps({"v": 1, "kind": "entity-requests", "r": requests}))
+                    for home, requests in missing.items() if requests]
+                if not writes:
+                    break
+                if attempt:
+                    log.warning("entity fragments not answered in %.0f s: %d asked again",
+                                self.retry_s, sum(map(len, missing.values())))
+                attempt += 1
+                await self.out.publish((self.requests_topic, writes))
+                self.asked += len(writes)
+                await asyncio.wait([f for f in futures.values() if not f.done()],
+                                   timeout=self.retry_s)
+        finally:
+            for key in futures:
+                self.waiters.pop(key, None)
+        return {key: future.result() for key, future in futures.items()}
+
+    async def _assign(self) -> AIOKafkaConsumer:
+        consumer = self._consumer
+        if consumer is None:
+            consumer = self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False,
+                group_id=None, fetch_max_wait_ms=20)
+            await consumer.start()
+        owned = self.owned
+        if owned != self._assigned:
+            tps = [TopicPartition_(topic, p) for topic in (self.requests_topic,
+                                                          self.fragments_topic)
+                   for p in sorted(owned)]
+            consumer.assign(tps)
+            if tps:
+                await consumer.seek_to_end(*tps)
+            self._assigned = owned
+        return consumer
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                consumer = await self._assign()
+                if not self._assigned:
+                    await asyncio.sleep(0.2)
+                    continue
+                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                requests: list[Any] = []
+                for tp, records in batches.items():
+                    for record in records:
+                        doc = orjson.loads(record.value)
+                        if tp.topic == self.requests_topic:
+                            requests.extend(doc["r"])
+                            continue
+                        for tx_id, kind, values in doc["f"]:
+                            waiter = self.waiters.get((tx_id, kind))
+                            if waiter is not None and not waiter.done():
+                                waiter.set_result(values)
+                if requests:
+                    await self._answer(requests)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving: a lost answer is asked again
+                log.error("entity exchange: %r", exc, exc_info=exc)
+                await asyncio.sleep(1.0)
+
+    async def _answer(self, requests: list[Any]) -> None:
+        """Apply the requests, write the state they changed, then answer."""
+        replies = self.pipeline.apply_requests(requests)
+        self.answered += len(requests)
+        await self.out.publish((self.changelog, self.pipeline.features.drain_encoded()))
+        await self.out.publish((self.fragments_topic, [
+            (partition, None, dumps({"v": 1, "kind": "entity-fragments", "f": answers}))
+            for partition, answers in replies.items()]))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+        await self.out.stop()
+
+
 class GapFiller:
     """Read offsets that faust skipped straight from Kafka, so none goes undecided.
 
@@ -541,7 +689,10 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     # Values stay the JSON bytes of the changelog (EncodedStore decodes on read).
     # event-time buckets of 1/32 horizon: a key goes at most that long after its horizon
     bucket_s = settings.state_horizon_s / EXPIRY_BUCKETS
-    pipeline.features = EncodedStore(*memory_store_maps(table(FEATURES_TABLE, bytes)), bucket_s)
+    # each entity's state on its home partition's changelog (EntityStore), whatever the
+    # partition of the transaction that wrote it
+    pipeline.features = EntityStore(*memory_store_maps(table(FEATURES_TABLE, bytes)),
+                                    bucket_s, partitions=n)
     pipeline.scored = ScoredStore(*memory_store_maps(table(SCORED_TABLE, bytes)), bucket_s)
     features_changelog = settings.changelog_topic(FEATURES_TABLE)
     scored_changelog = settings.changelog_topic(SCORED_TABLE)
@@ -573,6 +724,7 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
     def dlq(records: list[OutputRecord]) -> tuple[str, Sequence[Write]]:
         return settings.dlq_topic, [(0, r.key, r.value) for r in records]
 
+    exchange = EntityExchange(settings, pipeline)
     gaps = {topic: GapFiller(settings.bootstrap, settings.app_id, topic, runtime.log_gaps)
             for topic in (settings.transactions_topic, settings.labels_topic)}
 
@@ -598,7 +750,16 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     app.on_partitions_assigned.connect(forget_positions)  # type: ignore[arg-type]
 
+    async def stop_answering(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        # until the new assignment is restored: a partition this worker loses may be
+        # restored by another one meanwhile, whose state must not be written from here, and
+        # a new one's state is not here yet (requests sent in between are asked again)
+        exchange.holds(frozenset())
+
+    app.on_partitions_revoked.connect(stop_answering)  # type: ignore[arg-type]
+
     async def stop_publisher(sender: Any, **kwargs: Any) -> None:
+        await exchange.stop()
         await publisher.stop()
         await api_publisher.stop()
 
@@ -608,6 +769,9 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         # the tables were restored from their changelogs (whose order is not event time):
         # the next batch or expiry rebuilds the event-time index from the values
         pipeline.reindex_pending = True
+        # the entities this worker owns now, restored: answer the requests for them
+        exchange.holds(frozenset(tp.partition for tp in app.consumer.assignment()
+                                 if tp.topic == settings.transactions_topic))
 
     app.on_rebalance_complete.connect(reindex_restored)  # type: ignore[arg-type]
 
@@ -639,7 +803,17 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                                   topic=settings.transactions_topic)
                 if filled:
                     metrics.count("qsfraud_refetched_total", filled)
-                result = pipeline.process_batch(batch)
+                exchange.holds(frozenset(
+                    tp.partition for tp in app.consumer.assignment()
+                    if tp.topic == settings.transactions_topic))
+                if exchange.everything:  # one worker: every entity is here, no hop
+                    pipeline.owned = None
+                    result = pipeline.process_batch(batch)
+                else:
+                    pipeline.owned = exchange.owned
+                    pending = pipeline.begin_batch(batch)
+                    fragments = await exchange.fetch(pending) if pending.requests else {}
+                    result = pipeline.finish_batch(pending, fragments)
                 decided.batch_decided()  # the API answers from `scored` once it is durable
                 # State first: once a decision is visible, the `scored` entry that answers a
                 # redelivery of its transaction must already be durable, or a crash in between
@@ -751,6 +925,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         m.gauge("qsfraud_config_version", pipeline.config.version)
         m.gauge("qsfraud_scored_entries", len(pipeline.scored))
         m.gauge("qsfraud_feature_entities", len(pipeline.features))
+        m.gauge("qsfraud_entity_requests_sent", exchange.asked)
+        m.gauge("qsfraud_entity_requests_answered", exchange.answered)
         try:
             consumer = app.consumer
             for tp in consumer.assignment():

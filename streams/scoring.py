@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import re
+import struct
 import time
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ import orjson
 
 from cdc.debezium import DebeziumDecoder, DebeziumError
 from fraud.decisions import PolicyConfig, decide
-from fraud.features import FEATURE_NAMES, FeatureExtractor
+from fraud.features import FEATURE_NAMES, FeatureExtractor, assemble, local_features
 from fraud.models import RiskModel, RiverModel, model_from_config
 from fraud.schema import (
     DEFAULT_BOUNDS,
@@ -691,6 +692,112 @@ class EncodedStore(TrackedStore):
             return None
 
 
+_M: Final = 0x5BD1E995
+_U32: Final = 0xFFFFFFFF
+_WORDS: Final = [struct.Struct(f"<{n}I") for n in range(64)]
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (the Java clients', aiokafka's and librdkafka's
+    ``murmur2_random`` partitioner: partition = ``(murmur2(key) & 0x7FFFFFFF) % N``), a few
+    times faster than aiokafka's pure-Python one (the same values: tested).
+
+    >>> murmur2(b"21"), murmur2(b"foobar"), murmur2(b"")
+    (3321034988, 3504634814, 275646681)
+    """
+    length = len(data)
+    h = 0x9747B28C ^ length
+    n4 = length >> 2
+    words = _WORDS[n4].unpack_from(data) if n4 < 64 else struct.unpack_from(f"<{n4}I", data)
+    for k in words:
+        k = (k * _M) & _U32
+        k = ((k ^ (k >> 24)) * _M) & _U32
+        h = ((h * _M) & _U32) ^ k
+    tail = length & 3
+    if tail:
+        base = length & ~3
+        if tail == 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * _M) & _U32
+    h = ((h ^ (h >> 13)) * _M) & _U32
+    return h ^ (h >> 15)
+
+
+def home_partition(entity: str, partitions: int) -> int:
+    """The one partition whose changelog holds the state of an entity with this id: where
+    a record keyed by the id goes (so a customer's is its transactions' partition).
+
+    >>> home_partition("c42", 4) == (murmur2(b"c42") & 0x7FFFFFFF) % 4
+    True
+    """
+    return (murmur2(entity.encode()) & 0x7FFFFFFF) % partitions
+
+
+class EntityStore(EncodedStore):
+    """The feature state (:class:`EncodedStore`) whose keys (``"<kind>:<entity id>"``) are
+    each written to one changelog partition, the entity's :func:`home_partition`, whatever
+    the partition of the transaction that wrote it: restored from that partition alone, a
+    key has one latest value. A key found on another partition (a changelog written before
+    keys had homes) is moved: written at home, tombstoned where it was.
+
+    >>> s = EntityStore(partitions=4)
+    >>> s.partition = 1  # the transaction's partition: not where the state goes
+    >>> s["d:dev-7"] = {"last": 5.0}
+    >>> s.drain_encoded() == [(home_partition("dev-7", 4), b'"d:dev-7"', b'{"last":5.0}')]
+    True
+    """
+
+    def __init__(
+        self,
+        data: MutableMapping[str, Any] | None = None,
+        key_partition: MutableMapping[str, int] | None = None,
+        bucket_s: float = 3600.0,
+        partitions: int = 1,
+    ) -> None:
+        super().__init__(data, key_partition, bucket_s)
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        self.partitions = partitions
+        self.moved: list[tuple[int, str]] = []
+        """(old partition, key) of keys moved home since the last drain: tombstoned there."""
+        self._homes: dict[str, int] = {}  # a bounded memo: hashing is ~1.5 us a key
+
+    def home(self, key: str) -> int:
+        """The changelog partition of ``key`` (``"<kind>:<entity id>"``)."""
+        home = self._homes.get(key)
+        if home is None:
+            entity = key[key.index(":") + 1:] if ":" in key else key
+            home = home_partition(entity, self.partitions)
+            if len(self._homes) >= 1 << 17:
+                self._homes.clear()
+            self._homes[key] = home
+        return home
+
+    def __setitem__(self, key: str, value: Any, /) -> None:
+        home = self.home(key)
+        self.data[key] = bytes(memoryview(dumps(value)))  # dumps_to_keep, inlined
+        was = self.key_partition.get(key)
+        if was is not None and was != home:
+            self.moved.append((was, key))
+        self.dirty[key] = self.key_partition[key] = home
+        self._written.append(key)
+
+    def set_on(self, partition: int, key: str, value: Any) -> None:
+        self[key] = value
+
+    def drain(self) -> list[tuple[int, str, Any]]:
+        moved = [(p, k, None) for p, k in self.moved]
+        self.moved = []
+        return moved + super().drain()
+
+    def drain_encoded(self) -> list[tuple[int, bytes, bytes | None]]:
+        moved = [(p, _json_str(k).encode(), None) for p, k in self.moved]
+        self.moved = []
+        return moved + super().drain_encoded()
+
+
 class ScoredStore(EncodedStore):
     """The ``scored`` table: ``tx_id -> {"o": occurred_at, "d": decision, "x": features,
     "l": learned, "p": partition}`` as JSON bytes (:class:`EncodedStore`).
@@ -746,6 +853,34 @@ class LabelResult:
     """The labelled vectors learned (the FL client picks its mixing weight with them)."""
 
 
+EntityRequest = list[Any]
+"""``[reply partition, kind, entity id, tx_id, occurred_at, amount, customer, instrument,
+device, ip, coupon]``: what an entity's owner needs to compute its fragment of a transaction
+(:meth:`ScoringPipeline.apply_requests`), and where to send it."""
+
+
+@dataclass
+class PendingBatch:
+    """A batch between :meth:`ScoringPipeline.begin_batch` and ``finish_batch``."""
+
+    out: BatchResult
+    requests: dict[int, list[EntityRequest]] = field(default_factory=dict)
+    """Home partition -> the requests for the fragments of entities homed there."""
+    partial: list[tuple[int, list[float], dict[str, list[float] | None]]] = field(
+        default_factory=list)
+    """(index in ``fresh``, local features, kind -> fragment or None: requested)."""
+    fresh: list[tuple[Record, ParsedTransaction, int]] = field(default_factory=list)
+    vectors: list[list[float]] = field(default_factory=list)
+    slots: list[OutputRecord | None] = field(default_factory=list)
+    repeats: list[tuple[Record, int, int]] = field(default_factory=list)
+    received: float = 0.0
+    policy: PolicyConfig | None = None
+
+    def wanted(self) -> set[tuple[str, str]]:
+        """The ``(tx_id, kind)`` of every requested fragment."""
+        return {(r[3], r[1]) for reqs in self.requests.values() for r in reqs}
+
+
 def _runs(model: RiskModel | RiverModel, policy: PolicyConfig) -> bool:
     """Whether ``model`` is the kind of model ``policy`` asks for."""
     if isinstance(model, RiverModel):
@@ -766,6 +901,7 @@ class ScoringPipeline:
         scored: ScoredStore | None = None,
         debezium: DebeziumDecoder | None = None,
         bounds: InputBounds = DEFAULT_BOUNDS,
+        partitions: int = 1,
     ) -> None:
         self.retailer = retailer
         # reads Debezium change events (auto-detected unless strict) among the input
@@ -776,7 +912,8 @@ class ScoringPipeline:
         # a restored model stays until a config asks for another kind (apply_config)
         self.model = model if model is not None else model_from_config(policy.model,
                                                                        policy.river_model)
-        self.features = features if features is not None else EncodedStore()
+        self.features = (features if features is not None
+                         else EntityStore(partitions=partitions))
         self.scored = scored if scored is not None else ScoredStore()
         self.extractor = FeatureExtractor()
         self.names: tuple[str, ...] = FEATURE_NAMES
@@ -785,6 +922,10 @@ class ScoringPipeline:
         pipeline serves), never more than :data:`CLOCK_MAX_AHEAD_S` ahead of the wall clock."""
         self.reindex_pending = False
         """Set when the stores were restored: the next batch or expiry calls :meth:`reindex`."""
+        self.owned: frozenset[int] | None = None
+        """The partitions whose entities' state this pipeline holds (their home partitions,
+        :func:`home_partition`); None: all of them (one worker). Another entity's fragment
+        is asked of its owner (:meth:`begin_batch`)."""
 
     @property
     def model_version(self) -> str:
@@ -831,6 +972,14 @@ class ScoringPipeline:
     def _process_batch(
         self, records: Sequence[Record], now: float | None = None
     ) -> BatchResult:
+        pending = self.begin_batch(records, now)
+        if pending.requests:
+            raise RuntimeError("entities owned elsewhere: begin_batch, then finish_batch")
+        return self.finish_batch(pending)
+
+    def begin_batch(
+        self, records: Sequence[Record], now: float | None = None
+    ) -> PendingBatch:
         """Decide every transaction in ``records``; bad ones become dead letters.
 
         Three passes: parse, dedup and extract each record's features in order; score all
@@ -840,6 +989,10 @@ class ScoringPipeline:
         unexpected exception (a bug) dead-letters its record as ``internal-error``, never
         the batch. Timestamps must be within the bounds' window of the wall clock; ``now``
         (default: the wall clock) is only the decisions' ``received`` time.
+
+        This is the first pass, up to the features: an entity whose home partition is not
+        in :attr:`owned` is asked for its fragment (``requests``: home partition -> the
+        requests, in input order); :meth:`finish_batch` goes on with the answers.
         """
         if self.reindex_pending:
             self.reindex()
@@ -852,14 +1005,15 @@ class ScoringPipeline:
         policy = self.config.policy  # once: a config swap applies between batches
         bounds = self.bounds
         max_amount = bounds.max_amount
-        extract = self.extractor.extract_values
+        extract = self.extractor.extract_remembered
         features = self.features
         scored = self.scored
         scored_get = scored.get
         retailer = self.retailer
         debezium = self.debezium
+        owned = self.owned
         out = BatchResult()
-        decisions = out.decisions
+        pending = PendingBatch(out)
         slots: list[OutputRecord | None] = []  # decisions in input order, new ones filled last
         fresh: list[tuple[Record, ParsedTransaction, int]] = []  # (record, tx, slot)
         vectors: list[list[float]] = []
@@ -895,8 +1049,14 @@ class ScoringPipeline:
                                     f"{occurred!r}, item_count {tx.item_count!r}")
                 features.partition = rec.partition
                 features.at(occurred)
-                values = extract(tx, features)
-                if not isfinite(fsum(values)):  # cannot happen with bounded input; guards dumps
+                # an entity that already applied this transaction (state restored ahead of
+                # the committed offsets) gives the fragment it gave then, unchanged
+                if owned is None:  # every entity's home is here: one worker
+                    values = extract(tx, features)
+                else:  # [] until its requested fragments are in (finish_batch)
+                    values = self._owned_fragments(tx, rec.partition, owned, len(fresh),
+                                                   pending) or []
+                if not isfinite(fsum(values)):  # cannot happen with bounded input
                     raise BadRecord("non-finite-features", f"features {values!r}")
                 if occurred > clock:
                     clock = occurred if occurred < clock_limit else max(clock, clock_limit)
@@ -910,9 +1070,26 @@ class ScoringPipeline:
                 out.dead_letters.append(self._internal_error(rec, exc))
         if clock != float("-inf"):
             self.clock = clock
+        pending.fresh, pending.vectors, pending.slots = fresh, vectors, slots
+        pending.repeats, pending.received, pending.policy = repeats, received, policy
+        return pending
+
+    def finish_batch(self, pending: PendingBatch,
+                     fragments: dict[tuple[str, str], list[float]] | None = None
+                     ) -> BatchResult:
+        """Score, decide and encode what :meth:`begin_batch` began, with the ``fragments``
+        (``(tx_id, kind) -> values``) its requests were answered with."""
+        out = pending.out
+        slots = pending.slots
+        fresh, vectors = pending.fresh, pending.vectors
+        if pending.partial:
+            fresh, vectors = self._assembled(pending, fragments or {})
         if fresh:
-            self._decide_fresh(fresh, vectors, slots, out, received, policy)
-        for rec, slot, first in repeats:
+            policy = pending.policy if pending.policy is not None else self.config.policy
+            self._decide_fresh(fresh, vectors, slots, out, pending.received, policy)
+        retailer = self.retailer
+        decisions = out.decisions
+        for rec, slot, first in pending.repeats:
             original = slots[first]
             if original is None:  # its first delivery failed in _decide_fresh
                 out.duplicates -= 1
@@ -1018,6 +1195,88 @@ class ScoringPipeline:
                 explained.append(None)
         return scores, explained
 
+    def _owned_fragments(self, tx: Transaction, partition: int, owned: frozenset[int],
+                         index: int, pending: PendingBatch) -> list[float] | None:
+        """The feature vector of ``tx`` if every entity of it is homed in ``owned``; else
+        the owned entities' fragments are applied now, the others requested, and None."""
+        features = self.features
+        fragment = self.extractor.fragment
+        home = features.home if isinstance(features, EntityStore) else None
+        tx_id, ts, amount = tx.tx_id, tx.occurred_at, tx.amount
+        customer, instrument, device, ip = (tx.customer_id, tx.payment_instrument,
+                                            tx.device_id, tx.ip)
+        coupon = tx.coupon_code or None
+        parts: dict[str, list[float] | None] = {}
+        for kind, entity in (("c", customer), ("p", instrument), ("d", device), ("i", ip),
+                             ("k", coupon)):
+            where = None if entity is None or home is None else home(kind + ":" + entity)
+            if where is None or where in owned:
+                parts[kind] = fragment(features, kind, entity, tx_id, ts, amount, customer,
+                                       instrument, device, ip, coupon)
+            else:
+                parts[kind] = None
+                pending.requests.setdefault(where, []).append(
+                    [partition, kind, entity, tx_id, ts, amount, customer, instrument, device,
+                     ip, coupon])
+        local = local_features(ts, amount, tx.channel, coupon, tx.item_count,
+                               tx.address_mismatch)
+        done = [part for part in parts.values() if part is not None]
+        if len(done) == len(parts):
+            return assemble(local, *done)
+        pending.partial.append((index, local, parts))
+        return None
+
+    def _assembled(
+        self, pending: PendingBatch, fragments: dict[tuple[str, str], list[float]]
+    ) -> tuple[list[tuple[Record, ParsedTransaction, int]], list[list[float]]]:
+        """``fresh`` and ``vectors`` with the requested fragments filled in; a transaction
+        whose fragment is missing or not finite is dead-lettered."""
+        vectors: list[list[float] | None] = list(pending.vectors)
+        out = pending.out
+        for index, local, parts in pending.partial:
+            rec, parsed, _slot = pending.fresh[index]
+            tx_id = parsed.tx.tx_id
+            try:
+                filled = [part if part is not None else fragments[(tx_id, kind)]
+                          for kind, part in parts.items()]
+                values = assemble(local, *filled)
+                if not isfinite(fsum(values)):
+                    raise BadRecord("non-finite-features", f"features {values!r}")
+                vectors[index] = values
+            except BadRecord as exc:
+                vectors[index] = None
+                out.dead_letters.append(dead_letter(rec, exc.reason, exc.message,
+                                                    self.retailer))
+            except Exception as exc:  # a bug (a fragment missing): this record only
+                vectors[index] = None
+                out.dead_letters.append(self._internal_error(rec, exc))
+        kept = [(f, v) for f, v in zip(pending.fresh, vectors, strict=True) if v is not None]
+        return [f for f, _ in kept], [v for _, v in kept]
+
+    def apply_requests(self, requests: Iterable[EntityRequest]
+                       ) -> dict[int, list[tuple[str, str, list[float]]]]:
+        """As the owner of the requested entities: each one's fragment of its transaction
+        (a transaction it applied already gets the same one: no state change), in request
+        order; reply partition -> ``(tx_id, kind, fragment)``."""
+        if self.reindex_pending:
+            self.reindex()
+        features = self.features
+        fragment = self.extractor.fragment
+        replies: dict[int, list[tuple[str, str, list[float]]]] = {}
+        clock = self.clock if self.clock is not None else float("-inf")
+        limit = time.time() + CLOCK_MAX_AHEAD_S
+        for (reply, kind, entity, tx_id, ts, amount, customer, instrument, device, ip,
+             coupon) in requests:
+            features.at(ts)
+            values = fragment(features, kind, entity, tx_id, ts, amount, customer,
+                              instrument, device, ip, coupon)
+            replies.setdefault(reply, []).append((tx_id, kind, values))
+            if ts > clock:
+                clock = ts if ts < limit else max(clock, limit)
+        if clock != float("-inf"):
+            self.clock = clock
+        return replies
+
     def reindex(self) -> None:
         """Rebuild both stores' event-time indexes from their values (after a restore),
         and bring the clock up to the newest event time they hold."""
@@ -1098,6 +1357,13 @@ class ScoringPipeline:
                     features.partition = entry["p"]
                     features.at(entry["o"])
                     customer, instrument, device = entities
+                    owned = self.owned
+                    if owned is not None and isinstance(features, EntityStore):
+                        # only the owner writes an entity's state (labels are not routed)
+                        customer, instrument, device = (
+                            entity if entity is None or features.home(f"{kind}:{entity}")
+                            in owned else None
+                            for kind, entity in zip("cpd", entities, strict=True))
                     self.extractor.learn_label(features, entry["o"], customer, instrument,
                                                device, label.is_fraud)
                 scored.set_on(entry["p"], label.tx_id, {**entry, "l": 1})

@@ -45,6 +45,8 @@ def worker_topics(settings: WorkerSettings) -> list[TopicSpec]:
         TopicSpec(settings.transactions_topic, n, {}),
         TopicSpec(settings.labels_topic, n, {}),
         TopicSpec(settings.decisions_topic, n, {}),
+        TopicSpec(settings.topics.entity_requests, n, {}),
+        TopicSpec(settings.topics.entity_fragments, n, {}),
         TopicSpec(settings.dlq_topic, 1, {}),
         TopicSpec(settings.changelog_topic(FEATURES_TABLE), n, COMPACTED),
         TopicSpec(settings.changelog_topic(SCORED_TABLE), n, COMPACTED),

@@ -164,10 +164,10 @@ def all_finite(value: Any) -> bool:
 
 def test_an_unexpected_error_dead_letters_its_record_and_the_batch_goes_on():
     class Buggy(FeatureExtractor):
-        def extract_values(self, t: Transaction, state: Any) -> list[float]:
+        def extract_remembered(self, t: Transaction, state: Any) -> list[float]:
             if t.tx_id == "t2":
                 raise ZeroDivisionError("a bug")
-            return super().extract_values(t, state)
+            return super().extract_remembered(t, state)
 
     pipe = ScoringPipeline("acme")
     pipe.extractor = Buggy()

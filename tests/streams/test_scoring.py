@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,10 +16,12 @@ from streams import scoring
 from streams.config_stream import ConfigDocument
 from streams.scoring import (
     BadRecord,
+    EntityStore,
     InputRecord,
     ScoredStore,
     ScoringPipeline,
     TrackedStore,
+    home_partition,
     parse_transaction,
 )
 
@@ -135,13 +138,52 @@ def test_features_match_the_fraud_core_on_a_plain_dict():
     assert stored == [[e[n] for n in pipe.names] for e in expected]
 
 
-def test_state_changes_are_tracked_per_partition():
-    pipe = ScoringPipeline("acme")
+def test_entity_state_goes_to_its_home_partition_and_scored_to_the_transactions():
+    pipe = ScoringPipeline("acme", partitions=4)
     pipe.process_batch([record(tx(1, customer="a"), partition=2),
                         record(tx(2, customer="b"), partition=3)])
     changes = {k: p for p, k, _ in pipe.features.drain()}
-    assert changes["c:a"] == 2 and changes["c:b"] == 3
+    assert set(changes) == {"c:a", "c:b", "p:p1", "p:p2", "d:d1", "i:10.1.1.1"}
+    # each entity's state on one partition, whichever transaction wrote it: where a record
+    # keyed by the entity's id goes (murmur2, as Kafka's clients partition)
+    assert changes == {k: home_partition(k[2:], 4) for k in changes}
+    assert len(set(changes.values())) > 1
     assert {k: p for p, k, _ in pipe.scored.drain()} == {"t1": 2, "t2": 3}
+
+
+def test_a_key_restored_from_another_partition_moves_home_with_a_tombstone_there():
+    store = EntityStore(partitions=4)
+    home = home_partition("d1", 4)
+    store.set_encoded((home + 1) % 4, "d:d1", b'{"last":1.0}')  # as restored from an old log
+    store.drain()
+    store["d:d1"] = {"last": 2.0}
+    assert store.drain_encoded() == [((home + 1) % 4, b'"d:d1"', None),
+                                     (home, b'"d:d1"', b'{"last":2.0}')]
+    store["d:d1"] = {"last": 3.0}
+    assert store.drain() == [(home, "d:d1", {"last": 3.0})]
+
+
+@given(st.binary(max_size=300))
+def test_murmur2_is_kafkas(data: bytes):
+    assert scoring.murmur2(data) == aiokafka_murmur2(data)
+
+
+def test_a_redelivered_transaction_gets_the_same_features_and_counts_once():
+    # the entity state restored from the changelogs may already hold a transaction whose
+    # `scored` entry was lost: its redelivery must not count it again
+    pipe = ScoringPipeline("acme", partitions=4)
+    txs = [tx(i, customer=f"c{i % 2}") for i in range(6)]
+    first = pipe.process_batch([record(t) for t in txs[:4]])
+    vectors = {t["tx_id"]: pipe.scored.get(t["tx_id"])["x"] for t in txs[:4]}
+    for t in txs[2:4]:  # the scored entries of the batch's tail were never written
+        pipe.scored.delete(t["tx_id"])
+    again = pipe.process_batch([record(t) for t in txs[2:]])
+    assert again.duplicates == 0 and len(first.decisions) == len(again.decisions) == 4
+    reference: dict = {}
+    fx = FeatureExtractor()
+    expected = [fx.extract_values(t, reference) for t in txs]
+    assert [vectors[t["tx_id"]] for t in txs[:2]] == expected[:2]
+    assert [pipe.scored.get(t["tx_id"])["x"] for t in txs[2:]] == expected[2:]
 
 
 def label(tx_id: str, fraud: bool = True, **extra: object) -> InputRecord:
@@ -256,3 +298,41 @@ def _refused(value: Any, bounds: InputBounds, depth: int = 1) -> str | None:
             and len(str(abs(value))) > bounds.max_int_digits):
         return "int-too-large"
     return None
+
+
+def test_two_owners_exchanging_fragments_give_one_pipelines_features():
+    # two pipelines splitting 4 partitions: each computes what it owns and asks the other
+    # for the rest; per round (one transaction per entity) the result is the oracle's
+    pipes = [ScoringPipeline("acme", partitions=4), ScoringPipeline("acme", partitions=4)]
+    pipes[0].owned, pipes[1].owned = frozenset({0, 1}), frozenset({2, 3})
+    reference: dict = {}
+    fx = FeatureExtractor()
+    for r in range(6):
+        batch = [tx(10 * r + j, customer=f"c{(j + r) % 7}",
+                    payment_instrument=f"p{(j * 3 + r) % 8}", device_id=f"d{(j + 2 * r) % 6}",
+                    ip=f"10.0.0.{(j + r) % 6}",
+                    coupon_code=f"K{(j + r) % 6}" if j % 2 else None)
+                 for j in range(6)]
+        expected = {t["tx_id"]: fx.extract_values(t, reference) for t in batch}
+        by_owner: list[list[InputRecord]] = [[], []]
+        for t in batch:
+            part = home_partition(t["customer_id"], 4)
+            by_owner[0 if part < 2 else 1].append(record(t, partition=part))
+        pending = [pipe.begin_batch(recs) for pipe, recs in zip(pipes, by_owner, strict=True)]
+        answers: dict = {}
+        for p in pending:
+            for home, requests in p.requests.items():
+                owner = pipes[0 if home < 2 else 1]
+                for replies in owner.apply_requests(requests).values():
+                    answers.update({(tx_id, kind): v for tx_id, kind, v in replies})
+        for pipe, p in zip(pipes, pending, strict=True):
+            pipe.finish_batch(p, answers)
+        got = {t["tx_id"]: next(pipe.scored.get(t["tx_id"]) for pipe in pipes
+                                if pipe.scored.get(t["tx_id"]) is not None)["x"] for t in batch}
+        assert got == expected
+    # an owner asked again for a transaction it applied answers the same, state unchanged
+    requests = [[0, "d", "d1", "again", T0, 5.0, "c1", "p1", "d1", None, None]]
+    owner = pipes[0 if home_partition("d1", 4) < 2 else 1]
+    first = owner.apply_requests(requests)
+    state = owner.features.data["d:d1"]
+    assert owner.apply_requests(requests) == first and owner.features.data["d:d1"] == state
