@@ -241,7 +241,8 @@ def main() -> int:
         else:
             from qsfraud.stack import Stack, StackConfig
 
-            stack = Stack(StackConfig.ephemeral(tmp / "stack"))
+            # the full JIT, as bench/streams.py: a broker under minutes of load
+            stack = Stack(StackConfig.ephemeral(tmp / "stack", kafka_full_jit=True))
             try:
                 stack.up(["kafka"])
                 result = run(args, stack.kafka.bootstrap, tmp)
