@@ -520,18 +520,13 @@ class Demo:
             self.make_keys()
             self.publish_config(bootstrap)
             self.fl_enabled = worker_fl_flags()
-            self.spawn("aggregator", [
-                "aggregator", "--keys", str(self.root / "keys" / "aggregator"),
-                "--bootstrap", bootstrap, "--quorum", str(len(self.retailers)),
-                "--deadline", str(max(5.0, self.settings.fl_interval_s)),
-                "--freshness", str(self.root / "aggregator-freshness.json"),
-            ])
+            self.spawn("aggregator", self.aggregator_args(bootstrap))
             for retailer, db in databases.items():
                 db.reset()
                 config = self.root / f"cdc-{retailer}.toml"
                 config.write_text(db.cdc_config(retailer, bootstrap))
                 self.say(f"{retailer:8} {self.SHOPS[retailer]}: {db.describe()}")
-                self.spawn(f"cdc-{retailer}", ["cdc", "run", "--config", str(config)])
+                self.spawn(f"cdc-{retailer}", self.cdc_args(config))
                 self.metrics_ports[retailer] = free_port()
                 self.spawn(f"worker-{retailer}", self.worker_args(retailer, bootstrap))
             self.say("started: " + ", ".join(f"{n} (pid {p.pid})"
@@ -605,6 +600,23 @@ class Demo:
         if producer.flush(30):
             raise DemoError(f"could not publish the signed config to {CONFIG}")
 
+    # The roles' command lines (tests/qsfraud/test_docker_compose.py holds docker-compose.yml
+    # to the same flags).
+
+    def aggregator_args(self, bootstrap: str) -> list[str]:
+        return ["aggregator", "--keys", str(self.root / "keys" / "aggregator"),
+                "--bootstrap", bootstrap, "--quorum", str(len(self.retailers)),
+                "--deadline", str(max(5.0, self.settings.fl_interval_s)),
+                "--freshness", str(self.root / "aggregator-freshness.json")]
+
+    def cdc_args(self, config: Path) -> list[str]:
+        return ["cdc", "run", "--config", str(config)]
+
+    def ui_args(self, bootstrap: str, port: int) -> list[str]:
+        return ["ui", "--bootstrap", bootstrap, "--port", str(port),
+                "--admin-keys", str(self.root / "keys" / "admin"),
+                *(f"--metrics=127.0.0.1:{p}" for p in self.metrics_ports.values())]
+
     def worker_args(self, retailer: str, bootstrap: str) -> list[str]:
         keys = self.root / "keys"
         args = ["worker", "--retailer", retailer, "--bootstrap", bootstrap,
@@ -631,9 +643,7 @@ class Demo:
             return
         wanted = self.settings.ui_port
         port = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
-        self.spawn("ui", ["ui", "--bootstrap", bootstrap, "--port", str(port),
-                          "--admin-keys", str(self.root / "keys" / "admin"),
-                          *(f"--metrics=127.0.0.1:{p}" for p in self.metrics_ports.values())])
+        self.spawn("ui", self.ui_args(bootstrap, port))
         self.ui_url = f"http://127.0.0.1:{port}"
         self.say(f"UI: {self.ui_url}")
 
