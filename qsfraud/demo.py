@@ -663,16 +663,23 @@ class Demo:
         from confluent_kafka import Producer
 
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-        pending_labels: list[tuple[float, dict[str, Any]]] = []
-        tick = 0.1
-        total_rate = self.settings.rate * len(self.retailers)
         started = time.monotonic()
-        written = 0
-        rows = self.rows()
-        exhausted = False
         reporter = threading.Thread(target=self.report_until_stopped, name="status",
                                     daemon=True)
         reporter.start()
+        try:
+            self.write_until_stopped(databases, producer, started)
+        finally:
+            producer.flush(5)
+
+    def write_until_stopped(self, databases: dict[str, OrdersDatabase], producer: Any,
+                            started: float) -> None:
+        pending_labels: list[tuple[float, dict[str, Any]]] = []
+        tick = 0.1
+        total_rate = self.settings.rate * len(self.retailers)
+        written = 0
+        rows = self.rows()
+        exhausted = False
         while not self.stop_requested.is_set():
             now = time.monotonic()
             if self.settings.duration and now - started >= self.settings.duration:
@@ -709,7 +716,6 @@ class Demo:
                 exhausted = False
                 written = 1 << 62  # nothing more is due
             time.sleep(max(0.0, tick - (time.monotonic() - now)))
-        producer.flush(10)
 
     def drain(self) -> None:
         """Until every committed purchase has a decision, or ``drain_s`` passed."""

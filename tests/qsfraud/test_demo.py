@@ -16,6 +16,7 @@ import pytest
 
 from qsfraud.commands.demo import _defaults
 from qsfraud.demo import Demo, DemoSettings, worker_fl_flags
+from qsfraud.stack.service import port_is_free
 
 RETAILER_KEYS = {"written", "captured", "decided", "actions", "p50_ms", "p99_ms",
                  "average_precision", "recall", "attack_caught"}
@@ -23,8 +24,10 @@ RETAILER_KEYS = {"written", "captured", "decided", "actions", "p50_ms", "p99_ms"
 
 def left_running(root: Path) -> list[str]:
     """Live processes whose command line names ``root`` (every role and service of a demo
-    does: configs, data and key stores live under it)."""
-    ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    does: configs, data and key stores live under it). ``-ww``: ps would otherwise cut the
+    lines to $COLUMNS, which pytest sets, and find nothing."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "stat=,args="], capture_output=True,
+                        text=True).stdout
     return [line for line in ps.splitlines() if str(root) in line and not line.startswith("Z")]
 
 
@@ -129,15 +132,24 @@ def test_ctrl_c_stops_every_process_with_the_ui(tmp_path: Path):
             if line.startswith("acme") and "decided=0 " not in line and "tx/s" in line:
                 break
             assert time.monotonic() < deadline, "".join(lines[-30:])
-        assert any(line.startswith("UI: http://127.0.0.1:") for line in lines), lines
+        ui = [line.split()[1] for line in lines if line.startswith("UI: http://127.0.0.1:")]
+        assert ui, lines
+        ui_port = int(ui[0].rsplit(":", 1)[1])
         assert left_running(root), "the demo's processes should be running now"
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        assert not port_is_free("127.0.0.1", ui_port), "the UI should be serving now"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        # Ctrl-C, also when an assert failed: the demo's children are in sessions of their
+        # own, so killing the demo alone would leave them running
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     lines.append(out)
     assert proc.returncode == 0, "".join(lines[-30:])
     assert "every process it started has exited" in out
     assert left_running(root) == []
+    # the UI (streamlit, whose command line does not name the root) stopped too
+    assert port_is_free("127.0.0.1", ui_port)
