@@ -136,6 +136,9 @@ def test_ctrl_c_stops_every_process_with_the_ui(tmp_path: Path):
         assert ui, lines
         ui_port = int(ui[0].rsplit(":", 1)[1])
         assert left_running(root), "the demo's processes should be running now"
+        # streamlit takes a few seconds to listen (more on a loaded machine)
+        while port_is_free("127.0.0.1", ui_port) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert not port_is_free("127.0.0.1", ui_port), "the UI should be serving now"
     finally:
         # Ctrl-C, also when an assert failed: the demo's children are in sessions of their
