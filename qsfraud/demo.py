@@ -74,6 +74,9 @@ class DemoSettings:
     fl_interval_s: float = 10.0  # fl.sync_interval_s in the signed config the demo publishes
     drain_s: float = 30.0  # after the last write, how long to wait for the last decisions
     headless: bool = False
+    # kill -9 acme's CDC, globex's worker and the aggregator once each and restart the broker
+    # once, spread over --duration; every role that exits is then started again
+    faults: bool = False
 
 
 def worker_fl_flags() -> bool:
@@ -470,6 +473,10 @@ class Demo:
         self.root = settings.root.resolve()
         self.retailers = list(self.RETAILERS)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.child_args: dict[str, list[str]] = {}
+        self.restarts: Counter[str] = Counter()
+        self.restarted_at: dict[str, float] = {}
+        self.fault_events: list[dict[str, Any]] = []
         self.stack: Stack | None = None
         self.lock = threading.Lock()
         self.tallies = {r: RetailerTally() for r in self.retailers}
@@ -630,7 +637,9 @@ class Demo:
         return args
 
     def spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.root / "logs" / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
+        self.child_args[name] = args
+        # appended: a restarted role's log keeps what its first run wrote
+        log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
         self.children[name] = subprocess.Popen(
             [sys.executable, "-m", "qsfraud", *args], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
@@ -667,6 +676,8 @@ class Demo:
         reporter = threading.Thread(target=self.report_until_stopped, name="status",
                                     daemon=True)
         reporter.start()
+        if self.settings.faults:
+            threading.Thread(target=self.inject_faults, name="faults", daemon=True).start()
         try:
             self.write_until_stopped(databases, producer, started)
         finally:
@@ -716,6 +727,28 @@ class Demo:
                 exhausted = False
                 written = 1 << 62  # nothing more is due
             time.sleep(max(0.0, tick - (time.monotonic() - now)))
+
+    def inject_faults(self) -> None:
+        """The fault run's plan, spread over the writing time."""
+        plan = [(0.15, "kill -9", "cdc-acme"), (0.3, "kill -9", "worker-globex"),
+                (0.45, "kill -9", "aggregator"), (0.6, "restart", "kafka")]
+        started = time.monotonic()
+        for share, fault, target in plan:
+            due = started + share * self.settings.duration
+            if self.stop_requested.wait(max(0.0, due - time.monotonic())) \
+                    or self.reporting_done.is_set():
+                return
+            t0 = time.monotonic()
+            if fault == "kill -9":
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.children[target].pid, signal.SIGKILL)
+            elif self.stack is not None:
+                self.stack.down(["kafka"])
+                self.stack.up(["kafka"])
+            event = {"fault": fault, "target": target, "at_s": round(t0 - started, 1),
+                     "took_s": round(time.monotonic() - t0, 1)}
+            self.fault_events.append(event)
+            self.say(f"fault: {fault} {target} at {event['at_s']} s")
 
     def drain(self) -> None:
         """Until every committed purchase has a decision, or ``drain_s`` passed."""
@@ -826,7 +859,8 @@ class Demo:
     def write_audit(self) -> None:
         """``audit.json``: per retailer, the written transactions without a decision and
         those with two different ones; what the FL topics carried."""
-        audit: dict[str, Any] = {"retailers": {}, "fl_enabled": self.fl_enabled}
+        audit: dict[str, Any] = {"retailers": {}, "fl_enabled": self.fl_enabled,
+                                 "faults": self.fault_events, "restarts": dict(self.restarts)}
         with self.lock:
             for r, t in self.tallies.items():
                 written = self.written.get(r, set())
@@ -864,8 +898,17 @@ class Demo:
             self.stop_requested.wait(0.3)
 
     def check_children(self) -> None:
-        for name, proc in self.children.items():
-            if proc.poll() is not None and name != "ui":
+        for name, proc in list(self.children.items()):
+            if proc.poll() is None or name == "ui":
+                continue
+            if self.settings.faults:  # supervised, as a container runtime would
+                now = time.monotonic()
+                if now - self.restarted_at.get(name, 0.0) >= 3.0:  # not in a tight loop
+                    self.restarted_at[name] = now
+                    self.restarts[name] += 1
+                    self.say(f"{name} exited with code {proc.returncode}: starting it again")
+                    self.spawn(name, self.child_args[name])
+            else:
                 log = self.root / "logs" / f"{name}.log"
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
                 raise DemoError(f"{name} exited with code {proc.returncode}; {log}:\n{tail}")

@@ -156,3 +156,28 @@ def test_ctrl_c_stops_every_process_with_the_ui(tmp_path: Path):
     assert left_running(root) == []
     # the UI (streamlit, whose command line does not name the root) stopped too
     assert port_is_free("127.0.0.1", ui_port)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_fault_run_loses_and_doubles_no_decision(tmp_path: Path):
+    """kill -9 acme's CDC, globex's worker and the aggregator once each, restart the broker
+    once, while purchases are written; the demo starts the dead roles again."""
+    root = tmp_path / "faults"
+    result = subprocess.run(
+        [sys.executable, "-m", "qsfraud", "demo", "--headless", "--faults", "--duration", "60",
+         "--rate", "30", "--report-every", "10", "--root", str(root)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    audit = json.loads((root / "audit.json").read_text())
+    assert [(f["fault"], f["target"]) for f in audit["faults"]] == [
+        ("kill -9", "cdc-acme"), ("kill -9", "worker-globex"), ("kill -9", "aggregator"),
+        ("restart", "kafka")], result.stdout[-3000:]
+    assert {"cdc-acme", "worker-globex", "aggregator"} <= set(audit["restarts"]), audit
+    for retailer, figures in audit["retailers"].items():
+        assert figures["written"] > 500, (retailer, figures)
+        assert figures["missing"] == 0, (retailer, figures, result.stdout[-3000:])
+        assert figures["conflicting"] == 0, (retailer, figures)
+        assert figures["decided_not_written"] == 0, (retailer, figures)
+    assert left_running(root) == []
