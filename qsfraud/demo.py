@@ -347,6 +347,8 @@ class TopicWatcher(threading.Thread):
             "bootstrap.servers": bootstrap, "group.id": f"qsfraud-demo-{os.getpid()}",
             "auto.offset.reset": "earliest", "isolation.level": "read_committed",
             "enable.auto.commit": False,
+            # connection errors while a broker restarts would flood the status (they pass)
+            "log_level": 2,
             # the workers and the aggregator create their topics when they start: notice them
             "topic.metadata.refresh.interval.ms": 1000,
         })
@@ -671,7 +673,7 @@ class Demo:
         their number), and sends each label when the replayed clock passes its time."""
         from confluent_kafka import Producer
 
-        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 2})
         started = time.monotonic()
         reporter = threading.Thread(target=self.report_until_stopped, name="status",
                                     daemon=True)
