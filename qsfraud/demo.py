@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -42,7 +43,14 @@ from typing import Any, TextIO
 from fraud.generator import GeneratorConfig, generate
 from fraud.metrics import average_precision
 from fraud.schema import Label
-from fraud.topics import CONFIG, DEFAULT_PARTITIONS, FL_GLOBAL, FL_UPDATES, RetailerTopics
+from fraud.topics import (
+    CONFIG,
+    CONFIG_REJECTED,
+    DEFAULT_PARTITIONS,
+    FL_GLOBAL,
+    FL_UPDATES,
+    RetailerTopics,
+)
 from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig, free_port
 from qsfraud.stack.service import port_is_free
 from qsfraud.worker_process import worker_metrics, worker_ready
@@ -77,6 +85,9 @@ class DemoSettings:
     # kill -9 acme's CDC, globex's worker and the aggregator once each and restart the broker
     # once, spread over --duration; every role that exits is then started again
     faults: bool = False
+    # malformed rows in every database, garbage and oversized records on the retailers'
+    # topics, unsigned and untrusted config, a third into --duration
+    hostile: bool = False
 
 
 def worker_fl_flags() -> bool:
@@ -103,6 +114,10 @@ class OrdersDatabase(ABC):
     @abstractmethod
     def ids(self) -> set[str]:
         """The ids of every order in the store (the written transactions)."""
+
+    @abstractmethod
+    def insert_hostile(self, prefix: str) -> dict[str, str]:
+        """Commit rows no transaction can be made of; ``{id: what is wrong}``."""
 
     @abstractmethod
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
@@ -189,6 +204,23 @@ class MariaDBOrders(OrdersDatabase):
         )
         self.conn.commit()
 
+    def insert_hostile(self, prefix: str) -> dict[str, str]:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        bad = {
+            f"{prefix}-negative": ("negative amount", Decimal("-5.00"), now, {}),
+            f"{prefix}-future": ("timestamp in 2099", Decimal("10.00"), datetime(2099, 1, 1), {}),
+            f"{prefix}-huge": ("100 KB ip string", Decimal("10.00"), now, {"ip": "9" * 100_000}),
+        }
+        cur = self.conn.cursor()
+        cur.executemany(
+            f"INSERT INTO {ORDERS} VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            [(tx_id, "c-hostile", "card-hostile", amount, "USD", created, "web", None, None,
+              None, 1, 0, json.dumps({"device": {"id": "dev-hostile"}, "ip": "10.0.0.1", **attrs}))
+             for tx_id, (_, amount, created, attrs) in bad.items()],
+        )
+        self.conn.commit()
+        return {tx_id: what for tx_id, (what, *_) in bad.items()}
+
     def ids(self) -> set[str]:
         cur = self.conn.cursor()
         cur.execute(f"SELECT id FROM {ORDERS}")
@@ -257,6 +289,28 @@ class MongoOrders(OrdersDatabase):
 
     def ids(self) -> set[str]:
         return {str(d["_id"]) for d in self.coll.find({}, {"_id": 1})}
+
+    def insert_hostile(self, prefix: str) -> dict[str, str]:
+        from bson.decimal128 import Decimal128
+
+        def doc(tx_id: str, **changes: Any) -> dict[str, Any]:
+            d = {"_id": tx_id, "customer": {"id": "c-hostile"}, "payment": {"token": "card-h"},
+                 "total": Decimal128("10.00"), "currency": "USD",
+                 "created_at": datetime.now(UTC), "channel": "web",
+                 "device": {"id": "dev-hostile", "ip": "10.0.0.1"}, "items": 1,
+                 "address_mismatch": False}
+            d.update(changes)
+            return {k: v for k, v in d.items() if v is not None}
+
+        bad = {
+            f"{prefix}-type": ("amount is a word", doc(f"{prefix}-type", total="abc")),
+            f"{prefix}-missing": ("no customer", doc(f"{prefix}-missing", customer=None)),
+            f"{prefix}-nan": ("NaN amount", doc(f"{prefix}-nan", total=Decimal128("NaN"))),
+            f"{prefix}-huge": ("100 KB ip string", doc(
+                f"{prefix}-huge", device={"id": "dev-hostile", "ip": "9" * 100_000})),
+        }
+        self.coll.insert_many([d for _, d in bad.values()], ordered=True)
+        return {tx_id: what for tx_id, (what, _) in bad.items()}
 
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
         source = f"""\
@@ -358,6 +412,11 @@ class TopicWatcher(threading.Thread):
             self.topics[RetailerTopics(r).decisions] = ("decisions", r)
         self.topics[FL_UPDATES] = ("fl.updates", "")
         self.topics[FL_GLOBAL] = ("fl.global", "")
+        if demo.settings.hostile:
+            for r in demo.retailers:
+                self.topics[RetailerTopics(r).transactions_dlq] = ("dlq", r)
+                self.topics[RetailerTopics(r).streams_dlq] = ("dlq", r)
+            self.topics[CONFIG_REJECTED] = ("dlq", "")
         self.consumer.subscribe(list(self.topics))
         self.stopping = threading.Event()
         self.keys = demo.root / "keys"
@@ -376,6 +435,9 @@ class TopicWatcher(threading.Thread):
                     self.fl_update(value, aggregator)
                 elif kind == "fl.global":
                     self.fl_global(value, aggregator)
+                elif kind == "dlq":
+                    with self.demo.lock:
+                        self.demo.dead_letters.append((msg.topic() or "", value))
                 elif kind:
                     try:
                         record = json.loads(value)
@@ -479,6 +541,8 @@ class Demo:
         self.restarts: Counter[str] = Counter()
         self.restarted_at: dict[str, float] = {}
         self.fault_events: list[dict[str, Any]] = []
+        self.hostile_sent: list[dict[str, str]] = []  # where, what, token (id or SHA-256)
+        self.dead_letters: list[tuple[str, bytes]] = []  # (topic, value) of DLQs, rejections
         self.stack: Stack | None = None
         self.lock = threading.Lock()
         self.tallies = {r: RetailerTally() for r in self.retailers}
@@ -693,10 +757,14 @@ class Demo:
         written = 0
         rows = self.rows()
         exhausted = False
+        hostile_due = self.settings.hostile
         while not self.stop_requested.is_set():
             now = time.monotonic()
             if self.settings.duration and now - started >= self.settings.duration:
                 break
+            if hostile_due and now - started >= self.settings.duration / 3:
+                hostile_due = False
+                self.inject_hostile(databases, producer)
             self.check_children()
             # paced by the clock, not by ticks: a slow tick (a loaded machine) is caught up
             due = min(int(total_rate * (now - started)) - written, int(total_rate) + 1)
@@ -729,6 +797,82 @@ class Demo:
                 exhausted = False
                 written = 1 << 62  # nothing more is due
             time.sleep(max(0.0, tick - (time.monotonic() - now)))
+
+    def inject_hostile(self, databases: dict[str, OrdersDatabase], producer: Any) -> None:
+        """Bad rows into every database, bad records onto every retailer's input and label
+        topics, an unsigned and an untrusted config document: each must end in a dead-letter
+        topic (or ``qsfraud.config.rejected``) and nothing else may stop."""
+        from pqc.keys import load_keystore
+        from streams.config_stream import ConfigDocument, sign_config
+
+        sent = self.hostile_sent
+        for retailer, db in databases.items():
+            for tx_id, what in db.insert_hostile(f"bad-{retailer}").items():
+                sent.append({"where": f"{retailer} database", "what": what, "token": tx_id})
+        records = {
+            "binary garbage": b"\x00\xff\xfegarbage\x00",
+            "not JSON": b"{not json",
+            "oversized (200 KB)": json.dumps({"v": 1, "op": "c", "tx": {
+                "tx_id": "bad-oversized", "pad": "x" * 200_000}}).encode(),
+            "unknown op": b'{"v": 1, "op": "z", "tx": {}}',
+            "nested 100 deep": b"[" * 100 + b"]" * 100,
+        }
+        copies = 0
+        for retailer in self.retailers:
+            topics = RetailerTopics(retailer)
+            for what, value in records.items():
+                for topic in (topics.transactions, topics.labels):
+                    # unique per topic (trailing blanks), so that each dead letter is found
+                    # by its digest
+                    unique = value + b" " * (copies % (2 * len(self.retailers)))
+                    copies += 1
+                    producer.produce(topic, key=b"hostile", value=unique)
+                    sent.append({"where": topic, "what": what,
+                                 "token": hashlib.sha256(unique).hexdigest()})
+        doc = ConfigDocument.default().updated({"thresholds.block": 0.99}, version=99,
+                                                issued_by="mallory")
+        unsigned = json.dumps(doc.to_dict()).encode()
+        untrusted = sign_config(doc, load_keystore(self.root / "keys" / self.retailers[0]).identity)
+        for what, value in (("unsigned config", unsigned), ("config signed by a retailer",
+                                                            untrusted)):
+            producer.produce(CONFIG, key=b"*", value=value)
+            sent.append({"where": CONFIG, "what": what, "token": "config"})
+        producer.flush(10)
+        self.say(f"hostile: {len(sent)} bad rows, records and config documents sent")
+
+    def hostile_audit(self) -> dict[str, Any]:
+        """Which of the hostile inputs reached a dead-letter topic (and with what reason),
+        which were decided, which are unaccounted for."""
+        found: dict[str, str] = {}
+        rejections = 0
+        for topic, value in self.dead_letters:
+            try:
+                record = json.loads(value)
+            except ValueError:
+                continue
+            if topic == CONFIG_REJECTED:
+                rejections += 1
+                continue
+            reason = str(record.get("reason") or record.get("error") or "?")[:120]
+            digest = record.get("value_sha256")
+            if isinstance(digest, str):
+                found.setdefault(digest, f"{topic}: {reason}")
+            for item in self.hostile_sent:
+                if item["token"].startswith("bad-") and item["token"].encode() in value:
+                    found.setdefault(item["token"], f"{topic}: {reason}")
+        items, unmatched = [], []
+        for item in self.hostile_sent:
+            if item["token"] == "config":
+                continue
+            outcome = found.get(item["token"])
+            items.append({**item, "dead_letter": outcome})
+            if outcome is None:
+                unmatched.append(item)
+        decided = sorted(tx for t in self.tallies.values() for tx in t.decisions
+                         if tx.startswith("bad-"))
+        return {"sent": len(self.hostile_sent), "items": items, "unmatched": unmatched,
+                "decided": decided, "config_documents": 2,
+                "config_rejection_reports": rejections}
 
     def inject_faults(self) -> None:
         """The fault run's plan, spread over the writing time."""
@@ -841,7 +985,8 @@ class Demo:
                 attack = [tx for tx, (_, scenario) in self.truth.items()
                           if scenario == ATTACK and tx in t.decisions]
                 retailers[r] = {
-                    "written": len(self.written.get(r, ())) or t.committed,
+                    "written": len([tx for tx in self.written.get(r, ())
+                                    if not tx.startswith("bad-")]) or t.committed,
                     "captured": len(t.captured),
                     "decided": len(t.decisions),
                     "actions": dict(sorted(t.actions().items())),
@@ -865,7 +1010,7 @@ class Demo:
                                  "faults": self.fault_events, "restarts": dict(self.restarts)}
         with self.lock:
             for r, t in self.tallies.items():
-                written = self.written.get(r, set())
+                written = {tx for tx in self.written.get(r, set()) if not tx.startswith("bad-")}
                 missing = sorted(written - set(t.decisions))
                 audit["retailers"][r] = {
                     "written": len(written), "decided": len(t.decisions),
@@ -874,6 +1019,8 @@ class Demo:
                     "conflicting": len(t.conflicting), "conflicting_sample": t.conflicting[:20],
                     "redelivered": t.redelivered,
                 }
+            if self.settings.hostile:
+                audit["hostile"] = self.hostile_audit()
             fl = self.fl
             audit["fl"] = {
                 "updates": fl.updates, "updates_opened": fl.updates_opened,

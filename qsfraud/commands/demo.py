@@ -14,12 +14,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rate <= 0:
         raise CommandError("--rate must be positive")
-    if args.faults and not args.duration:
-        raise CommandError("--faults needs --duration (the faults are spread over it)")
+    if (args.faults or args.hostile) and not args.duration:
+        raise CommandError("--faults and --hostile need --duration (they are timed by it)")
     settings = DemoSettings(root=Path(args.root), rate=args.rate, duration=args.duration,
                             days=args.days, tx_per_day=args.tx_per_day, seed=args.seed,
                             report_every=args.report_every, fl_interval_s=args.fl_interval,
                             headless=args.headless, faults=args.faults,
+                            hostile=args.hostile,
                             drain_s=120.0 if args.faults else 30.0,
                             ui_port=None if args.headless else args.ui_port)
     try:
@@ -42,6 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="kill -9 acme's CDC, globex's worker and the aggregator once each and "
                         "restart the broker once during --duration; roles that exit are "
                         "started again (audit.json lists what happened)")
+    p.add_argument("--hostile", action="store_true",
+                   help="a third into --duration: malformed rows in every database, garbage "
+                        "and oversized records on the retailers' topics, unsigned and "
+                        "untrusted config (audit.json: where each one ended)")
     p.add_argument("--days", type=int, default=defaults["days"],
                    help="days of generated purchases")
     p.add_argument("--tx-per-day", type=int, default=defaults["tx_per_day"],

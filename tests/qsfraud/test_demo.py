@@ -181,3 +181,38 @@ def test_fault_run_loses_and_doubles_no_decision(tmp_path: Path):
         assert figures["conflicting"] == 0, (retailer, figures)
         assert figures["decided_not_written"] == 0, (retailer, figures)
     assert left_running(root) == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_hostile_run_dead_letters_every_bad_input_and_loses_nothing_good(tmp_path: Path):
+    """Malformed rows in every database (wrong type, missing field, NaN and negative
+    amounts, a timestamp in 2099, 100 KB strings), garbage, oversized, too deep and wrongly
+    shaped records on every retailer's input and label topics, an unsigned and an untrusted
+    config document."""
+    root = tmp_path / "hostile"
+    result = subprocess.run(
+        [sys.executable, "-m", "qsfraud", "demo", "--headless", "--hostile", "--duration", "45",
+         "--rate", "30", "--report-every", "15", "--root", str(root)],
+        capture_output=True, text=True, timeout=900,
+    )
+    # without --faults a role that exits fails the demo: every process kept running
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    audit = json.loads((root / "audit.json").read_text())
+    hostile = audit["hostile"]
+    assert hostile["sent"] == 3 + 4 + 3 + 3 * 2 * 5 + 2
+    assert hostile["unmatched"] == [], hostile["unmatched"]
+    for item in hostile["items"]:
+        # each in a dead-letter topic of the retailer it was sent to, with a reason
+        retailer = item["where"].split()[0].split(".")[0]
+        topic, reason = item["dead_letter"].split(": ", 1)
+        assert topic.split(".")[0] == retailer and topic.endswith(".dlq"), item
+        assert reason and reason != "?", item
+    assert hostile["decided"] == []
+    # two bad config documents, rejected by each of the three workers
+    assert hostile["config_rejection_reports"] >= 2 * 3
+    for retailer, figures in audit["retailers"].items():
+        assert figures["written"] > 500, (retailer, figures)
+        assert figures["missing"] == 0, (retailer, figures)
+        assert figures["conflicting"] == 0, (retailer, figures)
+    assert left_running(root) == []
