@@ -71,7 +71,7 @@ class DemoSettings:
     root: Path = Path(".qsfraud/demo")
     rate: float = 100.0  # purchases committed per second, per retailer
     duration: float = 0.0  # seconds; 0 runs until Ctrl-C
-    days: int = 60
+    days: int = 365  # at 100 tx/s per retailer (500 a day) a generated year lasts 30 minutes
     # per retailer per generated day: at 100 tx/s a day replays in 5 s, so analyst verdicts
     # (hours) come within seconds and chargebacks (5-45 days) within minutes
     tx_per_day: int = 500

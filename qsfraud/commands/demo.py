@@ -65,5 +65,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _defaults() -> dict[str, float]:
     # the settings' defaults without importing the demo (and its heavy imports) at start-up
-    return {"rate": 100.0, "days": 60, "tx_per_day": 500, "report_every": 5.0,
+    return {"rate": 100.0, "days": 365, "tx_per_day": 500, "report_every": 5.0,
             "fl_interval_s": 10.0}
