@@ -34,7 +34,7 @@ test: install lint
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/qsfraud demo
+	$(BIN)/qsfraud demo $(DEMO_ARGS)
 
 stack-up: install
 	$(BIN)/qsfraud stack up

@@ -1,18 +1,29 @@
-"""The end-to-end demo: two retailers' databases -> CDC -> Kafka -> workers -> decisions.
+"""The end-to-end demo: three retailers' databases -> CDC -> Kafka -> workers -> decisions,
+federated learning through the aggregator, and the analysts' UI.
 
-``acme`` runs MariaDB (a binlog CDC source), ``globex`` runs a MongoDB server (a change-stream
-source). Generated purchases are committed into each database at a steady rate; labels
-(analyst verdicts, chargebacks) follow on ``<R>.labels`` as the replayed clock passes their
-time; the demo watches ``<R>.decisions`` and prints what the workers decide and how fast.
+* ``acme``: a Walmart-like chain on MariaDB (database ``shop``, binlog CDC);
+* ``globex``: a Flipkart-like marketplace on a MongoDB server (change-stream CDC);
+* ``initech``: a second MariaDB shop, its own database ``initech`` on the same server.
+
+Generated purchases (``fraud.generator``, with its cross-retailer stolen-card campaign) are
+committed into each retailer's own database at ``--rate`` per retailer; labels (analyst
+verdicts within hours, chargebacks weeks later, in replayed time) follow on ``<R>.labels``.
+Key stores for the three retailers, the aggregator and an admin are made at start; the
+aggregator runs; workers join federated learning when ``qsfraud worker`` has the FL flags.
 
 The demo runs on a stack of its own (free ports, under ``.qsfraud/demo/``, wiped at start) so
 that each run starts from empty topics, tables and models, and it stops everything it started.
+At the end it writes ``audit.json`` there: every written transaction's decisions, and what the
+FL topics carried.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,14 +41,25 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fraud.generator import GeneratorConfig, generate
-from fraud.metrics import average_precision, roc_auc
+from fraud.metrics import average_precision
 from fraud.schema import Label
-from fraud.topics import DEFAULT_PARTITIONS, RetailerTopics
+from fraud.topics import (
+    CONFIG,
+    CONFIG_REJECTED,
+    DEFAULT_PARTITIONS,
+    FL_GLOBAL,
+    FL_UPDATES,
+    RetailerTopics,
+)
 from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig, free_port
 from qsfraud.stack.service import port_is_free
-from qsfraud.worker_process import worker_ready
+from qsfraud.worker_process import worker_metrics, worker_ready
 
 ORDERS = "orders"
+ATTACK = "card_cross_retailer"
+FLAGGED = ("verify", "hold", "block")
+ACTIONS = ("allow", *FLAGGED)
+FL_FLAGS = ("--fl-identity", "--fl-aggregator", "--fl-trust")
 
 
 class DemoError(Exception):
@@ -47,13 +69,36 @@ class DemoError(Exception):
 @dataclass(frozen=True)
 class DemoSettings:
     root: Path = Path(".qsfraud/demo")
-    rate: float = 200.0  # purchases committed per second, both retailers together
+    rate: float = 100.0  # purchases committed per second, per retailer
     duration: float = 0.0  # seconds; 0 runs until Ctrl-C
-    days: int = 30
-    tx_per_day: int = 1500
+    days: int = 365  # at 100 tx/s per retailer (500 a day) a generated year lasts 30 minutes
+    # per retailer per generated day: at 100 tx/s a day replays in 5 s, so analyst verdicts
+    # (hours) come within seconds and chargebacks (5-45 days) within minutes
+    tx_per_day: int = 500
     seed: int = 7
-    report_every: float = 2.0
-    ui_port: int | None = 8501  # the UI (`qsfraud ui`) on this port, or a free one; None: no UI
+    report_every: float = 5.0
+    # the UI (`qsfraud ui`) on this port, or a free one if taken or 0; None: no UI
+    ui_port: int | None = 8501
+    fl_interval_s: float = 10.0  # fl.sync_interval_s in the signed config the demo publishes
+    drain_s: float = 30.0  # after the last write, how long to wait for the last decisions
+    headless: bool = False
+    # kill -9 acme's CDC, globex's worker and the aggregator once each and restart the broker
+    # once, spread over --duration; every role that exits is then started again
+    faults: bool = False
+    # malformed rows in every database, garbage and oversized records on the retailers'
+    # topics, unsigned and untrusted config, a third into --duration
+    hostile: bool = False
+
+
+def worker_fl_flags() -> bool:
+    """Whether ``qsfraud worker`` takes the federated-learning key flags (``--help`` lists
+    them): the demo passes them only then."""
+    from qsfraud.commands import worker
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    worker.register(sub)
+    help_text = sub.choices["worker"].format_help()
+    return all(flag in help_text for flag in FL_FLAGS)
 
 
 class OrdersDatabase(ABC):
@@ -67,8 +112,19 @@ class OrdersDatabase(ABC):
         """Commit ``rows`` (generator rows) as one database transaction."""
 
     @abstractmethod
+    def ids(self) -> set[str]:
+        """The ids of every order in the store (the written transactions)."""
+
+    @abstractmethod
+    def insert_hostile(self, prefix: str) -> dict[str, str]:
+        """Commit rows no transaction can be made of; ``{id: what is wrong}``."""
+
+    @abstractmethod
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
         """The ``qsfraud cdc run`` TOML for this database."""
+
+    @abstractmethod
+    def describe(self) -> str: ...
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
@@ -107,14 +163,21 @@ address_mismatch = {{ from = "address_mismatch", type = "bool" }}
 
 
 class MariaDBOrders(OrdersDatabase):
-    """``shop.orders`` in MariaDB; device and IP live in a JSON column, as in many shops."""
+    """``<database>.orders`` in MariaDB; device and IP live in a JSON column, as in many
+    shops. Several retailers can share one server, each with its own database."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, database: str = DATABASE) -> None:
         import mysql.connector
 
-        self.host, self.port = host, port
+        self.host, self.port, self.database = host, port, database
         self.conn = mysql.connector.connect(host=host, port=port, user=APP_USER.user,
-                                            password=APP_USER.password, database=DATABASE)
+                                            password=APP_USER.password)
+        cur = self.conn.cursor()
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+        cur.execute(f"USE `{database}`")
+
+    def describe(self) -> str:
+        return f"MariaDB {self.host}:{self.port}/{self.database}"
 
     def reset(self) -> None:
         cur = self.conn.cursor()
@@ -141,6 +204,30 @@ class MariaDBOrders(OrdersDatabase):
         )
         self.conn.commit()
 
+    def insert_hostile(self, prefix: str) -> dict[str, str]:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        bad = {
+            f"{prefix}-negative": ("negative amount", Decimal("-5.00"), now, {}),
+            f"{prefix}-future": ("timestamp in 2099", Decimal("10.00"), datetime(2099, 1, 1), {}),
+            f"{prefix}-huge": ("100 KB ip string", Decimal("10.00"), now, {"ip": "9" * 100_000}),
+        }
+        cur = self.conn.cursor()
+        cur.executemany(
+            f"INSERT INTO {ORDERS} VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            [(tx_id, "c-hostile", "card-hostile", amount, "USD", created, "web", None, None,
+              None, 1, 0, json.dumps({"device": {"id": "dev-hostile"}, "ip": "10.0.0.1", **attrs}))
+             for tx_id, (_, amount, created, attrs) in bad.items()],
+        )
+        self.conn.commit()
+        return {tx_id: what for tx_id, (what, *_) in bad.items()}
+
+    def ids(self) -> set[str]:
+        cur = self.conn.cursor()
+        cur.execute(f"SELECT id FROM {ORDERS}")
+        ids = {str(row[0]) for row in cur.fetchall()}  # type: ignore[index]
+        self.conn.commit()  # ends the read view, or the next read would see this snapshot
+        return ids
+
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
         source = f"""\
 kind = "mysql"
@@ -151,7 +238,7 @@ host = "{self.host}"
 port = {self.port}
 user = "{CDC_USER.user}"
 password = "{CDC_USER.password}"
-database = "{DATABASE}"
+database = "{self.database}"
 table = "{ORDERS}"
 """
         fields = """\
@@ -180,6 +267,9 @@ class MongoOrders(OrdersDatabase):
         self.client: Any = pymongo.MongoClient(uri)
         self.coll = self.client[DATABASE][ORDERS]
 
+    def describe(self) -> str:
+        return f"MongoDB {self.uri} {DATABASE}.{ORDERS}"
+
     def reset(self) -> None:
         self.coll.drop()
 
@@ -196,6 +286,31 @@ class MongoOrders(OrdersDatabase):
              "items": r["item_count"], "address_mismatch": bool(r["address_mismatch"])}
             for r in rows
         ], ordered=True)
+
+    def ids(self) -> set[str]:
+        return {str(d["_id"]) for d in self.coll.find({}, {"_id": 1})}
+
+    def insert_hostile(self, prefix: str) -> dict[str, str]:
+        from bson.decimal128 import Decimal128
+
+        def doc(tx_id: str, **changes: Any) -> dict[str, Any]:
+            d = {"_id": tx_id, "customer": {"id": "c-hostile"}, "payment": {"token": "card-h"},
+                 "total": Decimal128("10.00"), "currency": "USD",
+                 "created_at": datetime.now(UTC), "channel": "web",
+                 "device": {"id": "dev-hostile", "ip": "10.0.0.1"}, "items": 1,
+                 "address_mismatch": False}
+            d.update(changes)
+            return {k: v for k, v in d.items() if v is not None}
+
+        bad = {
+            f"{prefix}-type": ("amount is a word", doc(f"{prefix}-type", total="abc")),
+            f"{prefix}-missing": ("no customer", doc(f"{prefix}-missing", customer=None)),
+            f"{prefix}-nan": ("NaN amount", doc(f"{prefix}-nan", total=Decimal128("NaN"))),
+            f"{prefix}-huge": ("100 KB ip string", doc(
+                f"{prefix}-huge", device={"id": "dev-hostile", "ip": "9" * 100_000})),
+        }
+        self.coll.insert_many([d for _, d in bad.values()], ordered=True)
+        return {tx_id: what for tx_id, (what, _) in bad.items()}
 
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
         source = f"""\
@@ -226,71 +341,174 @@ ip = "device.ip"
 
 @dataclass
 class RetailerTally:
-    """What the demo has seen for one retailer."""
+    """What the demo has seen for one retailer; decisions are kept per ``tx_id`` (the first
+    one), so redelivered ones are counted apart and never twice."""
 
     committed: int = 0
-    labels: int = 0
-    decided: int = 0
-    actions: Counter[str] = field(default_factory=Counter)
-    fraud_actions: Counter[str] = field(default_factory=Counter)
+    captured: set[str] = field(default_factory=set)
+    decisions: dict[str, tuple[str, float]] = field(default_factory=dict)
+    redelivered: int = 0  # the same decision again (at-least-once)
+    conflicting: list[str] = field(default_factory=list)  # a second, different decision
+    labels: dict[str, bool] = field(default_factory=dict)  # sent so far
     latencies_ms: list[float] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    truth: list[int] = field(default_factory=list)
+    decided_at_report: int = 0
+
+    def actions(self) -> Counter[str]:
+        return Counter(action for action, _ in self.decisions.values())
+
+    def label_metrics(self) -> tuple[float, float]:
+        """Average precision and recall (flagged = verify, hold or block) over the decided
+        transactions whose label has come."""
+        truth, scores, frauds, caught = [], [], 0, 0
+        for tx_id, is_fraud in self.labels.items():
+            decision = self.decisions.get(tx_id)
+            if decision is None:
+                continue
+            truth.append(int(is_fraud))
+            scores.append(decision[1])
+            if is_fraud:
+                frauds += 1
+                caught += decision[0] in FLAGGED
+        ap = average_precision(truth, scores) if frauds else float("nan")
+        return ap, (caught / frauds if frauds else float("nan"))
 
 
-class DecisionWatcher(threading.Thread):
-    """Reads ``<R>.decisions`` (read_committed) and tallies them against the ground truth."""
+@dataclass
+class FlTally:
+    """What the FL topics carried: sealed updates, signed global models, anything else."""
 
-    def __init__(self, bootstrap: str, retailers: list[str], truth: dict[str, bool],
-                 commit_times: dict[str, float], tallies: dict[str, RetailerTally],
-                 lock: threading.Lock) -> None:
-        super().__init__(name="decision-watcher", daemon=True)
+    updates: int = 0
+    updates_opened: int = 0  # sealed to the aggregator and signed by a retailer: opened
+    updates_refused: list[str] = field(default_factory=list)
+    globals: int = 0
+    globals_verified: int = 0
+    globals_refused: list[str] = field(default_factory=list)
+    round: int = 0
+    version: str | None = None
+    contributors: Counter[str] = field(default_factory=Counter)
+
+
+class TopicWatcher(threading.Thread):
+    """Reads ``<R>.transactions``, ``<R>.decisions`` and the FL topics (read_committed) and
+    tallies them against the ground truth the demo wrote."""
+
+    def __init__(self, demo: Demo, bootstrap: str) -> None:
+        super().__init__(name="topic-watcher", daemon=True)
         from confluent_kafka import Consumer
 
+        self.demo = demo
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap, "group.id": f"qsfraud-demo-{os.getpid()}",
             "auto.offset.reset": "earliest", "isolation.level": "read_committed",
             "enable.auto.commit": False,
-            # the workers create <R>.decisions when they start: notice it quickly
+            # connection errors while a broker restarts would flood the status (they pass)
+            "log_level": 2,
+            # the workers and the aggregator create their topics when they start: notice them
             "topic.metadata.refresh.interval.ms": 1000,
         })
-        self.consumer.subscribe([RetailerTopics(r).decisions for r in retailers])
-        self.truth, self.tallies, self.lock = truth, tallies, lock
-        self.commit_times = commit_times
+        self.topics = {}
+        for r in demo.retailers:
+            self.topics[RetailerTopics(r).transactions] = ("transactions", r)
+            self.topics[RetailerTopics(r).decisions] = ("decisions", r)
+        self.topics[FL_UPDATES] = ("fl.updates", "")
+        self.topics[FL_GLOBAL] = ("fl.global", "")
+        if demo.settings.hostile:
+            for r in demo.retailers:
+                self.topics[RetailerTopics(r).transactions_dlq] = ("dlq", r)
+                self.topics[RetailerTopics(r).streams_dlq] = ("dlq", r)
+            self.topics[CONFIG_REJECTED] = ("dlq", "")
+        self.consumer.subscribe(list(self.topics))
         self.stopping = threading.Event()
+        self.keys = demo.root / "keys"
 
     def run(self) -> None:
+        from pqc.keys import load_keystore
+
+        aggregator = load_keystore(self.keys / "aggregator")
         while not self.stopping.is_set():
             for msg in self.consumer.consume(500, timeout=0.2):
                 if msg.error() is not None:
                     continue
-                try:
-                    d = json.loads(msg.value() or b"")
-                except (TypeError, ValueError):
-                    continue
-                self.record(d)
+                kind, retailer = self.topics.get(msg.topic() or "", ("", ""))
+                value = msg.value() or b""
+                if kind == "fl.updates":
+                    self.fl_update(value, aggregator)
+                elif kind == "fl.global":
+                    self.fl_global(value, aggregator)
+                elif kind == "dlq":
+                    with self.demo.lock:
+                        self.demo.dead_letters.append((msg.topic() or "", value))
+                elif kind:
+                    try:
+                        record = json.loads(value)
+                    except (TypeError, ValueError):
+                        continue
+                    if isinstance(record, dict):
+                        (self.transaction if kind == "transactions" else self.decision)(
+                            retailer, record)
         self.consumer.close()
 
-    def record(self, d: dict[str, Any]) -> None:
-        tally = self.tallies.get(str(d.get("retailer_id")))
-        if tally is None:
-            return
-        decided = (d.get("timings") or {}).get("decided")
+    def transaction(self, retailer: str, envelope: dict[str, Any]) -> None:
+        tx = envelope.get("tx")
+        if envelope.get("op") in ("r", "c") and isinstance(tx, dict):
+            with self.demo.lock:
+                self.demo.tallies[retailer].captured.add(str(tx.get("tx_id")))
+
+    def decision(self, retailer: str, d: dict[str, Any]) -> None:
+        tally = self.demo.tallies[retailer]
         tx_id = str(d.get("tx_id"))
-        with self.lock:
-            tally.decided += 1
-            tally.actions[str(d.get("action"))] += 1
+        action, score = str(d.get("action")), float(d.get("score", 0.0))
+        decided = (d.get("timings") or {}).get("decided")
+        with self.demo.lock:
+            first = tally.decisions.get(tx_id)
+            if first is not None:
+                if first == (action, score):
+                    tally.redelivered += 1
+                else:
+                    tally.conflicting.append(tx_id)
+                return
+            tally.decisions[tx_id] = (action, score)
             # from the demo's own commit, not the decision's `committed`: the binlog's event
-            # times are whole seconds, which made acme's latency look ~0.5 s longer
-            committed = self.commit_times.pop(tx_id, None)
+            # times are whole seconds, which made MariaDB's latency look ~0.5 s longer
+            committed = self.demo.commit_times.pop(tx_id, None)
             if committed is not None and isinstance(decided, int | float):
                 tally.latencies_ms.append((decided - committed) * 1000)
-            is_fraud = self.truth.get(tx_id)
-            if is_fraud is not None:
-                tally.scores.append(float(d.get("score", 0.0)))
-                tally.truth.append(int(is_fraud))
-                if is_fraud:
-                    tally.fraud_actions[str(d.get("action"))] += 1
+
+    def fl_update(self, blob: bytes, aggregator: Any) -> None:
+        from fl.client import open_update
+        from pqc.freshness import InMemoryFreshness
+
+        fl = self.demo.fl
+        try:
+            # a fresh freshness store each: a redelivered update is still a sealed one
+            open_update(blob, aggregator.kem, aggregator.registry, InMemoryFreshness())
+        except Exception as exc:  # any failure to open is what is counted
+            with self.demo.lock:
+                fl.updates += 1
+                fl.updates_refused.append(f"{type(exc).__name__}: {exc}"[:200])
+            return
+        with self.demo.lock:
+            fl.updates += 1
+            fl.updates_opened += 1
+
+    def fl_global(self, blob: bytes, aggregator: Any) -> None:
+        from fl.client import open_global
+        from pqc.freshness import InMemoryFreshness
+
+        fl = self.demo.fl
+        try:
+            model = open_global(blob, aggregator.registry, InMemoryFreshness())
+        except Exception as exc:  # any failure to verify is what is counted
+            with self.demo.lock:
+                fl.globals += 1
+                fl.globals_refused.append(f"{type(exc).__name__}: {exc}"[:200])
+            return
+        with self.demo.lock:
+            fl.globals += 1
+            fl.globals_verified += 1
+            if model.round >= fl.round:
+                fl.round, fl.version = model.round, model.version
+            fl.contributors.update(model.contributors)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -300,47 +518,61 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def summary_line(name: str, t: RetailerTally) -> str:
-    auc = roc_auc(t.truth, t.scores) if 0 < sum(t.truth) < len(t.truth) else float("nan")
-    ap = average_precision(t.truth, t.scores) if sum(t.truth) else float("nan")
-    acts = " ".join(f"{a}={t.actions.get(a, 0)}" for a in ("allow", "verify", "hold", "block"))
-    caught = sum(t.fraud_actions[a] for a in ("verify", "hold", "block"))
-    frauds = sum(t.fraud_actions.values())
-    return (f"{name:7} committed={t.committed} decided={t.decided} labels={t.labels} {acts} | "
-            f"fraud stopped {caught}/{frauds} | AUC={auc:.3f} AP={ap:.3f} | commit->decision "
-            f"p50={_percentile(t.latencies_ms, 0.5):.0f} ms "
-            f"p99={_percentile(t.latencies_ms, 0.99):.0f} ms")
+def _number(x: float, digits: int) -> float | None:
+    """JSON has no NaN: an undefined figure is null."""
+    return None if math.isnan(x) else round(x, digits)
 
 
 class Demo:
-    """Starts the stack and the roles, replays purchases and labels, reports, and cleans up."""
+    """Starts the stack, the keys and the roles, replays purchases and labels, reports, and
+    cleans up."""
 
-    RETAILERS = ("acme", "globex")
+    RETAILERS = ("acme", "globex", "initech")
+    SHOPS = {"acme": "Walmart-like, MariaDB", "globex": "Flipkart-like, MongoDB",
+             "initech": "second MariaDB database"}
 
     def __init__(self, settings: DemoSettings, out: TextIO = sys.stdout) -> None:
         self.settings = settings
         self.out = out
         self.root = settings.root.resolve()
+        self.retailers = list(self.RETAILERS)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.child_args: dict[str, list[str]] = {}
+        self.restarts: Counter[str] = Counter()
+        self.restarted_at: dict[str, float] = {}
+        self.fault_events: list[dict[str, Any]] = []
+        self.hostile_sent: list[dict[str, str]] = []  # where, what, token (id or SHA-256)
+        self.dead_letters: list[tuple[str, bytes]] = []  # (topic, value) of DLQs, rejections
         self.stack: Stack | None = None
         self.lock = threading.Lock()
-        self.tallies = {r: RetailerTally() for r in self.RETAILERS}
-        self.truth: dict[str, bool] = {}
+        self.tallies = {r: RetailerTally() for r in self.retailers}
+        self.fl = FlTally()
+        self.truth: dict[str, tuple[bool, str]] = {}  # tx_id -> (is_fraud, scenario)
         self.commit_times: dict[str, float] = {}  # tx_id -> when its COMMIT returned
+        self.written: dict[str, set[str]] = {}  # read back from each database at the end
+        self.metrics_ports: dict[str, int] = {}
+        self.fl_enabled = False
+        self.ui_url: str | None = None
         self.stop_requested = threading.Event()
+        self.reporting_done = threading.Event()
+        self.last_report = time.monotonic()
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     def run(self) -> int:
         previous = signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
+        interrupted = False
         try:
             self._run()
         except KeyboardInterrupt:
+            interrupted = True
             self.say("\nstopping (Ctrl-C)...")
         finally:
             self.shutdown()
             signal.signal(signal.SIGTERM, previous)
+        if self.settings.headless and not interrupted:
+            self.say(json.dumps(self.summary(), sort_keys=False))
         return 0
 
     def _run(self) -> None:
@@ -350,95 +582,201 @@ class Demo:
         t0 = time.monotonic()
         self.stack.up()
         bootstrap = self.stack.kafka.bootstrap
-        self.say(f"stack ready in {time.monotonic() - t0:.1f} s: kafka {bootstrap}, mariadb "
-                 f"{self.stack.mariadb.host}:{self.stack.mariadb.port}, mongo "
-                 f"{self.stack.mongo.uri}")
+        self.say(f"stack ready in {time.monotonic() - t0:.1f} s: kafka {bootstrap}")
+        mariadb = self.stack.mariadb
         databases: dict[str, OrdersDatabase] = {
-            "acme": MariaDBOrders(self.stack.mariadb.host, self.stack.mariadb.port),
+            "acme": MariaDBOrders(mariadb.host, mariadb.port),
             "globex": MongoOrders(self.stack.mongo.uri),
+            "initech": MariaDBOrders(mariadb.host, mariadb.port, database="initech"),
         }
         try:
-            ports: dict[str, int] = {}
+            self.make_keys()
+            self.publish_config(bootstrap)
+            self.fl_enabled = worker_fl_flags()
+            self.spawn("aggregator", self.aggregator_args(bootstrap))
             for retailer, db in databases.items():
                 db.reset()
                 config = self.root / f"cdc-{retailer}.toml"
                 config.write_text(db.cdc_config(retailer, bootstrap))
-                self.spawn(f"cdc-{retailer}", ["cdc", "run", "--config", str(config)])
-                ports[retailer] = free_port()
-                self.spawn(f"worker-{retailer}", [
-                    "worker", "--retailer", retailer, "--bootstrap", bootstrap,
-                    "--web-port", str(ports[retailer]), "--datadir", str(self.root / "streams"),
-                    "--loglevel", "warn",
-                ])
+                self.say(f"{retailer:8} {self.SHOPS[retailer]}: {db.describe()}")
+                self.spawn(f"cdc-{retailer}", self.cdc_args(config))
+                self.metrics_ports[retailer] = free_port()
+                self.spawn(f"worker-{retailer}", self.worker_args(retailer, bootstrap))
             self.say("started: " + ", ".join(f"{n} (pid {p.pid})"
                                               for n, p in self.children.items())
                      + f"; logs in {self.root / 'logs'}")
+            self.say("federated learning: " + (
+                f"on (workers sync every {self.settings.fl_interval_s:g} s)" if self.fl_enabled
+                else "the aggregator runs, but `qsfraud worker` has no --fl-identity yet: "
+                     "workers do not federate"))
             t0 = time.monotonic()
-            self.wait_for_workers(ports)
+            self.wait_for_workers()
             self.say(f"workers ready in {time.monotonic() - t0:.1f} s")
-            self.start_ui(bootstrap, ports)
-            watcher = DecisionWatcher(bootstrap, list(self.RETAILERS), self.truth,
-                                      self.commit_times, self.tallies, self.lock)
+            if not self.settings.headless:
+                self.start_ui(bootstrap)
+            watcher = TopicWatcher(self, bootstrap)
             watcher.start()
             try:
                 self.replay(databases, bootstrap)
+                if not self.stop_requested.is_set():
+                    self.drain()
+                for retailer, db in databases.items():
+                    self.written[retailer] = db.ids()
+                # what was decided while the ids were read counts too
+                time.sleep(1.0)
             finally:
+                self.reporting_done.set()
                 watcher.stopping.set()
                 watcher.join(5)
+            self.report()
+            self.write_audit()
         finally:
             for db in databases.values():
                 db.close()
 
+    def make_keys(self) -> None:
+        """Key stores as `qsfraud keys init` makes them, and the trust each party needs:
+        the aggregator trusts the retailers, the retailers trust the aggregator and the admin,
+        the workers' config registry holds the admin's keys."""
+        from pqc.keys import init_keystore, public_bundle, read_bundle, save_store_registry
+
+        keys = self.root / "keys"
+        stores = {name: init_keystore(keys / name, name, role) for name, role in
+                  [*((r, "retailer") for r in self.retailers),
+                   ("aggregator", "aggregator"), ("admin", "admin")]}
+        bundles = {}
+        for name, store in stores.items():
+            bundle = public_bundle(store)
+            (keys / f"{name}.pub.json").write_text(json.dumps(bundle, indent=2) + "\n")
+            bundles[name] = read_bundle(bundle)
+        trusts = {"aggregator": list(self.retailers),
+                  **{r: ["aggregator", "admin"] for r in self.retailers}}
+        for name, others in trusts.items():
+            for other in others:
+                stores[name].registry.trust(bundles[other])
+            save_store_registry(stores[name])
+        self.say(f"keys: {', '.join(stores)} in {keys}")
+
+    def publish_config(self, bootstrap: str) -> None:
+        """Version 1 of the live config, signed by the admin: the FL sync interval."""
+        from confluent_kafka import Producer
+
+        from pqc.keys import load_keystore
+        from streams.config_stream import ConfigDocument, sign_config
+
+        admin = load_keystore(self.root / "keys" / "admin")
+        doc = ConfigDocument.default().updated(
+            {"fl.sync_interval_s": self.settings.fl_interval_s}, version=1, scope="*",
+            issued_by=admin.identity.name)
+        producer = Producer({"bootstrap.servers": bootstrap})
+        producer.produce(CONFIG, key=b"*", value=sign_config(doc, admin.identity))
+        if producer.flush(30):
+            raise DemoError(f"could not publish the signed config to {CONFIG}")
+
+    # The roles' command lines (tests/qsfraud/test_docker_compose.py holds docker-compose.yml
+    # to the same flags).
+
+    def aggregator_args(self, bootstrap: str) -> list[str]:
+        return ["aggregator", "--keys", str(self.root / "keys" / "aggregator"),
+                "--bootstrap", bootstrap, "--quorum", str(len(self.retailers)),
+                "--deadline", str(max(5.0, self.settings.fl_interval_s)),
+                "--freshness", str(self.root / "aggregator-freshness.json")]
+
+    def cdc_args(self, config: Path) -> list[str]:
+        return ["cdc", "run", "--config", str(config)]
+
+    def ui_args(self, bootstrap: str, port: int) -> list[str]:
+        return ["ui", "--bootstrap", bootstrap, "--port", str(port),
+                "--admin-keys", str(self.root / "keys" / "admin"),
+                *(f"--metrics=127.0.0.1:{p}" for p in self.metrics_ports.values())]
+
+    def worker_args(self, retailer: str, bootstrap: str) -> list[str]:
+        keys = self.root / "keys"
+        args = ["worker", "--retailer", retailer, "--bootstrap", bootstrap,
+                "--web-port", str(self.metrics_ports[retailer]),
+                "--datadir", str(self.root / "streams"), "--loglevel", "warn",
+                "--trust", str(keys / "admin" / "registry.json")]
+        if self.fl_enabled:
+            args += ["--fl-identity", str(keys / retailer),
+                     "--fl-aggregator", str(keys / "aggregator.pub.json"),
+                     "--fl-trust", str(keys / retailer / "registry.json")]
+        return args
+
     def spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.root / "logs" / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
+        self.child_args[name] = args
+        # appended: a restarted role's log keeps what its first run wrote
+        log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
         self.children[name] = subprocess.Popen(
             [sys.executable, "-m", "qsfraud", *args], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
 
-    def start_ui(self, bootstrap: str, ports: dict[str, int]) -> None:
+    def start_ui(self, bootstrap: str) -> None:
         """The analysts' UI on this demo's Kafka and workers (a crash of it stops nothing)."""
         if self.settings.ui_port is None:
             return
-        port = self.settings.ui_port if port_is_free("127.0.0.1", self.settings.ui_port) \
-            else free_port()
-        self.spawn("ui", ["ui", "--bootstrap", bootstrap, "--port", str(port),
-                          *(f"--metrics=127.0.0.1:{p}" for p in ports.values())])
-        self.say(f"UI: http://127.0.0.1:{port}")
+        wanted = self.settings.ui_port
+        port = wanted if wanted and port_is_free("127.0.0.1", wanted) else free_port()
+        self.spawn("ui", self.ui_args(bootstrap, port))
+        self.ui_url = f"http://127.0.0.1:{port}"
+        self.say(f"UI: {self.ui_url}")
 
     def rows(self) -> Iterator[dict[str, Any]]:
         s = self.settings
-        names = dict(zip((f"retailer_{i + 1}" for i in range(2)), self.RETAILERS, strict=True))
-        cfg = GeneratorConfig(retailers=2, days=s.days, seed=s.seed, tx_per_day=s.tx_per_day)
+        names = {f"retailer_{i + 1}": r for i, r in enumerate(self.retailers)}
+        cfg = GeneratorConfig(retailers=len(self.retailers), days=s.days, seed=s.seed,
+                              tx_per_day=s.tx_per_day)
         for row in generate(cfg):
             row["retailer_id"] = names[row["retailer_id"]]
             yield row
 
     def replay(self, databases: dict[str, OrdersDatabase], bootstrap: str) -> None:
+        """Commits the generator's rows in their time order, ``rate`` a second per retailer
+        (the retailers have the same volume, so the whole stream goes at ``rate`` times
+        their number), and sends each label when the replayed clock passes its time."""
         from confluent_kafka import Producer
 
-        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 2})
+        started = time.monotonic()
+        reporter = threading.Thread(target=self.report_until_stopped, name="status",
+                                    daemon=True)
+        reporter.start()
+        if self.settings.faults:
+            threading.Thread(target=self.inject_faults, name="faults", daemon=True).start()
+        try:
+            self.write_until_stopped(databases, producer, started)
+        finally:
+            producer.flush(5)
+
+    def write_until_stopped(self, databases: dict[str, OrdersDatabase], producer: Any,
+                            started: float) -> None:
         pending_labels: list[tuple[float, dict[str, Any]]] = []
         tick = 0.1
-        per_tick = max(1, round(self.settings.rate * tick))
-        started = next_report = time.monotonic()
+        total_rate = self.settings.rate * len(self.retailers)
+        written = 0
         rows = self.rows()
         exhausted = False
+        hostile_due = self.settings.hostile
         while not self.stop_requested.is_set():
             now = time.monotonic()
             if self.settings.duration and now - started >= self.settings.duration:
                 break
+            if hostile_due and now - started >= self.settings.duration / 3:
+                hostile_due = False
+                self.inject_hostile(databases, producer)
             self.check_children()
-            batch: dict[str, list[dict[str, Any]]] = {r: [] for r in self.RETAILERS}
-            for row in rows:
+            # paced by the clock, not by ticks: a slow tick (a loaded machine) is caught up
+            due = min(int(total_rate * (now - started)) - written, int(total_rate) + 1)
+            batch: dict[str, list[dict[str, Any]]] = {r: [] for r in self.retailers}
+            for row in rows if due > 0 else ():
                 batch[row["retailer_id"]].append(row)
                 if row.get("labelled_at") is not None:
                     pending_labels.append((float(row["labelled_at"]), row))
-                if sum(map(len, batch.values())) >= per_tick:
+                if sum(map(len, batch.values())) >= due:
                     break
             else:
-                exhausted = True
+                exhausted = due > 0
             clock = 0.0
             for retailer, retailer_rows in batch.items():
                 if retailer_rows:
@@ -447,19 +785,128 @@ class Demo:
                     clock = max(clock, retailer_rows[-1]["occurred_at"])
                     with self.lock:
                         for r in retailer_rows:
-                            self.truth[r["tx_id"]] = bool(int(r["is_fraud"]))
+                            self.truth[r["tx_id"]] = (bool(int(r["is_fraud"])), r["scenario"])
                             self.commit_times[r["tx_id"]] = committed
                         self.tallies[retailer].committed += len(retailer_rows)
-            pending_labels = self.send_due_labels(producer, pending_labels, clock)
-            if now >= next_report:
-                self.report()
-                next_report = now + self.settings.report_every
+                    written += len(retailer_rows)
+            if clock:
+                pending_labels = self.send_due_labels(producer, pending_labels, clock)
             if exhausted:
                 self.say("all generated purchases committed; Ctrl-C stops")
                 rows = iter(())
+                exhausted = False
+                written = 1 << 62  # nothing more is due
             time.sleep(max(0.0, tick - (time.monotonic() - now)))
+
+    def inject_hostile(self, databases: dict[str, OrdersDatabase], producer: Any) -> None:
+        """Bad rows into every database, bad records onto every retailer's input and label
+        topics, an unsigned and an untrusted config document: each must end in a dead-letter
+        topic (or ``qsfraud.config.rejected``) and nothing else may stop."""
+        from pqc.keys import load_keystore
+        from streams.config_stream import ConfigDocument, sign_config
+
+        sent = self.hostile_sent
+        for retailer, db in databases.items():
+            for tx_id, what in db.insert_hostile(f"bad-{retailer}").items():
+                sent.append({"where": f"{retailer} database", "what": what, "token": tx_id})
+        records = {
+            "binary garbage": b"\x00\xff\xfegarbage\x00",
+            "not JSON": b"{not json",
+            "oversized (200 KB)": json.dumps({"v": 1, "op": "c", "tx": {
+                "tx_id": "bad-oversized", "pad": "x" * 200_000}}).encode(),
+            "unknown op": b'{"v": 1, "op": "z", "tx": {}}',
+            "nested 100 deep": b"[" * 100 + b"]" * 100,
+        }
+        copies = 0
+        for retailer in self.retailers:
+            topics = RetailerTopics(retailer)
+            for what, value in records.items():
+                for topic in (topics.transactions, topics.labels):
+                    # unique per topic (trailing blanks), so that each dead letter is found
+                    # by its digest
+                    unique = value + b" " * (copies % (2 * len(self.retailers)))
+                    copies += 1
+                    producer.produce(topic, key=b"hostile", value=unique)
+                    sent.append({"where": topic, "what": what,
+                                 "token": hashlib.sha256(unique).hexdigest()})
+        doc = ConfigDocument.default().updated({"thresholds.block": 0.99}, version=99,
+                                                issued_by="mallory")
+        unsigned = json.dumps(doc.to_dict()).encode()
+        untrusted = sign_config(doc, load_keystore(self.root / "keys" / self.retailers[0]).identity)
+        for what, value in (("unsigned config", unsigned), ("config signed by a retailer",
+                                                            untrusted)):
+            producer.produce(CONFIG, key=b"*", value=value)
+            sent.append({"where": CONFIG, "what": what, "token": "config"})
         producer.flush(10)
-        self.report()
+        self.say(f"hostile: {len(sent)} bad rows, records and config documents sent")
+
+    def hostile_audit(self) -> dict[str, Any]:
+        """Which of the hostile inputs reached a dead-letter topic (and with what reason),
+        which were decided, which are unaccounted for."""
+        found: dict[str, str] = {}
+        rejections = 0
+        for topic, value in self.dead_letters:
+            try:
+                record = json.loads(value)
+            except ValueError:
+                continue
+            if topic == CONFIG_REJECTED:
+                rejections += 1
+                continue
+            reason = str(record.get("reason") or record.get("error") or "?")[:120]
+            digest = record.get("value_sha256")
+            if isinstance(digest, str):
+                found.setdefault(digest, f"{topic}: {reason}")
+            for item in self.hostile_sent:
+                if item["token"].startswith("bad-") and item["token"].encode() in value:
+                    found.setdefault(item["token"], f"{topic}: {reason}")
+        items, unmatched = [], []
+        for item in self.hostile_sent:
+            if item["token"] == "config":
+                continue
+            outcome = found.get(item["token"])
+            items.append({**item, "dead_letter": outcome})
+            if outcome is None:
+                unmatched.append(item)
+        decided = sorted(tx for t in self.tallies.values() for tx in t.decisions
+                         if tx.startswith("bad-"))
+        return {"sent": len(self.hostile_sent), "items": items, "unmatched": unmatched,
+                "decided": decided, "config_documents": 2,
+                "config_rejection_reports": rejections}
+
+    def inject_faults(self) -> None:
+        """The fault run's plan, spread over the writing time."""
+        plan = [(0.15, "kill -9", "cdc-acme"), (0.3, "kill -9", "worker-globex"),
+                (0.45, "kill -9", "aggregator"), (0.6, "restart", "kafka")]
+        started = time.monotonic()
+        for share, fault, target in plan:
+            due = started + share * self.settings.duration
+            if self.stop_requested.wait(max(0.0, due - time.monotonic())) \
+                    or self.reporting_done.is_set():
+                return
+            t0 = time.monotonic()
+            if fault == "kill -9":
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.children[target].pid, signal.SIGKILL)
+            elif self.stack is not None:
+                self.stack.down(["kafka"])
+                self.stack.up(["kafka"])
+            event = {"fault": fault, "target": target, "at_s": round(t0 - started, 1),
+                     "took_s": round(time.monotonic() - t0, 1)}
+            self.fault_events.append(event)
+            self.say(f"fault: {fault} {target} at {event['at_s']} s")
+
+    def drain(self) -> None:
+        """Until every committed purchase has a decision, or ``drain_s`` passed."""
+        deadline = time.monotonic() + self.settings.drain_s
+        while time.monotonic() < deadline and not self.stop_requested.is_set():
+            self.check_children()
+            with self.lock:
+                behind = sum(t.committed - len(t.decisions) for t in self.tallies.values())
+            if behind <= 0:
+                return
+            self.stop_requested.wait(0.5)
+        self.say(f"drain: {behind} purchases still undecided after {self.settings.drain_s:g} s")
 
     def send_due_labels(self, producer: Any, pending: list[tuple[float, dict[str, Any]]],
                         clock: float) -> list[tuple[float, dict[str, Any]]]:
@@ -473,22 +920,122 @@ class Demo:
                           retailer_id=row["retailer_id"])
             producer.produce(RetailerTopics(row["retailer_id"]).labels, key=row["customer_id"],
                              value=label.to_json())
-            self.tallies[row["retailer_id"]].labels += 1
+            with self.lock:
+                self.tallies[row["retailer_id"]].labels[row["tx_id"]] = label.is_fraud
         producer.poll(0)
         return keep
 
+    def consumer_lag(self, retailer: str) -> int | None:
+        """The worker's consumer lag on ``<R>.transactions`` (its /metrics), None if unread."""
+        topic = f'topic="{RetailerTopics(retailer).transactions}"'
+        try:
+            page = worker_metrics(self.metrics_ports[retailer])
+        except (OSError, KeyError):
+            return None
+        lag = 0
+        for line in page.splitlines():
+            if line.startswith("qsfraud_consumer_lag{") and topic in line:
+                with contextlib.suppress(ValueError):
+                    lag += int(float(line.rsplit(" ", 1)[1]))
+        return lag
+
+    def report_until_stopped(self) -> None:
+        """Status lines from their own thread: a slow /metrics page must not slow the
+        writes."""
+        while not self.stop_requested.wait(self.settings.report_every):
+            if self.reporting_done.is_set():
+                return
+            self.report()
+
     def report(self) -> None:
+        """The compact live status: a line per retailer, one for FL, the UI's URL."""
+        now = time.monotonic()
+        elapsed = max(now - self.last_report, 1e-6)
+        self.last_report = now
+        lags = {r: self.consumer_lag(r) for r in self.retailers}
+        lines = []
         with self.lock:
-            lines = [summary_line(name, t) for name, t in self.tallies.items()]
+            for r, t in self.tallies.items():
+                decided = len(t.decisions)
+                rate = (decided - t.decided_at_report) / elapsed
+                t.decided_at_report = decided
+                acts = t.actions()
+                ap, recall = t.label_metrics()
+                lag = "?" if lags[r] is None else str(lags[r])
+                lines.append(
+                    f"{r:8} {rate:6.0f} tx/s written={t.committed} decided={decided} "
+                    + " ".join(f"{a}={acts.get(a, 0)}" for a in ACTIONS)
+                    + f" lag={lag} labels={len(t.labels)} AP={ap:.3f} recall={recall:.2f}"
+                    f" p99={_percentile(t.latencies_ms, 0.99):.0f}ms")
+            fl = self.fl
+            lines.append(
+                f"fl       round={fl.round} version={fl.version or '-'} "
+                f"updates={fl.updates} globals={fl.globals}"
+                + ("" if self.fl_enabled else " (workers without FL flags)")
+                + (f" | UI {self.ui_url}" if self.ui_url else ""))
         for line in lines:
             self.say(line)
 
-    def wait_for_workers(self, ports: dict[str, int], timeout: float = 120.0) -> None:
-        """Until each retailer's worker (metrics on ``ports[retailer]``) holds its partitions:
-        what is committed before would wait for the workers' start, and its latency would
-        be theirs."""
+    def summary(self) -> dict[str, Any]:
+        """The headless run's closing JSON."""
+        retailers = {}
+        with self.lock:
+            for r, t in self.tallies.items():
+                ap, recall = t.label_metrics()
+                attack = [tx for tx, (_, scenario) in self.truth.items()
+                          if scenario == ATTACK and tx in t.decisions]
+                retailers[r] = {
+                    "written": len([tx for tx in self.written.get(r, ())
+                                    if not tx.startswith("bad-")]) or t.committed,
+                    "captured": len(t.captured),
+                    "decided": len(t.decisions),
+                    "actions": dict(sorted(t.actions().items())),
+                    "p50_ms": _number(_percentile(t.latencies_ms, 0.5), 1),
+                    "p99_ms": _number(_percentile(t.latencies_ms, 0.99), 1),
+                    "average_precision": _number(ap, 4),
+                    "recall": _number(recall, 4),
+                    "attack_caught": {
+                        "caught": sum(t.decisions[tx][0] in FLAGGED for tx in attack),
+                        "of": len(attack)},
+                }
+            fl = {"rounds": self.fl.round,
+                  "contributors": dict(sorted(self.fl.contributors.items())),
+                  "version": self.fl.version}
+        return {"retailers": retailers, "fl": fl}
+
+    def write_audit(self) -> None:
+        """``audit.json``: per retailer, the written transactions without a decision and
+        those with two different ones; what the FL topics carried."""
+        audit: dict[str, Any] = {"retailers": {}, "fl_enabled": self.fl_enabled,
+                                 "faults": self.fault_events, "restarts": dict(self.restarts)}
+        with self.lock:
+            for r, t in self.tallies.items():
+                written = {tx for tx in self.written.get(r, set()) if not tx.startswith("bad-")}
+                missing = sorted(written - set(t.decisions))
+                audit["retailers"][r] = {
+                    "written": len(written), "decided": len(t.decisions),
+                    "decided_not_written": len(set(t.decisions) - written),
+                    "missing": len(missing), "missing_sample": missing[:20],
+                    "conflicting": len(t.conflicting), "conflicting_sample": t.conflicting[:20],
+                    "redelivered": t.redelivered,
+                }
+            if self.settings.hostile:
+                audit["hostile"] = self.hostile_audit()
+            fl = self.fl
+            audit["fl"] = {
+                "updates": fl.updates, "updates_opened": fl.updates_opened,
+                "updates_refused": fl.updates_refused[:20], "globals": fl.globals,
+                "globals_verified": fl.globals_verified, "globals_refused": fl.globals_refused[:20],
+                "round": fl.round, "version": fl.version,
+                "contributors": dict(fl.contributors),
+            }
+        (self.root / "audit.json").write_text(json.dumps(audit, indent=2) + "\n")
+
+    def wait_for_workers(self, timeout: float = 180.0) -> None:
+        """Until each retailer's worker holds its partitions: what is committed before would
+        wait for the workers' start, and its latency would be theirs."""
         deadline = time.monotonic() + timeout
-        waiting = dict(ports)
+        waiting = dict(self.metrics_ports)
         while True:
             self.check_children()
             waiting = {r: p for r, p in waiting.items() if not worker_ready(p, r)}
@@ -500,13 +1047,25 @@ class Demo:
             self.stop_requested.wait(0.3)
 
     def check_children(self) -> None:
-        for name, proc in self.children.items():
-            if proc.poll() is not None and name != "ui":
+        for name, proc in list(self.children.items()):
+            if proc.poll() is None or name == "ui":
+                continue
+            if self.settings.faults:  # supervised, as a container runtime would
+                now = time.monotonic()
+                if now - self.restarted_at.get(name, 0.0) >= 3.0:  # not in a tight loop
+                    self.restarted_at[name] = now
+                    self.restarts[name] += 1
+                    self.say(f"{name} exited with code {proc.returncode}: starting it again")
+                    self.spawn(name, self.child_args[name])
+            else:
                 log = self.root / "logs" / f"{name}.log"
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
                 raise DemoError(f"{name} exited with code {proc.returncode}; {log}:\n{tail}")
 
     def shutdown(self) -> None:
+        # a second Ctrl-C must not cut the cleanup short and leave processes behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.reporting_done.set()
         for proc in self.children.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -9,3 +9,8 @@ CREATE TABLE IF NOT EXISTS shop.orders (
   amount DECIMAL(12,2) NOT NULL, currency CHAR(3) NOT NULL, created_at DATETIME(6) NOT NULL,
   channel VARCHAR(8), store_id VARCHAR(32), terminal_id VARCHAR(32), coupon_code VARCHAR(32),
   item_count INT, address_mismatch TINYINT(1), attrs JSON);
+
+-- initech: a second shop with its own database on the same server.
+CREATE DATABASE IF NOT EXISTS initech;
+GRANT ALL PRIVILEGES ON initech.* TO 'qsfraud_app'@'%';
+CREATE TABLE IF NOT EXISTS initech.orders LIKE shop.orders;
