@@ -266,10 +266,10 @@ class RiskModel(base.Classifier):
         Labelled events over which the two linear heads are compared (0: the full head
         only). Both heads learn every label on the same scaler: the *full* head on every
         feature, the *raw* head on the raw numeric inputs alone (:func:`is_raw_input`). The
-        model scores with the raw head until ``head_window`` labels have been seen, then
-        every ``head_window / 10`` labels with the head whose scores of the last
-        ``head_window`` labels (each scored just before it was learned) have the higher
-        average precision; ties go to the full head. Derived features can cost average
+        model scores with the raw head until it has learned ``head_window`` labels since its
+        first raw input, then every ``head_window / 10`` labels with the head whose scores of
+        the last ``head_window`` labels (each scored just before it was learned) have the
+        higher average precision; ties go to the full head. Derived features can cost average
         precision where the raw inputs carry the signal (``fraud/models/README.md``): the
         choice is measured, not assumed.
     """
@@ -539,7 +539,8 @@ class RiskModel(base.Classifier):
         if w != 1.0:
             weight *= w
         rate = self.learning_rate
-        size = self.head_window
+        # no raw input yet: nothing to choose between, the window waits
+        size = self.head_window if self._scaler.n_raw else 0
         slot = -1
         if size:
             if self._window_labels.size != size:
@@ -550,8 +551,9 @@ class RiskModel(base.Classifier):
             self.clip, self.intercept, self.raw_intercept, bool(y), weight, rate,
             1.0 - rate * self.l2, self._window_dots, self._window_labels, slot)
         self.intercept -= step
-        if size:
+        if self.head_window:
             self.raw_intercept -= raw_step
+        if size:
             n = self._window_n = self._window_n + 1
             if n >= size and not n % max(size // 10, 1):
                 self._choose_head()

@@ -90,6 +90,7 @@ def test_no_raw_input_scores_with_the_full_head() -> None:
         model.learn_one(x, i % 5 == 0)
         full.learn_one(x, i % 5 == 0)
     assert model.raw_weights == {}
+    assert model.export_state()["head"]["n"] == 0  # nothing to choose: no window kept
 
 
 def _trained(seed: int, window: int = 10) -> RiskModel:
