@@ -7,7 +7,7 @@ Three parts, all plain data:
   up-weighted by the running negative/positive ratio (capped at ``max_pos_weight``); two heads
   on the one scaler, one over every feature and one over the raw numeric inputs alone
   (:func:`is_raw_input`), and the model scores with the one whose recent scores rank the
-  labels better (average precision over the last ``head_window`` labels);
+  labels better (average precision over the last ``head_window`` labels, by a clear margin);
 * ``anomaly``: per-feature running mean/variance of the traffic the model is shown with the
   explicit unsupervised step :meth:`RiskModel.learn_unsupervised_one` (the worker shows it every
   event it scores, labelled or not); the anomaly score is the mean clipped squared z-score,
@@ -114,6 +114,10 @@ class ModelParams:
 
 _INT_PARAMS: Final = frozenset(("anomaly_min_events", "head_window"))
 _DERIVED: Final = frozenset(FEATURE_NAMES)
+HEAD_CHECKS: Final = 50
+"""The head choice is checked every ``head_window / HEAD_CHECKS`` labels."""
+HEAD_MARGIN: Final = 2.0
+"""Standard errors by which the other head's average precision must be the higher."""
 FULL, RAW = 4, 5
 """Columns of the scaler table holding each linear head's weights."""
 _RAW_FLAG: Final = 6
@@ -266,10 +270,11 @@ class RiskModel(base.Classifier):
         Labelled events over which the two linear heads are compared (0: the full head
         only). Both heads learn every label on the same scaler: the *full* head on every
         feature, the *raw* head on the raw numeric inputs alone (:func:`is_raw_input`). The
-        model scores with the raw head until it has learned ``head_window`` labels since its
-        first raw input, then every ``head_window / 10`` labels with the head whose scores of
-        the last ``head_window`` labels (each scored just before it was learned) have the
-        higher average precision; ties go to the full head. Derived features can cost average
+        model starts with the raw head (the simpler model) once it has a raw input; every
+        ``head_window / 50`` labels it compares both heads' scores of the last
+        ``head_window`` labels (each scored just before it was learned) and switches when the
+        other head's average precision is the higher by more than two standard errors
+        (``sqrt(AP (1 - AP) / positives)`` of each, combined). Derived features can cost average
         precision where the raw inputs carry the signal (``fraud/models/README.md``): the
         choice is measured, not assumed.
     """
@@ -555,19 +560,27 @@ class RiskModel(base.Classifier):
             self.raw_intercept -= raw_step
         if size:
             n = self._window_n = self._window_n + 1
-            if n >= size and not n % max(size // 10, 1):
+            if not n % max(size // HEAD_CHECKS, 1):
                 self._choose_head()
 
     def _choose_head(self) -> None:
-        """Score with the head of the higher average precision over the window (both heads'
+        """Switch heads when the other one's average precision over the window (both heads'
         scores of the last ``head_window`` labels, each scored just before it was learned;
-        the learning step records them)."""
-        labels = self._window_labels
-        if not labels.any():
+        the learning step records them) is the higher by more than two standard errors."""
+        kept = min(self._window_n, self.head_window)
+        labels = self._window_labels[:kept]
+        positives = int(labels.sum())
+        if not positives:
             return
-        full_ap = average_precision(self._window_dots[0], labels)
-        raw_ap = average_precision(self._window_dots[1], labels)
-        self.head = "raw" if raw_ap > full_ap else "full"
+        full_ap = average_precision(self._window_dots[0, :kept], labels)
+        raw_ap = average_precision(self._window_dots[1, :kept], labels)
+        # the binomial standard error of each precision, from the window's positives
+        margin = HEAD_MARGIN * math.sqrt(
+            (full_ap * (1.0 - full_ap) + raw_ap * (1.0 - raw_ap)) / positives)
+        if self.head == "raw" and full_ap - raw_ap > margin:
+            self.head = "full"
+        elif self.head == "full" and raw_ap - full_ap > margin:
+            self.head = "raw"
 
     def _resize_window(self, size: int) -> None:
         """A new window size (a config change): keep the most recent labels that fit."""

@@ -1,11 +1,13 @@
 """The default model's two linear heads: each equals a one-head model (``head_window=0``, the
 math of the frozen reference ``tests/fraud/reference/risk_v2.py``) trained on its features, bit
-for bit, and the head that scores is the one of the higher average precision over the window.
+for bit, and the model switches to the other head when its average precision over the window
+is the higher by more than two standard errors.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -67,14 +69,18 @@ def test_heads_equal_one_head_models_and_the_choice_follows_average_precision(
         assert model.weights == full.weights and model.intercept == full.intercept
         assert model.raw_weights == raw.weights and model.raw_intercept == raw.intercept
         n = len(dots)
-        every = max(window // 10, 1)
-        if n >= window and n % every == 0:
+        if n % max(window // 50, 1) == 0:
             last = dots[-window:]
             labels = [y for _, _, y in last]
             if any(labels):
                 full_ap = average_precision(labels, [d for d, _, _ in last])
                 raw_ap = average_precision(labels, [d for _, d, _ in last])
-                expected_head = "raw" if raw_ap > full_ap else "full"
+                margin = 2 * math.sqrt((full_ap * (1 - full_ap) + raw_ap * (1 - raw_ap))
+                                       / sum(labels))
+                if expected_head == "raw" and full_ap - raw_ap > margin:
+                    expected_head = "full"
+                elif expected_head == "full" and raw_ap - full_ap > margin:
+                    expected_head = "raw"
         assert model.head == expected_head
         if i % 37 == 36:  # a restart from a checkpoint (all three: the scaler's m2 is
             # rebuilt from its variance, not bit for bit) continues with the same choice
