@@ -192,7 +192,7 @@ def average_precision(scores: FloatArray, labels: Any) -> float:  # pragma: no c
             continue  # the threshold is after the last tie
         ap += (tp - prev_tp) / total * (tp / (j + 1.0))
         prev_tp = tp
-    return ap
+    return ap if ap < 1.0 else 1.0  # a sum of rounded terms may pass 1 by an ulp
 
 
 @njit(cache=True, nogil=True)

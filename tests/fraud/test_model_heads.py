@@ -73,8 +73,8 @@ def test_heads_equal_one_head_models_and_the_choice_follows_average_precision(
             last = dots[-window:]
             labels = [y for _, _, y in last]
             if any(labels):
-                full_ap = average_precision(labels, [d for d, _, _ in last])
-                raw_ap = average_precision(labels, [d for _, d, _ in last])
+                full_ap = min(average_precision(labels, [d for d, _, _ in last]), 1.0)
+                raw_ap = min(average_precision(labels, [d for _, d, _ in last]), 1.0)
                 margin = 2 * math.sqrt((full_ap * (1 - full_ap) + raw_ap * (1 - raw_ap))
                                        / sum(labels))
                 if expected_head == "raw" and full_ap - raw_ap > margin:
