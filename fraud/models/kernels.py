@@ -1,7 +1,8 @@
 """Compiled per-event loops of :class:`~fraud.models.risk.RiskModel` (numba, no Python objects).
 
 The model keeps its per-feature statistics as rows of float64 arrays: the scaler table
-``S[row] = [count, mean, m2, 1/std, weight]`` and the anomaly table
+``S[row] = [count, mean, m2, 1/std, weight, raw weight, is raw]`` (two linear heads on one
+scaler: every feature, and the raw-input family alone) and the anomaly table
 ``A[row] = [count, mean, m2, 1/std]``. A vector arrives as its values plus, per value, the row
 of its feature in each table (``-1``: the table has no record for it). A row whose count is 0
 was just allocated for a feature the table has not seen: the loop creates its record there.
@@ -25,9 +26,10 @@ FloatArray = Any  # numpy float64 arrays; numba functions are untyped for mypy
 
 @njit(cache=True, nogil=True)
 def score_rows(S: FloatArray, A: FloatArray, srows: Any, arows: Any, values: FloatArray,
-               clip: float, intercept: float, observe: bool,
-               contributions: FloatArray) -> tuple[float, float]:  # pragma: no cover - compiled
-    """``(dot, zz)``: the linear score and the sum of clipped squared anomaly z-scores.
+               clip: float, intercept: float, observe: bool, contributions: FloatArray,
+               wcol: int) -> tuple[float, float]:  # pragma: no cover - compiled
+    """``(dot, zz)``: the linear score of the head whose weights are column ``wcol`` of ``S``
+    and the sum of clipped squared anomaly z-scores.
 
     With ``observe`` the anomaly statistics learn the values (new records start at the value).
     ``contributions[i]`` receives ``weight * z`` of value ``i`` (NaN without a scaler record)
@@ -47,7 +49,7 @@ def score_rows(S: FloatArray, A: FloatArray, srows: Any, arows: Any, values: Flo
                 z = clip
             elif z < nclip:
                 z = nclip
-            c = S[r, 4] * z
+            c = S[r, wcol] * z
             dot += c
             if explain:
                 contributions[i] = c
@@ -83,18 +85,26 @@ def score_rows(S: FloatArray, A: FloatArray, srows: Any, arows: Any, values: Flo
 
 @njit(cache=True, nogil=True)
 def learn_rows(S: FloatArray, srows: Any, values: FloatArray, clip: float, intercept: float,
-               positive: bool, pos_weight: float, learning_rate: float,
-               decay: float) -> float:  # pragma: no cover - compiled
-    """One SGD step: update the scaler rows, then the weights; returns the intercept's step.
+               raw_intercept: float, positive: bool, pos_weight: float, learning_rate: float,
+               decay: float, window: FloatArray, window_labels: Any,
+               slot: int) -> tuple[float, float]:  # pragma: no cover - compiled
+    """One SGD step of both heads: update the scaler rows, then the weights; returns each
+    head's intercept step.
 
-    A new record (count 0) starts at the value and takes no step, like a feature the model
-    has never seen.
+    With ``slot >= 0``, ``window[:, slot]`` receives each head's linear score of ``values`` as
+    the model stood before this step (the score it would have given them) and
+    ``window_labels[slot]`` the label. The raw head (column 5) moves only on rows flagged raw
+    (column 6); elsewhere its weight stays 0. A new record (count 0) starts at the value and
+    takes no step, like a feature the model has never seen.
     """
     nclip = -clip
     k = values.shape[0]
     zs = np.empty(k)
     seen = np.zeros(k, dtype=np.bool_)
+    before = intercept
+    raw_before = raw_intercept
     dot = intercept
+    raw_dot = raw_intercept
     for i in range(k):
         v = values[i]
         r = srows[i]
@@ -105,10 +115,18 @@ def learn_rows(S: FloatArray, srows: Any, values: FloatArray, clip: float, inter
             S[r, 2] = 0.0
             S[r, 3] = 0.0
             S[r, 4] = 0.0
+            S[r, 5] = 0.0
             continue
-        n += 1.0
         mean = S[r, 1]
         d = v - mean
+        z = d * S[r, 3]
+        if z > clip:
+            z = clip
+        elif z < nclip:
+            z = nclip
+        before += S[r, 4] * z
+        raw_before += S[r, 5] * z
+        n += 1.0
         mean += d / n
         m2 = S[r, 2] + d * (v - mean)
         var = m2 / n
@@ -125,18 +143,56 @@ def learn_rows(S: FloatArray, srows: Any, values: FloatArray, clip: float, inter
         zs[i] = z
         seen[i] = True
         dot += S[r, 4] * z
+        raw_dot += S[r, 5] * z
+    step = learning_rate * _gradient(dot, positive, pos_weight)
+    raw_step = learning_rate * _gradient(raw_dot, positive, pos_weight)
+    for i in range(k):
+        if seen[i]:
+            r = srows[i]
+            S[r, 4] = S[r, 4] * decay - step * zs[i]  # w * 1.0 is exactly w: no l2, no change
+            if S[r, 6] != 0.0:
+                S[r, 5] = S[r, 5] * decay - raw_step * zs[i]
+    if slot >= 0:
+        window[0, slot] = before
+        window[1, slot] = raw_before
+        window_labels[slot] = positive
+    return step, raw_step
+
+
+@njit(cache=True, nogil=True)
+def _gradient(dot: float, positive: bool, pos_weight: float) -> float:  # pragma: no cover
+    """The log loss's gradient at ``dot`` (clipped to [-35, 35]), positives weighted."""
     if dot < -35.0:
         dot = -35.0
     elif dot > 35.0:
         dot = 35.0
     p = 1.0 / (1.0 + math.exp(-dot))
-    g = (p - 1.0) * pos_weight if positive else p
-    step = learning_rate * g
-    for i in range(k):
-        if seen[i]:
-            r = srows[i]
-            S[r, 4] = S[r, 4] * decay - step * zs[i]  # w * 1.0 is exactly w: no l2, no change
-    return step
+    return (p - 1.0) * pos_weight if positive else p
+
+
+@njit(cache=True, nogil=True)
+def average_precision(scores: FloatArray, labels: Any) -> float:  # pragma: no cover - compiled
+    """Average precision of ``scores`` against boolean ``labels`` (0 without a positive); tied
+    scores count as one threshold, like :func:`fraud.metrics.report`."""
+    order = np.argsort(-scores, kind="mergesort")
+    total = 0
+    for i in range(labels.shape[0]):
+        if labels[i]:
+            total += 1
+    if total == 0:
+        return 0.0
+    ap = 0.0
+    tp = 0
+    prev_tp = 0
+    n = order.shape[0]
+    for j in range(n):
+        if labels[order[j]]:
+            tp += 1
+        if j + 1 < n and scores[order[j + 1]] == scores[order[j]]:
+            continue  # the threshold is after the last tie
+        ap += (tp - prev_tp) / total * (tp / (j + 1.0))
+        prev_tp = tp
+    return ap if ap < 1.0 else 1.0  # a sum of rounded terms may pass 1 by an ulp
 
 
 @njit(cache=True, nogil=True)
@@ -170,7 +226,7 @@ def top_positive(terms: FloatArray, ranks: Any, k: int) -> Any:  # pragma: no co
 @njit(cache=True, nogil=True)
 def score_matrix(S: FloatArray, A: FloatArray, srows: Any, arows: Any, X: FloatArray,
                  clip: float, intercept: float, observe: bool, ranks: Any,
-                 k: int) -> tuple[Any, Any, Any, Any]:  # pragma: no cover - compiled
+                 k: int, wcol: int) -> tuple[Any, Any, Any, Any]:  # pragma: no cover - compiled
     """:func:`score_rows` and, with ``k``, :func:`top_positive` for each row of ``X`` in
     order (one call for a batch): ``(dots, zzs, chosen, chosen_terms)``, where row ``j`` of
     ``chosen`` holds the indices of its ``k`` largest positive terms (padded with -1) and
@@ -182,7 +238,8 @@ def score_matrix(S: FloatArray, A: FloatArray, srows: Any, arows: Any, X: FloatA
     chosen_terms = np.zeros((n, k))
     terms = np.empty(X.shape[1] if k > 0 else 0)
     for j in range(n):
-        dot, zz = score_rows(S, A, srows, arows, X[j], clip, intercept, observe, terms)
+        dot, zz = score_rows(S, A, srows, arows, X[j], clip, intercept, observe, terms,
+                             wcol)
         dots[j] = dot
         zzs[j] = zz
         if k > 0:

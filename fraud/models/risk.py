@@ -4,7 +4,10 @@ Three parts, all plain data:
 
 * ``scaler``: a :class:`~fraud.models.scaler.RunningScaler` updated on labelled events;
 * ``linear``: logistic-regression weights trained by SGD on the scaled features, positives
-  up-weighted by the running negative/positive ratio (capped at ``max_pos_weight``);
+  up-weighted by the running negative/positive ratio (capped at ``max_pos_weight``); two heads
+  on the one scaler, one over every feature and one over the raw numeric inputs alone
+  (:func:`is_raw_input`), and the model scores with the one whose recent scores rank the
+  labels better (average precision over the last ``head_window`` labels, by a clear margin);
 * ``anomaly``: per-feature running mean/variance of the traffic the model is shown with the
   explicit unsupervised step :meth:`RiskModel.learn_unsupervised_one` (the worker shows it every
   event it scores, labelled or not); the anomaly score is the mean clipped squared z-score,
@@ -27,22 +30,22 @@ local to the worker (they describe that retailer's normal traffic) but are expor
 full state, so a restarted worker restores them.
 
 >>> model = RiskModel()
->>> normal = {"amount_log": 3.0, "n_1h": 1.0}
+>>> normal = {"amount_log": 3.0, "customer_n_1h": 1.0}
 >>> for i in range(200):
-...     x = {"amount_log": 3.0 + (i % 7) / 10, "n_1h": float(i % 3)}
+...     x = {"amount_log": 3.0 + (i % 7) / 10, "customer_n_1h": float(i % 3)}
 ...     model.learn_one(x, False)
 ...     model.learn_unsupervised_one(x)
 ...     if i % 20 == 0:
-...         y = {"amount_log": 8.0, "n_1h": 9.0}
+...         y = {"amount_log": 8.0, "customer_n_1h": 9.0}
 ...         model.learn_one(y, True)
 ...         model.learn_unsupervised_one(y)
->>> model.score_one({"amount_log": 8.5, "n_1h": 8.0}) > 0.8 > model.score_one(normal)
+>>> model.score_one({"amount_log": 8.5, "customer_n_1h": 8.0}) > 0.8 > model.score_one(normal)
 True
 >>> clone = RiskModel.from_state(json.loads(json.dumps(model.export_state())))
 >>> clone.predict_proba_one(normal) == model.predict_proba_one(normal)
 True
->>> sorted(name for name, _ in model.contributions({"amount_log": 8.5, "n_1h": 8.0}))
-['amount_log', 'n_1h']
+>>> sorted(name for name, _ in model.contributions({"amount_log": 8.5, "customer_n_1h": 8.0}))
+['amount_log', 'customer_n_1h']
 """
 
 from __future__ import annotations
@@ -56,7 +59,14 @@ from typing import Any, Final
 import numpy as np
 from river import base
 
-from fraud.models.kernels import learn_rows, score_matrix, score_rows, top_positive
+from fraud.features import FEATURE_NAMES
+from fraud.models.kernels import (
+    average_precision,
+    learn_rows,
+    score_matrix,
+    score_rows,
+    top_positive,
+)
 from fraud.models.linear import empty_linear, merge_linear
 from fraud.models.scaler import RunningScaler, merge_scalers, subtract_scaler
 from fraud.schema import SchemaError
@@ -77,6 +87,7 @@ class ModelParams:
     warmup_positives: float = 0.0
     anomaly_scale: float = 3.0
     anomaly_min_events: int = 30
+    head_window: int = 5000
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -95,10 +106,32 @@ class ModelParams:
                 raise SchemaError(f"params.{key}", f"expected a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise SchemaError(f"params.{key}", f"must be finite and >= 0, got {value!r}")
-            values[key] = int(value) if key == "anomaly_min_events" else float(value)
+            values[key] = int(value) if key in _INT_PARAMS else float(value)
         if not 0.0 <= values.get("anomaly_weight", 0.0) <= 1.0:
             raise SchemaError("params.anomaly_weight", "must be in [0, 1]")
         return cls(**values)
+
+
+_INT_PARAMS: Final = frozenset(("anomaly_min_events", "head_window"))
+_DERIVED: Final = frozenset(FEATURE_NAMES)
+HEAD_CHECKS: Final = 50
+"""The head choice is checked every ``head_window / HEAD_CHECKS`` labels."""
+HEAD_MARGIN: Final = 2.0
+"""Standard errors by which the other head's average precision must be the higher."""
+FULL, RAW = 4, 5
+"""Columns of the scaler table holding each linear head's weights."""
+_RAW_FLAG: Final = 6
+
+
+def is_raw_input(name: str) -> bool:
+    """Whether a feature is a raw numeric input (a column as given, e.g. ``amount``) rather
+    than one we derived: the streaming features of :mod:`fraud.features`, one-hot levels
+    (``col=value``), missing flags and frequency encodings (``col__missing``, ``col__freq``).
+
+    >>> [is_raw_input(k) for k in ("amount", "lat", "amount_log", "country=FR", "c__freq")]
+    [True, True, False, False, False]
+    """
+    return name not in _DERIVED and "=" not in name and "__" not in name
 
 
 _exp = math.exp
@@ -124,10 +157,13 @@ class _StatsTable:
     in) and never move or go away; a new row is all zeros until the compiled loop fills it.
     """
 
-    __slots__ = ("data", "index", "names", "width")
+    __slots__ = ("data", "flag_raw", "index", "n_raw", "names", "width")
 
     def __init__(self, width: int, capacity: int = 64) -> None:
         self.width = width
+        # the scaler table flags raw-input rows (column 6) for the raw head; counts them
+        self.flag_raw = width > _RAW_FLAG
+        self.n_raw = 0
         self.data = np.zeros((capacity, width))
         self.index: dict[str, int] = {}
         self.names: list[str] = []
@@ -145,6 +181,9 @@ class _StatsTable:
         self.names.append(key)
         if record is not None:
             self.data[row] = record
+        if self.flag_raw and is_raw_input(key):
+            self.data[row, _RAW_FLAG] = 1.0
+            self.n_raw += 1
         return row
 
     def rows(self, keys: Sequence[str], create: bool) -> np.ndarray:
@@ -227,6 +266,17 @@ class RiskModel(base.Classifier):
         Squashing constant of the anomaly score ``m / (m + anomaly_scale)``.
     anomaly_min_events
         Unlabelled events the anomaly part needs before it scores.
+    head_window
+        Labelled events over which the two linear heads are compared (0: the full head
+        only). Both heads learn every label on the same scaler: the *full* head on every
+        feature, the *raw* head on the raw numeric inputs alone (:func:`is_raw_input`). The
+        model starts with the raw head (the simpler model) once it has a raw input; every
+        ``head_window / 50`` labels it compares both heads' scores of the last
+        ``head_window`` labels (each scored just before it was learned) and switches when the
+        other head's average precision is the higher by more than two standard errors
+        (``sqrt(AP (1 - AP) / positives)`` of each, combined). Derived features can cost average
+        precision where the raw inputs carry the signal (``fraud/models/README.md``): the
+        choice is measured, not assumed.
     """
 
     def __init__(
@@ -239,12 +289,13 @@ class RiskModel(base.Classifier):
         warmup_positives: float = 0.0,
         anomaly_scale: float = 3.0,
         anomaly_min_events: int = 30,
+        head_window: int = 5000,
     ) -> None:
         checked = ModelParams.from_dict({
             "learning_rate": learning_rate, "l2": l2, "clip": clip,
             "max_pos_weight": max_pos_weight, "anomaly_weight": anomaly_weight,
             "warmup_positives": warmup_positives, "anomaly_scale": anomaly_scale,
-            "anomaly_min_events": anomaly_min_events})
+            "anomaly_min_events": anomaly_min_events, "head_window": head_window})
         self.learning_rate = checked.learning_rate
         self.l2 = checked.l2
         self.clip = checked.clip
@@ -253,13 +304,21 @@ class RiskModel(base.Classifier):
         self.warmup_positives = checked.warmup_positives
         self.anomaly_scale = checked.anomaly_scale
         self.anomaly_min_events = checked.anomaly_min_events
+        self.head_window = checked.head_window
         self.version = "local"
-        # supervised scaler and weights: [count, mean, m2, 1/std, weight] per feature
-        self._scaler = _StatsTable(5)
+        # supervised scaler and both heads' weights:
+        # [count, mean, m2, 1/std, weight, raw weight, is raw] per feature
+        self._scaler = _StatsTable(7)
         # local anomaly statistics: [count, mean, m2, 1/std] per feature
         self._anomaly = _StatsTable(4)
         self.anomaly_seen = 0
         self.intercept = 0.0
+        self.raw_intercept = 0.0
+        self.head = "raw"
+        # the head choice's window: both heads' scores of the last labels, and the labels
+        self._window_dots = np.zeros((2, 0))
+        self._window_labels = np.zeros(0, dtype=np.bool_)
+        self._window_n = 0
         self.n = 0
         self.n_pos = 0
         self.n_neg = 0
@@ -282,7 +341,7 @@ class RiskModel(base.Classifier):
         """The hyper-parameters as plain data."""
         return ModelParams(self.learning_rate, self.l2, self.clip, self.max_pos_weight,
                            self.anomaly_weight, self.warmup_positives, self.anomaly_scale,
-                           self.anomaly_min_events)
+                           self.anomaly_min_events, self.head_window)
 
     @params.setter
     def params(self, params: ModelParams) -> None:
@@ -293,12 +352,23 @@ class RiskModel(base.Classifier):
     @classmethod
     def _unit_test_params(cls) -> Iterator[dict[str, Any]]:
         yield {}
-        yield {"learning_rate": 0.1, "l2": 0.01, "anomaly_min_events": 0}
+        yield {"learning_rate": 0.1, "l2": 0.01, "anomaly_min_events": 0, "head_window": 20}
 
     @property
     def weights(self) -> dict[str, float]:
-        """The linear weights by feature."""
-        return {k: r[4] for k, r in self._scaler.records()}
+        """The full head's linear weights by feature."""
+        return {k: r[FULL] for k, r in self._scaler.records()}
+
+    @property
+    def raw_weights(self) -> dict[str, float]:
+        """The raw head's linear weights by raw-input feature."""
+        return {k: r[RAW] for k, r in self._scaler.records() if r[_RAW_FLAG]}
+
+    def _head(self) -> tuple[int, float]:
+        """``(weight column, intercept)`` of the head that scores."""
+        if self.head == "raw" and self.head_window and self._scaler.n_raw:
+            return RAW, self.raw_intercept
+        return FULL, self.intercept
 
     @property
     def scaler(self) -> RunningScaler:
@@ -329,8 +399,9 @@ class RiskModel(base.Classifier):
         keys = tuple(x)
         rows = self._rows_for(keys, False, observe)
         values = np.fromiter(x.values(), np.float64, len(keys))
+        wcol, intercept = self._head()
         dot, zz = score_rows(self._scaler.data, self._anomaly.data, rows.srows, rows.arows,
-                             values, self.clip, self.intercept, observe, contributions)
+                             values, self.clip, intercept, observe, contributions, wcol)
         return dot, zz, rows
 
     def _blend(self, dot: float, zz: float, count: int) -> float:
@@ -391,9 +462,10 @@ class RiskModel(base.Classifier):
         rows = self._rows_for(keys, False, observe)
         values = np.ascontiguousarray(X, dtype=np.float64)
         top = max(k, 0)
+        wcol, intercept = self._head()
         dots, zzs, chosen, chosen_terms = score_matrix(
             self._scaler.data, self._anomaly.data, rows.srows, rows.arows, values,
-            self.clip, self.intercept, observe, rows.ranks, top)
+            self.clip, intercept, observe, rows.ranks, top, wcol)
         blend = self._blend
         width = len(keys)
         scores = []
@@ -422,7 +494,7 @@ class RiskModel(base.Classifier):
 
     def supervised_proba(self, x: Mapping[str, float]) -> float:
         """The logistic-regression probability alone."""
-        return _sigmoid(self.intercept + sum(c for _, c in self._terms(x)))
+        return _sigmoid(self._head()[1] + sum(c for _, c in self._terms(x)))
 
     def anomaly_score(self, x: Mapping[str, float]) -> float:
         """The anomaly part alone, in [0, 1)."""
@@ -472,10 +544,54 @@ class RiskModel(base.Classifier):
         if w != 1.0:
             weight *= w
         rate = self.learning_rate
-        step = learn_rows(self._scaler.data, rows.srows,
-                          np.fromiter(x.values(), np.float64, len(keys)), self.clip,
-                          self.intercept, bool(y), weight, rate, 1.0 - rate * self.l2)
+        # no raw input yet: nothing to choose between, the window waits
+        size = self.head_window if self._scaler.n_raw else 0
+        slot = -1
+        if size:
+            if self._window_labels.size != size:
+                self._resize_window(size)
+            slot = self._window_n % size
+        step, raw_step = learn_rows(
+            self._scaler.data, rows.srows, np.fromiter(x.values(), np.float64, len(keys)),
+            self.clip, self.intercept, self.raw_intercept, bool(y), weight, rate,
+            1.0 - rate * self.l2, self._window_dots, self._window_labels, slot)
         self.intercept -= step
+        if self.head_window:
+            self.raw_intercept -= raw_step
+        if size:
+            n = self._window_n = self._window_n + 1
+            if not n % max(size // HEAD_CHECKS, 1):
+                self._choose_head()
+
+    def _choose_head(self) -> None:
+        """Switch heads when the other one's average precision over the window (both heads'
+        scores of the last ``head_window`` labels, each scored just before it was learned;
+        the learning step records them) is the higher by more than two standard errors."""
+        kept = min(self._window_n, self.head_window)
+        labels = self._window_labels[:kept]
+        positives = int(labels.sum())
+        if not positives:
+            return
+        full_ap = average_precision(self._window_dots[0, :kept], labels)
+        raw_ap = average_precision(self._window_dots[1, :kept], labels)
+        # the binomial standard error of each precision, from the window's positives
+        margin = HEAD_MARGIN * math.sqrt(
+            (full_ap * (1.0 - full_ap) + raw_ap * (1.0 - raw_ap)) / positives)
+        if self.head == "raw" and full_ap - raw_ap > margin:
+            self.head = "full"
+        elif self.head == "full" and raw_ap - full_ap > margin:
+            self.head = "raw"
+
+    def _resize_window(self, size: int) -> None:
+        """A new window size (a config change): keep the most recent labels that fit."""
+        old = self._window_labels.size
+        kept = min(self._window_n, old, size)
+        order = [(self._window_n - kept + j) % old for j in range(kept)] if old else []
+        dots = np.zeros((2, size))
+        labels = np.zeros(size, dtype=np.bool_)
+        dots[:, :kept] = self._window_dots[:, order]
+        labels[:kept] = self._window_labels[order]
+        self._window_dots, self._window_labels, self._window_n = dots, labels, kept
 
     def learn_many(
         self, xs: Sequence[Mapping[str, float]], ys: Sequence[bool | int | float]
@@ -489,8 +605,9 @@ class RiskModel(base.Classifier):
 
     # -- plain-data state ------------------------------------------------------------------
     def export_shared(self) -> dict[str, Any]:
-        """The federated part (scaler + linear) as versioned plain data, no anomaly stats."""
-        return {
+        """The federated part (scaler + linear heads) as versioned plain data, no anomaly
+        stats and no head choice (local: it is measured on this party's labels)."""
+        state = {
             "v": MODEL_STATE_VERSION,
             "kind": MODEL_KIND,
             "version": self.version,
@@ -505,6 +622,9 @@ class RiskModel(base.Classifier):
             },
             "anomaly": None,
         }
+        if self.head_window:
+            state["raw_linear"] = {"weights": self.raw_weights, "intercept": self.raw_intercept}
+        return state
 
     def export_state(self) -> dict[str, Any]:
         """Everything, as versioned plain data (JSON- and msgpack-safe); never pickle.
@@ -516,6 +636,12 @@ class RiskModel(base.Classifier):
         state = self.export_shared()
         state["anomaly"] = self.anomaly.to_dict()
         state["base"] = self._base
+        if self.head_window:
+            kept = min(self._window_n, self._window_labels.size)
+            state["head"] = {"head": self.head, "n": self._window_n,
+                             "full": self._window_dots[0, :kept].tolist(),
+                             "raw": self._window_dots[1, :kept].tolist(),
+                             "labels": self._window_labels[:kept].tolist()}
         return state
 
     def export_delta(self) -> dict[str, Any]:
@@ -549,6 +675,7 @@ class RiskModel(base.Classifier):
         self._scaler = other._scaler
         self._rows = None
         self.intercept = other.intercept
+        self.raw_intercept = other.raw_intercept
         self.n, self.n_pos, self.n_neg = other.n, other.n_pos, other.n_neg
         self._base = {"version": other.version, "n": other.n, "n_pos": other.n_pos,
                       "n_neg": other.n_neg, "scaler": other.scaler.to_dict()}
@@ -587,13 +714,51 @@ class RiskModel(base.Classifier):
         for k in weights:
             if k not in stats:
                 stats[k] = [1.0, 0.0, 0.0, 0.0]
-        table = model._scaler = _StatsTable.from_scaler(scaler, 5)
+        table = model._scaler = _StatsTable.from_scaler(scaler, 7)
         for k, w in weights.items():
-            table.data[table.index[k], 4] = w
+            table.data[table.index[k], FULL] = w
+        if model.head_window:
+            _load_heads(model, state)
         return model
 
     def to_json(self) -> bytes:
         return json.dumps(self.export_state(), separators=(",", ":")).encode()
+
+
+def _load_heads(model: RiskModel, state: Mapping[str, Any]) -> None:
+    """The raw head's weights and the local head choice of ``state`` (absent: a model saved
+    before the raw head existed starts it at zero)."""
+    table = model._scaler
+    try:
+        raw = state.get("raw_linear")
+        if raw is not None:
+            model.raw_intercept = float(raw["intercept"])
+            for k, w in raw["weights"].items():
+                row = table.index.get(str(k))
+                # a weight without scaler statistics (a global model that lacks the feature)
+                # could never score: it is left out, as the feature is
+                if row is not None and table.data[row, _RAW_FLAG]:
+                    table.data[row, RAW] = float(w)
+        head = state.get("head")
+        if head is not None:
+            if head["head"] not in ("raw", "full"):
+                raise ValueError(f"unknown head {head['head']!r}")
+            model.head = head["head"]
+            size = model.head_window
+            labels = [bool(v) for v in head["labels"]]
+            full = [float(v) for v in head["full"]]
+            raw_dots = [float(v) for v in head["raw"]]
+            n = int(head["n"])
+            if not len(labels) == len(full) == len(raw_dots) == min(n, size):
+                raise ValueError("head window of the wrong length")
+            model._window_dots = np.zeros((2, size))
+            model._window_labels = np.zeros(size, dtype=np.bool_)
+            model._window_dots[0, :len(full)] = full
+            model._window_dots[1, :len(raw_dots)] = raw_dots
+            model._window_labels[:len(labels)] = labels
+            model._window_n = n
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SchemaError("model", f"malformed model state: {exc!r}") from None
 
 
 def _top(rows: _Rows, terms: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -639,7 +804,7 @@ def merge_states(states: Sequence[Mapping[str, Any]], version: str = "") -> dict
         raise ValueError("merge_states needs at least one state")
     for st in states:
         _check_state(st)
-    return {
+    merged = {
         "v": MODEL_STATE_VERSION,
         "kind": MODEL_KIND,
         "version": version,
@@ -648,6 +813,11 @@ def merge_states(states: Sequence[Mapping[str, Any]], version: str = "") -> dict
         "linear": merge_linear([st["linear"] for st in states]),
         "anomaly": None,
     }
+    raw = [st for st in states if st.get("raw_linear") is not None]
+    if raw:  # the raw head merges like the full one, weighted by the same counts
+        heads = merge_linear([{**st["linear"], **st["raw_linear"]} for st in raw])
+        merged["raw_linear"] = {"weights": heads["weights"], "intercept": heads["intercept"]}
+    return merged
 
 
 __all__ = ["ModelParams", "RiskModel", "empty_linear", "empty_state", "merge_states"]

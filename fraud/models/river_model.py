@@ -5,8 +5,10 @@ offers what the worker calls on :class:`~fraud.models.risk.RiskModel`: ``predict
 and ``score_and_explain_many`` (scoring learns nothing), ``learn_one`` (labels, counted here
 since River keeps no counts), ``learn_unsupervised_one`` (an anomaly detector learns the
 traffic there; a classifier learns only from labels), ``contributions`` (linear terms of a
-``StandardScaler | LogisticRegression``; other models cannot explain themselves and give
-none), ``version`` and ``n``.
+``StandardScaler | LogisticRegression``; a model that cannot explain itself, a tree or
+``HalfSpaceTrees``, gives the features furthest from their running mean instead, ``|z|``
+over the traffic :meth:`RiverModel.learn_unsupervised_one` has shown it), ``version`` and
+``n``.
 
 State: the linear pipeline exports versioned plain data (:mod:`fraud.models.river_state`),
 mergeable across parties. Every model checkpoints with River's own serialisation
@@ -38,6 +40,7 @@ from river import base, compose, linear_model, preprocessing
 from fraud.models.risk import ModelParams, RiskModel
 from fraud.models.river_spec import LINEAR_SPEC, build_estimator, check_spec
 from fraud.models.river_state import export_linear_pipeline, load_linear_pipeline
+from fraud.models.scaler import RunningScaler
 
 CHECKPOINT_HEADER: Final = b"qsfraud-river-checkpoint/1\n"
 
@@ -60,6 +63,9 @@ class RiverModel(base.Classifier):
         self.n = 0
         self.n_pos = 0
         self.n_neg = 0
+        # the traffic's running mean/variance per feature: the reasons of a model that
+        # cannot explain itself (unclipped: the furthest feature is the reason)
+        self.traffic = RunningScaler(clip=float("inf"))
 
     @classmethod
     def _unit_test_params(cls) -> Iterator[dict[str, Any]]:
@@ -114,15 +120,26 @@ class RiverModel(base.Classifier):
 
     def contributions(self, x: Mapping[str, float], k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` largest positive terms ``weight * z`` of a linear pipeline, largest
-        first (ties by name); ``[]`` for a model that cannot explain itself."""
-        parts = self._linear_parts()
-        if parts is None or k <= 0:
+        first (ties by name); for a model that cannot explain itself, the ``k`` largest
+        ``|z|`` of ``x`` against the traffic seen (:meth:`deviations`)."""
+        if k <= 0:
             return []
+        parts = self._linear_parts()
+        if parts is None:
+            return self.deviations(x, k)
         scaler, logistic = parts
         weights = logistic._weights
         terms = [(str(key), float(weights[key]) * z)
                  for key, z in scaler.transform_one(dict(x)).items() if key in weights]
         terms = [t for t in terms if t[1] > 0.0]
+        terms.sort(key=lambda t: (-t[1], t[0]))
+        return terms[:k]
+
+    def deviations(self, x: Mapping[str, float], k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` features of ``x`` furthest from their running mean, as ``(name, |z|)``,
+        largest first (ties by name); features never seen or never varying give none."""
+        terms = [(str(key), abs(z)) for key, z in self.traffic.transform_one(x).items()
+                 if z != 0.0]
         terms.sort(key=lambda t: (-t[1], t[0]))
         return terms[:k]
 
@@ -161,7 +178,11 @@ class RiverModel(base.Classifier):
             self.estimator.learn_one(dict(x), bool(y))
 
     def learn_unsupervised_one(self, x: Mapping[str, float]) -> None:
-        """An anomaly detector learns ``x`` (any traffic); a classifier learns nothing."""
+        """An anomaly detector learns ``x`` (any traffic); a classifier learns nothing. The
+        traffic statistics of :meth:`deviations` learn ``x`` for a model that cannot explain
+        itself."""
+        if self._linear_parts() is None:
+            self.traffic.learn_one(x)
         if self.is_anomaly_detector:
             self.estimator.learn_one(dict(x))
 

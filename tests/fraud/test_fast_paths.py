@@ -4,6 +4,11 @@
 before the fast paths were added (``risk_v2``: re-frozen when the model became a River
 classifier; ``features_v2``: the label history added, written plainly; their headers say what
 changed); every output and every exported state must be equal, not merely close.
+
+``risk_v2`` has one linear head: it is the model with ``head_window=0``, and the default model
+wherever its vectors have no raw input (the worker's extractor vectors), where the raw head
+has only an intercept and never scores. The two heads are checked against two one-head models
+in ``tests/fraud/test_model_heads.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,21 @@ def _load(name: str) -> ModuleType:
 
 ref_features = _load("features_v2")
 ref_risk = _load("risk_v2")
+
+
+def _ref_params(new: RiskModel) -> Any:
+    """``new``'s parameters for the one-head reference (which has no ``head_window``)."""
+    params = new.params.to_dict()
+    del params["head_window"]
+    return ref_risk.ModelParams.from_dict(params)
+
+
+def _one_head(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without what the one-head reference does not have: ``head_window`` and the
+    raw head (weights, intercept and the local head choice)."""
+    out = {k: v for k, v in state.items() if k not in ("raw_linear", "head")}
+    out["params"] = {k: v for k, v in state["params"].items() if k != "head_window"}
+    return out
 BLENDED = {"learning_rate": 0.03, "max_pos_weight": 20.0, "anomaly_weight": 0.1,
            "warmup_positives": 20.0}
 """The defaults before the ablations in fraud/models/README.md: up-weighting and the blend."""
@@ -124,8 +144,8 @@ def test_model_equals_the_reference(seq: list[tuple[str, dict[str, float], bool]
                                     min_events: int) -> None:
     params = {"anomaly_min_events": min_events, "l2": 0.01 if min_events % 2 else 0.0,
               **(BLENDED if min_events % 3 else {})}
-    new = RiskModel.from_params(params)
-    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(new.params.to_dict()))
+    new = RiskModel.from_params({**params, "head_window": 0})
+    ref = ref_risk.RiskModel(_ref_params(new))
     for kind, x, y in seq:
         if kind == "score":
             assert new.score_one(x, observe=True) == ref.score_one(x, observe=True)
@@ -141,8 +161,8 @@ def test_model_equals_the_reference(seq: list[tuple[str, dict[str, float], bool]
         else:
             expected = ref.score_one(x, observe=y), ref.contributions(x, 3)
             assert new.score_and_explain(x, 3, observe=y) == expected
-        assert new.export_state() == ref.export_state()
-    assert json.dumps(new.export_state()) == json.dumps(ref.export_state())
+        assert _one_head(new.export_state()) == ref.export_state()
+    assert json.dumps(_one_head(new.export_state())) == json.dumps(ref.export_state())
 
 
 def test_model_equals_the_reference_on_the_feature_stream() -> None:
@@ -150,8 +170,8 @@ def test_model_equals_the_reference_on_the_feature_stream() -> None:
     rng = random.Random(7)
     fx = FeatureExtractor()
     state: dict[str, Any] = {}
-    new = RiskModel()
-    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(new.params.to_dict()))
+    new = RiskModel()  # the default: both heads, but the extractor's vectors have no raw input
+    ref = ref_risk.RiskModel(_ref_params(new))
     stream = [{"occurred_at": 1e9 + 40.0 * i, "amount": rng.uniform(1, 900),
                "customer_id": f"c{rng.randrange(30)}",
                "payment_instrument": f"p{rng.randrange(40)}",
@@ -179,7 +199,8 @@ def test_model_equals_the_reference_on_the_feature_stream() -> None:
             ref = ref_risk.RiskModel.from_state(json.loads(json.dumps(ref.export_state())))
             new.load_shared(new.export_shared())
             ref.load_shared(ref.export_shared())
-    assert new.export_state() == ref.export_state()
+    assert _one_head(new.export_state()) == ref.export_state()
+    assert new.raw_weights == {}  # no raw input: the raw head has nothing to score with
 
 
 @settings(max_examples=100, deadline=None)
@@ -191,8 +212,8 @@ def test_batch_scoring_equals_the_reference_row_by_row(
     ``score_one`` + ``contributions`` per row: scores, reasons and state all equal."""
     rng = random.Random(len(batches) * 41 + min_events)
     params = {"anomaly_min_events": min_events, **(BLENDED if min_events % 3 else {})}
-    new = RiskModel.from_params(params)
-    ref = ref_risk.RiskModel(ref_risk.ModelParams.from_dict(new.params.to_dict()))
+    new = RiskModel.from_params({**params, "head_window": 0})
+    ref = ref_risk.RiskModel(_ref_params(new))
     for size, observe, k in batches:
         rows = [[rng.choice((0.0, 1.0, rng.gauss(3, 2), rng.uniform(-50, 50))) for _ in KEYS]
                 for _ in range(size)]
@@ -206,4 +227,4 @@ def test_batch_scoring_equals_the_reference_row_by_row(
             y = rng.random() < 0.3
             new.learn_one(dict(zip(KEYS, row, strict=True)), y)
             ref.learn_one(dict(zip(KEYS, row, strict=True)), y)
-        assert new.export_state() == ref.export_state()
+        assert _one_head(new.export_state()) == ref.export_state()
