@@ -710,6 +710,8 @@ class _Stream:
         self.level_names = [[f"{c}={v}" for v in levels] for c, levels in self.one_hot]
         self.level_index = [{v: n for n, v in enumerate(levels)} for _, levels in self.one_hot]
         self.cat_names = [*plan.one_hot, *plan.frequency]
+        self.last_x: dict[str, float] = {}
+        self.last_xr: dict[str, float] | None = None
 
     def encode(self, row: _Row) -> tuple[dict[str, float], dict[str, float] | None]:
         """The default model's vector of ``row`` and, with a baseline, River's; this folds
@@ -771,6 +773,7 @@ class _Stream:
     def step(self, row: _Row) -> tuple[float, float | None]:
         """Score ``row`` with each model, then learn it."""
         x, xr = self.encode(row)
+        self.last_x, self.last_xr = x, xr
         model = self.model
         ours = model.score_one(x, observe=True)
         model.learn_one(x, row.y)
@@ -810,8 +813,33 @@ ModeRunner = Callable[[Prepared, ModelParams, Options], dict[str, list[float]]]
 """``(data, params, options) -> {"ours": scores, "river": scores (with a baseline)}``."""
 
 
-def _run(data: Prepared, params: ModelParams, options: Options, by_retailer: bool
-         ) -> dict[str, list[float]]:
+@dataclass(slots=True)
+class Step:
+    """One row just scored and learned by its retailer's models (what a :data:`StepHook` sees).
+
+    ``model`` and ``river`` are the live models: a hook may change them in place (a federated
+    round folding a global model in) before the next row is scored.
+    """
+
+    retailer: str
+    model: RiskModel | RiverModel
+    x: dict[str, float]
+    y: bool
+    river: Any | None
+    xr: dict[str, float] | None
+
+
+StepHook = Callable[[Step], None]
+
+
+def run_streams(data: Prepared, params: ModelParams, options: Options,
+                after_step: StepHook | None = None) -> dict[str, list[float]]:
+    """:func:`run_local` with ``after_step`` called after each row (for a federated layer)."""
+    return _run(data, params, options, True, after_step)
+
+
+def _run(data: Prepared, params: ModelParams, options: Options, by_retailer: bool,
+         after_step: StepHook | None = None) -> dict[str, list[float]]:
     dec = _Decoder(data, options.raw_columns)
     streams: dict[str, _Stream] = {}
     ours: list[float] = []
@@ -825,6 +853,9 @@ def _run(data: Prepared, params: ModelParams, options: Options, by_retailer: boo
         ours.append(a)
         if b is not None:
             river.append(b)
+        if after_step is not None:
+            after_step(Step(key, stream.model, stream.last_x, row.y, stream.river,
+                            stream.last_xr))
     return {"ours": ours, "river": river} if options.baseline else {"ours": ours}
 
 

@@ -13,7 +13,7 @@ from qsfraud.cli import CommandError
 
 # fraud.evaluation and fraud.models import River, numba and scipy (~2 s): only when evaluating,
 # not in every command's start-up (a CDC process's start would wait for them)
-MODE_NAMES = ("local", "central")
+MODE_NAMES = ("local", "central", "federated")
 
 
 def _fmt(value: Any) -> str:
@@ -57,9 +57,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _register_federated(args: argparse.Namespace) -> None:
+    """Adds ``federated`` to the evaluation's modes (``fraud`` imports nothing of ``fl``)."""
+    from fl.simulation import Settings, register
+
+    try:
+        register(Settings(sync_every=args.sync_every, strategy=args.strategy))
+    except ValueError as exc:
+        raise CommandError(f"--sync-every/--strategy: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from fraud.evaluation import MODES, DataError, evaluate, load
 
+    _register_federated(args)
     modes = list(MODES) if args.mode == "all" else [args.mode]
     if args.mode != "all" and args.mode not in MODES:
         raise CommandError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)} or all")
@@ -110,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("evaluate", help="prequential local/central evaluation of a CSV/JSONL")
+    p = sub.add_parser("evaluate",
+                       help="prequential local/central/federated evaluation of a CSV/JSONL")
     p.add_argument("--data", required=True, help="a .csv or .jsonl file")
     p.add_argument("--label", help="label column (default: is_fraud, isFraud, Class, ...)")
     p.add_argument("--time", help="time column, numbers or ISO 8601 (default: auto; else order)")
@@ -128,6 +140,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds after a transaction before its label feeds the label-history "
                    "features (default 0; e.g. 604800 for a 7-day chargeback delay)")
     p.add_argument("--mode", default="all", help=f"{', '.join(MODE_NAMES)} or all (default all)")
+    p.add_argument("--sync-every", type=int, default=500, metavar="N",
+                   help="federated mode: a retailer sends an update every N of its own rows "
+                   "(default 500)")
+    p.add_argument("--strategy", default="fedavg",
+                   choices=["fedavg", "fedmedian", "fedtrimmedavg"],
+                   help="federated mode: the aggregation strategy (default fedavg)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--model", default="default",
                    help="default, river-linear, or a River spec as JSON, e.g. "
