@@ -241,13 +241,47 @@ def open_global(blob: bytes, registry: Registry, freshness: FreshnessStore, *,
 # ----------------------------------------------------------------------------- fold-in
 
 
-def _log_loss(model: RiskModel, recent: Sequence[tuple[Mapping[str, float], bool]]) -> float:
-    eps = 1e-6
-    total = 0.0
+_Groups = list[tuple[tuple[str, ...], np.ndarray, np.ndarray]]
+
+
+def _grouped(recent: Sequence[tuple[Mapping[str, float], bool]]) -> _Groups:
+    """``recent`` as ``(keys, values, labels)`` per distinct feature set, for batch scoring."""
+    groups: dict[tuple[str, ...], tuple[list[list[float]], list[bool]]] = {}
     for x, y in recent:
-        p = min(max(model.supervised_proba(x), eps), 1.0 - eps)
-        total -= math.log(p if y else 1.0 - p)
-    return total / len(recent)
+        rows, labels = groups.setdefault(tuple(x), ([], []))
+        rows.append(list(x.values()))
+        labels.append(bool(y))
+    return [(keys, np.array(rows, dtype=np.float64), np.array(labels, dtype=bool))
+            for keys, (rows, labels) in groups.items()]
+
+
+def _losses(model: RiskModel, groups: _Groups) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row log-loss of ``model``'s scores on the grouped rows, and the rows' labels
+    (one compiled scoring call per group)."""
+    eps = 1e-6
+    losses: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for keys, values, y in groups:
+        scores, _ = model.score_and_explain_many(keys, values, 0)
+        p = np.clip(np.array(scores), eps, 1.0 - eps)
+        losses.append(-np.where(y, np.log(p), np.log1p(-p)))
+        labels.append(y)
+    return np.concatenate(losses), np.concatenate(labels)
+
+
+def _gain(base: np.ndarray, other: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The class-balanced mean of ``base - other`` (how much lower ``other``'s loss is) and its
+    standard error; each class weighs one half, so the few frauds count as much as the rest."""
+    mean = 0.0
+    var = 0.0
+    classes = [labels, ~labels]
+    present = [c for c in classes if c.any()]
+    for members in present:
+        d = base[members] - other[members]
+        mean += float(d.mean()) / len(present)
+        if d.size > 1:
+            var += float(d.var(ddof=1)) / d.size / len(present) ** 2
+    return mean, math.sqrt(var)
 
 
 def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vectors:
@@ -265,7 +299,8 @@ def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vect
 
 def fold_in(model: RiskModel, global_model: GlobalModel,
             recent: Sequence[tuple[Mapping[str, float], bool]], *,
-            min_labels: int = 20) -> float:
+            min_labels: int = 20, grid: Sequence[float] = MIX_GRID,
+            evidence: float = 2.0) -> float:
     """Folds ``global_model`` into ``model`` in place; returns the mixing weight chosen.
 
     local' = mix * global + (1 - mix) * local, on weights, intercept and scaler moments, where
@@ -281,18 +316,30 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
     template = model.export_shared()
     local = vectors_from_state(template)
     candidates: dict[float, dict[str, Any]] = {}
-    for mix in MIX_GRID:
+    for mix in grid:
         candidates[mix] = state_from_vectors(
             blend(local, global_model.parameters, mix), template, global_model.examples,
             global_model.version,
         )
-    if len(recent) < min_labels:
-        chosen = 0.5
+    if len(grid) == 1:
+        chosen = grid[0]
+    elif len(recent) < min_labels:
+        chosen = grid[len(grid) // 2]
     else:
         from fraud.models.risk import RiskModel
 
-        losses = {mix: _log_loss(RiskModel.from_state(st), recent)
+        groups = _grouped(recent)
+        losses = {mix: _losses(RiskModel.from_state(st), groups)
                   for mix, st in candidates.items()}
-        chosen = min(MIX_GRID, key=lambda m: (round(losses[m], 12), -m))
+        # keeping its own model (the smallest mix) is the default: another mix must do better
+        # on the retailer's own labels by more than `evidence` standard errors of the
+        # class-balanced log-loss (a noisy win on a few frauds is no reason to move)
+        chosen = min(grid)
+        base, labels = losses[chosen]
+        best = 0.0
+        for mix in grid:
+            gain, se = _gain(base, losses[mix][0], labels)
+            if gain > evidence * se and gain > best:
+                chosen, best = mix, gain
     model.load_shared(candidates[chosen])
     return chosen

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fl.aggregator import Round, strategy_named
-from fl.client import GlobalModel, fold_in, update_from_model
+from fl.client import MIX_GRID, GlobalModel, fold_in, update_from_model
 from fl.update import ModelUpdate
 from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
 from fraud.models import ModelParams, RiskModel
@@ -56,8 +56,11 @@ class Settings:
     sync_every: int = 500
     strategy: str = "fedavg"
     recent: int = 1000
-    """Labelled rows each retailer keeps to choose its fold-in mix."""
+    """Labelled rows each retailer keeps to choose its fold-in mix (and its last
+    ``recent // 5`` frauds from before them)."""
     poisoners: tuple[Poisoner, ...] = ()
+    mixes: tuple[float, ...] = MIX_GRID
+    """The fold-in's candidate mixing weights (one value: a fixed mix, for comparisons)."""
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:
@@ -76,13 +79,39 @@ class RoundLog:
     mixes: dict[str, float]
 
 
+_Labelled = tuple[int, dict[str, float], bool]
+
+
+@dataclass(slots=True)
+class _Recent:
+    """A retailer's last labelled rows, plus its last frauds from further back (frauds are
+    rare: a window of 1,000 rows may hold a handful)."""
+
+    rows: deque[_Labelled]
+    frauds: deque[_Labelled]
+
+    @classmethod
+    def of_size(cls, size: int) -> _Recent:
+        return cls(deque(maxlen=size), deque(maxlen=max(size // 5, 1)))
+
+    def add(self, index: int, x: dict[str, float], y: bool) -> None:
+        self.rows.append((index, x, y))
+        if y:
+            self.frauds.append((index, x, y))
+
+    def labelled(self) -> list[tuple[dict[str, float], bool]]:
+        start = self.rows[0][0] if self.rows else 0
+        older = [(x, y) for i, x, y in self.frauds if i < start]
+        return [*older, *((x, y) for _, x, y in self.rows)]
+
+
 @dataclass(slots=True)
 class _Retailer:
     model: RiskModel
-    recent: deque[tuple[dict[str, float], bool]]
+    recent: _Recent
     since_update: int = 0
     twin: RiskModel | None = None
-    twin_recent: deque[tuple[dict[str, float], bool]] | None = None
+    twin_recent: _Recent | None = None
 
 
 class Federation:
@@ -103,21 +132,21 @@ class Federation:
             raise DataError("the federated mode federates the default model only "
                             "(not --model river-linear or a River spec)")
         size = self.settings.recent
-        member = _Retailer(step.model, deque(maxlen=size))
+        member = _Retailer(step.model, _Recent.of_size(size))
         poisoner = self.poisoners.get(step.retailer)
         if poisoner is not None and poisoner.kind == "flip":
             member.twin = RiskModel.from_params(self.params)
-            member.twin_recent = deque(maxlen=size)
+            member.twin_recent = _Recent.of_size(size)
         self.retailers[step.retailer] = member
         return member
 
     def after_step(self, step: Step) -> None:
         """One row was scored and learned at ``step.retailer``: offer, close, fold in."""
         member = self.retailers.get(step.retailer) or self._join(step)
-        member.recent.append((step.x, step.y))
+        member.recent.add(self.rows, step.x, step.y)
         if member.twin is not None and member.twin_recent is not None:
             member.twin.learn_one(step.x, not step.y)
-            member.twin_recent.append((step.x, not step.y))
+            member.twin_recent.add(self.rows, step.x, not step.y)
         member.since_update += 1
         self.rows += 1
         round_ = self.round
@@ -152,9 +181,11 @@ class Federation:
         published: GlobalModel = self.round.close(self.strategy)
         mixes: dict[str, float] = {}
         for name, member in self.retailers.items():
-            mixes[name] = fold_in(member.model, published, list(member.recent))
+            mixes[name] = fold_in(member.model, published, member.recent.labelled(),
+                                  grid=self.settings.mixes)
             if member.twin is not None and member.twin_recent is not None:
-                fold_in(member.twin, published, list(member.twin_recent))
+                fold_in(member.twin, published, member.twin_recent.labelled(),
+                        grid=self.settings.mixes)
         self.log.append(RoundLog(published.round, published.contributors, mixes))
         self.round = self.round.next(published)
 
