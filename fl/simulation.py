@@ -206,20 +206,13 @@ def simulate(data: Prepared, params: ModelParams, options: Options, settings: Se
 
 
 def runner(settings: Settings) -> ModeRunner:
-    """A ``fraud.evaluation.MODES`` runner for ``settings``."""
+    """A mode runner for ``settings``: ``evaluate(..., runners={**MODES, "federated":
+    runner(settings)})`` (``fraud`` imports nothing of ``fl``; ``qsfraud evaluate`` does this)."""
 
     def run(data: Prepared, params: ModelParams, options: Options) -> dict[str, list[float]]:
         return run_federated(data, params, options, settings)
 
     return run
-
-
-def register(settings: Settings | None = None, name: str = "federated") -> None:
-    """Adds the federated mode to ``fraud.evaluation.MODES`` (``fraud`` imports nothing of
-    ``fl``: the command registers it)."""
-    from fraud.evaluation import MODES
-
-    MODES[name] = runner(settings or Settings())
 
 
 # ----------------------------------------------------------------------------- attack report
@@ -281,3 +274,67 @@ def honest_change(before: Mapping[str, Any], after: Mapping[str, Any],
                    - before["retailers"][name]["average_precision"])
                for name in before["retailers"] if name not in exclude]
     return float(np.max(changes)) if changes else 0.0
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def _table(result: Mapping[str, Any]) -> dict[str, float]:
+    return {"overall": round(result["overall"]["average_precision"], 4),
+            **{name: round(rep["average_precision"], 4)
+               for name, rep in result["retailers"].items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fl.simulation attack|poison --data gen.csv``: the generator experiments of
+    fl/README.md ("Federated simulation"), one JSON line per run."""
+    import argparse
+    import json
+
+    from fraud.evaluation import MODES, load, read_table, summarize
+
+    parser = argparse.ArgumentParser(prog="python -m fl.simulation")
+    parser.add_argument("experiment", choices=["attack", "poison"])
+    parser.add_argument("--data", required=True, help="a generator CSV (qsfraud generate)")
+    parser.add_argument("--label-delay", type=float, default=604800.0)
+    parser.add_argument("--sync-every", type=int, default=500)
+    parser.add_argument("--poisoner", default="retailer_1")
+    args = parser.parse_args(argv)
+    data = load(args.data)
+    params = ModelParams()
+    options = Options(label_delay=args.label_delay)
+    if args.experiment == "attack":
+        rows = read_table(args.data)
+        for mode in ("local", "central", "federated"):
+            if mode == "federated":
+                scores, federation = simulate(data, params, options,
+                                              Settings(sync_every=args.sync_every))
+                extra: dict[str, Any] = {"rounds": len(federation.log)}
+            else:
+                scores, extra = MODES[mode](data, params, options), {}
+            attack = cross_retailer_attack(rows, scores["ours"])
+            print(json.dumps({"mode": mode, "ap": _table(summarize(data, scores["ours"])),
+                              "attack": {"campaigns": attack.campaigns, "rows": attack.rows,
+                                         "passed": attack.passed,
+                                         "never_caught": attack.never_caught}, **extra}),
+                  flush=True)
+        return 0
+    for strategy in ("fedavg", "fedmedian", "fedtrimmedavg"):
+        honest = summarize(data, run_federated(
+            data, params, options, Settings(sync_every=args.sync_every, strategy=strategy))["ours"])
+        print(json.dumps({"strategy": strategy, "poison": None, "ap": _table(honest)}),
+              flush=True)
+        for kind in ("scale", "flip"):
+            poisoner = Poisoner(args.poisoner, "scale" if kind == "scale" else "flip")
+            poisoned = summarize(data, run_federated(
+                data, params, options, Settings(sync_every=args.sync_every, strategy=strategy,
+                                                poisoners=(poisoner,)))["ours"])
+            print(json.dumps({"strategy": strategy, "poison": kind, "ap": _table(poisoned),
+                              "honest_max_change": round(
+                                  honest_change(honest, poisoned, (args.poisoner,)), 4)}),
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

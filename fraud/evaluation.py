@@ -890,8 +890,11 @@ def evaluate(
     params: ModelParams | None = None, baseline: str | None = None,
     label_delay: float = 0.0, options: Options | None = None,
     river_model: Sequence[Mapping[str, Any]] | None = None,
+    runners: Mapping[str, ModeRunner] | None = None,
 ) -> dict[str, Any]:
     """Run each mode prequentially and report exact metrics per retailer and overall.
+
+    ``runners`` replaces :data:`MODES` (e.g. with the federated layer's mode added).
 
     With ``baseline="river"`` the result also has ``"<mode>/river"`` entries: River's
     ``StandardScaler | LogisticRegression`` on the same rows in the same order.
@@ -906,10 +909,11 @@ def evaluate(
     if options.baseline not in (None, "river"):
         raise DataError(f"unknown baseline {options.baseline!r}; the only one is 'river'")
     out: dict[str, Any] = {}
+    available = MODES if runners is None else runners
     for mode in modes:
-        runner = MODES.get(mode)
+        runner = available.get(mode)
         if runner is None:
-            raise DataError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            raise DataError(f"unknown mode {mode!r}; choose from {', '.join(available)}")
         scores = runner(data, params, options)
         out[mode] = summarize(data, scores["ours"])
         if "river" in scores:

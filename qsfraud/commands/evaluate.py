@@ -7,13 +7,18 @@ import json
 import resource
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsfraud.cli import CommandError
 
+if TYPE_CHECKING:
+    from fraud.evaluation import ModeRunner
+
 # fraud.evaluation and fraud.models import River, numba and scipy (~2 s): only when evaluating,
 # not in every command's start-up (a CDC process's start would wait for them)
-MODE_NAMES = ("local", "central", "federated")
+MODE_NAMES = ("local", "central")
+#: Modes the command adds from fl/ (``fraud`` imports nothing of ``fl``).
+FEDERATED_MODES = ("federated",)
 
 
 def _fmt(value: Any) -> str:
@@ -57,30 +62,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _register_federated(args: argparse.Namespace) -> None:
-    """Adds ``federated`` to the evaluation's modes (``fraud`` imports nothing of ``fl``)."""
-    from fl.simulation import Settings, register
+def _runners(args: argparse.Namespace) -> dict[str, ModeRunner]:
+    """The evaluation's modes plus ``federated`` (:mod:`fl.simulation`) for these flags."""
+    from fl.simulation import Settings, runner
+    from fraud.evaluation import MODES
 
     try:
-        register(Settings(sync_every=args.sync_every, strategy=args.strategy))
+        settings = Settings(sync_every=args.sync_every, strategy=args.strategy)
     except ValueError as exc:
         raise CommandError(f"--sync-every/--strategy: {exc}") from None
+    return {**MODES, FEDERATED_MODES[0]: runner(settings)}
 
 
 def run(args: argparse.Namespace) -> int:
-    from fraud.evaluation import MODES, DataError, evaluate, load
+    from fraud.evaluation import DataError, evaluate, load
 
-    _register_federated(args)
-    modes = list(MODES) if args.mode == "all" else [args.mode]
-    if args.mode != "all" and args.mode not in MODES:
-        raise CommandError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)} or all")
+    runners = _runners(args)
+    modes = list(runners) if args.mode == "all" else [args.mode]
+    if args.mode != "all" and args.mode not in runners:
+        raise CommandError(f"unknown mode {args.mode!r}; choose from {', '.join(runners)} "
+                           "or all")
     started = time.perf_counter()
     try:
         data = load(args.data, label=args.label, time=args.time, retailer=args.retailer,
                     id=args.id, ignore=_list(args.ignore), mapping=_pairs(args.map))
         loaded = time.perf_counter()
         result = evaluate(data, modes, baseline=args.baseline, label_delay=args.label_delay,
-                          river_model=_river_model(args.model))
+                          river_model=_river_model(args.model), runners=runners)
     except DataError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
@@ -139,7 +147,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--label-delay", type=float, default=0.0, metavar="SECONDS",
                    help="seconds after a transaction before its label feeds the label-history "
                    "features (default 0; e.g. 604800 for a 7-day chargeback delay)")
-    p.add_argument("--mode", default="all", help=f"{', '.join(MODE_NAMES)} or all (default all)")
+    p.add_argument("--mode", default="all",
+                   help=f"{', '.join((*MODE_NAMES, *FEDERATED_MODES))} or all (default all)")
     p.add_argument("--sync-every", type=int, default=500, metavar="N",
                    help="federated mode: a retailer sends an update every N of its own rows "
                    "(default 500)")
