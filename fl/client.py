@@ -304,13 +304,14 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
     """Folds ``global_model`` into ``model`` in place; returns the mixing weight chosen.
 
     local' = mix * global + (1 - mix) * local, on weights, intercept and scaler moments, where
-    ``mix`` in :data:`MIX_GRID` minimises the log-loss on this retailer's own ``recent``
-    labelled vectors (ties go to the larger mix: more shared knowledge). With fewer than
-    ``min_labels`` recent labels there is no evidence either way and ``mix`` is 0.5. The
-    result is loaded with :meth:`RiskModel.load_shared`, so it becomes the base: its counts
-    are the global model's and :meth:`RiskModel.export_delta` reports only labels learned
-    after this call. The label counts stay the model's own (the base), so the labels it had
-    already sent are not sent again, and the global model's are never added to them.
+    ``mix`` in ``grid`` is the smallest (keep the own model) unless another lowers the
+    class-balanced log-loss on this retailer's own ``recent`` labelled vectors by more than
+    ``evidence`` standard errors (the largest such gain wins). With fewer than
+    ``min_labels`` recent labels there is no evidence either way and ``mix`` is the grid's
+    middle value (0.5). The result is loaded with :meth:`RiskModel.load_shared`, so it becomes
+    the base and :meth:`RiskModel.export_delta` reports only labels learned after this call.
+    The label counts stay the model's own, so the labels it had already sent are not sent
+    again, and the global model's are never added to them.
     The local anomaly statistics are untouched.
     """
     template = model.export_shared()

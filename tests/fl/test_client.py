@@ -138,6 +138,20 @@ def test_fold_in_is_personalised_not_an_overwrite() -> None:
     assert fold_in(local, glob2, data[-100:]) in MIX_GRID
 
 
+def test_fold_in_moves_only_on_evidence_from_the_retailers_own_labels() -> None:
+    local, data = trained(10, 400)
+    # a global model that is our own: no mix can be better, so we keep ours
+    same = GlobalModel(1, "g1", None, ("a",), "FedAvg", 400,
+                       update_from_model(local, "a", 1).vectors)
+    assert fold_in(local, same, data[-200:]) == 0.0
+    # a global model that learned much more of the same data is better on our labels
+    better, _ = trained(10, 6000)
+    young, young_data = trained(10, 30)
+    glob = GlobalModel(2, "g2", "g1", ("b",), "FedAvg", 6000,
+                       update_from_model(better, "b", 2).vectors)
+    assert fold_in(young, glob, young_data + trained(11, 300)[1]) > 0.0
+
+
 def test_fold_in_keeps_local_counts_so_nothing_is_counted_twice() -> None:
     local, data = trained(8, 150)
     n_before = local.n
