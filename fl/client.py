@@ -255,33 +255,74 @@ def _grouped(recent: Sequence[tuple[Mapping[str, float], bool]]) -> _Groups:
             for keys, (rows, labels) in groups.items()]
 
 
-def _losses(model: RiskModel, groups: _Groups) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row log-loss of ``model``'s scores on the grouped rows, and the rows' labels
-    (one compiled scoring call per group)."""
-    eps = 1e-6
-    losses: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    for keys, values, y in groups:
-        scores, _ = model.score_and_explain_many(keys, values, 0)
-        p = np.clip(np.array(scores), eps, 1.0 - eps)
-        losses.append(-np.where(y, np.log(p), np.log1p(-p)))
-        labels.append(y)
-    return np.concatenate(losses), np.concatenate(labels)
+def _scores(model: RiskModel, groups: _Groups) -> np.ndarray:
+    """``model``'s scores of the grouped rows, in group order (one compiled call a group)."""
+    return np.concatenate([np.array(model.score_and_explain_many(keys, values, 0)[0])
+                           for keys, values, _ in groups])
 
 
-def _gain(base: np.ndarray, other: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """The class-balanced mean of ``base - other`` (how much lower ``other``'s loss is) and its
-    standard error; each class weighs one half, so the few frauds count as much as the rest."""
-    mean = 0.0
-    var = 0.0
-    classes = [labels, ~labels]
-    present = [c for c in classes if c.any()]
-    for members in present:
-        d = base[members] - other[members]
-        mean += float(d.mean()) / len(present)
-        if d.size > 1:
-            var += float(d.var(ddof=1)) / d.size / len(present) ** 2
-    return mean, math.sqrt(var)
+def _rank_losses(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """For each fraud, the share of legitimate rows scored above it (ties count half): what
+    ranking frauds first (average precision, a hold threshold) depends on; its mean is
+    1 - ROC AUC. Calibration (a shifted intercept) does not change it."""
+    negatives = np.sort(scores[~labels])
+    positives = scores[labels]
+    right = np.searchsorted(negatives, positives, side="right")
+    left = np.searchsorted(negatives, positives, side="left")
+    above = len(negatives) - right + 0.5 * (right - left)
+    result: np.ndarray = above / len(negatives)
+    return result
+
+
+@dataclass
+class MixRecord:
+    """A retailer's out-of-sample record of each mixing weight, kept between fold-ins.
+
+    At each fold-in the candidates (one per mix) are frozen; at the next one they score the
+    labels that arrived in between, which none of them has learned. Per fraud, the gain of a
+    mix is how many fewer legitimate rows (as a share) rank above it than under the own model
+    (mix 0); the record sums the gains and their squares over every fold-in so far.
+    """
+
+    candidates: dict[float, dict[str, Any]] = field(default_factory=dict)
+    sums: dict[float, float] = field(default_factory=dict)
+    squares: dict[float, float] = field(default_factory=dict)
+    frauds: int = 0
+
+    def score(self, fresh: Sequence[tuple[Mapping[str, float], bool]]) -> None:
+        """Adds the frozen candidates' record on ``fresh`` (labels none of them learned)."""
+        if not self.candidates or not fresh:
+            return
+        groups = _grouped(fresh)
+        labels = np.concatenate([y for _, _, y in groups])
+        if labels.all() or not labels.any():
+            return
+        from fraud.models.risk import RiskModel
+
+        losses = {mix: _rank_losses(_scores(RiskModel.from_state(st), groups), labels)
+                  for mix, st in self.candidates.items()}
+        own = losses[min(losses)]
+        for mix, loss in losses.items():
+            d = own - loss
+            self.sums[mix] = self.sums.get(mix, 0.0) + float(d.sum())
+            self.squares[mix] = self.squares.get(mix, 0.0) + float((d * d).sum())
+        self.frauds += int(labels.sum())
+
+    def best(self, grid: Sequence[float], evidence: float) -> float | None:
+        """The mix with the largest mean gain over ``evidence`` standard errors, the own model
+        (the smallest mix) if none, ``None`` before any fraud was scored."""
+        n = self.frauds
+        if n < 2:
+            return None
+        chosen, best = min(grid), 0.0
+        for mix in grid:
+            if mix not in self.sums:
+                continue
+            mean = self.sums[mix] / n
+            var = max(self.squares[mix] / n - mean * mean, 0.0) * n / (n - 1)
+            if mean > evidence * math.sqrt(var / n) and mean > best:
+                chosen, best = mix, mean
+        return chosen
 
 
 def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vectors:
@@ -300,14 +341,16 @@ def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vect
 def fold_in(model: RiskModel, global_model: GlobalModel,
             recent: Sequence[tuple[Mapping[str, float], bool]], *,
             min_labels: int = 20, grid: Sequence[float] = MIX_GRID,
-            evidence: float = 2.0) -> float:
+            evidence: float = 2.0, record: MixRecord | None = None,
+            fresh: Sequence[tuple[Mapping[str, float], bool]] = ()) -> float:
     """Folds ``global_model`` into ``model`` in place; returns the mixing weight chosen.
 
     local' = mix * global + (1 - mix) * local, on weights, intercept and scaler moments, where
-    ``mix`` in ``grid`` is the smallest (keep the own model) unless another lowers the
-    class-balanced log-loss on this retailer's own ``recent`` labelled vectors by more than
-    ``evidence`` standard errors (the largest such gain wins). With fewer than
-    ``min_labels`` recent labels there is no evidence either way and ``mix`` is the grid's
+    ``mix`` in ``grid`` is the smallest (keep the own model) unless another ranks this
+    retailer's own recent frauds above its own recent legitimate rows better, by more than
+    ``evidence`` standard errors of the paired per-fraud differences (the largest such gain
+    wins; see :func:`_rank_losses`). With fewer than ``min_labels`` recent labels, or no
+    fraud among them, there is no evidence either way and ``mix`` is the grid's
     middle value (0.5). The result is loaded with :meth:`RiskModel.load_shared`, so it becomes
     the base and :meth:`RiskModel.export_delta` reports only labels learned after this call.
     The label counts stay the model's own, so the labels it had already sent are not sent
@@ -322,25 +365,45 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
             blend(local, global_model.parameters, mix), template, global_model.examples,
             global_model.version,
         )
+    settled = None
+    if record is not None:
+        record.score(fresh)
+        settled = record.best(grid, evidence)
+        record.candidates = candidates
     if len(grid) == 1:
         chosen = grid[0]
+    elif settled is not None:
+        chosen = settled
+    elif record is not None:
+        # no out-of-sample evidence yet: keep the own model, unless it has seen too few
+        # labels or no fraud (then it knows little and the middle mix is taken)
+        frauds = sum(1 for _, y in recent if y)
+        chosen = (min(grid) if len(recent) >= min_labels and 0 < frauds < len(recent)
+                  else grid[len(grid) // 2])
     elif len(recent) < min_labels:
         chosen = grid[len(grid) // 2]
     else:
         from fraud.models.risk import RiskModel
 
         groups = _grouped(recent)
-        losses = {mix: _losses(RiskModel.from_state(st), groups)
-                  for mix, st in candidates.items()}
-        # keeping its own model (the smallest mix) is the default: another mix must do better
-        # on the retailer's own labels by more than `evidence` standard errors of the
-        # class-balanced log-loss (a noisy win on a few frauds is no reason to move)
+        labels = np.concatenate([y for _, _, y in groups])
         chosen = min(grid)
-        base, labels = losses[chosen]
-        best = 0.0
-        for mix in grid:
-            gain, se = _gain(base, losses[mix][0], labels)
-            if gain > evidence * se and gain > best:
-                chosen, best = mix, gain
+        if labels.all() or not labels.any():
+            # no fraud (or nothing else) among the retailer's labels: no evidence either way
+            chosen = grid[len(grid) // 2]
+        else:
+            # keeping its own model (the smallest mix) is the default: another mix must rank
+            # the retailer's own frauds above its legitimate rows better, by more than
+            # `evidence` standard errors of the paired per-fraud differences
+            losses = {mix: _rank_losses(_scores(RiskModel.from_state(st), groups), labels)
+                      for mix, st in candidates.items()}
+            base = losses[chosen]
+            best = 0.0
+            for mix in grid:
+                d = base - losses[mix]
+                gain = float(d.mean())
+                se = float(d.std(ddof=1)) / math.sqrt(d.size) if d.size > 1 else math.inf
+                if gain > evidence * se and gain > best:
+                    chosen, best = mix, gain
     model.load_shared(candidates[chosen])
     return chosen

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from fl.aggregator import Round, strategy_named
-from fl.client import MIX_GRID, GlobalModel, fold_in, update_from_model
+from fl.client import MIX_GRID, GlobalModel, MixRecord, fold_in, update_from_model
 from fl.update import ModelUpdate
 from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
 from fraud.models import ModelParams, RiskModel
@@ -99,6 +99,10 @@ class _Recent:
         if y:
             self.frauds.append((index, x, y))
 
+    def since(self, index: int) -> list[tuple[dict[str, float], bool]]:
+        """The rows from row ``index`` on (those a fold-in before it had not seen)."""
+        return [(x, y) for i, x, y in self.rows if i >= index]
+
     def labelled(self) -> list[tuple[dict[str, float], bool]]:
         start = self.rows[0][0] if self.rows else 0
         older = [(x, y) for i, x, y in self.frauds if i < start]
@@ -110,8 +114,11 @@ class _Retailer:
     model: RiskModel
     recent: _Recent
     since_update: int = 0
+    record: MixRecord = field(default_factory=MixRecord)
+    folded_at: int = 0
     twin: RiskModel | None = None
     twin_recent: _Recent | None = None
+    twin_record: MixRecord = field(default_factory=MixRecord)
 
 
 class Federation:
@@ -182,10 +189,13 @@ class Federation:
         mixes: dict[str, float] = {}
         for name, member in self.retailers.items():
             mixes[name] = fold_in(member.model, published, member.recent.labelled(),
-                                  grid=self.settings.mixes)
+                                  grid=self.settings.mixes, record=member.record,
+                                  fresh=member.recent.since(member.folded_at))
             if member.twin is not None and member.twin_recent is not None:
                 fold_in(member.twin, published, member.twin_recent.labelled(),
-                        grid=self.settings.mixes)
+                        grid=self.settings.mixes, record=member.twin_record,
+                        fresh=member.twin_recent.since(member.folded_at))
+            member.folded_at = self.rows
         self.log.append(RoundLog(published.round, published.contributors, mixes))
         self.round = self.round.next(published)
 
