@@ -347,9 +347,12 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
 
     local' = mix * global + (1 - mix) * local, on weights, intercept and scaler moments, where
     ``mix`` in ``grid`` is the smallest (keep the own model) unless another ranks this
-    retailer's own recent frauds above its own recent legitimate rows better, by more than
-    ``evidence`` standard errors of the paired per-fraud differences (the largest such gain
-    wins; see :func:`_rank_losses`). With fewer than ``min_labels`` recent labels, or no
+    retailer's own frauds above its own legitimate rows better, by more than ``evidence``
+    standard errors of the per-fraud differences (the largest such gain wins; see
+    :func:`_rank_losses`). With a ``record`` the evidence is out of sample: the candidates
+    frozen at the previous fold-in, scored on ``fresh`` (the labels since), summed over all
+    fold-ins (:class:`MixRecord`); before it has any, the own model is kept. Without one the
+    test runs in sample on ``recent``. With fewer than ``min_labels`` recent labels, or no
     fraud among them, there is no evidence either way and ``mix`` is the grid's
     middle value (0.5). The result is loaded with :meth:`RiskModel.load_shared`, so it becomes
     the base and :meth:`RiskModel.export_delta` reports only labels learned after this call.
