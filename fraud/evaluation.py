@@ -9,6 +9,9 @@ stricter: a label becomes known to them only ``label_delay`` seconds after its t
 * ``central``: one feature state and one model over every retailer's rows (the upper bound no
   retailer could legally have).
 
+``fl.simulation`` adds ``federated`` (``local`` plus federated rounds, through
+:func:`run_streams`'s per-row hook); ``qsfraud evaluate`` passes it in with ``runners``.
+
 With ``baseline="river"`` River's ``StandardScaler | LogisticRegression`` runs beside the
 default model on the same rows, in the same order and modes, fed the columns as profiled below
 (numeric as they are, missing values absent, small categoricals one-hot).
