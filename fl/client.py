@@ -244,13 +244,88 @@ def open_global(blob: bytes, registry: Registry, freshness: FreshnessStore, *,
 # ----------------------------------------------------------------------------- fold-in
 
 
-def _log_loss(model: RiskModel, recent: Sequence[tuple[Mapping[str, float], bool]]) -> float:
-    eps = 1e-6
-    total = 0.0
+_Groups = list[tuple[tuple[str, ...], np.ndarray, np.ndarray]]
+
+
+def _grouped(recent: Sequence[tuple[Mapping[str, float], bool]]) -> _Groups:
+    """``recent`` as ``(keys, values, labels)`` per distinct feature set, for batch scoring."""
+    groups: dict[tuple[str, ...], tuple[list[list[float]], list[bool]]] = {}
     for x, y in recent:
-        p = min(max(model.supervised_proba(x), eps), 1.0 - eps)
-        total -= math.log(p if y else 1.0 - p)
-    return total / len(recent)
+        rows, labels = groups.setdefault(tuple(x), ([], []))
+        rows.append(list(x.values()))
+        labels.append(bool(y))
+    return [(keys, np.array(rows, dtype=np.float64), np.array(labels, dtype=bool))
+            for keys, (rows, labels) in groups.items()]
+
+
+def _scores(model: RiskModel, groups: _Groups) -> np.ndarray:
+    """``model``'s scores of the grouped rows, in group order (one compiled call a group)."""
+    return np.concatenate([np.array(model.score_and_explain_many(keys, values, 0)[0])
+                           for keys, values, _ in groups])
+
+
+def _rank_losses(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """For each fraud, the share of legitimate rows scored above it (ties count half): what
+    ranking frauds first (average precision, a hold threshold) depends on; its mean is
+    1 - ROC AUC. Calibration (a shifted intercept) does not change it."""
+    negatives = np.sort(scores[~labels])
+    positives = scores[labels]
+    right = np.searchsorted(negatives, positives, side="right")
+    left = np.searchsorted(negatives, positives, side="left")
+    above = len(negatives) - right + 0.5 * (right - left)
+    result: np.ndarray = above / len(negatives)
+    return result
+
+
+@dataclass
+class MixRecord:
+    """A retailer's out-of-sample record of each mixing weight, kept between fold-ins.
+
+    At each fold-in the candidates (one per mix) are frozen; at the next one they score the
+    labels that arrived in between, which none of them has learned. Per fraud, the gain of a
+    mix is how many fewer legitimate rows (as a share) rank above it than under the own model
+    (mix 0); the record sums the gains and their squares over every fold-in so far.
+    """
+
+    candidates: dict[float, dict[str, Any]] = field(default_factory=dict)
+    sums: dict[float, float] = field(default_factory=dict)
+    squares: dict[float, float] = field(default_factory=dict)
+    frauds: int = 0
+
+    def score(self, fresh: Sequence[tuple[Mapping[str, float], bool]]) -> None:
+        """Adds the frozen candidates' record on ``fresh`` (labels none of them learned)."""
+        if not self.candidates or not fresh:
+            return
+        groups = _grouped(fresh)
+        labels = np.concatenate([y for _, _, y in groups])
+        if labels.all() or not labels.any():
+            return
+        from fraud.models.risk import RiskModel
+
+        losses = {mix: _rank_losses(_scores(RiskModel.from_state(st), groups), labels)
+                  for mix, st in self.candidates.items()}
+        own = losses[min(losses)]
+        for mix, loss in losses.items():
+            d = own - loss
+            self.sums[mix] = self.sums.get(mix, 0.0) + float(d.sum())
+            self.squares[mix] = self.squares.get(mix, 0.0) + float((d * d).sum())
+        self.frauds += int(labels.sum())
+
+    def best(self, grid: Sequence[float], evidence: float) -> float | None:
+        """The mix with the largest mean gain over ``evidence`` standard errors, the own model
+        (the smallest mix) if none, ``None`` before any fraud was scored."""
+        n = self.frauds
+        if n < 2:
+            return None
+        chosen, best = min(grid), 0.0
+        for mix in grid:
+            if mix not in self.sums:
+                continue
+            mean = self.sums[mix] / n
+            var = max(self.squares[mix] / n - mean * mean, 0.0) * n / (n - 1)
+            if mean > evidence * math.sqrt(var / n) and mean > best:
+                chosen, best = mix, mean
+        return chosen
 
 
 def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vectors:
@@ -268,34 +343,73 @@ def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vect
 
 def fold_in(model: RiskModel, global_model: GlobalModel,
             recent: Sequence[tuple[Mapping[str, float], bool]], *,
-            min_labels: int = 20) -> float:
+            min_labels: int = 20, grid: Sequence[float] = MIX_GRID,
+            evidence: float = 2.0, record: MixRecord | None = None,
+            fresh: Sequence[tuple[Mapping[str, float], bool]] = ()) -> float:
     """Folds ``global_model`` into ``model`` in place; returns the mixing weight chosen.
 
     local' = mix * global + (1 - mix) * local, on weights, intercept and scaler moments, where
-    ``mix`` in :data:`MIX_GRID` minimises the log-loss on this retailer's own ``recent``
-    labelled vectors (ties go to the larger mix: more shared knowledge). With fewer than
-    ``min_labels`` recent labels there is no evidence either way and ``mix`` is 0.5. The
-    result is loaded with :meth:`RiskModel.load_shared`, so it becomes the base: its counts
-    are the global model's and :meth:`RiskModel.export_delta` reports only labels learned
-    after this call. The label counts stay the model's own (the base), so the labels it had
-    already sent are not sent again, and the global model's are never added to them.
+    ``mix`` in ``grid`` is the smallest (keep the own model) unless another ranks this
+    retailer's own frauds above its own legitimate rows better, by more than ``evidence``
+    standard errors of the per-fraud differences (the largest such gain wins; see
+    :func:`_rank_losses`). With a ``record`` the evidence is out of sample: the candidates
+    frozen at the previous fold-in, scored on ``fresh`` (the labels since), summed over all
+    fold-ins (:class:`MixRecord`); before it has any, the own model is kept. Without one the
+    test runs in sample on ``recent``. With fewer than ``min_labels`` recent labels, or no
+    fraud among them, there is no evidence either way and ``mix`` is the grid's
+    middle value (0.5). The result is loaded with :meth:`RiskModel.load_shared`, so it becomes
+    the base and :meth:`RiskModel.export_delta` reports only labels learned after this call.
+    The label counts stay the model's own, so the labels it had already sent are not sent
+    again, and the global model's are never added to them.
     The local anomaly statistics are untouched.
     """
     template = model.export_shared()
     local = vectors_from_state(template)
     candidates: dict[float, dict[str, Any]] = {}
-    for mix in MIX_GRID:
+    for mix in grid:
         candidates[mix] = state_from_vectors(
             blend(local, global_model.parameters, mix), template, global_model.examples,
             global_model.version,
         )
-    if len(recent) < min_labels:
-        chosen = 0.5
+    settled = None
+    if record is not None:
+        record.score(fresh)
+        settled = record.best(grid, evidence)
+        record.candidates = candidates
+    if len(grid) == 1:
+        chosen = grid[0]
+    elif settled is not None:
+        chosen = settled
+    elif record is not None:
+        # no out-of-sample evidence yet: keep the own model, unless it has seen too few
+        # labels or no fraud (then it knows little and the middle mix is taken)
+        frauds = sum(1 for _, y in recent if y)
+        chosen = (min(grid) if len(recent) >= min_labels and 0 < frauds < len(recent)
+                  else grid[len(grid) // 2])
+    elif len(recent) < min_labels:
+        chosen = grid[len(grid) // 2]
     else:
         from fraud.models.risk import RiskModel
 
-        losses = {mix: _log_loss(RiskModel.from_state(st), recent)
-                  for mix, st in candidates.items()}
-        chosen = min(MIX_GRID, key=lambda m: (round(losses[m], 12), -m))
+        groups = _grouped(recent)
+        labels = np.concatenate([y for _, _, y in groups])
+        chosen = min(grid)
+        if labels.all() or not labels.any():
+            # no fraud (or nothing else) among the retailer's labels: no evidence either way
+            chosen = grid[len(grid) // 2]
+        else:
+            # keeping its own model (the smallest mix) is the default: another mix must rank
+            # the retailer's own frauds above its legitimate rows better, by more than
+            # `evidence` standard errors of the paired per-fraud differences
+            losses = {mix: _rank_losses(_scores(RiskModel.from_state(st), groups), labels)
+                      for mix, st in candidates.items()}
+            base = losses[chosen]
+            best = 0.0
+            for mix in grid:
+                d = base - losses[mix]
+                gain = float(d.mean())
+                se = float(d.std(ddof=1)) / math.sqrt(d.size) if d.size > 1 else math.inf
+                if gain > evidence * se and gain > best:
+                    chosen, best = mix, gain
     model.load_shared(candidates[chosen])
     return chosen

@@ -9,6 +9,9 @@ stricter: a label becomes known to them only ``label_delay`` seconds after its t
 * ``central``: one feature state and one model over every retailer's rows (the upper bound no
   retailer could legally have).
 
+``fl.simulation`` adds ``federated`` (``local`` plus federated rounds, through
+:func:`run_streams`'s per-row hook); ``qsfraud evaluate`` passes it in with ``runners``.
+
 With ``baseline="river"`` River's ``StandardScaler | LogisticRegression`` runs beside the
 default model on the same rows, in the same order and modes, fed the columns as profiled below
 (numeric as they are, missing values absent, small categoricals one-hot).
@@ -710,6 +713,8 @@ class _Stream:
         self.level_names = [[f"{c}={v}" for v in levels] for c, levels in self.one_hot]
         self.level_index = [{v: n for n, v in enumerate(levels)} for _, levels in self.one_hot]
         self.cat_names = [*plan.one_hot, *plan.frequency]
+        self.last_x: dict[str, float] = {}
+        self.last_xr: dict[str, float] | None = None
 
     def encode(self, row: _Row) -> tuple[dict[str, float], dict[str, float] | None]:
         """The default model's vector of ``row`` and, with a baseline, River's; this folds
@@ -771,6 +776,7 @@ class _Stream:
     def step(self, row: _Row) -> tuple[float, float | None]:
         """Score ``row`` with each model, then learn it."""
         x, xr = self.encode(row)
+        self.last_x, self.last_xr = x, xr
         model = self.model
         ours = model.score_one(x, observe=True)
         model.learn_one(x, row.y)
@@ -810,8 +816,33 @@ ModeRunner = Callable[[Prepared, ModelParams, Options], dict[str, list[float]]]
 """``(data, params, options) -> {"ours": scores, "river": scores (with a baseline)}``."""
 
 
-def _run(data: Prepared, params: ModelParams, options: Options, by_retailer: bool
-         ) -> dict[str, list[float]]:
+@dataclass(slots=True)
+class Step:
+    """One row just scored and learned by its retailer's models (what a :data:`StepHook` sees).
+
+    ``model`` and ``river`` are the live models: a hook may change them in place (a federated
+    round folding a global model in) before the next row is scored.
+    """
+
+    retailer: str
+    model: RiskModel | RiverModel
+    x: dict[str, float]
+    y: bool
+    river: Any | None
+    xr: dict[str, float] | None
+
+
+StepHook = Callable[[Step], None]
+
+
+def run_streams(data: Prepared, params: ModelParams, options: Options,
+                after_step: StepHook | None = None) -> dict[str, list[float]]:
+    """:func:`run_local` with ``after_step`` called after each row (for a federated layer)."""
+    return _run(data, params, options, True, after_step)
+
+
+def _run(data: Prepared, params: ModelParams, options: Options, by_retailer: bool,
+         after_step: StepHook | None = None) -> dict[str, list[float]]:
     dec = _Decoder(data, options.raw_columns)
     streams: dict[str, _Stream] = {}
     ours: list[float] = []
@@ -825,6 +856,9 @@ def _run(data: Prepared, params: ModelParams, options: Options, by_retailer: boo
         ours.append(a)
         if b is not None:
             river.append(b)
+        if after_step is not None:
+            after_step(Step(key, stream.model, stream.last_x, row.y, stream.river,
+                            stream.last_xr))
     return {"ours": ours, "river": river} if options.baseline else {"ours": ours}
 
 
@@ -859,8 +893,11 @@ def evaluate(
     params: ModelParams | None = None, baseline: str | None = None,
     label_delay: float = 0.0, options: Options | None = None,
     river_model: Sequence[Mapping[str, Any]] | None = None,
+    runners: Mapping[str, ModeRunner] | None = None,
 ) -> dict[str, Any]:
     """Run each mode prequentially and report exact metrics per retailer and overall.
+
+    ``runners`` replaces :data:`MODES` (e.g. with the federated layer's mode added).
 
     With ``baseline="river"`` the result also has ``"<mode>/river"`` entries: River's
     ``StandardScaler | LogisticRegression`` on the same rows in the same order.
@@ -875,10 +912,11 @@ def evaluate(
     if options.baseline not in (None, "river"):
         raise DataError(f"unknown baseline {options.baseline!r}; the only one is 'river'")
     out: dict[str, Any] = {}
+    available = MODES if runners is None else runners
     for mode in modes:
-        runner = MODES.get(mode)
+        runner = available.get(mode)
         if runner is None:
-            raise DataError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            raise DataError(f"unknown mode {mode!r}; choose from {', '.join(available)}")
         scores = runner(data, params, options)
         out[mode] = summarize(data, scores["ours"])
         if "river" in scores:

@@ -37,6 +37,7 @@ from fl.client import (
     MIX_GRID,
     UPDATE_PURPOSE,
     GlobalModel,
+    MixRecord,
     StaleGlobal,
     blend,
     fold_in,
@@ -67,6 +68,9 @@ log = logging.getLogger(__name__)
 
 RECENT_LABELS: Final = 200
 """Labelled vectors kept to choose the mixing weight of a fold-in (fl.client.fold_in)."""
+
+FRESH_LABELS = 20_000
+"""At most this many labels learned since the last fold-in score its frozen candidates."""
 GLOBAL_WINDOW: Final = TimeWindow(max_age_s=30 * 86400.0, max_future_s=120.0)
 """How old a global model may be: rounds can be hours apart and a worker may start long after
 the last one; a stale or replayed one is refused by its round and sequence, not its age."""
@@ -178,6 +182,10 @@ class FlClient:
         self.sync_labels = sync_labels
         self.sent_sequences = FileFreshness(sequence_path)
         self.recent: deque[Labelled] = deque(maxlen=RECENT_LABELS)
+        # the out-of-sample evidence for the mixing weight (fl.client.MixRecord): the
+        # candidates frozen at the last fold-in are scored on the labels learned since
+        self.mix_record = MixRecord()
+        self.fresh: deque[Labelled] = deque(maxlen=FRESH_LABELS)
         self.labels_since_sent = 0
         self.last_sent_at = time.monotonic()
         self.global_round: int | None = None
@@ -192,6 +200,7 @@ class FlClient:
     def learned(self, examples: Sequence[Labelled]) -> None:
         """Note labels the model just learned."""
         self.recent.extend(examples)
+        self.fresh.extend(examples)
         self.labels_since_sent += len(examples)
 
     def due(self, interval_s: float, now: float | None = None) -> bool:
@@ -270,7 +279,9 @@ class FlClient:
             started = time.perf_counter()
             recent = list(self.recent)
             if isinstance(model, RiskModel):
-                mix = fold_in(model, global_model, recent)
+                mix = fold_in(model, global_model, recent, record=self.mix_record,
+                              fresh=list(self.fresh))
+                self.fresh.clear()
             else:
                 mix = fold_in_river(model, global_model, recent)
                 self._river_base_n = model.n

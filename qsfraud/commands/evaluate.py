@@ -7,13 +7,18 @@ import json
 import resource
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsfraud.cli import CommandError
+
+if TYPE_CHECKING:
+    from fraud.evaluation import ModeRunner
 
 # fraud.evaluation and fraud.models import River, numba and scipy (~2 s): only when evaluating,
 # not in every command's start-up (a CDC process's start would wait for them)
 MODE_NAMES = ("local", "central")
+#: Modes the command adds from fl/ (``fraud`` imports nothing of ``fl``).
+FEDERATED_MODES = ("federated",)
 
 
 def _fmt(value: Any) -> str:
@@ -57,19 +62,38 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(args: argparse.Namespace) -> int:
-    from fraud.evaluation import MODES, DataError, evaluate, load
+def _runners(args: argparse.Namespace) -> dict[str, ModeRunner]:
+    """The evaluation's modes plus ``federated`` (:mod:`fl.simulation`) for these flags."""
+    from fl.simulation import Settings, runner
+    from fraud.evaluation import MODES
 
-    modes = list(MODES) if args.mode == "all" else [args.mode]
-    if args.mode != "all" and args.mode not in MODES:
-        raise CommandError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)} or all")
+    try:
+        settings = Settings(sync_every=args.sync_every, strategy=args.strategy)
+    except ValueError as exc:
+        raise CommandError(f"--sync-every/--strategy: {exc}") from None
+    return {**MODES, FEDERATED_MODES[0]: runner(settings)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from fraud.evaluation import DataError, evaluate, load
+
+    runners = _runners(args)
+    if args.model != "default":  # fl/ federates the default model only: `all` leaves it out
+        if args.mode in FEDERATED_MODES:
+            raise CommandError(f"--mode {args.mode} federates the default model only, "
+                               f"not --model {args.model}")
+        runners = {name: run for name, run in runners.items() if name not in FEDERATED_MODES}
+    modes = list(runners) if args.mode == "all" else [args.mode]
+    if args.mode != "all" and args.mode not in runners:
+        raise CommandError(f"unknown mode {args.mode!r}; choose from {', '.join(runners)} "
+                           "or all")
     started = time.perf_counter()
     try:
         data = load(args.data, label=args.label, time=args.time, retailer=args.retailer,
                     id=args.id, ignore=_list(args.ignore), mapping=_pairs(args.map))
         loaded = time.perf_counter()
         result = evaluate(data, modes, baseline=args.baseline, label_delay=args.label_delay,
-                          river_model=_river_model(args.model))
+                          river_model=_river_model(args.model), runners=runners)
     except DataError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
@@ -110,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("evaluate", help="prequential local/central evaluation of a CSV/JSONL")
+    p = sub.add_parser("evaluate",
+                       help="prequential local/central/federated evaluation of a CSV/JSONL")
     p.add_argument("--data", required=True, help="a .csv or .jsonl file")
     p.add_argument("--label", help="label column (default: is_fraud, isFraud, Class, ...)")
     p.add_argument("--time", help="time column, numbers or ISO 8601 (default: auto; else order)")
@@ -127,7 +152,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--label-delay", type=float, default=0.0, metavar="SECONDS",
                    help="seconds after a transaction before its label feeds the label-history "
                    "features (default 0; e.g. 604800 for a 7-day chargeback delay)")
-    p.add_argument("--mode", default="all", help=f"{', '.join(MODE_NAMES)} or all (default all)")
+    p.add_argument("--mode", default="all",
+                   help=f"{', '.join((*MODE_NAMES, *FEDERATED_MODES))} or all (default all)")
+    p.add_argument("--sync-every", type=int, default=500, metavar="N",
+                   help="federated mode: a retailer sends an update every N of its own rows "
+                   "(default 500)")
+    p.add_argument("--strategy", default="fedavg",
+                   choices=["fedavg", "fedmedian", "fedtrimmedavg"],
+                   help="federated mode: the aggregation strategy (default fedavg)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--model", default="default",
                    help="default, river-linear, or a River spec as JSON, e.g. "

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fl.client import (
     MIX_GRID,
     GlobalModel,
+    MixRecord,
     StaleGlobal,
     blend,
     fold_in,
@@ -136,6 +137,28 @@ def test_fold_in_is_personalised_not_an_overwrite() -> None:
     glob2 = GlobalModel(2, "g2", "g1", ("retailer-8",), "FedAvg", 300,
                         update_from_model(similar, "retailer-8", 2).vectors)
     assert fold_in(local, glob2, data[-100:]) in MIX_GRID
+
+
+def test_fold_in_with_a_record_moves_on_out_of_sample_evidence_only() -> None:
+    own, data = trained(10, 400)
+    same = GlobalModel(1, "g1", None, ("a",), "FedAvg", 400,
+                       update_from_model(own, "a", 1).vectors)
+    record = MixRecord()
+    assert fold_in(own, same, data[-200:], record=record) == 0.0  # no evidence yet: own
+    assert fold_in(own, same, data[-200:], record=record, fresh=trained(11, 300)[1]) == 0.0
+    # a retailer whose own labels taught it nothing, and a global model that learned a lot
+    rng = random.Random(12)
+    noisy = RiskModel()
+    for x, _ in trained(12, 100)[1]:
+        noisy.learn_one(x, rng.random() < 0.2)
+    good = GlobalModel(2, "g2", None, ("b",), "FedAvg", 6000,
+                       update_from_model(trained(13, 6000)[0], "b", 2).vectors)
+    record = MixRecord()
+    recent = trained(14, 200)[1]
+    assert fold_in(noisy, good, recent, record=record) == 0.0
+    # the frozen candidates then rank labels none of them learned: the global model's win
+    assert fold_in(noisy, good, recent, record=record, fresh=trained(15, 400)[1]) > 0.0
+    assert record.frauds > 50
 
 
 def test_fold_in_keeps_local_counts_so_nothing_is_counted_twice() -> None:

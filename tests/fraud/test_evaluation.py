@@ -86,7 +86,8 @@ def test_handbook_like_table_through_the_cli(tmp_path: Path, capsys) -> None:
     assert main([*args, "--json"]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out.strip().splitlines()[-1])
-    assert set(result) == {"local", "central", "local/river", "central/river"}
+    # --mode all: local, central and federated (River is not federated: no federated/river)
+    assert set(result) == {"local", "central", "federated", "local/river", "central/river"}
     for mode in result.values():
         assert mode["overall"]["n"] == 2500
         assert set(mode["retailers"]) == {f"TERMINAL_ID%5={k}" for k in range(5)}

@@ -122,7 +122,7 @@ def test_cli_generate_and_evaluate(tmp_path: Path, capsys) -> None:
                  "--fraud-scale", "10", "--seed", "5", "--out", str(out)]) == 0
     assert main(["evaluate", "--data", str(out), "--mode", "all", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result) == {"local", "central"}
+    assert set(result) == {"local", "central", "federated"}  # all: federated too (fl/)
     for mode in result.values():
         assert {"roc_auc", "average_precision", "n", "frauds"} <= set(mode["overall"])
         assert set(mode["retailers"]) == {"retailer_1", "retailer_2"}

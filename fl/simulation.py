@@ -1,0 +1,350 @@
+"""Federated learning simulated in-process over a prequential evaluation (``--mode federated``).
+
+Each retailer runs its own feature state and model over its own rows exactly as in ``local``
+mode (:func:`fraud.evaluation.run_streams`); on top, the retailers take part in rounds with the
+code the real path uses, minus Kafka and crypto:
+
+1. a retailer that has seen ``sync_every`` of its own rows since its last update offers
+   :func:`fl.client.update_from_model` for the open round (:class:`fl.aggregator.Round`);
+2. the round closes when every retailer seen so far has offered (the quorum), or
+   ``sync_every * retailers`` rows after its first update (the deadline, counted in rows:
+   a retailer with little traffic misses the round instead of stalling it);
+3. the round's strategy (``fedavg``, ``fedmedian``, ``fedtrimmedavg``) aggregates it
+   (:meth:`fl.aggregator.Round.close`), and every retailer folds the global model into its own
+   with :func:`fl.client.fold_in`, its mixing weight chosen from its own last ``recent``
+   labelled rows.
+
+Scores are those of each retailer's live model, row by row, so the output has the format of the
+other modes. River's baseline is not federated: with ``--baseline river`` the federated mode
+reports the default model only.
+
+For poisoning experiments a :class:`Poisoner` retailer sends its update scaled by ``factor``
+away from the current global model (``scale``), or sends the update of a twin model that learns
+its rows with flipped labels (``flip``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from fl.aggregator import Round, strategy_named
+from fl.client import MIX_GRID, GlobalModel, MixRecord, fold_in, update_from_model
+from fl.update import ModelUpdate
+from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
+from fraud.models import ModelParams, RiskModel
+
+
+@dataclass(frozen=True, slots=True)
+class Poisoner:
+    """A retailer that poisons its updates: ``scale`` (its change from the global model times
+    ``factor``) or ``flip`` (the update of a twin trained on its rows with flipped labels)."""
+
+    retailer: str
+    kind: Literal["scale", "flip"]
+    factor: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How the simulated federation runs (see the module docstring)."""
+
+    sync_every: int = 500
+    strategy: str = "fedavg"
+    recent: int = 1000
+    """Labelled rows each retailer keeps to choose its fold-in mix (and its last
+    ``recent // 5`` frauds from before them)."""
+    poisoners: tuple[Poisoner, ...] = ()
+    mixes: tuple[float, ...] = MIX_GRID
+    """The fold-in's candidate mixing weights (one value: a fixed mix, for comparisons)."""
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
+        if self.recent < 1:
+            raise ValueError(f"recent must be >= 1, got {self.recent}")
+        strategy_named(self.strategy)  # ValueError naming the choices
+
+
+@dataclass(slots=True)
+class RoundLog:
+    """What one simulated round did: contributors and each retailer's fold-in mix."""
+
+    round: int
+    contributors: tuple[str, ...]
+    mixes: dict[str, float]
+
+
+_Labelled = tuple[int, dict[str, float], bool]
+
+
+@dataclass(slots=True)
+class _Recent:
+    """A retailer's last labelled rows, plus its last frauds from further back (frauds are
+    rare: a window of 1,000 rows may hold a handful)."""
+
+    rows: deque[_Labelled]
+    frauds: deque[_Labelled]
+
+    @classmethod
+    def of_size(cls, size: int) -> _Recent:
+        return cls(deque(maxlen=size), deque(maxlen=max(size // 5, 1)))
+
+    def add(self, index: int, x: dict[str, float], y: bool) -> None:
+        self.rows.append((index, x, y))
+        if y:
+            self.frauds.append((index, x, y))
+
+    def since(self, index: int) -> list[tuple[dict[str, float], bool]]:
+        """The rows from row ``index`` on (those a fold-in before it had not seen)."""
+        return [(x, y) for i, x, y in self.rows if i >= index]
+
+    def labelled(self) -> list[tuple[dict[str, float], bool]]:
+        start = self.rows[0][0] if self.rows else 0
+        older = [(x, y) for i, x, y in self.frauds if i < start]
+        return [*older, *((x, y) for _, x, y in self.rows)]
+
+
+@dataclass(slots=True)
+class _Retailer:
+    model: RiskModel
+    recent: _Recent
+    since_update: int = 0
+    record: MixRecord = field(default_factory=MixRecord)
+    folded_at: int = 0
+    twin: RiskModel | None = None
+    twin_recent: _Recent | None = None
+    twin_record: MixRecord = field(default_factory=MixRecord)
+
+
+class Federation:
+    """The in-process federation: call :meth:`after_step` after every row (a ``StepHook``)."""
+
+    def __init__(self, settings: Settings, params: ModelParams) -> None:
+        self.settings = settings
+        self.params = params
+        self.strategy = strategy_named(settings.strategy)
+        self.poisoners = {p.retailer: p for p in settings.poisoners}
+        self.retailers: dict[str, _Retailer] = {}
+        self.round = Round(1, None, {}, quorum=1, deadline_s=float(settings.sync_every))
+        self.rows = 0
+        self.log: list[RoundLog] = []
+
+    def _join(self, step: Step) -> _Retailer:
+        if not isinstance(step.model, RiskModel):
+            raise DataError("the federated mode federates the default model only "
+                            "(not --model river-linear or a River spec)")
+        size = self.settings.recent
+        member = _Retailer(step.model, _Recent.of_size(size))
+        poisoner = self.poisoners.get(step.retailer)
+        if poisoner is not None and poisoner.kind == "flip":
+            member.twin = RiskModel.from_params(self.params)
+            member.twin_recent = _Recent.of_size(size)
+        self.retailers[step.retailer] = member
+        return member
+
+    def after_step(self, step: Step) -> None:
+        """One row was scored and learned at ``step.retailer``: offer, close, fold in."""
+        member = self.retailers.get(step.retailer) or self._join(step)
+        member.recent.add(self.rows, step.x, step.y)
+        if member.twin is not None and member.twin_recent is not None:
+            member.twin.learn_one(step.x, not step.y)
+            member.twin_recent.add(self.rows, step.x, not step.y)
+        member.since_update += 1
+        self.rows += 1
+        round_ = self.round
+        if (member.since_update >= self.settings.sync_every
+                and step.retailer not in round_.updates):
+            round_.offer(self._update(step.retailer, member), float(self.rows))
+            member.since_update = 0
+        round_.quorum = len(self.retailers)
+        # the deadline: on average every retailer has had sync_every more rows
+        round_.deadline_s = float(self.settings.sync_every * len(self.retailers))
+        if round_.updates and round_.ready(float(self.rows)):
+            self._close()
+
+    def _update(self, name: str, member: _Retailer) -> ModelUpdate:
+        number = self.round.number
+        poisoner = self.poisoners.get(name)
+        if member.twin is not None:
+            return update_from_model(member.twin, name, number)
+        update = update_from_model(member.model, name, number)
+        if poisoner is None or poisoner.kind != "scale":
+            return update
+        current = self.round.current
+        scaled = {
+            key: (current[key] + poisoner.factor * (values - current[key])
+                  if key in current and len(current[key]) == len(values)
+                  else poisoner.factor * values)
+            for key, values in update.vectors.items()
+        }
+        return ModelUpdate(name, number, update.examples, scaled)
+
+    def _close(self) -> None:
+        published: GlobalModel = self.round.close(self.strategy)
+        mixes: dict[str, float] = {}
+        for name, member in self.retailers.items():
+            mixes[name] = fold_in(member.model, published, member.recent.labelled(),
+                                  grid=self.settings.mixes, record=member.record,
+                                  fresh=member.recent.since(member.folded_at))
+            if member.twin is not None and member.twin_recent is not None:
+                fold_in(member.twin, published, member.twin_recent.labelled(),
+                        grid=self.settings.mixes, record=member.twin_record,
+                        fresh=member.twin_recent.since(member.folded_at))
+            member.folded_at = self.rows
+        self.log.append(RoundLog(published.round, published.contributors, mixes))
+        self.round = self.round.next(published)
+
+
+def run_federated(data: Prepared, params: ModelParams, options: Options,
+                  settings: Settings | None = None) -> dict[str, list[float]]:
+    """Each retailer's prequential scores while federating (see the module docstring)."""
+    return simulate(data, params, options, settings or Settings())[0]
+
+
+def simulate(data: Prepared, params: ModelParams, options: Options, settings: Settings
+             ) -> tuple[dict[str, list[float]], Federation]:
+    """:func:`run_federated` and the :class:`Federation` (its round log) after the run."""
+    federation = Federation(settings, params)
+    scores = run_streams(data, params, options, federation.after_step)
+    # River's baseline learned locally beside us: not a federated result, so not reported
+    return {"ours": scores["ours"]}, federation
+
+
+def runner(settings: Settings) -> ModeRunner:
+    """A mode runner for ``settings``: ``evaluate(..., runners={**MODES, "federated":
+    runner(settings)})`` (``fraud`` imports nothing of ``fl``; ``qsfraud evaluate`` does this)."""
+
+    def run(data: Prepared, params: ModelParams, options: Options) -> dict[str, list[float]]:
+        return run_federated(data, params, options, settings)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- attack report
+
+
+@dataclass(frozen=True, slots=True)
+class AttackCount:
+    """The cross-retailer attack at its later retailers: rows, and rows that passed before
+    their retailer first held or blocked one of the campaign's rows."""
+
+    campaigns: int
+    rows: int
+    passed: int
+    never_caught: int
+
+
+def cross_retailer_attack(rows: Sequence[Mapping[str, Any]], scores: Sequence[float],
+                          hold: float = 0.8) -> AttackCount:
+    """Counts, for every ``card_cross_retailer`` campaign (one stolen card), the rows at each
+    retailer *after the first* that scored below ``hold`` before that retailer's first score
+    at or above ``hold`` (a hold or a block).
+
+    ``rows`` are the generator's rows in the evaluation's order (time order; the generator
+    writes them so) with ``scenario``, ``payment_instrument`` and ``retailer_id``; ``scores``
+    one per row, as a mode's runner returns them.
+    """
+    if len(rows) != len(scores):
+        raise ValueError(f"{len(rows)} rows but {len(scores)} scores")
+    campaigns: dict[str, list[tuple[str, float]]] = {}
+    for row, score in zip(rows, scores, strict=True):
+        if row.get("scenario") == "card_cross_retailer":
+            campaigns.setdefault(str(row["payment_instrument"]), []).append(
+                (str(row["retailer_id"]), float(score)))
+    total = passed = never = 0
+    for visits in campaigns.values():
+        first = visits[0][0]
+        caught: set[str] = set()
+        missed: dict[str, int] = {}
+        for retailer, score in visits:
+            if retailer == first:
+                continue
+            total += 1
+            if retailer in caught:
+                continue
+            if score >= hold:
+                caught.add(retailer)
+            else:
+                missed[retailer] = missed.get(retailer, 0) + 1
+        passed += sum(missed.values())
+        never += sum(1 for r in missed if r not in caught)
+    return AttackCount(len(campaigns), total, passed, never)
+
+
+def honest_change(before: Mapping[str, Any], after: Mapping[str, Any],
+                  exclude: Sequence[str]) -> float:
+    """The largest absolute change of average precision over the retailers not in ``exclude``
+    between two results of :func:`fraud.evaluation.summarize`."""
+    changes = [abs(after["retailers"][name]["average_precision"]
+                   - before["retailers"][name]["average_precision"])
+               for name in before["retailers"] if name not in exclude]
+    return float(np.max(changes)) if changes else 0.0
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def _table(result: Mapping[str, Any]) -> dict[str, float]:
+    return {"overall": round(result["overall"]["average_precision"], 4),
+            **{name: round(rep["average_precision"], 4)
+               for name, rep in result["retailers"].items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fl.simulation attack|poison --data gen.csv``: the generator experiments of
+    fl/README.md ("Federated simulation"), one JSON line per run."""
+    import argparse
+    import json
+
+    from fraud.evaluation import MODES, load, read_table, summarize
+
+    parser = argparse.ArgumentParser(prog="python -m fl.simulation")
+    parser.add_argument("experiment", choices=["attack", "poison"])
+    parser.add_argument("--data", required=True, help="a generator CSV (qsfraud generate)")
+    parser.add_argument("--label-delay", type=float, default=604800.0)
+    parser.add_argument("--sync-every", type=int, default=500)
+    parser.add_argument("--poisoner", default="retailer_1")
+    args = parser.parse_args(argv)
+    data = load(args.data)
+    params = ModelParams()
+    options = Options(label_delay=args.label_delay)
+    if args.experiment == "attack":
+        rows = read_table(args.data)
+        for mode in ("local", "central", "federated"):
+            if mode == "federated":
+                scores, federation = simulate(data, params, options,
+                                              Settings(sync_every=args.sync_every))
+                extra: dict[str, Any] = {"rounds": len(federation.log)}
+            else:
+                scores, extra = MODES[mode](data, params, options), {}
+            attack = cross_retailer_attack(rows, scores["ours"])
+            print(json.dumps({"mode": mode, "ap": _table(summarize(data, scores["ours"])),
+                              "attack": {"campaigns": attack.campaigns, "rows": attack.rows,
+                                         "passed": attack.passed,
+                                         "never_caught": attack.never_caught}, **extra}),
+                  flush=True)
+        return 0
+    for strategy in ("fedavg", "fedmedian", "fedtrimmedavg"):
+        honest = summarize(data, run_federated(
+            data, params, options, Settings(sync_every=args.sync_every, strategy=strategy))["ours"])
+        print(json.dumps({"strategy": strategy, "poison": None, "ap": _table(honest)}),
+              flush=True)
+        for kind in ("scale", "flip"):
+            poisoner = Poisoner(args.poisoner, "scale" if kind == "scale" else "flip")
+            poisoned = summarize(data, run_federated(
+                data, params, options, Settings(sync_every=args.sync_every, strategy=strategy,
+                                                poisoners=(poisoner,)))["ours"])
+            print(json.dumps({"strategy": strategy, "poison": kind, "ap": _table(poisoned),
+                              "honest_max_change": round(
+                                  honest_change(honest, poisoned, (args.poisoner,)), 4)}),
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
