@@ -239,15 +239,11 @@ def main() -> int:
         if args.bootstrap:
             result = run(args, args.bootstrap, tmp)
         else:
-            from qsfraud.stack import Stack, StackConfig
+            from qsfraud.stack import ephemeral_kafka
 
             # the full JIT, as bench/streams.py: a broker under minutes of load
-            stack = Stack(StackConfig.ephemeral(tmp / "stack", kafka_full_jit=True))
-            try:
-                stack.up(["kafka"])
-                result = run(args, stack.kafka.bootstrap, tmp)
-            finally:
-                stack.down()
+            with ephemeral_kafka(tmp, full_jit=True) as kafka:
+                result = run(args, kafka.bootstrap, tmp)
     print(json.dumps(result))
     return 0
 

@@ -252,14 +252,10 @@ def main() -> int:
         if args.bootstrap:
             result = run(args, args.bootstrap, tmp)
         else:
-            from qsfraud.stack import Stack, StackConfig
+            from qsfraud.stack import ephemeral_kafka
 
-            stack = Stack(StackConfig.ephemeral(tmp / "stack"))
-            try:
-                stack.up(["kafka"])
-                result = run(args, stack.kafka.bootstrap, tmp)
-            finally:
-                stack.down()
+            with ephemeral_kafka(tmp) as kafka:
+                result = run(args, kafka.bootstrap, tmp)
     print(json.dumps(result))
     return 0
 

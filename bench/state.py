@@ -229,14 +229,10 @@ def main() -> int:
                 parser.error("--bootstrap needs --log-dirs (the broker's log.dirs)")
             result = run(args, args.bootstrap, args.log_dirs, tmp)
         else:
-            from qsfraud.stack import Stack, StackConfig
+            from qsfraud.stack import ephemeral_kafka
 
-            stack = Stack(StackConfig.ephemeral(tmp / "stack"))
-            try:
-                stack.up(["kafka"])
-                result = run(args, stack.kafka.bootstrap, stack.kafka.log_dirs, tmp)
-            finally:
-                stack.down()
+            with ephemeral_kafka(tmp) as kafka:
+                result = run(args, kafka.bootstrap, kafka.log_dirs, tmp)
     result["cpus"] = os.cpu_count()
     print(json.dumps(result))
     return 0

@@ -455,16 +455,12 @@ def main() -> int:
         if args.bootstrap:
             result = measure(args, args.bootstrap, tmp)
         else:
-            from qsfraud.stack import Stack, StackConfig
+            from qsfraud.stack import ephemeral_kafka
 
             # the full JIT: a broker under minutes of load, as in production (warmed up
             # before anything is measured, see run())
-            stack = Stack(StackConfig.ephemeral(tmp / "stack", kafka_full_jit=True))
-            try:
-                stack.up(["kafka"])
-                result = measure(args, stack.kafka.bootstrap, tmp)
-            finally:
-                stack.down()
+            with ephemeral_kafka(tmp, full_jit=True) as kafka:
+                result = measure(args, kafka.bootstrap, tmp)
     print(json.dumps(result))
     return 0
 

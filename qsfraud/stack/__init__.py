@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from qsfraud.stack.service import Service, StackError, free_port, port_is_free
 
 __all__ = [
     "APP_USER", "CDC_USER", "DATABASE", "KafkaService", "MariaDBService", "MongoService",
-    "Service", "Stack", "StackConfig", "StackError", "free_port", "port_is_free",
+    "Service", "Stack", "StackConfig", "StackError", "ephemeral_kafka", "free_port",
+    "port_is_free",
 ]
 
 DEFAULT_PORTS = {"kafka_port": 19092, "kafka_controller_port": 19093,
@@ -138,3 +141,16 @@ class Stack:
 
     def write_endpoints(self) -> None:
         self.endpoints_file.write_text(json.dumps(self.endpoints(), indent=2) + "\n")
+
+
+@contextmanager
+def ephemeral_kafka(root: Path, *, full_jit: bool = False) -> Iterator[KafkaService]:
+    """A Kafka broker of its own under ``root`` (free ports), stopped on exit: what a
+    benchmark runs against when it is not given ``--bootstrap``. ``full_jit``: the JVM's
+    full JIT, for a broker under minutes of load."""
+    stack = Stack(StackConfig.ephemeral(root / "stack", kafka_full_jit=full_jit))
+    try:
+        stack.up(["kafka"])
+        yield stack.kafka
+    finally:
+        stack.down()
