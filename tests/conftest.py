@@ -6,6 +6,7 @@ starts on first use and is stopped when the session ends, whatever happened.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -65,11 +66,16 @@ def real_mongod_uri() -> str:
     return uri
 
 
+_UNIQUE_NAMES = itertools.count()
+
+
 @pytest.fixture
 def unique_name(request: pytest.FixtureRequest) -> str:
     """A topic/table/collection name unique to this test."""
     base = "".join(c if c.isalnum() else "_" for c in request.node.name)[:40]
-    return f"t_{base}_{os.getpid()}_{id(request) % 100000}"
+    # a counter, not id(request): an object's id is reused once it is freed, and two
+    # parametrized cases share the truncated base (they then read each other's topics)
+    return f"t_{base}_{os.getpid()}_{next(_UNIQUE_NAMES)}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
