@@ -497,24 +497,32 @@ def init_keystore(
 
 
 def load_keystore(
-    path: str | os.PathLike[str], backend: Backend | None = None, now: float | None = None
+    path: str | os.PathLike[str], backend: Backend | None = None, now: float | None = None,
+    role: str | None = None,
 ) -> KeyStore:
-    """Load the key store at ``path``; expired older keys are left out."""
+    """Load the key store at ``path``; expired older keys are left out. With ``role``, a store
+    of another role is refused with KeyStoreError."""
     backend = backend or get_backend()
     now = time.time() if now is None else now
     root = Path(path)
-    name, role, signing = _load_private_keys(root / IDENTITY_FILE, SIGNATURE, backend, now)
+    name, own_role, signing = _load_private_keys(root / IDENTITY_FILE, SIGNATURE, backend, now)
     kem_name, kem_role, kems = _load_private_keys(root / KEM_FILE, KEM_KIND, backend, now)
-    if (kem_name, kem_role) != (name, role):
+    if (kem_name, kem_role) != (name, own_role):
         raise KeyStoreError(f"{root}: identity and KEM keys belong to different parties")
+    if role is not None and own_role != role:
+        raise KeyStoreError(f"{root}: {name} is {_a(own_role)}, not {_a(role)}")
     registry_path = root / REGISTRY_FILE
     registry = load_registry(registry_path, backend) if registry_path.exists() else Registry()
     return KeyStore(
         root,
-        Identity(name, role, signing, backend),
-        KemKeyring(name, role, kems, backend),
+        Identity(name, own_role, signing, backend),
+        KemKeyring(name, own_role, kems, backend),
         registry,
     )
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role[0] in "aeiou" else f"a {role}"
 
 
 def save_store_registry(store: KeyStore) -> None:

@@ -122,12 +122,9 @@ def admin_store(settings: UiSettings) -> tuple[Any | None, str]:
         return None, ("this is an analyst session: the UI was started without an admin key "
                       "(set QSFRAUD_ADMIN_KEYS or pass --admin-keys to `qsfraud ui`)")
     try:
-        store = load_keystore(settings.admin_keys)
+        store = load_keystore(settings.admin_keys, role="admin")
     except (OSError, PqcError) as exc:
-        return None, f"the admin key store {settings.admin_keys} cannot be loaded: {exc}"
-    if store.identity.role != "admin":
-        return None, (f"the key store {settings.admin_keys} belongs to {store.identity.name}, "
-                      f"a {store.identity.role}, not an admin")
+        return None, f"the admin key store {settings.admin_keys} cannot be used: {exc}"
     return store, ""
 
 

@@ -15,11 +15,9 @@ from qsfraud.cli import CommandError
 
 def run(args: argparse.Namespace) -> int:
     try:
-        keys = load_keystore(args.keys)
+        keys = load_keystore(args.keys, role="aggregator")
     except (PqcError, OSError) as exc:
         raise CommandError(f"cannot load the key store {args.keys}: {exc}") from None
-    if keys.identity.role != "aggregator":
-        raise CommandError(f"{keys.identity.name} is a {keys.identity.role}, not an aggregator")
     settings = AggregatorSettings(
         bootstrap=args.bootstrap, quorum=args.quorum, deadline_s=args.deadline,
         strategy=args.strategy, max_update_bytes=args.max_update_bytes,

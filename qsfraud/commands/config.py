@@ -77,11 +77,9 @@ def set_(args: argparse.Namespace) -> int:
             raise CommandError(f"expected KEY=VALUE, got {item!r}")
         changes[key.strip()] = _parse_value(value)
     try:
-        store = load_keystore(args.keys)
+        store = load_keystore(args.keys, role="admin")
     except (OSError, PqcError) as exc:
         raise CommandError(f"cannot load the admin key store {args.keys}: {exc}") from None
-    if store.identity.role != "admin":
-        raise CommandError(f"{store.identity.name} is a {store.identity.role}, not an admin")
     replayed = _replay(args, args.scope)
     try:
         doc = replayed.current.updated(changes, version=replayed.next_version, scope=args.scope,

@@ -63,6 +63,13 @@ def test_load_round_trip_and_key_ids_are_fingerprints(tmp_path):
     assert kinds == ["kem", "signature"]
 
 
+def test_load_with_a_role_refuses_another_roles_store(tmp_path):
+    init_keystore(tmp_path / "k", "acme", "retailer")
+    assert load_keystore(tmp_path / "k", role="retailer").identity.name == "acme"
+    with pytest.raises(KeyStoreError, match="acme is a retailer, not an admin"):
+        load_keystore(tmp_path / "k", role="admin")
+
+
 def test_init_refuses_to_overwrite(tmp_path):
     init_keystore(tmp_path / "k", "retailer-1", "retailer")
     with pytest.raises(KeyStoreError, match="already holds keys"):
