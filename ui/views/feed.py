@@ -122,6 +122,8 @@ def live() -> None:
             "Score": st.column_config.ProgressColumn("Score", min_value=0.0, max_value=1.0,
                                                      format="%.2f"),
             "Time": st.column_config.TextColumn("Time", width="small"),
+            # a retailer's id is its topic prefix: wide enough for a name, not truncated
+            "Retailer": st.column_config.TextColumn("Retailer", width="medium"),
             "Action": st.column_config.TextColumn("Action", width="small"),
             "Latency": st.column_config.TextColumn("Latency", width="small"),
             "Top reasons": st.column_config.TextColumn("Top reasons", width="large"),
