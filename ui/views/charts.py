@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import altair as alt
@@ -27,6 +28,17 @@ def empty(text: str) -> None:
     st.info(text, icon=":material/inbox:")
 
 
+def panel(title: str, data: pd.DataFrame, when_empty: str,
+          chart: Callable[[pd.DataFrame], alt.Chart]) -> bool:
+    """A titled chart of ``data``, or ``when_empty`` in its place; whether it was drawn."""
+    st.subheader(title)
+    if data.empty:
+        empty(when_empty)
+        return False
+    st.altair_chart(chart(data).properties(height=HEIGHT), width="stretch")
+    return True
+
+
 def time_axis() -> alt.X:
     return alt.X("time:T", title=None, axis=alt.Axis(format="%H:%M:%S"))
 
@@ -48,67 +60,46 @@ def all_charts() -> None:
 
     a, b = st.columns(2)
     with a:
-        st.subheader("Decisions per action")
-        data = charts.decisions_over_time(rows)
-        if data.empty:
-            empty("No decisions yet.")
-        else:
-            st.altair_chart(alt.Chart(data).mark_bar().encode(
-                time_axis(), alt.Y("decisions:Q", title="decisions", stack=True),
-                alt.Color("action:N", scale=ACTION_COLORS, title="Action"),
-                tooltip=["time:T", "action:N", "decisions:Q"]).properties(height=HEIGHT),
-                width="stretch")
+        panel("Decisions per action", charts.decisions_over_time(rows), "No decisions yet.",
+              lambda data: alt.Chart(data).mark_bar().encode(
+                  time_axis(), alt.Y("decisions:Q", title="decisions", stack=True),
+                  alt.Color("action:N", scale=ACTION_COLORS, title="Action"),
+                  tooltip=["time:T", "action:N", "decisions:Q"]))
     with b:
-        st.subheader("Score distribution")
-        if not rows:
-            empty("No decisions yet.")
-        else:
-            scores = pd.DataFrame({"score": [r.decision.score for r in rows],
-                                   "action": [r.decision.action for r in rows]})
-            st.altair_chart(alt.Chart(scores).mark_bar().encode(
-                alt.X("score:Q", bin=alt.Bin(maxbins=40, extent=[0, 1]), title="score"),
-                alt.Y("count():Q", title="decisions", stack=True),
-                alt.Color("action:N", scale=ACTION_COLORS, title="Action"),
-            ).properties(height=HEIGHT), width="stretch")
+        scores = pd.DataFrame({"score": [r.decision.score for r in rows],
+                               "action": [r.decision.action for r in rows]})
+        panel("Score distribution", scores, "No decisions yet.",
+              lambda data: alt.Chart(data).mark_bar().encode(
+                  alt.X("score:Q", bin=alt.Bin(maxbins=40, extent=[0, 1]), title="score"),
+                  alt.Y("count():Q", title="decisions", stack=True),
+                  alt.Color("action:N", scale=ACTION_COLORS, title="Action")))
 
     c, d = st.columns(2)
     with c:
-        st.subheader("Fraud rate from labels")
-        data = charts.fraud_rate(labels)
-        if data.empty:
-            empty("No labels yet: chargebacks and analyst verdicts appear here.")
-        else:
-            st.altair_chart(alt.Chart(data).mark_line(point=True).encode(
-                time_axis(), alt.Y("rate:Q", title="fraud rate", axis=alt.Axis(format="%")),
-                tooltip=["time:T", alt.Tooltip("rate:Q", format=".1%"), "labels:Q"],
-            ).properties(height=HEIGHT), width="stretch")
+        panel("Fraud rate from labels", charts.fraud_rate(labels),
+              "No labels yet: chargebacks and analyst verdicts appear here.",
+              lambda data: alt.Chart(data).mark_line(point=True).encode(
+                  time_axis(), alt.Y("rate:Q", title="fraud rate", axis=alt.Axis(format="%")),
+                  tooltip=["time:T", alt.Tooltip("rate:Q", format=".1%"), "labels:Q"]))
     with d:
-        st.subheader("Rolling precision and recall")
-        data = charts.rolling_precision_recall(rows, labels)
-        if data.empty:
-            empty("Appears once labels arrive for decided transactions.")
-        else:
-            long = data.melt("time", var_name="metric", value_name="value").dropna()
-            st.altair_chart(alt.Chart(long).mark_line().encode(
-                time_axis(), alt.Y("value:Q", title=None, scale=alt.Scale(domain=[0, 1]),
-                                   axis=alt.Axis(format="%")),
-                alt.Color("metric:N", title=None),
-                tooltip=["time:T", "metric:N", alt.Tooltip("value:Q", format=".1%")],
-            ).properties(height=HEIGHT), width="stretch")
+        if panel("Rolling precision and recall", charts.rolling_precision_recall(rows, labels),
+                 "Appears once labels arrive for decided transactions.",
+                 lambda data: alt.Chart(
+                     data.melt("time", var_name="metric", value_name="value").dropna()
+                 ).mark_line().encode(
+                     time_axis(), alt.Y("value:Q", title=None, scale=alt.Scale(domain=[0, 1]),
+                                        axis=alt.Axis(format="%")),
+                     alt.Color("metric:N", title=None),
+                     tooltip=["time:T", "metric:N", alt.Tooltip("value:Q", format=".1%")])):
             st.caption("Flagged = verify, hold or block; over the last 200 labelled decisions.")
 
     e, f = st.columns(2)
     with e:
-        st.subheader("Commit → decision latency")
-        data = charts.latency_percentiles(rows)
-        if data.empty:
-            empty("No latencies yet.")
-        else:
-            st.altair_chart(alt.Chart(data).mark_line().encode(
-                time_axis(), alt.Y("ms:Q", title="ms"),
-                alt.Color("percentile:N", title=None),
-                tooltip=["time:T", "percentile:N", alt.Tooltip("ms:Q", format=",.1f")],
-            ).properties(height=HEIGHT), width="stretch")
+        panel("Commit → decision latency", charts.latency_percentiles(rows), "No latencies yet.",
+              lambda data: alt.Chart(data).mark_line().encode(
+                  time_axis(), alt.Y("ms:Q", title="ms"),
+                  alt.Color("percentile:N", title=None),
+                  tooltip=["time:T", "percentile:N", alt.Tooltip("ms:Q", format=",.1f")]))
     with f:
         st.subheader("Workers: lag and throughput")
         history = rt.metrics.history()
@@ -136,19 +127,16 @@ def all_charts() -> None:
             if not several:
                 st.caption(f"Worker: {frame['worker'].iloc[-1]}")
 
-    st.subheader("Federated learning rounds")
     frame = charts.federated_rounds(rt.store.records(topics.FL_GLOBAL))
-    if frame.empty:
-        empty("No federated rounds yet: global models published on "
-              f"{topics.FL_GLOBAL} appear here.")
-    else:
+    if panel("Federated learning rounds", frame,
+             f"No federated rounds yet: global models published on {topics.FL_GLOBAL} appear "
+             "here.",
+             lambda data: alt.Chart(data).mark_bar().encode(
+                 time_axis(), alt.Y("contributors:Q", title="contributors"),
+                 tooltip=["time:T", "round:Q", "contributors:Q", "version:N", "strategy:N"])):
         last = frame.iloc[-1]
         st.caption(f"Round {last['round']:,} · global version {last['version']} · "
                    f"{last['contributors']} contributors · {last['strategy']}")
-        st.altair_chart(alt.Chart(frame).mark_bar().encode(
-            time_axis(), alt.Y("contributors:Q", title="contributors"),
-            tooltip=["time:T", "round:Q", "contributors:Q", "version:N", "strategy:N"],
-        ).properties(height=HEIGHT), width="stretch")
 
 
 all_charts()
