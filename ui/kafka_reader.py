@@ -95,6 +95,11 @@ class KafkaReader:
             self._transport_error = err.str()
 
     def _run(self) -> None:
+        # The transaction parser's module imports the models (River, scipy): 3-7 s on a busy
+        # 2-core machine. Paid here, at start, not when the first transaction arrives, where it
+        # held the first decision back from the feed for as long.
+        import streams.scoring  # noqa: F401
+
         consumer = Consumer({
             "bootstrap.servers": self.settings.bootstrap, "group.id": "qsfraud-ui",
             "enable.auto.commit": False, "isolation.level": "read_committed",
