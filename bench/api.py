@@ -11,11 +11,21 @@
     by the same worker without requests, then another with requests at ``--rate``
     (throughputs from the decisions' ``decided`` times, first to last).
 
+Where the time of (a) goes: ``phases_ms`` gives ``[p50, p99]`` of each part of a request,
+from the worker's stamps (the ``X-Qsfraud-Timings`` header) and the decision's ``timings``:
+``to_handler`` (client sent -> the worker's handler entered: the client, the HTTP server and
+the worker's loop), ``validate``, ``produce_ack`` (the group write until Kafka acknowledged
+it), ``produced_to_received`` (the consumer's fetch and the queue before a batch), ``batch``,
+``decided_to_durable`` (the batch's state acknowledged), ``durable_to_answered`` (the
+waiting handler woken and run), ``to_client``. ``client_late_ms``
+is how late the client started requests against their schedule (its own queue), and
+``*_cpu_ms_per_request`` the CPU the worker, the client and the broker spent per request.
+
 The client runs on the same machine (aiohttp, one connection pool). Runs its own ephemeral
 Kafka unless ``--bootstrap`` is given. The last line is JSON:
 ``{"p50_ms", "p99_ms", "requests_per_s" (the rate the client reached), "pending", "errors",
-"p50_ms_one_at_a_time", "worker_tx_per_s",
-"worker_tx_per_s_with_api", "throughput_cost", "worker_cpu_ms_per_request", ...}``.
+"phases_ms", "p50_ms_one_at_a_time", "worker_tx_per_s", "worker_tx_per_s_with_api",
+"throughput_cost", "worker_cpu_ms_per_request", "load_avg_1m", ...}``.
 """
 
 from __future__ import annotations
@@ -106,7 +116,8 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("produce_ack", "validated", "acked"),  # the group write, until Kafka acknowledged it
     ("produced_to_received", "produced", "received"),  # fetch, then the queue before a batch
     ("batch", "received", "decided"),
-    ("decided_to_answered", "decided", "answered"),  # the batch's state acknowledged
+    ("decided_to_durable", "decided", "durable"),  # the batch's state acknowledged
+    ("durable_to_answered", "durable", "answered"),  # the waiter woken, the handler run
     ("to_client", "answered", "done"),
 )
 """Each part of a request's time: its name and the two stamps it lies between (epoch s;
