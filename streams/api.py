@@ -57,8 +57,9 @@ FORWARDED: Final = "X-Qsfraud-Forwarded"
 again (during a rebalance two workers may each think the other is the owner)."""
 TIMINGS: Final = "X-Qsfraud-Timings"
 """A ``POST /v1/score`` answer's header: epoch seconds at which the worker's handler was
-entered, the request validated, its record acknowledged by Kafka and the answer ready
-(``entered=...,validated=...,acked=...,answered=...``)."""
+entered, the request validated, its record acknowledged by Kafka, the last batch's state
+acknowledged (its decision's, unless a later batch was too) and the answer ready
+(``entered=...,validated=...,acked=...,durable=...,answered=...``)."""
 MAX_LABELS: Final = 10_000
 """Labels in one ``POST /v1/labels``."""
 TOKENS_VERSION: Final = 1
@@ -219,12 +220,15 @@ class DecisionFeed:
         self.scored = scored
         self._in_flight = False
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self.durable_at = 0.0
+        """When the last batch's entries were acknowledged (epoch s)."""
 
     def batch_decided(self) -> None:
         self._in_flight = True
 
     def batch_durable(self) -> None:
         self._in_flight = False
+        self.durable_at = time.time()
         if not self._waiting:
             return
         data = self.scored.data
@@ -451,6 +455,14 @@ class Api:
             raise ApiError(422, "invalid", "customer_id is required: it says which worker "
                            "holds the decision", "customer_id")
         wait_ms = self.wait_ms(request, 0)
+        if request.query.get("redirect") == "1" and not request.headers.get(FORWARDED):
+            owner = self.owner_of(partition_of(customer_id, self.settings.partitions))
+            if owner is not None and owner != self.self_url:
+                # the owner serves the same request without redirect=1 (during a rebalance
+                # it forwards rather than sending the caller round in circles)
+                query = urlencode([(k, v) for k, v in request.query.items() if k != "redirect"])
+                location = f"{owner.rstrip('/')}{request.rel_url.raw_path}?{query}"
+                return web.Response(status=307, headers={"Location": location})
         decision = await self.lookup(request, tx_id, customer_id, wait_ms)
         if decision is None:
             raise ApiError(404, "not_found", f"no decision for {tx_id!r} (yet: waited "
@@ -473,7 +485,8 @@ class Api:
         # where a request's time goes (bench/api.py reads it); the decision's own timings
         # (produced, received, decided) are in its body
         timings = {TIMINGS: f"entered={entered:.6f},validated={validated:.6f},"
-                            f"acked={acked:.6f},answered={time.time():.6f}"}
+                            f"acked={acked:.6f},durable={self.feed.durable_at:.6f},"
+                            f"answered={time.time():.6f}"}
         if decision is None:
             location = (f"/v1/decisions/{quote(tx.tx_id, safe='')}?"
                         f"{urlencode({'customer_id': tx.customer_id})}")
