@@ -4,7 +4,8 @@ before commit, labels. See docs/api/README.md.
 - ``GET /v1/decisions/{tx_id}?customer_id=&wait_ms=``: the decision from the ``scored``
   table of the worker that owns the transaction's partition (``murmur2(customer_id) % N``,
   the partitioner of the CDC and the Java clients); another worker forwards the request to
-  it (faust's group protocol tells every worker the others' URLs and partitions).
+  it (faust's group protocol tells every worker the others' URLs and partitions), or with
+  ``redirect=1`` answers 307 to it.
 - ``POST /v1/score``: a canonical transaction, validated as the worker's input is, produced
   to ``<R>.transactions`` keyed by ``customer_id``; the decision the owner makes of it, when
   it has made it (the same path as the CDC's records: no second scoring path).
@@ -57,8 +58,8 @@ FORWARDED: Final = "X-Qsfraud-Forwarded"
 again (during a rebalance two workers may each think the other is the owner)."""
 TIMINGS: Final = "X-Qsfraud-Timings"
 """A ``POST /v1/score`` answer's header: epoch seconds at which the worker's handler was
-entered, the request validated, its record acknowledged by Kafka, the last batch's state
-acknowledged (its decision's, unless a later batch was too) and the answer ready
+entered, the request validated, its record acknowledged by Kafka, the state of the batch
+that decided it acknowledged (when this worker decided it) and the answer ready
 (``entered=...,validated=...,acked=...,durable=...,answered=...``)."""
 MAX_LABELS: Final = 10_000
 """Labels in one ``POST /v1/labels``."""
@@ -219,22 +220,20 @@ class DecisionFeed:
     def __init__(self, scored: ScoredStore) -> None:
         self.scored = scored
         self._in_flight = False
-        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
-        self.durable_at = 0.0
-        """When the last batch's entries were acknowledged (epoch s)."""
+        self._waiting: dict[str, list[asyncio.Future[float]]] = {}
 
     def batch_decided(self) -> None:
         self._in_flight = True
 
     def batch_durable(self) -> None:
         self._in_flight = False
-        self.durable_at = time.time()
         if not self._waiting:
             return
         data = self.scored.data
+        now = time.time()
         for tx_id in [t for t in self._waiting if t in data]:
             for waiter in self._waiting.pop(tx_id):
-                _wake(waiter)
+                _wake(waiter, now)
 
     def decision(self, tx_id: str) -> bytes | None:
         """The decision record of ``tx_id`` if its entry is durable: the bytes the worker
@@ -244,8 +243,10 @@ class DecisionFeed:
         raw = self.scored.data.get(tx_id)
         return None if raw is None else dumps(orjson.loads(raw)["d"])
 
-    async def wait(self, tx_id: str, timeout_s: float) -> bytes | None:
-        """The decision of ``tx_id`` as soon as there is one, or None after ``timeout_s``.
+    async def wait(self, tx_id: str, timeout_s: float,
+                   stamps: dict[str, float] | None = None) -> bytes | None:
+        """The decision of ``tx_id`` as soon as there is one, or None after ``timeout_s``;
+        ``stamps["durable"]``: when the batch that woke this waiter was acknowledged.
 
         A future woken by :meth:`batch_durable` or by a timer (``call_at``, not
         ``asyncio.wait_for``: that one costs a task and a timeout context on every request,
@@ -256,12 +257,13 @@ class DecisionFeed:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            waiter: asyncio.Future[None] = loop.create_future()
+            waiter: asyncio.Future[float] = loop.create_future()
             waiters = self._waiting.setdefault(tx_id, [])
             waiters.append(waiter)
-            timer = loop.call_at(min(deadline, loop.time() + self.RECHECK_S), _wake, waiter)
+            timer = loop.call_at(min(deadline, loop.time() + self.RECHECK_S), _wake, waiter,
+                                 0.0)
             try:
-                await waiter
+                durable = await waiter
             finally:
                 timer.cancel()
                 if waiter in waiters:  # not woken by batch_durable, which pops the list
@@ -269,13 +271,16 @@ class DecisionFeed:
                     if not waiters and self._waiting.get(tx_id) is waiters:
                         del self._waiting[tx_id]
             found = self.decision(tx_id)
+            if found is not None and durable and stamps is not None:
+                stamps["durable"] = durable
             if found is not None or loop.time() >= deadline:
                 return found
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
+def _wake(waiter: asyncio.Future[float], durable: float) -> None:
+    """``durable``: when the batch was acknowledged (0.0 from a timer)."""
     if not waiter.done():
-        waiter.set_result(None)
+        waiter.set_result(durable)
 
 
 Write = tuple[int, bytes | None, bytes | None]
@@ -411,12 +416,12 @@ class Api:
         return None
 
     async def lookup(self, request: web.Request, tx_id: str, customer_id: str,
-                     wait_ms: int) -> bytes | None:
+                     wait_ms: int, stamps: dict[str, float] | None = None) -> bytes | None:
         """The decision of ``tx_id`` from the worker that owns it (this one or another),
         waiting up to ``wait_ms``; None if there is none by then."""
         owner = self.owner_of(partition_of(customer_id, self.settings.partitions))
         if owner == self.self_url:
-            return await self.feed.wait(tx_id, wait_ms / 1000)
+            return await self.feed.wait(tx_id, wait_ms / 1000, stamps)
         if owner is None or request.headers.get(FORWARDED):
             raise ApiError(503, "unavailable", "the partitions are being reassigned; retry",
                            headers={"Retry-After": "1"})
@@ -481,12 +486,12 @@ class Api:
         await self.write(self.settings.transactions_topic,
                          [(partition, tx.customer_id.encode(), transaction_record(tx))])
         acked = time.time()
-        decision = await self.lookup(request, tx.tx_id, tx.customer_id, wait_ms)
+        stamps = {"entered": entered, "validated": validated, "acked": acked}
+        decision = await self.lookup(request, tx.tx_id, tx.customer_id, wait_ms, stamps)
+        stamps["answered"] = time.time()
         # where a request's time goes (bench/api.py reads it); the decision's own timings
         # (produced, received, decided) are in its body
-        timings = {TIMINGS: f"entered={entered:.6f},validated={validated:.6f},"
-                            f"acked={acked:.6f},durable={self.feed.durable_at:.6f},"
-                            f"answered={time.time():.6f}"}
+        timings = {TIMINGS: ",".join(f"{k}={v:.6f}" for k, v in stamps.items())}
         if decision is None:
             location = (f"/v1/decisions/{quote(tx.tx_id, safe='')}?"
                         f"{urlencode({'customer_id': tx.customer_id})}")
@@ -762,8 +767,14 @@ def openapi_document() -> dict[str, Any]:
                      "description": "the transaction's customer (the key of its partition)"},
                     wait,
                     {"name": "retailer_id", "in": "query", "required": False,
-                     "schema": {"type": "string"}}],
+                     "schema": {"type": "string"}},
+                    {"name": "redirect", "in": "query", "required": False,
+                     "schema": {"enum": ["1"]},
+                     "description": "1: a worker that does not own the transaction answers "
+                                    "307 to the one that does, instead of forwarding"}],
                 "responses": {"200": decision,
+                              "307": {"description": "redirect=1 and another worker owns "
+                                                     "the transaction: its URL in Location"},
                               "404": error("no decision (yet), or an unknown retailer"),
                               "422": error("a bad parameter"), **auth_errors}}},
             "/v1/score": {"post": {
