@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from fraud.topics import RetailerTopics
 from qsfraud.worker_process import WorkerProcess, WorkerProcessError
 from streams.api import (
+    TIMINGS,
     DecisionFeed,
     GroupPublisher,
     TokenStore,
@@ -219,6 +220,15 @@ def test_a_lookup_on_any_worker_is_answered_by_the_owner(cluster: Cluster) -> No
     assert decision["tx_id"] == "route-1" and decision["action"] in ("allow", "verify", "hold",
                                                                       "block")
     assert set(decision["timings"]) >= {"received", "decided", "produced"}
+    # the worker's stamps of the request, in order (bench/api.py splits its time with them)
+    stamps = dict(part.split("=") for part in scored.headers[TIMINGS].split(","))
+    order = [float(stamps[k]) for k in ("entered", "validated", "acked", "answered")]
+    assert order == sorted(order) and order[0] <= decision["timings"]["produced"] <= order[2]
+    assert "durable" not in stamps  # decided by the other worker: its batch is not known here
+    owned = score(b, transaction(cluster.retailer, "route-0", customer))
+    stamps = dict(part.split("=") for part in owned.headers[TIMINGS].split(","))
+    assert owned.json()["timings"]["decided"] <= float(stamps["durable"]) <= float(
+        stamps["answered"])
     for w in (a, b):
         got = call(w, "GET", f"/v1/decisions/route-1?customer_id={customer}")
         assert got.status == 200 and got.body == scored.body
