@@ -11,17 +11,28 @@
     by the same worker without requests, then another with requests at ``--rate``
     (throughputs from the decisions' ``decided`` times, first to last).
 
+Where the time of (a) goes: ``phases_ms`` gives ``[p50, p99]`` of each part of a request,
+from the worker's stamps (the ``X-Qsfraud-Timings`` header) and the decision's ``timings``:
+``to_handler`` (client sent -> the worker's handler entered: the client, the HTTP server and
+the worker's loop), ``validate``, ``produce_ack`` (the group write until Kafka acknowledged
+it), ``produced_to_received`` (the consumer's fetch and the queue before a batch), ``batch``,
+``decided_to_durable`` (the batch's state acknowledged), ``durable_to_answered`` (the
+waiting handler woken and run), ``to_client``. ``client_late_ms``
+is how late the client started requests against their schedule (its own queue), and
+``*_cpu_ms_per_request`` the CPU the worker, the client and the broker spent per request.
+
 The client runs on the same machine (aiohttp, one connection pool). Runs its own ephemeral
 Kafka unless ``--bootstrap`` is given. The last line is JSON:
 ``{"p50_ms", "p99_ms", "requests_per_s" (the rate the client reached), "pending", "errors",
-"p50_ms_one_at_a_time", "worker_tx_per_s",
-"worker_tx_per_s_with_api", "throughput_cost", "worker_cpu_ms_per_request", ...}``.
+"phases_ms", "p50_ms_one_at_a_time", "worker_tx_per_s", "worker_tx_per_s_with_api",
+"throughput_cost", "worker_cpu_ms_per_request", "load_avg_1m", ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from fraud.topics import RetailerTopics  # noqa: E402
 from qsfraud.worker_process import WorkerProcess  # noqa: E402
 
+TIMINGS = "X-Qsfraud-Timings"  # streams.api.TIMINGS: the worker's stamps of a request
 TOKEN = "bench-api-token"
 RETAILER = "bench_api"
 
@@ -60,35 +72,78 @@ async def load(port: int, rate: float, seconds: float, prefix: str, rng: random.
     url = f"http://127.0.0.1:{port}/v1/score?wait_ms=5000"
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     latencies: list[float] = []
+    phases: list[dict[str, float]] = []
+    late: list[float] = []  # each request's start after its schedule: the client's own queue
     statuses: dict[int, int] = {}
     n = int(rate * seconds)
     connector = aiohttp.TCPConnector(limit=400)
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def one(i: int) -> None:
+        async def one(i: int, due: float) -> None:
             body = json.dumps(transaction(i, prefix, rng, retailer)).encode()
+            late.append(time.perf_counter() - due)
+            sent = time.time()
             started = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers) as r:
-                    await r.read()
+                    answer = await r.read()
                     status = r.status
+                    stamps = r.headers.get(TIMINGS, "")
             except aiohttp.ClientError:
                 status = 0
             if status == 200:
                 latencies.append(time.perf_counter() - started)
+                phases.append(phases_of(sent, stamps, answer, time.time()))
             statuses[status] = statuses.get(status, 0) + 1
 
         start = time.perf_counter()
         tasks = []
         for i in range(n):
-            delay = start + i / rate - time.perf_counter()
+            due = start + i / rate
+            delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
+            tasks.append(asyncio.create_task(one(i, due)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     return {"latencies": latencies, "statuses": statuses, "sent": n,
-            "requests_per_s": n / elapsed}
+            "requests_per_s": n / elapsed, "phases": phases, "late": late}
+
+
+PHASES: tuple[tuple[str, str, str], ...] = (
+    ("to_handler", "sent", "entered"),  # the client, the HTTP server, the worker's loop
+    ("validate", "entered", "validated"),
+    ("produce_ack", "validated", "acked"),  # the group write, until Kafka acknowledged it
+    ("produced_to_received", "produced", "received"),  # fetch, then the queue before a batch
+    ("batch", "received", "decided"),
+    ("decided_to_durable", "decided", "durable"),  # the batch's state acknowledged
+    ("durable_to_answered", "durable", "answered"),  # the waiter woken, the handler run
+    ("to_client", "answered", "done"),
+)
+"""Each part of a request's time: its name and the two stamps it lies between (epoch s;
+the worker's from the ``X-Qsfraud-Timings`` header and the decision's ``timings``)."""
+
+
+def phases_of(sent: float, header: str, answer: bytes, done: float) -> dict[str, float]:
+    """The stamps of one answered request, by name."""
+    stamps = {"sent": sent, "done": done}
+    for part in header.split(","):
+        name, _, value = part.partition("=")
+        if value:
+            stamps[name] = float(value)
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        stamps.update(json.loads(answer)["timings"])
+    return stamps
+
+
+def phase_percentiles(stamps: list[dict[str, float]]) -> dict[str, list[float]]:
+    """``{phase: [p50_ms, p99_ms]}`` over the requests that have both of its stamps."""
+    out = {}
+    for name, start, end in PHASES:
+        values = [s[end] - s[start] for s in stamps if start in s and end in s]
+        if values:
+            out[name] = [round(pct(values, 0.50), 1), round(pct(values, 0.99), 1)]
+    return out
 
 
 async def one_at_a_time(port: int, n: int, rng: random.Random, retailer: str) -> list[float]:
@@ -172,7 +227,8 @@ def backlog_with_load(bootstrap: str, port: int, args: argparse.Namespace,
     return asyncio.run(both())
 
 
-def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, bootstrap: str, tmp: Path,
+        broker_pid: int | None = None) -> dict[str, Any]:
     rng = random.Random(7)
     tokens = tmp / "tokens.json"
     tokens.write_text(json.dumps({"v": 1, "tokens": [
@@ -185,10 +241,12 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict[str, Any]:
                          args.retailer))
         single = asyncio.run(one_at_a_time(worker.port, args.one_at_a_time, rng,
                                            args.retailer))
-        cpu0 = process_cpu_s(worker.proc.pid)
+        pids = {"worker": worker.proc.pid, "client": os.getpid(), "broker": broker_pid}
+        cpu0 = {name: process_cpu_s(pid) for name, pid in pids.items() if pid}
         measured = asyncio.run(load(worker.port, args.rate, args.seconds, "score", rng,
                                     args.retailer))
-        cpu_per_request = (process_cpu_s(worker.proc.pid) - cpu0) / max(1, measured["sent"])
+        cpu_ms = {name: round((process_cpu_s(pids[name]) - used) * 1000
+                              / max(1, measured["sent"]), 2) for name, used in cpu0.items()}
         produce_backlog(bootstrap, "idle", args.backlog, rng, args.retailer)
         unloaded = drain_rate(bootstrap, "idle", args.backlog, args.retailer)
         args.unloaded_rate = unloaded
@@ -207,9 +265,14 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path) -> dict[str, Any]:
         "p90_ms": round(pct(lat, 0.90), 1),
         "p99_ms": round(pct(lat, 0.99), 1),
         "max_ms": round(max(lat) * 1000, 1) if lat else -1.0,
+        "phases_ms": phase_percentiles(measured["phases"]),
         "p50_ms_one_at_a_time": round(pct(single, 0.50), 1),
         "p99_ms_one_at_a_time": round(pct(single, 0.99), 1),
-        "worker_cpu_ms_per_request": round(cpu_per_request * 1000, 2),
+        "worker_cpu_ms_per_request": cpu_ms["worker"],
+        "client_cpu_ms_per_request": cpu_ms["client"],
+        "broker_cpu_ms_per_request": cpu_ms.get("broker"),
+        "client_late_ms": [round(pct(measured["late"], 0.50), 1),
+                           round(pct(measured["late"], 0.99), 1)],
         "worker_tx_per_s": round(unloaded, 1),
         "worker_tx_per_s_with_api": round(loaded_rate, 1),
         "throughput_cost": round(1 - loaded_rate / unloaded, 3) if unloaded else None,
@@ -243,7 +306,8 @@ def main() -> int:
 
             # the full JIT, as bench/streams.py: a broker under minutes of load
             with ephemeral_kafka(tmp, full_jit=True) as kafka:
-                result = run(args, kafka.bootstrap, tmp)
+                result = run(args, kafka.bootstrap, tmp,
+                             int(kafka.pid_file.read_text()))
     print(json.dumps(result))
     return 0
 

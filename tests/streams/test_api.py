@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from fraud.topics import RetailerTopics
 from qsfraud.worker_process import WorkerProcess, WorkerProcessError
 from streams.api import (
+    TIMINGS,
     DecisionFeed,
     GroupPublisher,
     TokenStore,
@@ -219,6 +220,15 @@ def test_a_lookup_on_any_worker_is_answered_by_the_owner(cluster: Cluster) -> No
     assert decision["tx_id"] == "route-1" and decision["action"] in ("allow", "verify", "hold",
                                                                       "block")
     assert set(decision["timings"]) >= {"received", "decided", "produced"}
+    # the worker's stamps of the request, in order (bench/api.py splits its time with them)
+    stamps = dict(part.split("=") for part in scored.headers[TIMINGS].split(","))
+    order = [float(stamps[k]) for k in ("entered", "validated", "acked", "answered")]
+    assert order == sorted(order) and order[0] <= decision["timings"]["produced"] <= order[2]
+    assert "durable" not in stamps  # decided by the other worker: its batch is not known here
+    owned = score(b, transaction(cluster.retailer, "route-0", customer))
+    stamps = dict(part.split("=") for part in owned.headers[TIMINGS].split(","))
+    assert owned.json()["timings"]["decided"] <= float(stamps["durable"]) <= float(
+        stamps["answered"])
     for w in (a, b):
         got = call(w, "GET", f"/v1/decisions/route-1?customer_id={customer}")
         assert got.status == 200 and got.body == scored.body
@@ -232,6 +242,34 @@ def test_a_lookup_on_any_worker_is_answered_by_the_owner(cluster: Cluster) -> No
                          "&wait_ms=5000")
     assert got.status == 200, got.body
     assert got.json()["tx_id"] == "route/2 ?" and got.json()["timings"]["committed"] > 0
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx answer itself, as an HTTPError
+
+
+def test_a_lookup_with_redirect_1_is_sent_to_the_owner(cluster: Cluster) -> None:
+    a, b = cluster.workers
+    customer = cluster.customer_on(b, "redirect")
+    tx_id = "redirect/1 ?"  # an id that needs quoting: the Location keeps it quoted
+    scored = score(b, transaction(cluster.retailer, tx_id, customer))
+    assert scored.status == 200, scored.body
+    path = f"/v1/decisions/{quote(tx_id, safe='')}?customer_id={customer}&wait_ms=100"
+    opener = urllib.request.build_opener(_NoRedirect(),
+                                         urllib.request.HTTPSHandler(context=a.context))
+    request = urllib.request.Request(f"https://127.0.0.1:{a.port}{path}&redirect=1",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        opener.open(request, timeout=30)
+    assert answer.value.code == 307
+    location = answer.value.headers["Location"]
+    assert location == f"https://127.0.0.1:{b.port}{path}"
+    followed = call(a, "GET", path + "&redirect=1")  # urllib follows a 307 GET
+    assert followed.status == 200 and followed.body == scored.body
+    # the owner answers itself; no token, no redirect (nothing learned of the workers)
+    assert call(b, "GET", path + "&redirect=1").body == scored.body
+    assert call(a, "GET", path + "&redirect=1", token=None).status == 401
 
 
 def produce(bootstrap: str, retailer: str, txs: list[dict], cdc: bool = False) -> None:
