@@ -572,10 +572,10 @@ def process_started_at() -> float:
     and imports included; now, where /proc does not say."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        # /proc/uptime to the hundredth: the boot time in /proc/stat is whole seconds
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 
@@ -690,12 +690,14 @@ class Demo:
                 f"on (workers sync every {self.settings.fl_interval_s:g} s)" if self.fl_enabled
                 else "the aggregator runs, but `qsfraud worker` has no --fl-identity yet: "
                      "workers do not federate"))
+            if not self.settings.headless:
+                # while the workers join their groups (~15 s), not after: streamlit's start
+                # costs seconds of CPU that the first decisions would otherwise wait for
+                self.start_ui(bootstrap)
             t0 = time.monotonic()
             self.wait_for_workers()
             self.say(f"workers ready in {time.monotonic() - t0:.1f} s "
                      f"({self.milestone('workers_ready_s'):.1f} s after start)")
-            if not self.settings.headless:
-                self.start_ui(bootstrap)
             watcher = TopicWatcher(self, bootstrap)
             watcher.start()
             try:
