@@ -690,14 +690,15 @@ class Demo:
                 f"on (workers sync every {self.settings.fl_interval_s:g} s)" if self.fl_enabled
                 else "the aggregator runs, but `qsfraud worker` has no --fl-identity yet: "
                      "workers do not federate"))
-            if not self.settings.headless:
-                # while the workers join their groups (~15 s), not after: streamlit's start
-                # costs seconds of CPU that the first decisions would otherwise wait for
-                self.start_ui(bootstrap)
             t0 = time.monotonic()
             self.wait_for_workers()
             self.say(f"workers ready in {time.monotonic() - t0:.1f} s "
                      f"({self.milestone('workers_ready_s'):.1f} s after start)")
+            if not self.settings.headless:
+                # after the workers, not while they join: started together, streamlit's
+                # start-up slowed theirs (first decisions 54 s after the command instead of
+                # 47-50 s, one run each on the loaded VM)
+                self.start_ui(bootstrap)
             watcher = TopicWatcher(self, bootstrap)
             watcher.start()
             try:
