@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import heapq
+import itertools
 import json
 import math
 import os
@@ -39,6 +41,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
+
+import orjson
 
 from fraud.generator import GeneratorConfig, generate
 from fraud.metrics import average_precision
@@ -60,6 +64,14 @@ ATTACK = "card_cross_retailer"
 FLAGGED = ("verify", "hold", "block")
 ACTIONS = ("allow", *FLAGGED)
 FL_FLAGS = ("--fl-identity", "--fl-aggregator", "--fl-trust")
+# Shares of --duration: the faults come in its first 40 % (the broker's restart takes ~20 s
+# on a loaded machine), so that federated rounds complete again before the writes end; the
+# hostile inputs come between the first two kills, long before the broker's restart, so that
+# a role they made exit would be seen as such (restarts before it are the SIGKILLed roles').
+FAULT_PLAN = ((0.1, "kill -9", "cdc-acme"), (0.2, "kill -9", "worker-globex"),
+              (0.3, "kill -9", "aggregator"), (0.4, "restart", "kafka"))
+HOSTILE_AT = 0.15
+HOPS = ("encoded", "produced", "visible", "received", "decided")
 
 
 class DemoError(Exception):
@@ -86,7 +98,7 @@ class DemoSettings:
     # once, spread over --duration; every role that exits is then started again
     faults: bool = False
     # malformed rows in every database, garbage and oversized records on the retailers'
-    # topics, unsigned and untrusted config, a third into --duration
+    # topics, unsigned and untrusted config, 15 % into --duration
     hostile: bool = False
 
 
@@ -351,7 +363,26 @@ class RetailerTally:
     conflicting: list[str] = field(default_factory=list)  # a second, different decision
     labels: dict[str, bool] = field(default_factory=dict)  # sent so far
     latencies_ms: list[float] = field(default_factory=list)
+    # per hop of the commit -> decision path: epoch seconds each stage reached, by tx_id
+    stamps: dict[str, dict[str, float]] = field(default_factory=dict)
+    first_decision_at: float | None = None  # epoch seconds
     decided_at_report: int = 0
+
+    def stamp(self, tx_id: str, **stages: float) -> None:
+        self.stamps.setdefault(tx_id, {}).update(stages)
+
+    def hops_ms(self) -> dict[str, dict[str, float | None]]:
+        """Percentiles of the time from the database commit to each stage: ``encoded`` (the
+        CDC read and mapped the change), ``produced`` (handed to its Kafka producer),
+        ``visible`` (readable under read_committed: the CDC's Kafka transaction committed),
+        ``received`` (the worker took it), ``decided``."""
+        out: dict[str, dict[str, float | None]] = {}
+        for stage in HOPS:
+            values = [(s[stage] - s["committed"]) * 1000 for s in self.stamps.values()
+                      if stage in s and "committed" in s]
+            out[stage] = {"p50": _number(_percentile(values, 0.5), 1),
+                          "p99": _number(_percentile(values, 0.99), 1), "n": len(values)}
+        return out
 
     def actions(self) -> Counter[str]:
         return Counter(action for action, _ in self.decisions.values())
@@ -426,7 +457,14 @@ class TopicWatcher(threading.Thread):
 
         aggregator = load_keystore(self.keys / "aggregator")
         while not self.stopping.is_set():
-            for msg in self.consumer.consume(500, timeout=0.2):
+            # poll returns at the first record, consume(timeout=0) takes what else is there:
+            # consume(500, timeout) would hold the first record until 500 came or the timeout
+            # passed, and the time a transaction became readable would be that late
+            first = self.consumer.poll(0.2)
+            if first is None:
+                continue
+            seen = time.time()
+            for msg in [first, *self.consumer.consume(500, timeout=0)]:
                 if msg.error() is not None:
                     continue
                 kind, retailer = self.topics.get(msg.topic() or "", ("", ""))
@@ -439,22 +477,34 @@ class TopicWatcher(threading.Thread):
                     with self.demo.lock:
                         self.demo.dead_letters.append((msg.topic() or "", value))
                 elif kind:
-                    try:
-                        record = json.loads(value)
+                    try:  # orjson: this thread reads every transaction and decision
+                        record = orjson.loads(value)
                     except (TypeError, ValueError):
                         continue
-                    if isinstance(record, dict):
-                        (self.transaction if kind == "transactions" else self.decision)(
-                            retailer, record)
+                    if not isinstance(record, dict):
+                        continue
+                    if kind == "transactions":
+                        self.transaction(retailer, record, msg.timestamp()[1] / 1000, seen)
+                    else:
+                        self.decision(retailer, record, seen)
         self.consumer.close()
 
-    def transaction(self, retailer: str, envelope: dict[str, Any]) -> None:
+    def transaction(self, retailer: str, envelope: dict[str, Any], produced: float,
+                    seen: float) -> None:
+        """A captured change; ``produced`` is its Kafka timestamp (the CDC's produce call),
+        ``seen`` when it became readable here under read_committed."""
         tx = envelope.get("tx")
         if envelope.get("op") in ("r", "c") and isinstance(tx, dict):
+            tx_id = str(tx.get("tx_id"))
+            encoded = envelope.get("produced_at")  # set by the CDC's encoder
             with self.demo.lock:
-                self.demo.tallies[retailer].captured.add(str(tx.get("tx_id")))
+                tally = self.demo.tallies[retailer]
+                tally.captured.add(tx_id)
+                tally.stamp(tx_id, produced=produced, visible=seen)
+                if isinstance(encoded, int | float):
+                    tally.stamp(tx_id, encoded=float(encoded))
 
-    def decision(self, retailer: str, d: dict[str, Any]) -> None:
+    def decision(self, retailer: str, d: dict[str, Any], seen: float) -> None:
         tally = self.demo.tallies[retailer]
         tx_id = str(d.get("tx_id"))
         action, score = str(d.get("action")), float(d.get("score", 0.0))
@@ -468,11 +518,19 @@ class TopicWatcher(threading.Thread):
                     tally.conflicting.append(tx_id)
                 return
             tally.decisions[tx_id] = (action, score)
+            if tally.first_decision_at is None:
+                tally.first_decision_at = seen
+                self.demo.say(f"{retailer:8} first decision {seen - self.demo.started_at:.1f} s "
+                              "after the demo started")
             # from the demo's own commit, not the decision's `committed`: the binlog's event
             # times are whole seconds, which made MariaDB's latency look ~0.5 s longer
             committed = self.demo.commit_times.pop(tx_id, None)
             if committed is not None and isinstance(decided, int | float):
                 tally.latencies_ms.append((decided - committed) * 1000)
+                received = (d.get("timings") or {}).get("received")
+                tally.stamp(tx_id, committed=committed, decided=float(decided))
+                if isinstance(received, int | float):
+                    tally.stamp(tx_id, received=float(received))
 
     def fl_update(self, blob: bytes, aggregator: Any) -> None:
         from fl.client import open_update
@@ -511,6 +569,18 @@ class TopicWatcher(threading.Thread):
             fl.contributors.update(model.contributors)
 
 
+def process_started_at() -> float:
+    """When this process started (epoch seconds): the command's start, interpreter start-up
+    and imports included; now, where /proc does not say."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        # /proc/uptime to the hundredth: the boot time in /proc/stat is whole seconds
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -539,9 +609,12 @@ class Demo:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.child_args: dict[str, list[str]] = {}
         self.restarts: Counter[str] = Counter()
+        self.restart_events: list[dict[str, Any]] = []  # role, exit code, when (as faults)
+        self.writing_started = time.monotonic()  # set again when the writes start
         self.restarted_at: dict[str, float] = {}
         self.fault_events: list[dict[str, Any]] = []
         self.hostile_sent: list[dict[str, str]] = []  # where, what, token (id or SHA-256)
+        self.hostile_at_s: float | None = None  # after the writes started
         self.dead_letters: list[tuple[str, bytes]] = []  # (topic, value) of DLQs, rejections
         self.stack: Stack | None = None
         self.lock = threading.Lock()
@@ -556,6 +629,15 @@ class Demo:
         self.stop_requested = threading.Event()
         self.reporting_done = threading.Event()
         self.last_report = time.monotonic()
+        self.started_at = process_started_at()
+        self.milestones: dict[str, float] = {}  # seconds after started_at: stack, workers, UI
+
+    def milestone(self, name: str) -> float:
+        """Note that ``name`` happened now; the seconds since the command started."""
+        after = round(time.time() - self.started_at, 1)
+        with self.lock:
+            self.milestones[name] = after
+        return after
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -582,7 +664,8 @@ class Demo:
         t0 = time.monotonic()
         self.stack.up()
         bootstrap = self.stack.kafka.bootstrap
-        self.say(f"stack ready in {time.monotonic() - t0:.1f} s: kafka {bootstrap}")
+        self.say(f"stack ready in {time.monotonic() - t0:.1f} s "
+                 f"({self.milestone('stack_ready_s'):.1f} s after start): kafka {bootstrap}")
         mariadb = self.stack.mariadb
         databases: dict[str, OrdersDatabase] = {
             "acme": MariaDBOrders(mariadb.host, mariadb.port),
@@ -611,8 +694,12 @@ class Demo:
                      "workers do not federate"))
             t0 = time.monotonic()
             self.wait_for_workers()
-            self.say(f"workers ready in {time.monotonic() - t0:.1f} s")
+            self.say(f"workers ready in {time.monotonic() - t0:.1f} s "
+                     f"({self.milestone('workers_ready_s'):.1f} s after start)")
             if not self.settings.headless:
+                # after the workers, not while they join: started together, streamlit's
+                # start-up slowed theirs (first decisions 54 s after the command instead of
+                # 47-50 s, one run each on the loaded VM)
                 self.start_ui(bootstrap)
             watcher = TopicWatcher(self, bootstrap)
             watcher.start()
@@ -721,6 +808,22 @@ class Demo:
         self.spawn("ui", self.ui_args(bootstrap, port))
         self.ui_url = f"http://127.0.0.1:{port}"
         self.say(f"UI: {self.ui_url}")
+        threading.Thread(target=self.wait_for_ui, args=(self.ui_url,), name="ui-up",
+                         daemon=True).start()
+
+    def wait_for_ui(self, url: str) -> None:
+        """Says when the UI answers its health check (streamlit takes seconds to start)."""
+        import urllib.request
+
+        while not self.reporting_done.is_set():
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        self.say(f"UI up {self.milestone('ui_up_s'):.1f} s after start: {url}")
+                        return
+            except OSError:
+                pass
+            self.reporting_done.wait(0.5)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         s = self.settings
@@ -738,7 +841,7 @@ class Demo:
         from confluent_kafka import Producer
 
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 2})
-        started = time.monotonic()
+        started = self.writing_started = time.monotonic()
         reporter = threading.Thread(target=self.report_until_stopped, name="status",
                                     daemon=True)
         reporter.start()
@@ -751,7 +854,8 @@ class Demo:
 
     def write_until_stopped(self, databases: dict[str, OrdersDatabase], producer: Any,
                             started: float) -> None:
-        pending_labels: list[tuple[float, dict[str, Any]]] = []
+        pending_labels: list[tuple[float, int, dict[str, Any]]] = []  # a heap by due time
+        order = itertools.count()  # ties in due time: the order of the rows
         tick = 0.1
         total_rate = self.settings.rate * len(self.retailers)
         written = 0
@@ -762,7 +866,7 @@ class Demo:
             now = time.monotonic()
             if self.settings.duration and now - started >= self.settings.duration:
                 break
-            if hostile_due and now - started >= self.settings.duration / 3:
+            if hostile_due and now - started >= HOSTILE_AT * self.settings.duration:
                 hostile_due = False
                 self.inject_hostile(databases, producer)
             self.check_children()
@@ -772,7 +876,8 @@ class Demo:
             for row in rows if due > 0 else ():
                 batch[row["retailer_id"]].append(row)
                 if row.get("labelled_at") is not None:
-                    pending_labels.append((float(row["labelled_at"]), row))
+                    heapq.heappush(pending_labels,
+                                   (float(row["labelled_at"]), next(order), row))
                 if sum(map(len, batch.values())) >= due:
                     break
             else:
@@ -790,7 +895,7 @@ class Demo:
                         self.tallies[retailer].committed += len(retailer_rows)
                     written += len(retailer_rows)
             if clock:
-                pending_labels = self.send_due_labels(producer, pending_labels, clock)
+                self.send_due_labels(producer, pending_labels, clock)
             if exhausted:
                 self.say("all generated purchases committed; Ctrl-C stops")
                 rows = iter(())
@@ -838,6 +943,7 @@ class Demo:
             producer.produce(CONFIG, key=b"*", value=value)
             sent.append({"where": CONFIG, "what": what, "token": "config"})
         producer.flush(10)
+        self.hostile_at_s = round(time.monotonic() - self.writing_started, 1)
         self.say(f"hostile: {len(sent)} bad rows, records and config documents sent")
 
     def hostile_audit(self) -> dict[str, Any]:
@@ -870,16 +976,14 @@ class Demo:
                 unmatched.append(item)
         decided = sorted(tx for t in self.tallies.values() for tx in t.decisions
                          if tx.startswith("bad-"))
-        return {"sent": len(self.hostile_sent), "items": items, "unmatched": unmatched,
-                "decided": decided, "config_documents": 2,
+        return {"sent": len(self.hostile_sent), "at_s": self.hostile_at_s, "items": items,
+                "unmatched": unmatched, "decided": decided, "config_documents": 2,
                 "config_rejection_reports": rejections}
 
     def inject_faults(self) -> None:
         """The fault run's plan, spread over the writing time."""
-        plan = [(0.15, "kill -9", "cdc-acme"), (0.3, "kill -9", "worker-globex"),
-                (0.45, "kill -9", "aggregator"), (0.6, "restart", "kafka")]
-        started = time.monotonic()
-        for share, fault, target in plan:
+        started = self.writing_started
+        for share, fault, target in FAULT_PLAN:
             due = started + share * self.settings.duration
             if self.stop_requested.wait(max(0.0, due - time.monotonic())) \
                     or self.reporting_done.is_set():
@@ -908,13 +1012,13 @@ class Demo:
             self.stop_requested.wait(0.5)
         self.say(f"drain: {behind} purchases still undecided after {self.settings.drain_s:g} s")
 
-    def send_due_labels(self, producer: Any, pending: list[tuple[float, dict[str, Any]]],
-                        clock: float) -> list[tuple[float, dict[str, Any]]]:
-        keep = []
-        for due, row in pending:
-            if due > clock:
-                keep.append((due, row))
-                continue
+    def send_due_labels(self, producer: Any, pending: list[tuple[float, int, dict[str, Any]]],
+                        clock: float) -> None:
+        """Sends the labels of ``pending`` (a heap by due time) that ``clock`` has passed.
+        A heap, not a list scanned every tick: chargebacks wait weeks of replayed time, tens of
+        thousands of them, and the scan took most of the load generator's CPU."""
+        while pending and pending[0][0] <= clock:
+            due, _, row = heapq.heappop(pending)
             label = Label(tx_id=row["tx_id"], is_fraud=bool(int(row["is_fraud"])),
                           source=row.get("label_source") or "chargeback", labelled_at=due,
                           retailer_id=row["retailer_id"])
@@ -923,7 +1027,6 @@ class Demo:
             with self.lock:
                 self.tallies[row["retailer_id"]].labels[row["tx_id"]] = label.is_fraud
         producer.poll(0)
-        return keep
 
     def consumer_lag(self, retailer: str) -> int | None:
         """The worker's consumer lag on ``<R>.transactions`` (its /metrics), None if unread."""
@@ -987,7 +1090,8 @@ class Demo:
                 retailers[r] = {
                     "written": len([tx for tx in self.written.get(r, ())
                                     if not tx.startswith("bad-")]) or t.committed,
-                    "captured": len(t.captured),
+                    # the generated purchases only, as "written" (hostile rows: audit.json)
+                    "captured": len([tx for tx in t.captured if not tx.startswith("bad-")]),
                     "decided": len(t.decisions),
                     "actions": dict(sorted(t.actions().items())),
                     "p50_ms": _number(_percentile(t.latencies_ms, 0.5), 1),
@@ -1001,14 +1105,25 @@ class Demo:
             fl = {"rounds": self.fl.round,
                   "contributors": dict(sorted(self.fl.contributors.items())),
                   "version": self.fl.version}
-        return {"retailers": retailers, "fl": fl}
+            hops = {r: t.hops_ms() for r, t in self.tallies.items()}
+        return {"retailers": retailers, "fl": fl, "startup": self.startup(), "hops_ms": hops}
+
+    def startup(self) -> dict[str, Any]:
+        """Seconds from the command's start to the stack, the workers and the UI being up,
+        and to each retailer's first decision."""
+        return {**self.milestones, "first_decision_s": {
+            r: None if t.first_decision_at is None
+            else round(t.first_decision_at - self.started_at, 1)
+            for r, t in self.tallies.items()}}
 
     def write_audit(self) -> None:
         """``audit.json``: per retailer, the written transactions without a decision and
         those with two different ones; what the FL topics carried."""
         audit: dict[str, Any] = {"retailers": {}, "fl_enabled": self.fl_enabled,
-                                 "faults": self.fault_events, "restarts": dict(self.restarts)}
+                                 "faults": self.fault_events, "restarts": dict(self.restarts),
+                                 "restart_events": self.restart_events}
         with self.lock:
+            audit["startup"] = self.startup()
             for r, t in self.tallies.items():
                 written = {tx for tx in self.written.get(r, set()) if not tx.startswith("bad-")}
                 missing = sorted(written - set(t.decisions))
@@ -1055,6 +1170,9 @@ class Demo:
                 if now - self.restarted_at.get(name, 0.0) >= 3.0:  # not in a tight loop
                     self.restarted_at[name] = now
                     self.restarts[name] += 1
+                    self.restart_events.append({
+                        "role": name, "code": proc.returncode,
+                        "at_s": round(now - self.writing_started, 1)})
                     self.say(f"{name} exited with code {proc.returncode}: starting it again")
                     self.spawn(name, self.child_args[name])
             else:

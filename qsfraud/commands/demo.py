@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "restart the broker once during --duration; roles that exit are "
                         "started again (audit.json lists what happened)")
     p.add_argument("--hostile", action="store_true",
-                   help="a third into --duration: malformed rows in every database, garbage "
+                   help="15 %% into --duration: malformed rows in every database, garbage "
                         "and oversized records on the retailers' topics, unsigned and "
                         "untrusted config (audit.json: where each one ended)")
     p.add_argument("--days", type=int, default=defaults["days"],
