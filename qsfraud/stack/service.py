@@ -29,11 +29,21 @@ def port_is_free(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) != 0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel has just handed out as free (for tests and ephemeral stacks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port the kernel has just handed out as free (for tests and ephemeral stacks), never
+    one this process was given before: the kernel can hand the same port out again once the
+    probing socket is closed, and a stack once got one port for Kafka and its controller."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise StackError("no free port found that this process was not given already")
 
 
 def run_setup_command(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:

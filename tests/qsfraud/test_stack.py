@@ -25,6 +25,11 @@ def ports_env(root: Path) -> dict[str, str]:
             "QSFRAUD_MARIADB_PORT": str(free_port()), "QSFRAUD_MONGO_PORT": str(free_port())}
 
 
+
+def test_free_port_never_hands_one_process_the_same_port_twice():
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+
 def test_config_precedence_env_over_file_over_defaults(tmp_path: Path):
     cfg_file = tmp_path / "qsfraud.toml"
     cfg_file.write_text('[stack]\nkafka_port = 29092\nmongo_port = 27018\n')
