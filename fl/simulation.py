@@ -28,13 +28,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
 from fl.aggregator import Round, strategy_named
 from fl.client import MIX_GRID, GlobalModel, MixRecord, fold_in, update_from_model
 from fl.update import ModelUpdate
+from fl.watchlist import SIGNALS, ReplaySettings, replay
+from fraud.decisions import WATCH_FIELDS
 from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
 from fraud.models import ModelParams, RiskModel
 
@@ -276,6 +278,45 @@ def cross_retailer_attack(rows: Sequence[Mapping[str, Any]], scores: Sequence[fl
     return AttackCount(len(campaigns), total, passed, never)
 
 
+def entity_rows(data: Prepared) -> list[dict[str, str | None]]:
+    """Each row's ``payment_instrument`` and ``device_id`` (None: absent or not mapped), in the
+    evaluation's order (the order of a runner's scores)."""
+    columns: dict[str, list[str | None]] = {}
+    order = data.order
+    for canon in WATCH_FIELDS.values():
+        source = data.plan.mapping.get(canon)
+        column = data.columns.get(source) if source is not None else None
+        if column is None or column.codes is None:
+            columns[canon] = [None] * len(order)
+            continue
+        codes = np.frombuffer(column.codes, dtype=np.int32)[order].tolist()
+        texts = column.texts()
+        columns[canon] = [texts[c] if c >= 0 else None for c in codes]
+    names = list(columns)
+    return [dict(zip(names, values, strict=True))
+            for values in zip(*(columns[n] for n in names), strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchOutcome:
+    """What a watchlist replay changed: rows it raised to hold, by label, and the scores with
+    those rows raised to the hold threshold (the decision, as a ranking)."""
+
+    raised_fraud: int
+    false_holds: int
+    scores: list[float]
+
+
+def watch_outcome(scores: Sequence[float], hits: Sequence[int], labels: Sequence[bool],
+                  hold: float = 0.8) -> WatchOutcome:
+    """Rows below ``hold`` that the watchlist raised: frauds caught, legitimate rows held."""
+    raised = [s < hold and h > 0 for s, h in zip(scores, hits, strict=True)]
+    return WatchOutcome(
+        sum(1 for r, y in zip(raised, labels, strict=True) if r and y),
+        sum(1 for r, y in zip(raised, labels, strict=True) if r and not y),
+        [hold if r else float(s) for r, s in zip(raised, scores, strict=True)])
+
+
 def honest_change(before: Mapping[str, Any], after: Mapping[str, Any],
                   exclude: Sequence[str]) -> float:
     """The largest absolute change of average precision over the retailers not in ``exclude``
@@ -287,6 +328,15 @@ def honest_change(before: Mapping[str, Any], after: Mapping[str, Any],
 
 
 # ----------------------------------------------------------------------------- experiments
+
+
+WATCH_KEY: Final = bytes(range(32))
+"""The simulation's consortium key (any key gives the same counts, barring hash collisions)."""
+
+
+def _attack_dict(attack: AttackCount) -> dict[str, int]:
+    return {"campaigns": attack.campaigns, "rows": attack.rows, "passed": attack.passed,
+            "never_caught": attack.never_caught}
 
 
 def _table(result: Mapping[str, Any]) -> dict[str, float]:
@@ -309,8 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label-delay", type=float, default=604800.0)
     parser.add_argument("--sync-every", type=int, default=500)
     parser.add_argument("--poisoner", default="retailer_1")
+    parser.add_argument("--watch", nargs="*", default=["review"], choices=SIGNALS,
+                        help="attack: replay the watchlist with these report signals")
+    parser.add_argument("--exchange-every", type=float, default=300.0,
+                        help="attack: seconds between watchlist exchanges")
     args = parser.parse_args(argv)
     data = load(args.data)
+    entities = entity_rows(data)
     params = ModelParams()
     options = Options(label_delay=args.label_delay)
     if args.experiment == "attack":
@@ -324,10 +379,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores, extra = MODES[mode](data, params, options), {}
             attack = cross_retailer_attack(rows, scores["ours"])
             print(json.dumps({"mode": mode, "ap": _table(summarize(data, scores["ours"])),
-                              "attack": {"campaigns": attack.campaigns, "rows": attack.rows,
-                                         "passed": attack.passed,
-                                         "never_caught": attack.never_caught}, **extra}),
-                  flush=True)
+                              "attack": _attack_dict(attack), **extra}), flush=True)
+            if mode == "central":
+                continue  # one model over every retailer: nothing to exchange
+            for signal in args.watch:
+                watch = ReplaySettings(signal=signal, exchange_every_s=args.exchange_every,
+                                       label_delay_s=args.label_delay)
+                hits = replay(data.times.tolist(), data.retailers, entities, scores["ours"],
+                              data.labels.tolist(), watch, WATCH_KEY)
+                outcome = watch_outcome(scores["ours"], hits, data.labels.tolist())
+                attack = cross_retailer_attack(rows, outcome.scores)
+                print(json.dumps({"mode": f"{mode}+watchlist", "signal": signal,
+                                  "exchange_every_s": args.exchange_every,
+                                  "ap": _table(summarize(data, outcome.scores)),
+                                  "attack": _attack_dict(attack),
+                                  "raised_fraud": outcome.raised_fraud,
+                                  "false_holds": outcome.false_holds}), flush=True)
         return 0
     for strategy in ("fedavg", "fedmedian", "fedtrimmedavg"):
         honest = summarize(data, run_federated(
