@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fl.update import ModelUpdate, UpdateFormatError, Vectors, as_vectors, read_header
+from fl.watchlist import WatchFormatError, watchlist_from_wire, watchlist_to_wire
 from pqc.envelope import open as open_envelope
 from pqc.envelope import read_header as read_envelope_header
 from pqc.envelope import seal, sign_document, verify_document
@@ -166,6 +167,9 @@ class GlobalModel:
     strategy: str
     examples: int
     parameters: Vectors = field(repr=False)
+    watchlist: Mapping[str, int] = field(default_factory=dict, repr=False)
+    """Hashed entity -> retailers that reported it (:mod:`fl.watchlist`); on the wire only
+    when not empty."""
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -178,6 +182,7 @@ class GlobalModel:
             "strategy": self.strategy,
             "examples": self.examples,
             "parameters": {k: self.parameters[k].tolist() for k in sorted(self.parameters)},
+            **({"watchlist": watchlist_to_wire(self.watchlist)} if self.watchlist else {}),
         }
 
     @classmethod
@@ -198,8 +203,14 @@ class GlobalModel:
             raise UpdateFormatError("strategy", "must be a string")
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
             raise UpdateFormatError("examples", "must be an integer >= 0")
+        watchlist: dict[str, int] = {}
+        if wire.get("watchlist") is not None:
+            try:
+                watchlist = watchlist_from_wire(wire["watchlist"])
+            except WatchFormatError as error:
+                raise UpdateFormatError("watchlist", str(error)) from None
         return cls(round_, version, parent, tuple(contributors), strategy, examples,
-                   as_vectors(wire.get("parameters"), "parameters"))
+                   as_vectors(wire.get("parameters"), "parameters"), watchlist)
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_wire(), separators=(",", ":")).encode()

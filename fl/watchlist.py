@@ -132,7 +132,7 @@ def watchlist_from_wire(wire: Any) -> dict[str, int]:
 class UnionLimits:
     """Bounds of the aggregator's union (see the module docstring)."""
 
-    horizon_s: float = 7 * 86400.0
+    horizon_s: float = 86400.0
     max_per_report: int = 200
     max_per_retailer: int = 2000
     max_entries: int = 200_000
@@ -204,7 +204,7 @@ class Reporter:
 
     key_of: Callable[[str, str], str]
     threshold: float = 0.8
-    horizon_s: float = 7 * 86400.0
+    horizon_s: float = 86400.0
     kinds: tuple[str, ...] = tuple(WATCH_FIELDS)
     pending: dict[str, None] = field(default_factory=dict)
     own: dict[str, float] = field(default_factory=dict)
@@ -314,8 +314,11 @@ def replay(times: Sequence[float], retailers: Sequence[str],
         hits.append(count)
         score = float(scores[i])
         if settings.signal in ("hold", "block"):
+            # the model's own holds only: re-reporting what the watchlist held would keep an
+            # entry alive by itself (a victim's card held at B, reported, held at A, ...)
             reporter.observe(entities[i], score, t)
-        elif settings.signal == "review" and score >= settings.hold and labels[i]:
+        elif settings.signal == "review" and (score >= settings.hold or count) and labels[i]:
+            # an analyst confirmed the hold (whatever raised it): confirmation breaks the loop
             heapq.heappush(delayed, (t + settings.review_s, i))
         elif settings.signal == "label" and labels[i]:
             heapq.heappush(delayed, (t + settings.label_delay_s, i))

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fl.aggregator import Round, strategy_named
+from fl.client import GlobalModel
+from fl.update import ModelUpdate, UpdateFormatError
 from fl.watchlist import (
     HASH_HEX,
     ReplaySettings,
@@ -169,3 +173,48 @@ def test_the_decision_rule_holds_what_the_replay_lists() -> None:
     decision = watch.escalate(decide(tx, 0.1, PolicyConfig()), tx)
     assert decision.action == "hold"
     assert decision.reasons[0] == "watchlist:instrument reported by 2 other retailers"
+
+
+# ---------------------------------------------------------------------------- on the wire
+
+
+def _update(who: str, round_: int, watch: tuple[str, ...] = ()) -> ModelUpdate:
+    return ModelUpdate(who, round_, 5, {"intercept": [0.0]}, watch)
+
+
+def test_update_carries_hashed_keys_only() -> None:
+    keys = (entity_key(KEY, "device", "d1"), entity_key(KEY, "instrument", "p1"))
+    update = _update("r1", 2, keys)
+    assert ModelUpdate.from_wire(update.to_wire()) == update
+    assert "watch" not in _update("r1", 2).to_wire()  # the v1 form, unchanged without reports
+    with pytest.raises(UpdateFormatError, match=r"^watch: .*not a hashed key"):
+        ModelUpdate.from_wire({**update.to_wire(), "watch": ["pi_03003005b688b661"]})
+
+
+def test_global_model_carries_the_watchlist() -> None:
+    listed = {entity_key(KEY, "device", "d1"): 2}
+    model = GlobalModel(3, "r3-x", "r2-y", ("a", "b"), "fedavg", 10,
+                        {"intercept": np.array([0.5])}, listed)
+    assert GlobalModel.from_wire(model.to_wire()).watchlist == listed
+    bare = GlobalModel(3, "r3-x", "r2-y", ("a", "b"), "fedavg", 10,
+                       {"intercept": np.array([0.5])})
+    assert "watchlist" not in bare.to_wire()
+    with pytest.raises(UpdateFormatError, match=r"^watchlist"):
+        GlobalModel.from_wire({**model.to_wire(), "watchlist": {"v": 1, "listed": {"d1": 1}}})
+
+
+def test_rounds_union_the_reports_and_carry_them_to_the_next_round() -> None:
+    stolen = entity_key(KEY, "instrument", "stolen")
+    device = entity_key(KEY, "device", "fraud-phone")
+    first = Round(1, None, {}, quorum=2, deadline_s=10.0)
+    first.offer(_update("a", 1, (stolen, device)), 0.0)
+    first.offer(_update("b", 1, (stolen,)), 0.0)
+    published = first.close(strategy_named("fedavg"), now=1000.0)
+    assert published.watchlist == {stolen: 2, device: 1}
+    second = first.next(published)
+    second.offer(_update("c", 2), 0.0)
+    assert second.close(strategy_named("fedavg"), now=2000.0).watchlist == published.watchlist
+    third = second.next(second.close(strategy_named("fedavg"), now=2000.0))
+    third.offer(_update("c", 3), 0.0)
+    expired = third.close(strategy_named("fedavg"), now=1000.0 + 86400.0 + 1.0)
+    assert expired.watchlist == {}  # a day after the last report
