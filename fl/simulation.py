@@ -339,10 +339,13 @@ def _attack_dict(attack: AttackCount) -> dict[str, int]:
             "never_caught": attack.never_caught}
 
 
-def _table(result: Mapping[str, Any]) -> dict[str, float]:
-    return {"overall": round(result["overall"]["average_precision"], 4),
-            **{name: round(rep["average_precision"], 4)
-               for name, rep in result["retailers"].items()}}
+def _table(result: Mapping[str, Any]) -> dict[str, float | None]:
+    def ap(report: Mapping[str, Any]) -> float | None:
+        value = report["average_precision"]
+        return None if value is None else round(value, 4)  # None: no fraud there
+
+    return {"overall": ap(result["overall"]),
+            **{name: ap(rep) for name, rep in result["retailers"].items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label-delay", type=float, default=604800.0)
     parser.add_argument("--sync-every", type=int, default=500)
     parser.add_argument("--poisoner", default="retailer_1")
-    parser.add_argument("--watch", nargs="*", default=["review"], choices=SIGNALS,
+    parser.add_argument("--watch", nargs="*", default=["hold", "review"], choices=SIGNALS,
                         help="attack: replay the watchlist with these report signals")
     parser.add_argument("--exchange-every", type=float, default=300.0,
                         help="attack: seconds between watchlist exchanges")
