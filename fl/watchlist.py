@@ -206,6 +206,7 @@ class Reporter:
     threshold: float = 0.8
     horizon_s: float = 86400.0
     kinds: tuple[str, ...] = tuple(WATCH_FIELDS)
+    margin_s: float = 3600.0
     pending: dict[str, None] = field(default_factory=dict)
     own: dict[str, float] = field(default_factory=dict)
 
@@ -215,23 +216,26 @@ class Reporter:
             self.report(tx, now)
 
     def report(self, tx: Mapping[str, Any], now: float) -> None:
+        """Reports ``tx``'s entities with the next update, whatever its score."""
         for kind in self.kinds:
             value = tx.get(WATCH_FIELDS[kind])
             if value:
-                k = self.key_of(kind, str(value))
-                self.pending[k] = None
-                self.own[k] = now
+                self.pending[self.key_of(kind, str(value))] = None
 
-    def take(self) -> list[str]:
-        """The keys to send with the next update (then forgotten as pending)."""
+    def take(self, now: float) -> list[str]:
+        """The keys to send with the next update, sent at ``now`` (then no longer pending)."""
         keys = list(self.pending)
         self.pending.clear()
+        for k in keys:
+            self.own[k] = now
         return keys
 
     def others(self, listed: Mapping[str, int], now: float) -> dict[str, int]:
-        """``listed`` as counts of *other* retailers (own reports within the horizon taken
-        off; entries only this retailer reported dropped)."""
-        limit = now - self.horizon_s
+        """``listed`` as counts of *other* retailers (own reports taken off; entries only this
+        retailer reported dropped). Its own reports are remembered ``margin_s`` longer than
+        the union keeps them: the union dates a report from the round's close, a little
+        after it was sent, and an own report must never count as another retailer's."""
+        limit = now - self.horizon_s - self.margin_s
         for k in [k for k, t in self.own.items() if t < limit]:
             del self.own[k]
         out = {}
@@ -295,7 +299,7 @@ def replay(times: Sequence[float], retailers: Sequence[str],
             reporters[retailers[j]].report(entities[j], due)
         if t >= next_exchange:
             for who, reporter in reporters.items():
-                union.add(who, reporter.take(), t)
+                union.add(who, reporter.take(t), t)
             listed = union.published(t)
             views = {who: r.others(listed, t) for who, r in reporters.items()}
             while next_exchange <= t:

@@ -81,19 +81,21 @@ def test_union_keeps_at_most_max_entries_newest_first() -> None:
 
 
 def test_reporter_reports_held_rows_and_tells_others_from_its_own() -> None:
-    reporter = Reporter(hasher(KEY), threshold=0.8, horizon_s=100.0)
+    reporter = Reporter(hasher(KEY), threshold=0.8, horizon_s=100.0, margin_s=10.0)
     tx = {"payment_instrument": "pi-1", "device_id": "d-1"}
     reporter.observe(tx, 0.5, 0.0)
-    assert reporter.take() == []
+    assert reporter.take(0.0) == []
     reporter.observe(tx, 0.9, 1.0)
-    sent = reporter.take()
+    sent = reporter.take(5.0)
     assert sorted(sent) == sorted([entity_key(KEY, "instrument", "pi-1"),
                                    entity_key(KEY, "device", "d-1")])
-    assert reporter.take() == []
+    assert reporter.take(6.0) == []
     other = entity_key(KEY, "device", "d-9")
     listed = {sent[0]: 1, sent[1]: 3, other: 2}
-    assert reporter.others(listed, 2.0) == {sent[1]: 2, other: 2}
-    assert reporter.others(listed, 200.0) == listed  # its own reports expired
+    assert reporter.others(listed, 7.0) == {sent[1]: 2, other: 2}
+    # the union may date the report a little later than it was sent: still its own at 114
+    assert reporter.others(listed, 114.0) == {sent[1]: 2, other: 2}
+    assert reporter.others(listed, 116.0) == listed  # its own reports expired
 
 
 def test_watchlist_wire_round_trips_and_refuses_raw_ids() -> None:
