@@ -31,6 +31,7 @@ from pqc.freshness import DEFAULT_WINDOW, FreshnessStore, TimeWindow
 from pqc.keys import Identity, KemKeyring, Registry, TrustedKey
 
 if TYPE_CHECKING:  # fraud.models imports River and scipy (~2 s): the aggregator needs neither
+    from fraud.models import RiverModel
     from fraud.models.risk import RiskModel
 
 UPDATE_PURPOSE = "fl.update"
@@ -424,3 +425,36 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
                     chosen, best = mix, gain
     model.load_shared(candidates[chosen])
     return chosen
+
+
+def fold_in_river(model: RiverModel, global_model: GlobalModel,
+                  recent: Sequence[tuple[Mapping[str, float], bool]], *,
+                  min_labels: int = 20) -> float:
+    """:func:`fl.client.fold_in` for River's ``StandardScaler | LogisticRegression``: the
+    same personalised blend (``mix`` from :data:`fl.client.MIX_GRID` by log-loss on the
+    retailer's recent labels), the model's own label counts kept; returns ``mix``."""
+    from fraud.models import RiverModel as River  # here: the aggregator never imports River
+
+    template = model.export_state()
+    local = vectors_from_state(template)
+    candidates = {mix: River.from_state(state_from_vectors(
+        blend(local, global_model.parameters, mix), template, global_model.examples,
+        global_model.version)) for mix in MIX_GRID}
+    if len(recent) < min_labels:
+        chosen = 0.5
+    else:
+        losses = {mix: _log_loss(candidate, recent) for mix, candidate in candidates.items()}
+        chosen = min(MIX_GRID, key=lambda m: (round(losses[m], 12), -m))
+    model.estimator = candidates[chosen].estimator
+    model.version = global_model.version
+    return chosen
+
+
+def _log_loss(model: RiverModel, recent: Sequence[tuple[Mapping[str, float], bool]]
+              ) -> float:
+    eps = 1e-6
+    total = 0.0
+    for x, y in recent:
+        p = min(max(model.predict_proba_one(x)[True], eps), 1.0 - eps)
+        total -= math.log(p if y else 1.0 - p)
+    return total / len(recent)

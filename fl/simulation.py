@@ -15,8 +15,9 @@ code the real path uses, minus Kafka and crypto:
    labelled rows.
 
 Scores are those of each retailer's live model, row by row, so the output has the format of the
-other modes. River's baseline is not federated: with ``--baseline river`` the federated mode
-reports the default model only.
+other modes. River's ``StandardScaler | LogisticRegression`` (``--model river-linear``) is
+federated with :func:`fl.client.fold_in_river`, as the worker does; River's baseline is not:
+with ``--baseline river`` the federated mode reports the main model only.
 
 For poisoning experiments a :class:`Poisoner` retailer sends its update scaled by ``factor``
 away from the current global model (``scale``), or sends the update of a twin model that learns
@@ -33,12 +34,20 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from fl.aggregator import Round, strategy_named
-from fl.client import MIX_GRID, GlobalModel, MixRecord, fold_in, update_from_model
+from fl.client import (
+    MIX_GRID,
+    GlobalModel,
+    MixRecord,
+    fold_in,
+    fold_in_river,
+    update_from_model,
+    update_from_state,
+)
 from fl.update import ModelUpdate
 from fl.watchlist import SIGNALS, ReplaySettings, replay
 from fraud.decisions import WATCH_FIELDS
 from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
-from fraud.models import ModelParams, RiskModel
+from fraud.models import ModelParams, RiskModel, RiverModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +122,7 @@ class _Recent:
 
 @dataclass(slots=True)
 class _Retailer:
-    model: RiskModel
+    model: RiskModel | RiverModel
     recent: _Recent
     since_update: int = 0
     record: MixRecord = field(default_factory=MixRecord)
@@ -121,6 +130,8 @@ class _Retailer:
     twin: RiskModel | None = None
     twin_recent: _Recent | None = None
     twin_record: MixRecord = field(default_factory=MixRecord)
+    river_base_n: int = 0
+    """A River model's label count at its last fold-in (River counts no examples itself)."""
 
 
 class Federation:
@@ -137,9 +148,11 @@ class Federation:
         self.log: list[RoundLog] = []
 
     def _join(self, step: Step) -> _Retailer:
-        if not isinstance(step.model, RiskModel):
-            raise DataError("the federated mode federates the default model only "
-                            "(not --model river-linear or a River spec)")
+        if isinstance(step.model, RiverModel) and (not step.model.has_plain_state
+                                                   or self.poisoners):
+            raise DataError("the federated mode federates the default model and River's "
+                            "StandardScaler | LogisticRegression (--model river-linear, "
+                            "without poisoners), not another River spec")
         size = self.settings.recent
         member = _Retailer(step.model, _Recent.of_size(size))
         poisoner = self.poisoners.get(step.retailer)
@@ -174,7 +187,11 @@ class Federation:
         poisoner = self.poisoners.get(name)
         if member.twin is not None:
             return update_from_model(member.twin, name, number)
-        update = update_from_model(member.model, name, number)
+        model = member.model
+        if isinstance(model, RiverModel):
+            return update_from_state(model.export_state(), name, number,
+                                     max(model.n - member.river_base_n, 0))
+        update = update_from_model(model, name, number)
         if poisoner is None or poisoner.kind != "scale":
             return update
         current = self.round.current
@@ -190,9 +207,14 @@ class Federation:
         published: GlobalModel = self.round.close(self.strategy)
         mixes: dict[str, float] = {}
         for name, member in self.retailers.items():
-            mixes[name] = fold_in(member.model, published, member.recent.labelled(),
-                                  grid=self.settings.mixes, record=member.record,
-                                  fresh=member.recent.since(member.folded_at))
+            model = member.model
+            if isinstance(model, RiverModel):  # the worker's River fold-in, as it runs it
+                mixes[name] = fold_in_river(model, published, member.recent.labelled())
+                member.river_base_n = model.n
+            else:
+                mixes[name] = fold_in(model, published, member.recent.labelled(),
+                                      grid=self.settings.mixes, record=member.record,
+                                      fresh=member.recent.since(member.folded_at))
             if member.twin is not None and member.twin_recent is not None:
                 fold_in(member.twin, published, member.twin_recent.labelled(),
                         grid=self.settings.mixes, record=member.twin_record,

@@ -183,3 +183,45 @@ def test_the_attack_command_reports_the_watchlist(tmp_path: Path,
         ("central", None), ("federated", None), ("federated+watchlist", "hold"),
         ("federated+watchlist", "review")]
     assert all("false_holds" in line for line in lines if "signal" in line)
+
+
+def test_rivers_linear_pipeline_is_federated_with_the_workers_fold_in() -> None:
+    from dataclasses import replace
+
+    from fraud.models import LINEAR_SPEC, RiverModel
+
+    options = replace(OPTIONS, river_model=tuple(LINEAR_SPEC))
+    data = generated(3)
+    scores, federation = simulate(data, ModelParams(), options, Settings(sync_every=100))
+    assert len(scores["ours"]) == len(data)
+    assert len(federation.log) >= 3
+    assert all(isinstance(m.model, RiverModel) for m in federation.retailers.values())
+    assert {len(log.mixes) for log in federation.log[1:]} == {3}
+    assert all(m.model.version.startswith("r") for m in federation.retailers.values())
+    again = run_federated(data, ModelParams(), options, Settings(sync_every=100))
+    assert again["ours"] == scores["ours"]
+
+
+def test_other_river_models_are_refused() -> None:
+    from dataclasses import replace
+
+    from fraud.evaluation import DataError
+
+    tree = ({"class": "tree.HoeffdingTreeClassifier"},)
+    with pytest.raises(DataError, match="river-linear"):
+        run_federated(generated(3), ModelParams(), replace(OPTIONS, river_model=tree),
+                      Settings(sync_every=100))
+
+
+def test_the_command_federates_river_linear_and_refuses_other_river_specs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fraud.generator import write_rows
+
+    path = tmp_path / "gen.csv"
+    write_rows(generate(GeneratorConfig(retailers=3, days=2, tx_per_day=100, seed=5)), path)
+    assert main(["evaluate", "--data", str(path), "--mode", "federated", "--sync-every", "50",
+                 "--model", "river-linear"]) == 0
+    assert "federated      retailer_3" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(path), "--mode", "federated",
+                 "--model", '[{"class": "tree.HoeffdingTreeClassifier"}]']) != 0
+    assert "river-linear only" in capsys.readouterr().err
