@@ -330,9 +330,10 @@ class WatchOutcome:
 
 
 def watch_outcome(scores: Sequence[float], hits: Sequence[int], labels: Sequence[bool],
-                  hold: float = 0.8) -> WatchOutcome:
-    """Rows below ``hold`` that the watchlist raised: frauds caught, legitimate rows held."""
-    raised = [s < hold and h > 0 for s, h in zip(scores, hits, strict=True)]
+                  hold: float = 0.8, min_score: float = 0.0) -> WatchOutcome:
+    """Rows below ``hold`` that the watchlist raised (listed, score >= ``min_score``: the rule
+    of :class:`fraud.decisions.Watchlist`): frauds caught, legitimate rows held."""
+    raised = [min_score <= s < hold and h > 0 for s, h in zip(scores, hits, strict=True)]
     return WatchOutcome(
         sum(1 for r, y in zip(raised, labels, strict=True) if r and y),
         sum(1 for r, y in zip(raised, labels, strict=True) if r and not y),
@@ -388,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="attack: replay the watchlist with these report signals")
     parser.add_argument("--exchange-every", type=float, default=300.0,
                         help="attack: seconds between watchlist exchanges")
+    parser.add_argument("--watch-min-score", type=float, default=0.0,
+                        help="attack: the watchlist holds listed rows scoring at least this")
     args = parser.parse_args(argv)
     data = load(args.data)
     entities = entity_rows(data)
@@ -412,10 +415,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        label_delay_s=args.label_delay)
                 hits = replay(data.times.tolist(), data.retailers, entities, scores["ours"],
                               data.labels.tolist(), watch, WATCH_KEY)
-                outcome = watch_outcome(scores["ours"], hits, data.labels.tolist())
+                outcome = watch_outcome(scores["ours"], hits, data.labels.tolist(),
+                                        min_score=args.watch_min_score)
                 attack = cross_retailer_attack(rows, outcome.scores)
                 print(json.dumps({"mode": f"{mode}+watchlist", "signal": signal,
                                   "exchange_every_s": args.exchange_every,
+                                  "min_score": args.watch_min_score,
                                   "ap": _table(summarize(data, outcome.scores)),
                                   "attack": _attack_dict(attack),
                                   "raised_fraud": outcome.raised_fraud,

@@ -351,8 +351,11 @@ class Watchlist:
 
     ``reported`` maps a hashed key to how many *other* retailers reported it; ``key_of(kind,
     value)`` hashes one of this transaction's entities the same way (the hashing and its key
-    live outside ``fraud``: ``fl.watchlist``). A listed entity raises the decision to at least
-    ``action``, never lowers it; the retailer's own allow list still wins.
+    live outside ``fraud``: ``fl.watchlist``). A listed entity raises a decision whose score is
+    at least ``min_score`` to at least ``action``, never lowers it; the retailer's own allow
+    list still wins. ``min_score`` 0 holds every listed entity; above 0, only those the own
+    model also finds somewhat suspicious (fewer false holds where a listed card's owner keeps
+    buying, and fewer attacks caught: fl/README.md, "Cross-retailer watchlist").
 
     >>> key_of = lambda kind, value: f"{kind}/{value}"
     >>> watch = Watchlist({"instrument/pi-9": 2}, key_of)
@@ -368,11 +371,14 @@ class Watchlist:
     reported: Mapping[str, int]
     key_of: Callable[[str, str], str]
     action: str = "hold"
+    min_score: float = 0.0
 
     def __post_init__(self) -> None:
         if self.action not in ("verify", "hold", "block"):
             raise ValueError(f"watchlist action must be verify, hold or block, got "
                              f"{self.action!r}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"watchlist min_score must be in [0, 1], got {self.min_score!r}")
 
     def hit(self, tx: Transaction | Mapping[str, Any]) -> tuple[str, int] | None:
         """``(kind, retailers)`` of ``tx``'s most-reported listed entity, or None."""
@@ -390,8 +396,9 @@ class Watchlist:
     def escalate(self, decision: Decision, tx: Transaction | Mapping[str, Any]) -> Decision:
         """``decision`` raised to ``action`` if ``tx`` names a listed entity; its reason says
         which kind and how many retailers reported it."""
-        if _SEVERITY[decision.action] >= _SEVERITY[self.action] or any(
-                r.startswith("allowlist:") for r in decision.reasons):
+        if (_SEVERITY[decision.action] >= _SEVERITY[self.action]
+                or decision.score < self.min_score
+                or any(r.startswith("allowlist:") for r in decision.reasons)):
             return decision
         found = self.hit(tx)
         if found is None:

@@ -153,3 +153,11 @@ def test_watchlist_action_is_checked() -> None:
         Watchlist({}, _key_of, action="allow")
     verify = Watchlist({"device:d1": 1}, _key_of, action="verify")
     assert verify.escalate(decide(TX, 0.1, CONFIG), TX).action == "verify"
+
+
+def test_watchlist_min_score_leaves_rows_the_model_finds_harmless() -> None:
+    watch = Watchlist({"instrument:p1": 1}, _key_of, min_score=0.3)
+    assert watch.escalate(decide(TX, 0.29, CONFIG), TX).action == "allow"
+    assert watch.escalate(decide(TX, 0.3, CONFIG), TX).action == "hold"
+    with pytest.raises(ValueError, match="min_score"):
+        Watchlist({}, _key_of, min_score=1.5)
