@@ -45,6 +45,7 @@ from confluent_kafka import (
 from fl.client import GlobalModel, open_update, read_global_unverified_round, sign_global
 from fl.strategies import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 from fl.update import ModelUpdate, UpdateFormatError, Vectors
+from fl.watchlist import WatchlistUnion
 from fraud.topics import FL_GLOBAL, FL_UPDATES
 from pqc.errors import (
     EnvelopeError,
@@ -137,6 +138,8 @@ class Round:
     deadline_s: float
     updates: dict[str, ModelUpdate] = field(default_factory=dict)
     opened_at: float | None = None
+    watch: WatchlistUnion = field(default_factory=WatchlistUnion)
+    """The union of the retailers' watchlist reports, carried from round to round."""
 
     def offer(self, update: ModelUpdate, now: float) -> None:
         """Accept ``update`` into this round or raise :class:`Refused`."""
@@ -170,9 +173,14 @@ class Round:
             return True
         return self.opened_at is not None and now - self.opened_at >= self.deadline_s
 
-    def close(self, strategy: Strategy) -> GlobalModel:
-        """The global model this round publishes."""
+    def close(self, strategy: Strategy, now: float | None = None) -> GlobalModel:
+        """The global model this round publishes, with the watchlist as of ``now`` (wall
+        clock by default)."""
         ordered = sorted(self.updates.values(), key=lambda u: u.participant)
+        now = time.time() if now is None else now
+        for update in ordered:
+            if update.watch:
+                self.watch.add(update.participant, update.watch, now)
         current, aligned = _aligned(self.current, ordered)
         result = strategy.aggregate(self.number, current, aligned)
         return GlobalModel(
@@ -183,11 +191,12 @@ class Round:
             strategy=strategy.name,
             examples=sum(u.examples for u in ordered),
             parameters=result.parameters,
+            watchlist=self.watch.published(now),
         )
 
     def next(self, published: GlobalModel) -> Round:
         return Round(published.round + 1, published.version, published.parameters,
-                     self.quorum, self.deadline_s)
+                     self.quorum, self.deadline_s, watch=self.watch)
 
 
 class RoundFreshness:
@@ -341,7 +350,8 @@ class Aggregator:
         self._emit({"event": "published", "round": published.round,
                     "version": published.version, "parent_version": published.parent_version,
                     "contributors": list(published.contributors),
-                    "strategy": published.strategy, "examples": published.examples})
+                    "strategy": published.strategy, "examples": published.examples,
+                    "watchlist": len(published.watchlist)})
         self._round = self._round.next(published)
 
     def stop(self) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fl.update import ModelUpdate, UpdateFormatError, Vectors, as_vectors, read_header
+from fl.watchlist import WatchFormatError, watchlist_from_wire, watchlist_to_wire
 from pqc.envelope import open as open_envelope
 from pqc.envelope import read_header as read_envelope_header
 from pqc.envelope import seal, sign_document, verify_document
@@ -30,6 +31,7 @@ from pqc.freshness import DEFAULT_WINDOW, FreshnessStore, TimeWindow
 from pqc.keys import Identity, KemKeyring, Registry, TrustedKey
 
 if TYPE_CHECKING:  # fraud.models imports River and scipy (~2 s): the aggregator needs neither
+    from fraud.models import RiverModel
     from fraud.models.risk import RiskModel
 
 UPDATE_PURPOSE = "fl.update"
@@ -166,6 +168,9 @@ class GlobalModel:
     strategy: str
     examples: int
     parameters: Vectors = field(repr=False)
+    watchlist: Mapping[str, int] = field(default_factory=dict, repr=False)
+    """Hashed entity -> retailers that reported it (:mod:`fl.watchlist`); on the wire only
+    when not empty."""
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -178,6 +183,7 @@ class GlobalModel:
             "strategy": self.strategy,
             "examples": self.examples,
             "parameters": {k: self.parameters[k].tolist() for k in sorted(self.parameters)},
+            **({"watchlist": watchlist_to_wire(self.watchlist)} if self.watchlist else {}),
         }
 
     @classmethod
@@ -198,8 +204,14 @@ class GlobalModel:
             raise UpdateFormatError("strategy", "must be a string")
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
             raise UpdateFormatError("examples", "must be an integer >= 0")
+        watchlist: dict[str, int] = {}
+        if wire.get("watchlist") is not None:
+            try:
+                watchlist = watchlist_from_wire(wire["watchlist"])
+            except WatchFormatError as error:
+                raise UpdateFormatError("watchlist", str(error)) from None
         return cls(round_, version, parent, tuple(contributors), strategy, examples,
-                   as_vectors(wire.get("parameters"), "parameters"))
+                   as_vectors(wire.get("parameters"), "parameters"), watchlist)
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_wire(), separators=(",", ":")).encode()
@@ -413,3 +425,36 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
                     chosen, best = mix, gain
     model.load_shared(candidates[chosen])
     return chosen
+
+
+def fold_in_river(model: RiverModel, global_model: GlobalModel,
+                  recent: Sequence[tuple[Mapping[str, float], bool]], *,
+                  min_labels: int = 20) -> float:
+    """:func:`fl.client.fold_in` for River's ``StandardScaler | LogisticRegression``: the
+    same personalised blend (``mix`` from :data:`fl.client.MIX_GRID` by log-loss on the
+    retailer's recent labels), the model's own label counts kept; returns ``mix``."""
+    from fraud.models import RiverModel as River  # here: the aggregator never imports River
+
+    template = model.export_state()
+    local = vectors_from_state(template)
+    candidates = {mix: River.from_state(state_from_vectors(
+        blend(local, global_model.parameters, mix), template, global_model.examples,
+        global_model.version)) for mix in MIX_GRID}
+    if len(recent) < min_labels:
+        chosen = 0.5
+    else:
+        losses = {mix: _log_loss(candidate, recent) for mix, candidate in candidates.items()}
+        chosen = min(MIX_GRID, key=lambda m: (round(losses[m], 12), -m))
+    model.estimator = candidates[chosen].estimator
+    model.version = global_model.version
+    return chosen
+
+
+def _log_loss(model: RiverModel, recent: Sequence[tuple[Mapping[str, float], bool]]
+              ) -> float:
+    eps = 1e-6
+    total = 0.0
+    for x, y in recent:
+        p = min(max(model.predict_proba_one(x)[True], eps), 1.0 - eps)
+        total -= math.log(p if y else 1.0 - p)
+    return total / len(recent)

@@ -15,8 +15,9 @@ code the real path uses, minus Kafka and crypto:
    labelled rows.
 
 Scores are those of each retailer's live model, row by row, so the output has the format of the
-other modes. River's baseline is not federated: with ``--baseline river`` the federated mode
-reports the default model only.
+other modes. River's ``StandardScaler | LogisticRegression`` (``--model river-linear``) is
+federated with :func:`fl.client.fold_in_river`, as the worker does; River's baseline is not:
+with ``--baseline river`` the federated mode reports the main model only.
 
 For poisoning experiments a :class:`Poisoner` retailer sends its update scaled by ``factor``
 away from the current global model (``scale``), or sends the update of a twin model that learns
@@ -28,15 +29,25 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
 from fl.aggregator import Round, strategy_named
-from fl.client import MIX_GRID, GlobalModel, MixRecord, fold_in, update_from_model
+from fl.client import (
+    MIX_GRID,
+    GlobalModel,
+    MixRecord,
+    fold_in,
+    fold_in_river,
+    update_from_model,
+    update_from_state,
+)
 from fl.update import ModelUpdate
+from fl.watchlist import SIGNALS, ReplaySettings, replay
+from fraud.decisions import WATCH_FIELDS
 from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
-from fraud.models import ModelParams, RiskModel
+from fraud.models import ModelParams, RiskModel, RiverModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +122,7 @@ class _Recent:
 
 @dataclass(slots=True)
 class _Retailer:
-    model: RiskModel
+    model: RiskModel | RiverModel
     recent: _Recent
     since_update: int = 0
     record: MixRecord = field(default_factory=MixRecord)
@@ -119,6 +130,8 @@ class _Retailer:
     twin: RiskModel | None = None
     twin_recent: _Recent | None = None
     twin_record: MixRecord = field(default_factory=MixRecord)
+    river_base_n: int = 0
+    """A River model's label count at its last fold-in (River counts no examples itself)."""
 
 
 class Federation:
@@ -135,9 +148,11 @@ class Federation:
         self.log: list[RoundLog] = []
 
     def _join(self, step: Step) -> _Retailer:
-        if not isinstance(step.model, RiskModel):
-            raise DataError("the federated mode federates the default model only "
-                            "(not --model river-linear or a River spec)")
+        if isinstance(step.model, RiverModel) and (not step.model.has_plain_state
+                                                   or self.poisoners):
+            raise DataError("the federated mode federates the default model and River's "
+                            "StandardScaler | LogisticRegression (--model river-linear, "
+                            "without poisoners), not another River spec")
         size = self.settings.recent
         member = _Retailer(step.model, _Recent.of_size(size))
         poisoner = self.poisoners.get(step.retailer)
@@ -172,7 +187,11 @@ class Federation:
         poisoner = self.poisoners.get(name)
         if member.twin is not None:
             return update_from_model(member.twin, name, number)
-        update = update_from_model(member.model, name, number)
+        model = member.model
+        if isinstance(model, RiverModel):
+            return update_from_state(model.export_state(), name, number,
+                                     max(model.n - member.river_base_n, 0))
+        update = update_from_model(model, name, number)
         if poisoner is None or poisoner.kind != "scale":
             return update
         current = self.round.current
@@ -188,9 +207,14 @@ class Federation:
         published: GlobalModel = self.round.close(self.strategy)
         mixes: dict[str, float] = {}
         for name, member in self.retailers.items():
-            mixes[name] = fold_in(member.model, published, member.recent.labelled(),
-                                  grid=self.settings.mixes, record=member.record,
-                                  fresh=member.recent.since(member.folded_at))
+            model = member.model
+            if isinstance(model, RiverModel):  # the worker's River fold-in, as it runs it
+                mixes[name] = fold_in_river(model, published, member.recent.labelled())
+                member.river_base_n = model.n
+            else:
+                mixes[name] = fold_in(model, published, member.recent.labelled(),
+                                      grid=self.settings.mixes, record=member.record,
+                                      fresh=member.recent.since(member.folded_at))
             if member.twin is not None and member.twin_recent is not None:
                 fold_in(member.twin, published, member.twin_recent.labelled(),
                         grid=self.settings.mixes, record=member.twin_record,
@@ -276,6 +300,46 @@ def cross_retailer_attack(rows: Sequence[Mapping[str, Any]], scores: Sequence[fl
     return AttackCount(len(campaigns), total, passed, never)
 
 
+def entity_rows(data: Prepared) -> list[dict[str, str | None]]:
+    """Each row's ``payment_instrument`` and ``device_id`` (None: absent or not mapped), in the
+    evaluation's order (the order of a runner's scores)."""
+    columns: dict[str, list[str | None]] = {}
+    order = data.order
+    for canon in WATCH_FIELDS.values():
+        source = data.plan.mapping.get(canon)
+        column = data.columns.get(source) if source is not None else None
+        if column is None or column.codes is None:
+            columns[canon] = [None] * len(order)
+            continue
+        codes = np.frombuffer(column.codes, dtype=np.int32)[order].tolist()
+        texts = column.texts()
+        columns[canon] = [texts[c] if c >= 0 else None for c in codes]
+    names = list(columns)
+    return [dict(zip(names, values, strict=True))
+            for values in zip(*(columns[n] for n in names), strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchOutcome:
+    """What a watchlist replay changed: rows it raised to hold, by label, and the scores with
+    those rows raised to the hold threshold (the decision, as a ranking)."""
+
+    raised_fraud: int
+    false_holds: int
+    scores: list[float]
+
+
+def watch_outcome(scores: Sequence[float], hits: Sequence[int], labels: Sequence[bool],
+                  hold: float = 0.8, min_score: float = 0.0) -> WatchOutcome:
+    """Rows below ``hold`` that the watchlist raised (listed, score >= ``min_score``: the rule
+    of :class:`fraud.decisions.Watchlist`): frauds caught, legitimate rows held."""
+    raised = [min_score <= s < hold and h > 0 for s, h in zip(scores, hits, strict=True)]
+    return WatchOutcome(
+        sum(1 for r, y in zip(raised, labels, strict=True) if r and y),
+        sum(1 for r, y in zip(raised, labels, strict=True) if r and not y),
+        [hold if r else float(s) for r, s in zip(raised, scores, strict=True)])
+
+
 def honest_change(before: Mapping[str, Any], after: Mapping[str, Any],
                   exclude: Sequence[str]) -> float:
     """The largest absolute change of average precision over the retailers not in ``exclude``
@@ -289,10 +353,22 @@ def honest_change(before: Mapping[str, Any], after: Mapping[str, Any],
 # ----------------------------------------------------------------------------- experiments
 
 
-def _table(result: Mapping[str, Any]) -> dict[str, float]:
-    return {"overall": round(result["overall"]["average_precision"], 4),
-            **{name: round(rep["average_precision"], 4)
-               for name, rep in result["retailers"].items()}}
+WATCH_KEY: Final = bytes(range(32))
+"""The simulation's consortium key (any key gives the same counts, barring hash collisions)."""
+
+
+def _attack_dict(attack: AttackCount) -> dict[str, int]:
+    return {"campaigns": attack.campaigns, "rows": attack.rows, "passed": attack.passed,
+            "never_caught": attack.never_caught}
+
+
+def _table(result: Mapping[str, Any]) -> dict[str, float | None]:
+    def ap(report: Mapping[str, Any]) -> float | None:
+        value = report["average_precision"]
+        return None if value is None else round(value, 4)  # None: no fraud there
+
+    return {"overall": ap(result["overall"]),
+            **{name: ap(rep) for name, rep in result["retailers"].items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,8 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label-delay", type=float, default=604800.0)
     parser.add_argument("--sync-every", type=int, default=500)
     parser.add_argument("--poisoner", default="retailer_1")
+    parser.add_argument("--watch", nargs="*", default=["hold", "review"], choices=SIGNALS,
+                        help="attack: replay the watchlist with these report signals")
+    parser.add_argument("--exchange-every", type=float, default=300.0,
+                        help="attack: seconds between watchlist exchanges")
+    parser.add_argument("--watch-min-score", type=float, default=0.0,
+                        help="attack: the watchlist holds listed rows scoring at least this")
     args = parser.parse_args(argv)
     data = load(args.data)
+    entities = entity_rows(data)
     params = ModelParams()
     options = Options(label_delay=args.label_delay)
     if args.experiment == "attack":
@@ -324,10 +407,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores, extra = MODES[mode](data, params, options), {}
             attack = cross_retailer_attack(rows, scores["ours"])
             print(json.dumps({"mode": mode, "ap": _table(summarize(data, scores["ours"])),
-                              "attack": {"campaigns": attack.campaigns, "rows": attack.rows,
-                                         "passed": attack.passed,
-                                         "never_caught": attack.never_caught}, **extra}),
-                  flush=True)
+                              "attack": _attack_dict(attack), **extra}), flush=True)
+            if mode == "central":
+                continue  # one model over every retailer: nothing to exchange
+            for signal in args.watch:
+                watch = ReplaySettings(signal=signal, exchange_every_s=args.exchange_every,
+                                       label_delay_s=args.label_delay)
+                hits = replay(data.times.tolist(), data.retailers, entities, scores["ours"],
+                              data.labels.tolist(), watch, WATCH_KEY)
+                outcome = watch_outcome(scores["ours"], hits, data.labels.tolist(),
+                                        min_score=args.watch_min_score)
+                attack = cross_retailer_attack(rows, outcome.scores)
+                print(json.dumps({"mode": f"{mode}+watchlist", "signal": signal,
+                                  "exchange_every_s": args.exchange_every,
+                                  "min_score": args.watch_min_score,
+                                  "ap": _table(summarize(data, outcome.scores)),
+                                  "attack": _attack_dict(attack),
+                                  "raised_fraud": outcome.raised_fraud,
+                                  "false_holds": outcome.false_holds}), flush=True)
         return 0
     for strategy in ("fedavg", "fedmedian", "fedtrimmedavg"):
         honest = summarize(data, run_federated(

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from fl.watchlist import WatchFormatError, check_keys
+
 WIRE_VERSION = 1
 
 # Named 1-D float64 vectors: a model's parameters, or a change to them.
@@ -118,6 +120,15 @@ def unflatten(flat: np.ndarray, layout: Layout) -> Vectors:
     return out
 
 
+def hashed_keys(value: Any, what: str) -> tuple[str, ...]:
+    """``value`` as keyed hashes of entities (:func:`fl.watchlist.entity_key`), or
+    :class:`UpdateFormatError`: a raw identifier never passes."""
+    try:
+        return tuple(check_keys(value, what))
+    except WatchFormatError as error:
+        raise UpdateFormatError(what, str(error).split(": ", 1)[-1]) from None
+
+
 def _int_field(wire: Mapping[str, Any], name: str, minimum: int) -> int:
     value = wire.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -150,6 +161,9 @@ class ModelUpdate:
     round: int
     examples: int
     vectors: Vectors = field(repr=False)
+    watch: tuple[str, ...] = ()
+    """Keyed hashes of the entities this participant held since its last update
+    (:mod:`fl.watchlist`); on the wire only when there are some."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.participant, str) or not self.participant:
@@ -168,6 +182,7 @@ class ModelUpdate:
             == (other.participant, other.round, other.examples)
             and layout_of(self.vectors) == layout_of(other.vectors)
             and all(np.array_equal(v, other.vectors[k]) for k, v in self.vectors.items())
+            and self.watch == other.watch
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
@@ -180,6 +195,7 @@ class ModelUpdate:
             "round": self.round,
             "examples": self.examples,
             "vectors": {name: self.vectors[name].tolist() for name in sorted(self.vectors)},
+            **({"watch": list(self.watch)} if self.watch else {}),
         }
 
     @classmethod
@@ -198,4 +214,5 @@ class ModelUpdate:
                 for x in values
             ):
                 raise UpdateFormatError(f"vectors.{name}", "must hold finite numbers only")
-        return cls(participant, round_, examples, as_vectors(vectors))
+        return cls(participant, round_, examples, as_vectors(vectors),
+                   hashed_keys(wire.get("watch", []), "watch"))

@@ -28,6 +28,7 @@ time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import time
@@ -338,6 +339,75 @@ def decide(
         config_version=config.version,
         timings=stamp,
     )
+
+
+WATCH_FIELDS: Final = {"instrument": "payment_instrument", "device": "device_id"}
+"""The entity kinds a federated watchlist may name, and the transaction field of each."""
+
+
+@dataclass(frozen=True, slots=True)
+class Watchlist:
+    """Instruments and devices other retailers reported, known only as keyed hashes.
+
+    ``reported`` maps a hashed key to how many *other* retailers reported it; ``key_of(kind,
+    value)`` hashes one of this transaction's entities the same way (the hashing and its key
+    live outside ``fraud``: ``fl.watchlist``). A listed entity raises a decision whose score is
+    at least ``min_score`` to at least ``action``, never lowers it; the retailer's own allow
+    list still wins. ``min_score`` 0 holds every listed entity; above 0, only those the own
+    model also finds somewhat suspicious (fewer false holds where a listed card's owner keeps
+    buying, and fewer attacks caught: fl/README.md, "Cross-retailer watchlist").
+
+    >>> key_of = lambda kind, value: f"{kind}/{value}"
+    >>> watch = Watchlist({"instrument/pi-9": 2}, key_of)
+    >>> tx = {"tx_id": "t1", "retailer_id": "acme", "payment_instrument": "pi-9"}
+    >>> d = watch.escalate(decide(tx, 0.1, PolicyConfig()), tx)
+    >>> d.action, d.reasons
+    ('hold', ('watchlist:instrument reported by 2 other retailers',))
+    >>> watch.escalate(decide({**tx, "payment_instrument": "pi-1"}, 0.1, PolicyConfig()),
+    ...                tx | {"payment_instrument": "pi-1"}).action
+    'allow'
+    """
+
+    reported: Mapping[str, int]
+    key_of: Callable[[str, str], str]
+    action: str = "hold"
+    min_score: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.action not in ("verify", "hold", "block"):
+            raise ValueError(f"watchlist action must be verify, hold or block, got "
+                             f"{self.action!r}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"watchlist min_score must be in [0, 1], got {self.min_score!r}")
+
+    def hit(self, tx: Transaction | Mapping[str, Any]) -> tuple[str, int] | None:
+        """``(kind, retailers)`` of ``tx``'s most-reported listed entity, or None."""
+        if not self.reported:
+            return None
+        best: tuple[str, int] | None = None
+        for kind, name in WATCH_FIELDS.items():
+            value = _field(tx, name)
+            if value:
+                count = self.reported.get(self.key_of(kind, str(value)), 0)
+                if count > 0 and (best is None or count > best[1]):
+                    best = (kind, count)
+        return best
+
+    def escalate(self, decision: Decision, tx: Transaction | Mapping[str, Any]) -> Decision:
+        """``decision`` raised to ``action`` if ``tx`` names a listed entity; its reason says
+        which kind and how many retailers reported it."""
+        if (_SEVERITY[decision.action] >= _SEVERITY[self.action]
+                or decision.score < self.min_score
+                or any(r.startswith("allowlist:") for r in decision.reasons)):
+            return decision
+        found = self.hit(tx)
+        if found is None:
+            return decision
+        kind, count = found
+        plural = "" if count == 1 else "s"
+        reason = f"watchlist:{kind} reported by {count} other retailer{plural}"
+        return dataclasses.replace(decision, action=self.action,
+                                   reasons=(reason, *decision.reasons))
 
 
 class Policy:

@@ -34,19 +34,16 @@ from typing import Any, Final
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from fl.client import (
-    MIX_GRID,
     UPDATE_PURPOSE,
     GlobalModel,
     MixRecord,
     StaleGlobal,
-    blend,
     fold_in,
+    fold_in_river,
     open_global,
     seal_update,
-    state_from_vectors,
     update_from_model,
     update_from_state,
-    vectors_from_state,
 )
 from fl.update import ModelUpdate, UpdateFormatError
 from fraud.models import RiskModel, RiverModel
@@ -132,37 +129,6 @@ def refusal_reason(error: Exception) -> str:
         (UpdateFormatError, "malformed"), (EnvelopeError, "tampered"),
     ]
     return next((reason for kind, reason in kinds if isinstance(error, kind)), "malformed")
-
-
-def fold_in_river(model: RiverModel, global_model: GlobalModel, recent: Sequence[Labelled],
-                  *, min_labels: int = 20) -> float:
-    """:func:`fl.client.fold_in` for River's ``StandardScaler | LogisticRegression``: the
-    same personalised blend (``mix`` from :data:`fl.client.MIX_GRID` by log-loss on the
-    retailer's recent labels), the model's own label counts kept; returns ``mix``."""
-    template = model.export_state()
-    local = vectors_from_state(template)
-    candidates = {mix: RiverModel.from_state(state_from_vectors(
-        blend(local, global_model.parameters, mix), template, global_model.examples,
-        global_model.version)) for mix in MIX_GRID}
-    if len(recent) < min_labels:
-        chosen = 0.5
-    else:
-        losses = {mix: _log_loss(candidate, recent) for mix, candidate in candidates.items()}
-        chosen = min(MIX_GRID, key=lambda m: (round(losses[m], 12), -m))
-    model.estimator = candidates[chosen].estimator
-    model.version = global_model.version
-    return chosen
-
-
-def _log_loss(model: RiverModel, recent: Sequence[Labelled]) -> float:
-    import math
-
-    eps = 1e-6
-    total = 0.0
-    for x, y in recent:
-        p = min(max(model.predict_proba_one(x)[True], eps), 1.0 - eps)
-        total -= math.log(p if y else 1.0 - p)
-    return total / len(recent)
 
 
 def federates(model: Model) -> bool:

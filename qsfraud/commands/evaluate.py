@@ -78,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
     from fraud.evaluation import DataError, evaluate, load
 
     runners = _runners(args)
-    if args.model != "default":  # fl/ federates the default model only: `all` leaves it out
+    if args.model not in ("default", "river-linear"):  # what fl/ federates; `all` leaves
+        # any other model's federated mode out
         if args.mode in FEDERATED_MODES:
-            raise CommandError(f"--mode {args.mode} federates the default model only, "
-                               f"not --model {args.model}")
+            raise CommandError(f"--mode {args.mode} federates the default model and "
+                               f"river-linear only, not --model {args.model}")
         runners = {name: run for name, run in runners.items() if name not in FEDERATED_MODES}
     modes = list(runners) if args.mode == "all" else [args.mode]
     if args.mode != "all" and args.mode not in runners:

@@ -31,8 +31,11 @@ SYNC_LABELS = 30
 def transaction(retailer: str, i: int) -> dict[str, Any]:
     """Identifiers and amounts distinctive enough to be searched for in the FL payloads."""
     fraud = i % 5 == 0
+    amount = round((912.37 if fraud else 23.11) + (i * 7.13) % 97, 2)
+    if amount == int(amount):  # never a whole number: the audit would find it in a count
+        amount += 0.01  # (a round's "examples": 110 is not the amount 110.00 leaking)
     return {"tx_id": f"{retailer}-tx-{i}", "retailer_id": retailer,
-            "amount": round((912.37 if fraud else 23.11) + (i * 7.13) % 97, 2),
+            "amount": amount,
             "customer_id": f"cust-{retailer}-{i % 17}", "payment_instrument": f"card-{i % 19}",
             "device_id": f"dev-{i % 13}-{retailer}", "ip": f"10.77.{i % 200}.{i % 11}",
             "occurred_at": 1767225600.0 + i * 30}

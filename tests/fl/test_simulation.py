@@ -8,15 +8,19 @@ from pathlib import Path
 import pytest
 
 from fl.simulation import (
+    WATCH_KEY,
     AttackCount,
     Poisoner,
     Settings,
     cross_retailer_attack,
+    entity_rows,
     honest_change,
     run_federated,
     runner,
     simulate,
+    watch_outcome,
 )
+from fl.watchlist import ReplaySettings, replay
 from fraud.evaluation import MODES, Options, Prepared, evaluate, prepare, summarize
 from fraud.generator import GeneratorConfig, generate
 from fraud.models import ModelParams
@@ -130,3 +134,94 @@ def test_the_command_runs_the_federated_mode(tmp_path: Path,
     assert "local " not in out
     with pytest.raises(SystemExit):
         main(["evaluate", "--data", str(path), "--strategy", "krum"])
+
+
+def test_entity_rows_follow_the_evaluation_order() -> None:
+    rows = [{"tx_id": f"t{i}", "retailer_id": "r", "occurred_at": float(t), "is_fraud": 0,
+             "amount": 1.0, "payment_instrument": f"p{t}", "device_id": None if t == 2 else "d"}
+            for i, t in enumerate([3, 1, 2])]
+    data = prepare(rows)
+    assert entity_rows(data) == [{"payment_instrument": "p1", "device_id": "d"},
+                                 {"payment_instrument": "p2", "device_id": None},
+                                 {"payment_instrument": "p3", "device_id": "d"}]
+
+
+def test_the_watchlist_catches_the_cross_retailer_attack_no_later(tmp_path: Path) -> None:
+    from fraud.evaluation import load, read_table
+    from fraud.generator import write_rows
+
+    path = tmp_path / "gen.csv"
+    write_rows(generate(GeneratorConfig(retailers=3, days=6, tx_per_day=300, seed=5,
+                                        fraud_scale=3.0)), path)
+    data, rows = load(path), read_table(path)
+    scores = MODES["local"](data, ModelParams(), OPTIONS)["ours"]
+    labels = data.labels.tolist()
+    hits = replay(data.times.tolist(), data.retailers, entity_rows(data), scores, labels,
+                  ReplaySettings(signal="hold"), WATCH_KEY)
+    outcome = watch_outcome(scores, hits, labels)
+    before, after = cross_retailer_attack(rows, scores), cross_retailer_attack(rows,
+                                                                               outcome.scores)
+    assert before.campaigns > 0 and outcome.raised_fraud > 0
+    assert after.passed < before.passed
+    assert all(s >= 0.8 for s, h in zip(outcome.scores, hits, strict=True) if h)
+
+
+def test_the_attack_command_reports_the_watchlist(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from fl.simulation import main as simulation_main
+    from fraud.generator import write_rows
+
+    path = tmp_path / "gen.csv"
+    write_rows(generate(GeneratorConfig(retailers=3, days=2, tx_per_day=100, seed=5)), path)
+    assert simulation_main(["attack", "--data", str(path), "--sync-every", "50",
+                            "--watch", "hold", "review"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["mode"], line.get("signal")) for line in lines] == [
+        ("local", None), ("local+watchlist", "hold"), ("local+watchlist", "review"),
+        ("central", None), ("federated", None), ("federated+watchlist", "hold"),
+        ("federated+watchlist", "review")]
+    assert all("false_holds" in line for line in lines if "signal" in line)
+
+
+def test_rivers_linear_pipeline_is_federated_with_the_workers_fold_in() -> None:
+    from dataclasses import replace
+
+    from fraud.models import LINEAR_SPEC, RiverModel
+
+    options = replace(OPTIONS, river_model=tuple(LINEAR_SPEC))
+    data = generated(3)
+    scores, federation = simulate(data, ModelParams(), options, Settings(sync_every=100))
+    assert len(scores["ours"]) == len(data)
+    assert len(federation.log) >= 3
+    assert all(isinstance(m.model, RiverModel) for m in federation.retailers.values())
+    assert {len(log.mixes) for log in federation.log[1:]} == {3}
+    assert all(m.model.version.startswith("r") for m in federation.retailers.values())
+    again = run_federated(data, ModelParams(), options, Settings(sync_every=100))
+    assert again["ours"] == scores["ours"]
+
+
+def test_other_river_models_are_refused() -> None:
+    from dataclasses import replace
+
+    from fraud.evaluation import DataError
+
+    tree = ({"class": "tree.HoeffdingTreeClassifier"},)
+    with pytest.raises(DataError, match="river-linear"):
+        run_federated(generated(3), ModelParams(), replace(OPTIONS, river_model=tree),
+                      Settings(sync_every=100))
+
+
+def test_the_command_federates_river_linear_and_refuses_other_river_specs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fraud.generator import write_rows
+
+    path = tmp_path / "gen.csv"
+    write_rows(generate(GeneratorConfig(retailers=3, days=2, tx_per_day=100, seed=5)), path)
+    assert main(["evaluate", "--data", str(path), "--mode", "federated", "--sync-every", "50",
+                 "--model", "river-linear"]) == 0
+    assert "federated      retailer_3" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(path), "--mode", "federated",
+                 "--model", '[{"class": "tree.HoeffdingTreeClassifier"}]']) != 0
+    assert "river-linear only" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fraud.decisions import Policy, PolicyConfig, decide
+from fraud.decisions import Policy, PolicyConfig, Watchlist, decide
 from fraud.schema import Decision, SchemaError, Transaction
 
 CONFIG = PolicyConfig.from_dict({
@@ -118,3 +118,46 @@ def test_policy_swaps_config_at_run_time() -> None:
         policy.replace(CONFIG)
     policy.replace(CONFIG, allow_older=True)
     assert policy.config.version == 4
+
+
+# ---------------------------------------------------------------------------- watchlist rule
+
+
+def _key_of(kind: str, value: str) -> str:
+    return f"{kind}:{value}"  # the real hashing is fl.watchlist's; any function will do here
+
+
+def test_watchlist_raises_a_listed_instrument_or_device_to_hold_with_its_reason() -> None:
+    watch = Watchlist({"instrument:p1": 1, "device:d1": 3}, _key_of)
+    decision = watch.escalate(decide(TX, 0.1, CONFIG), TX)
+    assert decision.action == "hold"
+    assert decision.reasons[0] == "watchlist:device reported by 3 other retailers"
+    one = Watchlist({"instrument:p1": 1}, _key_of).escalate(decide(TX, 0.1, CONFIG), TX)
+    assert one.reasons[0] == "watchlist:instrument reported by 1 other retailer"
+    assert watch.hit(_tx(payment_instrument="p2", device_id="d2")) is None
+
+
+def test_watchlist_never_lowers_a_decision_and_the_allow_list_wins() -> None:
+    watch = Watchlist({"instrument:p1": 1}, _key_of)
+    blocked = decide(TX, 0.99, CONFIG)
+    assert watch.escalate(blocked, TX) is blocked
+    vip = _tx(customer_id="c-vip")
+    allowed = decide(vip, 0.1, CONFIG)
+    assert allowed.action == "allow"
+    assert watch.escalate(allowed, vip) is allowed
+    assert Watchlist({}, _key_of).escalate(decide(TX, 0.1, CONFIG), TX).action == "allow"
+
+
+def test_watchlist_action_is_checked() -> None:
+    with pytest.raises(ValueError, match="action"):
+        Watchlist({}, _key_of, action="allow")
+    verify = Watchlist({"device:d1": 1}, _key_of, action="verify")
+    assert verify.escalate(decide(TX, 0.1, CONFIG), TX).action == "verify"
+
+
+def test_watchlist_min_score_leaves_rows_the_model_finds_harmless() -> None:
+    watch = Watchlist({"instrument:p1": 1}, _key_of, min_score=0.3)
+    assert watch.escalate(decide(TX, 0.29, CONFIG), TX).action == "allow"
+    assert watch.escalate(decide(TX, 0.3, CONFIG), TX).action == "hold"
+    with pytest.raises(ValueError, match="min_score"):
+        Watchlist({}, _key_of, min_score=1.5)

@@ -1,0 +1,329 @@
+"""A federated watchlist: instruments and devices retailers reported, as keyed hashes.
+
+Model parameters say how an attack looks, never *which* card or device is compromised; this
+module carries the second, without a raw identifier leaving a retailer:
+
+* **Hashing.** A retailer names an entity by ``HMAC-SHA-256(consortium key, kind || 0x00 ||
+  value)``, truncated to 128 bits (:func:`entity_key`). The consortium key is shared by the
+  retailers and never given to the aggregator: an admin generates it and seals it to each
+  retailer's KEM key with the ``pqc`` envelopes (:func:`seal_watch_key`, purpose
+  ``fl.watch-key``, signed by an ``admin``); a retailer opens it with :func:`open_watch_key`
+  and keeps it beside its own keys.
+* **Reporting** (:class:`Reporter`, the retailer's side): an entity of a row this retailer
+  held or blocked (score at or above ``threshold``) is reported in the retailer's next update;
+  the retailer remembers what it reported so it can tell "reported by others" from its own.
+* **Union** (:class:`WatchlistUnion`, the aggregator's side): keys from each report, at most
+  ``max_per_report`` per report and ``max_per_retailer`` live per retailer (a poisoning
+  retailer cannot list the world, only its own share), ``max_entries`` in all (the oldest
+  go first), each expiring ``horizon_s`` after its last report. It publishes
+  ``{key: number of distinct retailers}``.
+* **Deciding** (:class:`fraud.decisions.Watchlist`): each retailer's decision step raises a
+  transaction naming an entity listed by at least one *other* retailer to ``hold``.
+
+What this reveals is in fl/README.md ("Cross-retailer watchlist").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from fraud.decisions import WATCH_FIELDS
+from pqc.envelope import open as open_envelope
+from pqc.envelope import seal
+from pqc.freshness import FreshnessStore
+from pqc.keys import Identity, KemKeyring, Registry, TrustedKey
+
+WATCH_WIRE_VERSION: Final = 1
+KEY_BYTES: Final = 32
+KEY_PURPOSE: Final = "fl.watch-key"
+HASH_HEX: Final = 32
+"""Hex digits of a hashed key kept (128 bits: collisions among 10^9 keys have odds ~1e-21)."""
+
+
+class WatchFormatError(ValueError):
+    """A watchlist report or published watchlist that does not have the required shape."""
+
+
+def new_key() -> bytes:
+    """A fresh consortium key (32 random bytes)."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def entity_key(key: bytes, kind: str, value: str) -> str:
+    """The keyed hash naming one entity across retailers.
+
+    >>> entity_key(bytes(32), "instrument", "pi-1")
+    'e4ef2493418e5758f575c4d2badd9632'
+    >>> entity_key(bytes(32), "device", "pi-1") != entity_key(bytes(32), "instrument", "pi-1")
+    True
+    """
+    if kind not in WATCH_FIELDS:
+        raise ValueError(f"unknown entity kind {kind!r}; use {', '.join(WATCH_FIELDS)}")
+    if len(key) < 16:
+        raise ValueError("the consortium key must have at least 16 bytes")
+    message = kind.encode() + b"\x00" + value.encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:HASH_HEX]
+
+
+def hasher(key: bytes) -> Callable[[str, str], str]:
+    """``entity_key`` bound to ``key``: the ``key_of`` of :class:`fraud.decisions.Watchlist`."""
+
+    def key_of(kind: str, value: str) -> str:
+        return entity_key(key, kind, value)
+
+    return key_of
+
+
+def seal_watch_key(key: bytes, admin: Identity, retailer_kem: TrustedKey, sequence: int, *,
+                   now: float | None = None) -> bytes:
+    """The consortium key encrypted to one retailer and signed by the admin who made it."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"the consortium key has {KEY_BYTES} bytes, got {len(key)}")
+    return seal(key, admin, retailer_kem, KEY_PURPOSE, sequence, now=now)
+
+
+def open_watch_key(blob: bytes, keyring: KemKeyring, registry: Registry,
+                   freshness: FreshnessStore, *, now: float | None = None) -> bytes:
+    """The consortium key from :func:`seal_watch_key`; only an ``admin`` may have sent it."""
+    key, _ = open_envelope(blob, keyring, registry, freshness=freshness, purpose=KEY_PURPOSE,
+                           roles=("admin",), now=now)
+    if len(key) != KEY_BYTES:
+        raise WatchFormatError(f"the consortium key has {KEY_BYTES} bytes, got {len(key)}")
+    return key
+
+
+def check_keys(keys: Any, what: str = "watch") -> list[str]:
+    """``keys`` if it is a list of hashed keys (:data:`HASH_HEX` lowercase hex digits)."""
+    if not isinstance(keys, list | tuple):
+        raise WatchFormatError(f"{what}: expected a list of hashed keys")
+    for k in keys:
+        if not (isinstance(k, str) and len(k) == HASH_HEX
+                and all(c in "0123456789abcdef" for c in k)):
+            raise WatchFormatError(f"{what}: {k!r} is not a hashed key "
+                                   f"({HASH_HEX} lowercase hex digits)")
+    return list(keys)
+
+
+def watchlist_to_wire(listed: Mapping[str, int]) -> dict[str, Any]:
+    """The published watchlist as plain data: ``{"v": 1, "listed": {key: retailers}}``."""
+    return {"v": WATCH_WIRE_VERSION, "listed": {k: listed[k] for k in sorted(listed)}}
+
+
+def watchlist_from_wire(wire: Any) -> dict[str, int]:
+    if not isinstance(wire, Mapping) or wire.get("v") != WATCH_WIRE_VERSION:
+        raise WatchFormatError(f"watchlist: expected version {WATCH_WIRE_VERSION}")
+    listed = wire.get("listed")
+    if not isinstance(listed, Mapping):
+        raise WatchFormatError("watchlist.listed: expected an object")
+    check_keys(list(listed), "watchlist.listed")
+    for k, n in listed.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise WatchFormatError(f"watchlist.listed.{k}: expected a count >= 1, got {n!r}")
+    return dict(listed)
+
+
+@dataclass(frozen=True, slots=True)
+class UnionLimits:
+    """Bounds of the aggregator's union (see the module docstring)."""
+
+    horizon_s: float = 86400.0
+    max_per_report: int = 200
+    max_per_retailer: int = 2000
+    max_entries: int = 200_000
+
+    def __post_init__(self) -> None:
+        if self.horizon_s <= 0 or min(self.max_per_report, self.max_per_retailer,
+                                      self.max_entries) < 1:
+            raise ValueError("watchlist limits must be positive")
+
+
+@dataclass(slots=True)
+class WatchlistUnion:
+    """The aggregator's union of the retailers' reports."""
+
+    limits: UnionLimits = field(default_factory=UnionLimits)
+    entries: dict[str, dict[str, float]] = field(default_factory=dict)
+    """hashed key -> {retailer: when it last reported it}"""
+    refused: int = 0
+    """Keys refused by the per-report cap so far."""
+
+    def add(self, retailer: str, keys: Iterable[str], now: float) -> int:
+        """Records ``retailer``'s report at ``now``; returns the keys accepted."""
+        wanted = list(dict.fromkeys(keys))
+        accepted = wanted[: self.limits.max_per_report]
+        self.refused += len(wanted) - len(accepted)
+        for k in accepted:
+            self.entries.setdefault(k, {})[retailer] = now
+        self._cap_retailer(retailer)
+        self._cap_total()
+        return len(accepted)
+
+    def _cap_retailer(self, retailer: str) -> None:
+        mine = [(seen[retailer], k) for k, seen in self.entries.items() if retailer in seen]
+        excess = len(mine) - self.limits.max_per_retailer
+        if excess > 0:
+            for _, k in heapq.nsmallest(excess, mine):
+                self._drop(k, retailer)
+
+    def _cap_total(self) -> None:
+        excess = len(self.entries) - self.limits.max_entries
+        if excess > 0:
+            oldest = heapq.nsmallest(excess, self.entries,
+                                     key=lambda k: max(self.entries[k].values()))
+            for k in oldest:
+                del self.entries[k]
+
+    def _drop(self, k: str, retailer: str) -> None:
+        seen = self.entries[k]
+        del seen[retailer]
+        if not seen:
+            del self.entries[k]
+
+    def expire(self, now: float) -> None:
+        """Forgets each retailer's report older than the horizon."""
+        limit = now - self.limits.horizon_s
+        for k in [k for k, seen in self.entries.items() if min(seen.values()) < limit]:
+            for retailer in [r for r, t in self.entries[k].items() if t < limit]:
+                self._drop(k, retailer)
+
+    def published(self, now: float) -> dict[str, int]:
+        """``{hashed key: distinct retailers}`` after expiring old reports."""
+        self.expire(now)
+        return {k: len(seen) for k, seen in self.entries.items()}
+
+
+@dataclass(slots=True)
+class Reporter:
+    """A retailer's side: which entities it reports, and which of the listed ones are its own."""
+
+    key_of: Callable[[str, str], str]
+    threshold: float = 0.8
+    horizon_s: float = 86400.0
+    kinds: tuple[str, ...] = tuple(WATCH_FIELDS)
+    margin_s: float = 3600.0
+    pending: dict[str, None] = field(default_factory=dict)
+    own: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, tx: Mapping[str, Any], score: float, now: float) -> None:
+        """A scored row: its instrument and device are reported if it was held or blocked."""
+        if score >= self.threshold:
+            self.report(tx, now)
+
+    def report(self, tx: Mapping[str, Any], now: float) -> None:
+        """Reports ``tx``'s entities with the next update, whatever its score."""
+        for kind in self.kinds:
+            value = tx.get(WATCH_FIELDS[kind])
+            if value:
+                self.pending[self.key_of(kind, str(value))] = None
+
+    def take(self, now: float) -> list[str]:
+        """The keys to send with the next update, sent at ``now`` (then no longer pending)."""
+        keys = list(self.pending)
+        self.pending.clear()
+        for k in keys:
+            self.own[k] = now
+        return keys
+
+    def others(self, listed: Mapping[str, int], now: float) -> dict[str, int]:
+        """``listed`` as counts of *other* retailers (own reports taken off; entries only this
+        retailer reported dropped). Its own reports are remembered ``margin_s`` longer than
+        the union keeps them: the union dates a report from the round's close, a little
+        after it was sent, and an own report must never count as another retailer's."""
+        limit = now - self.horizon_s - self.margin_s
+        for k in [k for k, t in self.own.items() if t < limit]:
+            del self.own[k]
+        out = {}
+        for k, n in listed.items():
+            n -= 1 if k in self.own else 0
+            if n > 0:
+                out[k] = n
+        return out
+
+
+# ----------------------------------------------------------------------------- simulation
+
+Signal = Literal["hold", "block", "review", "label"]
+SIGNALS: Final[tuple[Signal, ...]] = ("hold", "block", "review", "label")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySettings:
+    """How :func:`replay` runs: which rows are reported, and how often reports are exchanged.
+
+    ``signal``: ``hold`` (score >= 0.8, at once), ``block`` (score >= 0.95, at once),
+    ``review`` (score >= 0.8 and the row is fraud, ``review_s`` later: an analyst confirmed the
+    hold) or ``label`` (a fraud label, ``label_delay_s`` later: a chargeback).
+    """
+
+    signal: Signal = "review"
+    exchange_every_s: float = 300.0
+    review_s: float = 3600.0
+    label_delay_s: float = 604800.0
+    hold: float = 0.8
+    block: float = 0.95
+    kinds: tuple[str, ...] = tuple(WATCH_FIELDS)
+    """The entity kinds reported."""
+    limits: UnionLimits = field(default_factory=UnionLimits)
+
+
+def replay(times: Sequence[float], retailers: Sequence[str],
+           entities: Sequence[Mapping[str, Any]], scores: Sequence[float],
+           labels: Sequence[bool], settings: ReplaySettings, key: bytes) -> list[int]:
+    """For each row in time order, how many *other* retailers had listed one of its entities
+    when it arrived (0: none), with reports exchanged every ``exchange_every_s`` seconds.
+
+    The watchlist changes decisions, not scores or what a model learns, so it can be replayed
+    over a run's scores afterwards: the result is the one it would have had live.
+    """
+    if not len(times) == len(retailers) == len(entities) == len(scores) == len(labels):
+        raise ValueError("times, retailers, entities, scores and labels differ in length")
+    key_of = hasher(key)
+    threshold = settings.block if settings.signal == "block" else settings.hold
+    union = WatchlistUnion(settings.limits)
+    reporters: dict[str, Reporter] = {}
+    delayed: list[tuple[float, int]] = []  # (when the report is due, row)
+    views: dict[str, dict[str, int]] = {}
+    next_exchange = None
+    hits: list[int] = []
+    for i, (t, name) in enumerate(zip(times, retailers, strict=True)):
+        if next_exchange is None:
+            next_exchange = t + settings.exchange_every_s
+        while delayed and delayed[0][0] <= t:
+            due, j = heapq.heappop(delayed)
+            reporters[retailers[j]].report(entities[j], due)
+        if t >= next_exchange:
+            for who, reporter in reporters.items():
+                union.add(who, reporter.take(t), t)
+            listed = union.published(t)
+            views = {who: r.others(listed, t) for who, r in reporters.items()}
+            while next_exchange <= t:
+                next_exchange += settings.exchange_every_s
+        if name not in reporters:
+            reporters[name] = Reporter(key_of, threshold, settings.limits.horizon_s,
+                                      settings.kinds)
+        reporter = reporters[name]
+        view = views.get(name)
+        count = 0
+        if view:
+            for kind, field_name in WATCH_FIELDS.items():
+                value = entities[i].get(field_name)
+                if value:
+                    count = max(count, view.get(key_of(kind, str(value)), 0))
+        hits.append(count)
+        score = float(scores[i])
+        if settings.signal in ("hold", "block"):
+            # the model's own holds only: re-reporting what the watchlist held would keep an
+            # entry alive by itself (a victim's card held at B, reported, held at A, ...)
+            reporter.observe(entities[i], score, t)
+        elif settings.signal == "review" and (score >= settings.hold or count) and labels[i]:
+            # an analyst confirmed the hold (whatever raised it): confirmation breaks the loop
+            heapq.heappush(delayed, (t + settings.review_s, i))
+        elif settings.signal == "label" and labels[i]:
+            heapq.heappush(delayed, (t + settings.label_delay_s, i))
+    return hits

@@ -1,0 +1,222 @@
+"""The federated watchlist: keyed hashes, the aggregator's bounded union, the retailer's view,
+the key's distribution and the replay the simulation measures with."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl.aggregator import Round, strategy_named
+from fl.client import GlobalModel
+from fl.update import ModelUpdate, UpdateFormatError
+from fl.watchlist import (
+    HASH_HEX,
+    ReplaySettings,
+    Reporter,
+    UnionLimits,
+    WatchFormatError,
+    WatchlistUnion,
+    entity_key,
+    hasher,
+    new_key,
+    open_watch_key,
+    replay,
+    seal_watch_key,
+    watchlist_from_wire,
+    watchlist_to_wire,
+)
+from fraud.decisions import PolicyConfig, Watchlist, decide
+from pqc.errors import Replay, UnauthorizedSender, WrongRecipient
+from pqc.freshness import InMemoryFreshness
+from tests.fl.conftest import Federation
+
+KEY = bytes(range(32))
+
+
+def test_entity_key_depends_on_key_kind_and_value_and_hides_the_value() -> None:
+    k = entity_key(KEY, "instrument", "pi-1")
+    assert len(k) == HASH_HEX and "pi-1" not in k
+    assert k == entity_key(KEY, "instrument", "pi-1")
+    assert k != entity_key(KEY, "device", "pi-1")
+    assert k != entity_key(KEY, "instrument", "pi-2")
+    assert k != entity_key(bytes(32), "instrument", "pi-1")
+    with pytest.raises(ValueError, match="kind"):
+        entity_key(KEY, "ip", "10.0.0.1")
+
+
+def test_union_counts_distinct_retailers_and_expires_after_the_horizon() -> None:
+    union = WatchlistUnion(UnionLimits(horizon_s=100.0))
+    a, b = entity_key(KEY, "device", "d1"), entity_key(KEY, "device", "d2")
+    union.add("r1", [a, a], 0.0)
+    union.add("r2", [a, b], 50.0)
+    assert union.published(60.0) == {a: 2, b: 1}
+    assert union.published(120.0) == {a: 1, b: 1}  # r1's report of a is older than 100 s
+    assert union.published(151.0) == {}
+
+
+def test_a_poisoner_cannot_list_more_than_its_caps() -> None:
+    union = WatchlistUnion(UnionLimits(max_per_report=10, max_per_retailer=25,
+                                       max_entries=1000))
+    honest = entity_key(KEY, "instrument", "stolen")
+    union.add("honest", [honest], 0.0)
+    for report in range(10):
+        keys = [entity_key(KEY, "instrument", f"victim-{report}-{i}") for i in range(50)]
+        assert union.add("poisoner", keys, float(report)) == 10
+    listed = union.published(10.0)
+    assert sum(1 for k in listed if k != honest) == 25  # its newest 25, no more
+    assert listed[honest] == 1
+    assert union.refused == 400
+
+
+def test_union_keeps_at_most_max_entries_newest_first() -> None:
+    union = WatchlistUnion(UnionLimits(max_entries=3))
+    keys = [entity_key(KEY, "device", f"d{i}") for i in range(5)]
+    for i, k in enumerate(keys):
+        union.add(f"r{i}", [k], float(i))
+    assert set(union.published(5.0)) == set(keys[2:])
+
+
+def test_reporter_reports_held_rows_and_tells_others_from_its_own() -> None:
+    reporter = Reporter(hasher(KEY), threshold=0.8, horizon_s=100.0, margin_s=10.0)
+    tx = {"payment_instrument": "pi-1", "device_id": "d-1"}
+    reporter.observe(tx, 0.5, 0.0)
+    assert reporter.take(0.0) == []
+    reporter.observe(tx, 0.9, 1.0)
+    sent = reporter.take(5.0)
+    assert sorted(sent) == sorted([entity_key(KEY, "instrument", "pi-1"),
+                                   entity_key(KEY, "device", "d-1")])
+    assert reporter.take(6.0) == []
+    other = entity_key(KEY, "device", "d-9")
+    listed = {sent[0]: 1, sent[1]: 3, other: 2}
+    assert reporter.others(listed, 7.0) == {sent[1]: 2, other: 2}
+    # the union may date the report a little later than it was sent: still its own at 114
+    assert reporter.others(listed, 114.0) == {sent[1]: 2, other: 2}
+    assert reporter.others(listed, 116.0) == listed  # its own reports expired
+
+
+def test_watchlist_wire_round_trips_and_refuses_raw_ids() -> None:
+    listed = {entity_key(KEY, "device", "d1"): 2}
+    assert watchlist_from_wire(watchlist_to_wire(listed)) == listed
+    with pytest.raises(WatchFormatError, match="not a hashed key"):
+        watchlist_from_wire({"v": 1, "listed": {"pi_03003005b688b661": 1}})
+    with pytest.raises(WatchFormatError, match="count"):
+        watchlist_from_wire({"v": 1, "listed": {next(iter(listed)): 0}})
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=5) | st.floats(),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
+                                                                        max_size=3)))
+def test_watchlist_wire_parser_refuses_with_its_error_or_accepts(wire: object) -> None:
+    with contextlib.suppress(WatchFormatError):
+        watchlist_from_wire(wire)
+
+
+def test_consortium_key_is_sealed_by_an_admin_to_one_retailer(federation: Federation) -> None:
+    admin, r0, r1 = federation.admin, federation.retailers[0], federation.retailers[1]
+    key = new_key()
+    blob = seal_watch_key(key, admin.identity,
+                          r0.registry.current_kem_key(r0.identity.name), 1)
+    fresh = InMemoryFreshness()
+    assert open_watch_key(blob, r0.kem, r0.registry, fresh) == key
+    with pytest.raises(Replay):
+        open_watch_key(blob, r0.kem, r0.registry, fresh)
+    with pytest.raises(WrongRecipient):  # the aggregator, or another retailer, cannot open it
+        open_watch_key(blob, federation.aggregator.kem, federation.aggregator.registry,
+                       InMemoryFreshness())
+    with pytest.raises(WrongRecipient):
+        open_watch_key(blob, r1.kem, r1.registry, InMemoryFreshness())
+    forged = seal_watch_key(key, r1.identity, r0.registry.current_kem_key(r0.identity.name), 2)
+    with pytest.raises(UnauthorizedSender):  # only an admin hands out the key
+        open_watch_key(forged, r0.kem, r0.registry, InMemoryFreshness())
+
+
+def _rows(spec: list[tuple[float, str, str, float, bool]]) -> tuple[list, list, list, list, list]:
+    times = [t for t, *_ in spec]
+    retailers = [r for _, r, *_ in spec]
+    entities = [{"payment_instrument": card, "device_id": None} for _, _, card, *_ in spec]
+    return times, retailers, entities, [s for *_, s, _ in spec], [y for *_, y in spec]
+
+
+def test_replay_lists_a_held_card_for_other_retailers_after_the_next_exchange() -> None:
+    rows = _rows([
+        (0.0, "a", "warm", 0.1, False),
+        (10.0, "a", "stolen", 0.9, True),    # a holds it: reported at the next exchange
+        (100.0, "b", "stolen", 0.2, True),   # before the exchange at 300 s: passes
+        (400.0, "b", "stolen", 0.2, True),   # after it: listed by 1 other retailer
+        (410.0, "a", "stolen", 0.2, True),   # a reported it itself: not "other"
+        (420.0, "b", "fine", 0.2, False),
+    ])
+    hits = replay(*rows, ReplaySettings(signal="hold", exchange_every_s=300.0), KEY)
+    assert hits == [0, 0, 0, 1, 0, 0]
+
+
+def test_replay_review_waits_for_the_analyst_and_ignores_false_alarms() -> None:
+    rows = _rows([
+        (0.0, "a", "stolen", 0.9, True),
+        (0.0, "a", "false-alarm", 0.9, False),
+        (1000.0, "b", "stolen", 0.1, True),       # review due at 3600 s: not yet
+        (1000.0, "b", "false-alarm", 0.1, False),
+        (4000.0, "b", "stolen", 0.1, True),
+        (4000.0, "b", "false-alarm", 0.1, False),  # never confirmed: never listed
+    ])
+    settings_ = ReplaySettings(signal="review", exchange_every_s=60.0, review_s=3600.0)
+    assert replay(*rows, settings_, KEY) == [0, 0, 0, 0, 1, 0]
+
+
+def test_the_decision_rule_holds_what_the_replay_lists() -> None:
+    key_of = hasher(KEY)
+    watch = Watchlist({key_of("instrument", "stolen"): 2}, key_of)
+    tx = {"tx_id": "t", "retailer_id": "b", "payment_instrument": "stolen"}
+    decision = watch.escalate(decide(tx, 0.1, PolicyConfig()), tx)
+    assert decision.action == "hold"
+    assert decision.reasons[0] == "watchlist:instrument reported by 2 other retailers"
+
+
+# ---------------------------------------------------------------------------- on the wire
+
+
+def _update(who: str, round_: int, watch: tuple[str, ...] = ()) -> ModelUpdate:
+    return ModelUpdate(who, round_, 5, {"intercept": [0.0]}, watch)
+
+
+def test_update_carries_hashed_keys_only() -> None:
+    keys = (entity_key(KEY, "device", "d1"), entity_key(KEY, "instrument", "p1"))
+    update = _update("r1", 2, keys)
+    assert ModelUpdate.from_wire(update.to_wire()) == update
+    assert "watch" not in _update("r1", 2).to_wire()  # the v1 form, unchanged without reports
+    with pytest.raises(UpdateFormatError, match=r"^watch: .*not a hashed key"):
+        ModelUpdate.from_wire({**update.to_wire(), "watch": ["pi_03003005b688b661"]})
+
+
+def test_global_model_carries_the_watchlist() -> None:
+    listed = {entity_key(KEY, "device", "d1"): 2}
+    model = GlobalModel(3, "r3-x", "r2-y", ("a", "b"), "fedavg", 10,
+                        {"intercept": np.array([0.5])}, listed)
+    assert GlobalModel.from_wire(model.to_wire()).watchlist == listed
+    bare = GlobalModel(3, "r3-x", "r2-y", ("a", "b"), "fedavg", 10,
+                       {"intercept": np.array([0.5])})
+    assert "watchlist" not in bare.to_wire()
+    with pytest.raises(UpdateFormatError, match=r"^watchlist"):
+        GlobalModel.from_wire({**model.to_wire(), "watchlist": {"v": 1, "listed": {"d1": 1}}})
+
+
+def test_rounds_union_the_reports_and_carry_them_to_the_next_round() -> None:
+    stolen = entity_key(KEY, "instrument", "stolen")
+    device = entity_key(KEY, "device", "fraud-phone")
+    first = Round(1, None, {}, quorum=2, deadline_s=10.0)
+    first.offer(_update("a", 1, (stolen, device)), 0.0)
+    first.offer(_update("b", 1, (stolen,)), 0.0)
+    published = first.close(strategy_named("fedavg"), now=1000.0)
+    assert published.watchlist == {stolen: 2, device: 1}
+    second = first.next(published)
+    second.offer(_update("c", 2), 0.0)
+    assert second.close(strategy_named("fedavg"), now=2000.0).watchlist == published.watchlist
+    third = second.next(second.close(strategy_named("fedavg"), now=2000.0))
+    third.offer(_update("c", 3), 0.0)
+    expired = third.close(strategy_named("fedavg"), now=1000.0 + 86400.0 + 1.0)
+    assert expired.watchlist == {}  # a day after the last report
