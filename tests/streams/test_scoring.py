@@ -168,6 +168,22 @@ def test_murmur2_is_kafkas(data: bytes):
     assert scoring.murmur2(data) == aiokafka_murmur2(data)
 
 
+@given(st.lists(st.binary(max_size=40), max_size=60), st.integers(0, 12))
+def test_murmur2_many_is_murmur2_of_each(keys: list[bytes], copies: int):
+    keys = keys + keys[:1] * copies  # enough keys of one length for the vectorised path
+    assert scoring.murmur2_many(keys) == [aiokafka_murmur2(k) for k in keys]
+
+
+def test_a_batch_primes_the_homes_of_its_entities_as_home_partition_does():
+    pipe = ScoringPipeline("acme", partitions=4)
+    txs = [tx(i, customer=f"c{i}", device_id=f"dev-{i % 3}") for i in range(20)]
+    pipe.process_batch([record(t) for t in txs])
+    store = pipe.features
+    assert isinstance(store, EntityStore)
+    assert set(store._homes) == set(store.data)  # each written key hashed (10 alike: numpy)
+    assert all(home == home_partition(key[2:], 4) for key, home in store._homes.items())
+
+
 def test_a_redelivered_transaction_gets_the_same_features_and_counts_once():
     # the entity state restored from the changelogs may already hold a transaction whose
     # `scored` entry was lost: its redelivery must not count it again
