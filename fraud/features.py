@@ -40,6 +40,8 @@ from bisect import bisect_right, insort
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 
+import orjson
+
 from fraud.schema import Transaction, parse_timestamp
 
 WINDOWS: Final = ((600.0, "10m"), (3600.0, "1h"), (86400.0, "24h"))
@@ -221,6 +223,8 @@ def _remember(items: list[str], value: str) -> bool:
 
 
 _TWO_PI_PER_DAY: Final = 2.0 * math.pi / 86400.0
+_dumps = orjson.dumps  # floats in their shortest exact form: decoded, bit for bit the same
+_loads = orjson.loads
 
 
 ENTITY_KINDS: Final = ("c", "p", "d", "i", "k")
@@ -481,17 +485,20 @@ class FeatureExtractor:
 
         With ``tx_id``, a transaction the entity has already applied (among its last
         :data:`MAX_REMEMBERED`) gets the fragment it got then, and the state is unchanged.
+        The state keeps those ids (``"fi"``, oldest first) and fragments as their JSON text
+        (``"fv"``): a stored state then decodes and encodes without parsing or writing their
+        floats again, which only a repeated transaction reads.
         """
         if entity is None:
             return _absent(kind, device, ip)
         key = self._prefix + kind + ":" + entity
         st = state.get(key) or _new_entity()
         if tx_id is not None:
-            seen: dict[str, list[float]] | None = st.get("f")
-            if seen is not None:
-                done = seen.get(tx_id)
-                if done is not None:
-                    return done
+            ids: list[str] | None = st.get("fi")
+            if ids is None and "f" in st:
+                ids = _upgrade_remembered(st)
+            if ids is not None and tx_id in ids:
+                return _loads(st["fv"][ids.index(tx_id)])
         if kind == "c":
             out = _customer(st, ts, amount, device, ip)
         elif kind == "p":
@@ -505,12 +512,16 @@ class FeatureExtractor:
         else:
             raise ValueError(f"unknown entity kind {kind!r}")
         if tx_id is not None:
-            seen = st.get("f")
-            if seen is None:
-                seen = st["f"] = {}
-            seen[tx_id] = out
-            if len(seen) > MAX_REMEMBERED:
-                del seen[next(iter(seen))]
+            ids = st.get("fi")
+            if ids is None:
+                ids = st["fi"] = []
+                st["fv"] = []
+            encoded: list[str] = st["fv"]
+            ids.append(tx_id)
+            encoded.append(_dumps(out).decode())
+            if len(ids) > MAX_REMEMBERED:
+                del ids[0]
+                del encoded[0]
         state[key] = st
         return out
 
@@ -532,6 +543,15 @@ class FeatureExtractor:
             st = state.get(key) or _new_entity()
             _add_label(st, ts, is_fraud)
             state[key] = st
+
+
+def _upgrade_remembered(st: dict[str, Any]) -> list[str]:
+    """Turn a state's remembered fragments as written before they were kept encoded
+    (``"f": {tx_id: values}``) into ``"fi"``/``"fv"``; the ids."""
+    seen: dict[str, list[float]] = st.pop("f")
+    ids = st["fi"] = list(seen)
+    st["fv"] = [_dumps(values).decode() for values in seen.values()]
+    return ids
 
 
 def _opt(value: Any) -> str | None:
