@@ -536,13 +536,36 @@ class FeatureExtractor:
     ) -> None:
         """Fold a label that just became known into the label history of the transaction's
         customer, instrument and device (``ts``: when the transaction happened)."""
-        for prefix, entity in ((self._kc, customer), (self._kp, instrument), (self._kd, device)):
-            if entity is None:
-                continue
-            key = prefix + entity
-            st = state.get(key) or _new_entity()
-            _add_label(st, ts, is_fraud)
-            state[key] = st
+        for kind, entity in (("c", customer), ("p", instrument), ("d", device)):
+            if entity is not None:
+                self.learn_entity_label(state, kind, entity, ts, is_fraud)
+
+    def learn_entity_label(self, state: KeyValueState, kind: str, entity: str, ts: float,
+                           is_fraud: bool, tx_id: str | None = None) -> bool:
+        """:meth:`learn_label` for one entity (so its owner can apply it alone); with
+        ``tx_id``, a label of a transaction among the entity's last :data:`MAX_REMEMBERED`
+        labelled ones is not counted again (``"li"``). Whether it was counted.
+
+        >>> fx, state = FeatureExtractor(), {}
+        >>> [fx.learn_entity_label(state, "d", "d1", 5.0, True, "t1") for _ in range(2)]
+        [True, False]
+        >>> state["d:d1"]["lt"], state["d:d1"]["lf"], state["d:d1"]["li"]
+        ([5.0], [5.0], ['t1'])
+        """
+        key = self._prefix + kind + ":" + entity
+        st = state.get(key) or _new_entity()
+        if tx_id is not None:
+            labelled: list[str] | None = st.get("li")
+            if labelled is None:
+                labelled = st["li"] = []
+            elif tx_id in labelled:
+                return False
+            labelled.append(tx_id)
+            if len(labelled) > MAX_REMEMBERED:
+                del labelled[0]
+        _add_label(st, ts, is_fraud)
+        state[key] = st
+        return True
 
 
 def _upgrade_remembered(st: dict[str, Any]) -> list[str]:

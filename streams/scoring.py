@@ -921,6 +921,11 @@ class BatchResult:
     skipped: int = 0
 
 
+LabelRequest = list[Any]
+"""``[reply partition, kind, entity id, tx_id, occurred_at, is_fraud]``: a label for the
+label history of an entity homed on another worker's partition."""
+
+
 @dataclass
 class LabelResult:
     """What one batch of labels did."""
@@ -932,6 +937,9 @@ class LabelResult:
     unknown_ids: list[str] = field(default_factory=list)
     examples: list[tuple[dict[str, float], bool]] = field(default_factory=list)
     """The labelled vectors learned (the FL client picks its mixing weight with them)."""
+    routed: dict[int, list[LabelRequest]] = field(default_factory=dict)
+    """Home partition -> the label history for entities homed there, held by another
+    worker (:meth:`ScoringPipeline.apply_label_requests` applies them)."""
 
 
 EntityRequest = list[Any]
@@ -1394,6 +1402,22 @@ class ScoringPipeline:
             self.clock = clock
         return replies
 
+    def apply_label_requests(self, requests: Iterable[LabelRequest]
+                             ) -> dict[int, list[tuple[str, str]]]:
+        """As the owner of the entities: fold each routed label into its entity's label
+        history (once per transaction: a request sent again is not counted again); reply
+        partition -> ``(tx_id, kind)`` of each request, to acknowledge."""
+        if self.reindex_pending:
+            self.reindex()
+        features = self.features
+        learn = self.extractor.learn_entity_label
+        acks: dict[int, list[tuple[str, str]]] = {}
+        for reply, kind, entity, tx_id, ts, is_fraud in requests:
+            features.at(ts)
+            learn(features, kind, entity, ts, bool(is_fraud), tx_id)
+            acks.setdefault(reply, []).append((tx_id, kind))
+        return acks
+
     def reindex(self) -> None:
         """Rebuild both stores' event-time indexes from their values (after a restore),
         and bring the clock up to the newest event time they hold."""
@@ -1443,6 +1467,7 @@ class ScoringPipeline:
         names = self.names
         bounds = self.bounds
         clock = time.time()
+        learn_entity_label = self.extractor.learn_entity_label
         for rec in records:
             try:
                 value = rec.value
@@ -1473,16 +1498,21 @@ class ScoringPipeline:
                     features = self.features
                     features.partition = entry["p"]
                     features.at(entry["o"])
-                    customer, instrument, device = entities
                     owned = self.owned
-                    if owned is not None and isinstance(features, EntityStore):
-                        # only the owner writes an entity's state (labels are not routed)
-                        customer, instrument, device = (
-                            entity if entity is None or features.home(f"{kind}:{entity}")
-                            in owned else None
-                            for kind, entity in zip("cpd", entities, strict=True))
-                    self.extractor.learn_label(features, entry["o"], customer, instrument,
-                                               device, label.is_fraud)
+                    homes = features.home if isinstance(features, EntityStore) else None
+                    for kind, entity in zip("cpd", entities, strict=True):
+                        if entity is None:
+                            continue
+                        # only the owner writes an entity's state: the others' are routed
+                        home = (homes(kind + ":" + entity)
+                                if homes is not None and owned is not None else None)
+                        if home is None or owned is None or home in owned:
+                            learn_entity_label(features, kind, entity, entry["o"],
+                                               label.is_fraud, label.tx_id)
+                        else:
+                            out.routed.setdefault(home, []).append(
+                                [entry["p"], kind, entity, label.tx_id, entry["o"],
+                                 label.is_fraud])
                 scored.set_on(entry["p"], label.tx_id, {**entry, "l": 1})
                 out.learned += 1
             except BadRecord as exc:
