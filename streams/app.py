@@ -819,13 +819,19 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     app.on_before_shutdown.connect(stop_publisher)  # type: ignore[arg-type]
 
+    def hold_assigned() -> None:
+        """The entities this worker owns: those homed on its partitions of transactions
+        (all of them: None, no hop), as assigned now (before each batch)."""
+        exchange.holds(frozenset(tp.partition for tp in app.consumer.assignment()
+                                 if tp.topic == settings.transactions_topic))
+        pipeline.owned = None if exchange.everything else exchange.owned
+
     async def reindex_restored(sender: Any, **kwargs: Any) -> None:
         # the tables were restored from their changelogs (whose order is not event time):
         # the next batch or expiry rebuilds the event-time index from the values
         pipeline.reindex_pending = True
         # the entities this worker owns now, restored: answer the requests for them
-        exchange.holds(frozenset(tp.partition for tp in app.consumer.assignment()
-                                 if tp.topic == settings.transactions_topic))
+        hold_assigned()
 
     app.on_rebalance_complete.connect(reindex_restored)  # type: ignore[arg-type]
 
@@ -857,14 +863,10 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                                   topic=settings.transactions_topic)
                 if filled:
                     metrics.count("qsfraud_refetched_total", filled)
-                exchange.holds(frozenset(
-                    tp.partition for tp in app.consumer.assignment()
-                    if tp.topic == settings.transactions_topic))
+                hold_assigned()
                 if exchange.everything:  # one worker: every entity is here, no hop
-                    pipeline.owned = None
                     result = pipeline.process_batch(batch)
                 else:
-                    pipeline.owned = exchange.owned
                     pending = pipeline.begin_batch(batch)
                     fragments = await exchange.fetch(pending) if pending.requests else {}
                     result = pipeline.finish_batch(pending, fragments)
@@ -913,6 +915,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 metrics.count("qsfraud_refetched_total", filled)
             if reads:
                 metrics.count("qsfraud_gap_reads_total", reads, topic=settings.labels_topic)
+            hold_assigned()  # the owners as of now: a label written for a revoked
+            # partition's entity would be lost to its new owner, which restored it already
             result = pipeline.learn_batch(batch)
             if result.routed:  # before this batch's offsets and `scored` flags are written
                 await exchange.route_labels(result.routed)
