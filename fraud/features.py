@@ -40,6 +40,8 @@ from bisect import bisect_right, insort
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 
+import orjson
+
 from fraud.schema import Transaction, parse_timestamp
 
 WINDOWS: Final = ((600.0, "10m"), (3600.0, "1h"), (86400.0, "24h"))
@@ -221,6 +223,8 @@ def _remember(items: list[str], value: str) -> bool:
 
 
 _TWO_PI_PER_DAY: Final = 2.0 * math.pi / 86400.0
+_dumps = orjson.dumps  # floats in their shortest exact form: decoded, bit for bit the same
+_loads = orjson.loads
 
 
 ENTITY_KINDS: Final = ("c", "p", "d", "i", "k")
@@ -481,17 +485,20 @@ class FeatureExtractor:
 
         With ``tx_id``, a transaction the entity has already applied (among its last
         :data:`MAX_REMEMBERED`) gets the fragment it got then, and the state is unchanged.
+        The state keeps those ids (``"fi"``, oldest first) and fragments as their JSON text
+        (``"fv"``): a stored state then decodes and encodes without parsing or writing their
+        floats again, which only a repeated transaction reads.
         """
         if entity is None:
             return _absent(kind, device, ip)
         key = self._prefix + kind + ":" + entity
         st = state.get(key) or _new_entity()
         if tx_id is not None:
-            seen: dict[str, list[float]] | None = st.get("f")
-            if seen is not None:
-                done = seen.get(tx_id)
-                if done is not None:
-                    return done
+            ids: list[str] | None = st.get("fi")
+            if ids is None and "f" in st:
+                ids = _upgrade_remembered(st)
+            if ids is not None and tx_id in ids:
+                return _loads(st["fv"][ids.index(tx_id)])
         if kind == "c":
             out = _customer(st, ts, amount, device, ip)
         elif kind == "p":
@@ -505,12 +512,16 @@ class FeatureExtractor:
         else:
             raise ValueError(f"unknown entity kind {kind!r}")
         if tx_id is not None:
-            seen = st.get("f")
-            if seen is None:
-                seen = st["f"] = {}
-            seen[tx_id] = out
-            if len(seen) > MAX_REMEMBERED:
-                del seen[next(iter(seen))]
+            ids = st.get("fi")
+            if ids is None:
+                ids = st["fi"] = []
+                st["fv"] = []
+            encoded: list[str] = st["fv"]
+            ids.append(tx_id)
+            encoded.append(_dumps(out).decode())
+            if len(ids) > MAX_REMEMBERED:
+                del ids[0]
+                del encoded[0]
         state[key] = st
         return out
 
@@ -525,13 +536,45 @@ class FeatureExtractor:
     ) -> None:
         """Fold a label that just became known into the label history of the transaction's
         customer, instrument and device (``ts``: when the transaction happened)."""
-        for prefix, entity in ((self._kc, customer), (self._kp, instrument), (self._kd, device)):
-            if entity is None:
-                continue
-            key = prefix + entity
-            st = state.get(key) or _new_entity()
-            _add_label(st, ts, is_fraud)
-            state[key] = st
+        for kind, entity in (("c", customer), ("p", instrument), ("d", device)):
+            if entity is not None:
+                self.learn_entity_label(state, kind, entity, ts, is_fraud)
+
+    def learn_entity_label(self, state: KeyValueState, kind: str, entity: str, ts: float,
+                           is_fraud: bool, tx_id: str | None = None) -> bool:
+        """:meth:`learn_label` for one entity (so its owner can apply it alone); with
+        ``tx_id``, a label of a transaction among the entity's last :data:`MAX_REMEMBERED`
+        labelled ones is not counted again (``"li"``). Whether it was counted.
+
+        >>> fx, state = FeatureExtractor(), {}
+        >>> [fx.learn_entity_label(state, "d", "d1", 5.0, True, "t1") for _ in range(2)]
+        [True, False]
+        >>> state["d:d1"]["lt"], state["d:d1"]["lf"], state["d:d1"]["li"]
+        ([5.0], [5.0], ['t1'])
+        """
+        key = self._prefix + kind + ":" + entity
+        st = state.get(key) or _new_entity()
+        if tx_id is not None:
+            labelled: list[str] | None = st.get("li")
+            if labelled is None:
+                labelled = st["li"] = []
+            elif tx_id in labelled:
+                return False
+            labelled.append(tx_id)
+            if len(labelled) > MAX_REMEMBERED:
+                del labelled[0]
+        _add_label(st, ts, is_fraud)
+        state[key] = st
+        return True
+
+
+def _upgrade_remembered(st: dict[str, Any]) -> list[str]:
+    """Turn a state's remembered fragments as written before they were kept encoded
+    (``"f": {tx_id: values}``) into ``"fi"``/``"fv"``; the ids."""
+    seen: dict[str, list[float]] = st.pop("f")
+    ids = st["fi"] = list(seen)
+    st["fv"] = [_dumps(values).decode() for values in seen.values()]
+    return ids
 
 
 def _opt(value: Any) -> str | None:

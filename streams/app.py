@@ -66,6 +66,7 @@ from streams.metrics import WorkerMetrics
 from streams.scoring import (
     EntityStore,
     InputRecord,
+    LabelRequest,
     OutputRecord,
     PendingBatch,
     Record,
@@ -85,6 +86,10 @@ from streams.topics import (
 )
 
 log = logging.getLogger(__name__)
+
+LABEL_ACK = "label:"
+"""Prefix of the kind in the waiter key of a routed label's acknowledgement (a fragment's
+is the bare kind)."""
 
 Write = tuple[int, bytes | None, bytes | None]
 """A record to write to a topic: partition, key, value (the form of
@@ -353,6 +358,8 @@ class EntityExchange:
         self.out = BatchPublisher(settings.bootstrap)
         self.asked = 0
         self.answered = 0
+        self.labels_routed = 0
+        self.labels_applied = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._assigned: frozenset[int] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -399,6 +406,35 @@ class EntityExchange:
                 self.waiters.pop(key, None)
         return {key: future.result() for key, future in futures.items()}
 
+    async def route_labels(self, routed: dict[int, list[LabelRequest]]) -> None:
+        """Send the label history of entities homed elsewhere to their owners (one record a
+        home partition, ``kind: label-requests``); wait until each is acknowledged, asking
+        again after ``retry_s`` (the owner counts a transaction's label once)."""
+        loop = asyncio.get_running_loop()
+        futures: dict[tuple[str, str], asyncio.Future[list[float]]] = {}
+        for requests in routed.values():
+            for request in requests:
+                key = (request[3], LABEL_ACK + request[1])
+                futures[key] = self.waiters[key] = loop.create_future()
+        try:
+            while True:
+                writes: list[Write] = []
+                for home, requests in routed.items():
+                    missing = [r for r in requests
+                               if not futures[(r[3], LABEL_ACK + r[1])].done()]
+                    if missing:
+                        writes.append((home, None, dumps(
+                            {"v": 1, "kind": "label-requests", "r": missing})))
+                        self.labels_routed += len(missing)
+                if not writes:
+                    break
+                await self.out.publish((self.requests_topic, writes))
+                await asyncio.wait([f for f in futures.values() if not f.done()],
+                                   timeout=self.retry_s)
+        finally:
+            for key in futures:
+                self.waiters.pop(key, None)
+
     async def _assign(self) -> AIOKafkaConsumer:
         consumer = self._consumer
         if consumer is None:
@@ -426,18 +462,27 @@ class EntityExchange:
                     continue
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
                 requests: list[Any] = []
+                labels: list[Any] = []
                 for tp, records in batches.items():
                     for record in records:
                         doc = orjson.loads(record.value)
                         if tp.topic == self.requests_topic:
-                            requests.extend(doc["r"])
+                            (labels if doc.get("kind") == "label-requests"
+                             else requests).extend(doc["r"])
                             continue
-                        for tx_id, kind, values in doc["f"]:
+                        answers: list[Any]
+                        if doc.get("kind") == "label-acks":
+                            answers = [(tx_id, LABEL_ACK + kind, []) for tx_id, kind in doc["a"]]
+                        else:
+                            answers = doc["f"]
+                        for tx_id, kind, values in answers:
                             waiter = self.waiters.get((tx_id, kind))
                             if waiter is not None and not waiter.done():
                                 waiter.set_result(values)
                 if requests:
                     await self._answer(requests)
+                if labels:
+                    await self._apply_labels(labels)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep serving: a lost answer is asked again
@@ -452,6 +497,15 @@ class EntityExchange:
         await self.out.publish((self.fragments_topic, [
             (partition, None, dumps({"v": 1, "kind": "entity-fragments", "f": answers}))
             for partition, answers in replies.items()]))
+
+    async def _apply_labels(self, requests: list[Any]) -> None:
+        """Apply routed labels, write the state they changed, then acknowledge them."""
+        acks = self.pipeline.apply_label_requests(requests)
+        self.labels_applied += len(requests)
+        await self.out.publish((self.changelog, self.pipeline.features.drain_encoded()))
+        await self.out.publish((self.fragments_topic, [
+            (partition, None, dumps({"v": 1, "kind": "label-acks", "a": answers}))
+            for partition, answers in acks.items()]))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -765,13 +819,19 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
 
     app.on_before_shutdown.connect(stop_publisher)  # type: ignore[arg-type]
 
+    def hold_assigned() -> None:
+        """The entities this worker owns: those homed on its partitions of transactions
+        (all of them: None, no hop), as assigned now (before each batch)."""
+        exchange.holds(frozenset(tp.partition for tp in app.consumer.assignment()
+                                 if tp.topic == settings.transactions_topic))
+        pipeline.owned = None if exchange.everything else exchange.owned
+
     async def reindex_restored(sender: Any, **kwargs: Any) -> None:
         # the tables were restored from their changelogs (whose order is not event time):
         # the next batch or expiry rebuilds the event-time index from the values
         pipeline.reindex_pending = True
         # the entities this worker owns now, restored: answer the requests for them
-        exchange.holds(frozenset(tp.partition for tp in app.consumer.assignment()
-                                 if tp.topic == settings.transactions_topic))
+        hold_assigned()
 
     app.on_rebalance_complete.connect(reindex_restored)  # type: ignore[arg-type]
 
@@ -803,14 +863,10 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                                   topic=settings.transactions_topic)
                 if filled:
                     metrics.count("qsfraud_refetched_total", filled)
-                exchange.holds(frozenset(
-                    tp.partition for tp in app.consumer.assignment()
-                    if tp.topic == settings.transactions_topic))
+                hold_assigned()
                 if exchange.everything:  # one worker: every entity is here, no hop
-                    pipeline.owned = None
                     result = pipeline.process_batch(batch)
                 else:
-                    pipeline.owned = exchange.owned
                     pending = pipeline.begin_batch(batch)
                     fragments = await exchange.fetch(pending) if pending.requests else {}
                     result = pipeline.finish_batch(pending, fragments)
@@ -859,7 +915,11 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
                 metrics.count("qsfraud_refetched_total", filled)
             if reads:
                 metrics.count("qsfraud_gap_reads_total", reads, topic=settings.labels_topic)
+            hold_assigned()  # the owners as of now: a label written for a revoked
+            # partition's entity would be lost to its new owner, which restored it already
             result = pipeline.learn_batch(batch)
+            if result.routed:  # before this batch's offsets and `scored` flags are written
+                await exchange.route_labels(result.routed)
             if runtime.fl is not None:
                 runtime.fl.learned(result.examples)
             await publisher.publish(dlq(result.dead_letters), *state_writes())
@@ -927,6 +987,8 @@ def create_app(settings: WorkerSettings, runtime: WorkerRuntime) -> faust.App:
         m.gauge("qsfraud_feature_entities", len(pipeline.features))
         m.gauge("qsfraud_entity_requests_sent", exchange.asked)
         m.gauge("qsfraud_entity_requests_answered", exchange.answered)
+        m.gauge("qsfraud_label_requests_sent", exchange.labels_routed)
+        m.gauge("qsfraud_label_requests_applied", exchange.labels_applied)
         try:
             consumer = app.consumer
             for tp in consumer.assignment():

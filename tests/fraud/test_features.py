@@ -200,3 +200,25 @@ def test_labels_arriving_late_and_out_of_order_count_at_their_own_time() -> None
     x = fx.extract_fields(state, 100 * day, 5.0, "c1", "p1", "d1")
     assert all(x[k] == 0.0 for k in x if "_fraud" in k)  # everything older than 60 days
     assert json.loads(json.dumps(state)) == state
+
+
+def test_a_repeated_transaction_gets_its_remembered_fragment_from_either_state_form() -> None:
+    # remembered fragments are kept as JSON text ("fi"/"fv"); a state written when they were
+    # a dict of lists ("f") is read the same way, and converted at its next write
+    fx = FeatureExtractor()
+    txs = [Transaction.from_dict(tx) for tx in make_stream(40)]
+    state: dict[str, Any] = {}
+    first = [fx.extract_remembered(tx, state) for tx in txs]
+    stored = json.loads(json.dumps(state))
+    assert all(json.loads(json.dumps(fx.extract_remembered(tx, state))) == values
+               for tx, values in zip(txs[-3:], first[-3:], strict=True))
+    assert json.loads(json.dumps(state)) == stored  # a repeat changes nothing
+    old_form = json.loads(json.dumps({
+        key: {**{k: v for k, v in st.items() if k not in ("fi", "fv")},
+              "f": {i: json.loads(v) for i, v in zip(st["fi"], st["fv"], strict=True)}}
+        for key, st in stored.items()}))
+    assert [fx.extract_remembered(tx, old_form) for tx in txs[-3:]] == first[-3:]
+    later = Transaction.from_dict(make_stream(41)[-1])
+    assert fx.extract_remembered(later, old_form) == fx.extract_remembered(later, stored)
+    key = "c:" + str(later.customer_id)
+    assert "f" not in old_form[key] and old_form[key] == stored[key]

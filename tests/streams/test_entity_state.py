@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -209,3 +210,92 @@ def test_two_workers_on_four_partitions_give_the_features_of_one_pass_across_kil
     wrong = {tx_id: (got, expected[tx_id]) for tx_id, records in vectors.items()
              for got in records if got != expected[tx_id]}
     assert not wrong, f"{len(wrong)} vectors differ, e.g. {next(iter(wrong.items()))}"
+
+
+def labelled(batch: list[dict], rng: random.Random) -> list[tuple[dict, bool]]:
+    """About a third of a round's transactions, each with its label (fraud or not)."""
+    return [(tx, rng.random() < 0.5) for tx in batch if rng.random() < 0.35]
+
+
+def learned(workers: tuple[WorkerProcess, ...], timeout: float = 30.0) -> float:
+    """Labels the workers learned since they started (each worker's own counter)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pages = [worker.metrics() for worker in workers]
+            break
+        except OSError:  # a worker restarting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    total = 0.0
+    for page in pages:
+        for line in page.splitlines():
+            m = re.match(r'qsfraud_labels_total\{.*outcome="learned".*\}\s+(\S+)$', line)
+            if m:
+                total += float(m.group(1))
+    return total
+
+
+def test_two_workers_route_label_history_to_each_entitys_owner_across_kill_9(
+    kafka_bootstrap: str, unique_name: str, worker_factory: Callable[..., Any], kit: Any,
+    tmp_path: Path,
+) -> None:
+    # after each round, labels of some of its transactions: the labelling worker (the one
+    # holding the transaction's partition) writes the history of the customer, card and
+    # device it owns, and routes the others' to their owners; the next round's label-history
+    # features (fraud counts and rates per customer, card, device) are then one pass's
+    retailer = unique_name
+    all_rounds = rounds(retailer, n_rounds=8, size=30, seed=13)
+    rng = random.Random(21)
+    labels = [labelled(batch, rng) for batch in all_rounds]
+    fx = FeatureExtractor()
+    state: dict[str, Any] = {}
+    expected: dict[str, list[float]] = {}
+    for batch, round_labels in zip(all_rounds, labels, strict=True):
+        for tx in batch:
+            expected[tx["tx_id"]] = fx.extract_values(tx, state)
+        for tx, fraud in round_labels:
+            fx.learn_label(state, tx["occurred_at"], tx["customer_id"],
+                           tx["payment_instrument"], tx["device_id"], fraud)
+    first = worker_factory(retailer).start()
+    (tmp_path / "second").mkdir()
+    second = WorkerProcess(kafka_bootstrap, retailer, tmp_path / "second",
+                           "--checkpoint-interval", "1").start()
+    first.wait_ready()
+    feeder = RoundFeeder(kafka_bootstrap, retailer, kit)
+    p = kit.producer(kafka_bootstrap)
+    try:
+        for r, batch in enumerate(all_rounds):
+            feeder.produce(batch)
+            if r == 3:  # mid-stream, with label history already routed to it
+                time.sleep(0.2)
+                second.kill()
+                second.start()
+            if not feeder.wait(batch, 90):
+                pytest.fail(f"round {r} undecided\n{first.log_tail(3000)}\n"
+                            f"{second.log_tail(3000)}")
+            before = learned((first, second))
+            for tx, fraud in labels[r]:
+                p.produce(f"{retailer}.labels", key=tx["customer_id"], value=json.dumps(
+                    {"tx_id": tx["tx_id"], "is_fraud": fraud, "source": "chargeback",
+                     "labelled_at": time.time()}).encode())
+            assert p.flush(30) == 0
+            deadline = time.monotonic() + 60
+            while learned((first, second)) - before < len(labels[r]):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"round {r}: labels not learned\n{first.log_tail(3000)}\n"
+                                f"{second.log_tail(3000)}")
+                time.sleep(0.2)
+        routed = [line for worker in (first, second) for line in worker.metrics().splitlines()
+                  if line.startswith("qsfraud_label_requests_applied")]
+        assert sum(float(line.split()[-1]) for line in routed) > 0, routed
+    finally:
+        feeder.close()
+        second.stop()
+    assert set(feeder.decided) == set(expected)
+    vectors = scored_vectors(kafka_bootstrap, retailer, len(expected))
+    wrong = {tx_id: (got, expected[tx_id]) for tx_id, records in vectors.items()
+             for got in records if got != expected[tx_id]}
+    assert not wrong, f"{len(wrong)} vectors differ, e.g. {next(iter(wrong.items()))}"
+    assert any(v[-12] > 0 for v in expected.values())  # label history present in the oracle

@@ -168,6 +168,22 @@ def test_murmur2_is_kafkas(data: bytes):
     assert scoring.murmur2(data) == aiokafka_murmur2(data)
 
 
+@given(st.lists(st.binary(max_size=40), max_size=60), st.integers(0, 12))
+def test_murmur2_many_is_murmur2_of_each(keys: list[bytes], copies: int):
+    keys = keys + keys[:1] * copies  # enough keys of one length for the vectorised path
+    assert scoring.murmur2_many(keys) == [aiokafka_murmur2(k) for k in keys]
+
+
+def test_a_batch_primes_the_homes_of_its_entities_as_home_partition_does():
+    pipe = ScoringPipeline("acme", partitions=4)
+    txs = [tx(i, customer=f"c{i}", device_id=f"dev-{i % 3}") for i in range(20)]
+    pipe.process_batch([record(t) for t in txs])
+    store = pipe.features
+    assert isinstance(store, EntityStore)
+    assert set(store._homes) == set(store.data)  # each written key hashed (10 alike: numpy)
+    assert all(home == home_partition(key[2:], 4) for key, home in store._homes.items())
+
+
 def test_a_redelivered_transaction_gets_the_same_features_and_counts_once():
     # the entity state restored from the changelogs may already hold a transaction whose
     # `scored` entry was lost: its redelivery must not count it again
@@ -336,3 +352,50 @@ def test_two_owners_exchanging_fragments_give_one_pipelines_features():
     first = owner.apply_requests(requests)
     state = owner.features.data["d:d1"]
     assert owner.apply_requests(requests) == first and owner.features.data["d:d1"] == state
+
+
+def test_labels_of_entities_owned_elsewhere_are_routed_and_counted_once_by_the_owner():
+    # the labelling pipeline writes the label history of the entities it owns and routes
+    # the others' (learn_batch -> routed); applied by their owner, the next transaction's
+    # label-history features are one pipeline's, and a request sent again counts once
+    pipes = [ScoringPipeline("acme", partitions=4), ScoringPipeline("acme", partitions=4)]
+    pipes[0].owned, pipes[1].owned = frozenset({0, 1}), frozenset({2, 3})
+    reference: dict = {}
+    fx = FeatureExtractor()
+    routed_total = 0
+    for r in range(5):
+        batch = [tx(10 * r + j, customer=f"c{(j + r) % 7}",
+                    payment_instrument=f"p{(j * 3 + r) % 8}", device_id=f"d{(j + 2 * r) % 6}",
+                    ip=f"10.0.0.{(j + r) % 6}")
+                 for j in range(6)]
+        expected = {t["tx_id"]: fx.extract_values(t, reference) for t in batch}
+        owner_of = [0 if home_partition(t["customer_id"], 4) < 2 else 1 for t in batch]
+        pending = [pipe.begin_batch([record(t, partition=home_partition(t["customer_id"], 4))
+                                     for t, o in zip(batch, owner_of, strict=True) if o == i])
+                   for i, pipe in enumerate(pipes)]
+        answers: dict = {}
+        for p in pending:
+            for home, requests in p.requests.items():
+                for replies in pipes[0 if home < 2 else 1].apply_requests(requests).values():
+                    answers.update({(tx_id, kind): v for tx_id, kind, v in replies})
+        for pipe, p in zip(pipes, pending, strict=True):
+            pipe.finish_batch(p, answers)
+        got = {t["tx_id"]: pipes[o].scored.get(t["tx_id"])["x"]
+               for t, o in zip(batch, owner_of, strict=True)}
+        assert got == expected
+        for j, (t, o) in enumerate(zip(batch, owner_of, strict=True)):
+            if j % 2:
+                continue
+            fraud = j % 4 == 0
+            result = pipes[o].learn_batch([label(t["tx_id"], fraud)])
+            assert result.learned == 1
+            for home, requests in result.routed.items():
+                owner = pipes[0 if home < 2 else 1]
+                routed_total += len(requests)
+                for _ in range(2):  # sent again: counted once
+                    acks = owner.apply_label_requests(requests)
+                assert acks == {requests[0][0]: [(q[3], q[1]) for q in requests]}
+            fx.learn_label(reference, t["occurred_at"], t["customer_id"],
+                           t["payment_instrument"], t["device_id"], fraud)
+    assert routed_total > 0
+    assert any(v[-12] > 0 for v in expected.values())  # the history is in the features
