@@ -171,28 +171,88 @@ def _gradient(dot: float, positive: bool, pos_weight: float) -> float:  # pragma
 
 
 @njit(cache=True, nogil=True)
-def average_precision(scores: FloatArray, labels: Any) -> float:  # pragma: no cover - compiled
-    """Average precision of ``scores`` against boolean ``labels`` (0 without a positive); tied
-    scores count as one threshold, like :func:`fraud.metrics.report`."""
-    order = np.argsort(-scores, kind="mergesort")
-    total = 0
+def _rank_losses(scores: FloatArray, labels: Any, negatives: int) -> Any:  # pragma: no cover
+    """Per positive (in index order): the share of negatives scored above it, ties half."""
+    neg = np.empty(negatives)
+    m = 0
+    for i in range(labels.shape[0]):
+        if not labels[i]:
+            neg[m] = scores[i]
+            m += 1
+    neg.sort()
+    out = np.empty(labels.shape[0] - negatives)
+    p = 0
     for i in range(labels.shape[0]):
         if labels[i]:
-            total += 1
-    if total == 0:
-        return 0.0
-    ap = 0.0
+            s = scores[i]
+            below = np.searchsorted(neg, s, side="left")
+            at_or_below = np.searchsorted(neg, s, side="right")
+            out[p] = (negatives - at_or_below + 0.5 * (at_or_below - below)) / negatives
+            p += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _precisions(scores: FloatArray, labels: Any, positives: int) -> Any:  # pragma: no cover
+    """Per positive (in index order): the precision at its threshold (after the last tie),
+    whose mean is the average precision (:func:`fraud.metrics.average_precision`)."""
+    n = labels.shape[0]
+    ordinal = np.empty(n, dtype=np.int64)
+    p = 0
+    for i in range(n):
+        ordinal[i] = p
+        if labels[i]:
+            p += 1
+    order = np.argsort(-scores, kind="mergesort")
+    out = np.empty(positives)
     tp = 0
-    prev_tp = 0
-    n = order.shape[0]
+    start = 0
     for j in range(n):
         if labels[order[j]]:
             tp += 1
         if j + 1 < n and scores[order[j + 1]] == scores[order[j]]:
-            continue  # the threshold is after the last tie
-        ap += (tp - prev_tp) / total * (tp / (j + 1.0))
-        prev_tp = tp
-    return ap if ap < 1.0 else 1.0  # a sum of rounded terms may pass 1 by an ulp
+            continue
+        precision = tp / (j + 1.0)
+        for q in range(start, j + 1):
+            if labels[order[q]]:
+                out[ordinal[order[q]]] = precision
+        start = j + 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _z(d: FloatArray) -> float:  # pragma: no cover - compiled
+    """The mean of ``d`` over its standard error (sample standard deviation / sqrt(n))."""
+    n = d.shape[0]
+    mean = 0.0
+    for i in range(n):
+        mean += d[i]
+    mean /= n
+    ss = 0.0
+    for i in range(n):
+        ss += (d[i] - mean) * (d[i] - mean)
+    se = math.sqrt(ss / (n - 1)) / math.sqrt(n)
+    return mean / (se if se > 1e-12 else 1e-12)
+
+
+@njit(cache=True, nogil=True)
+def head_evidence(full: FloatArray, raw: FloatArray, labels: Any
+                  ) -> tuple[float, float]:  # pragma: no cover - compiled
+    """``(rank z, precision z)``: how many standard errors the full head's scores beat the
+    raw head's on these labels, paired per positive: in the share of negatives ranked above
+    it (lower is better) and in the precision at its threshold (the terms of average
+    precision). ``(0, 0)`` with fewer than two positives or no negative."""
+    n = labels.shape[0]
+    positives = 0
+    for i in range(n):
+        if labels[i]:
+            positives += 1
+    negatives = n - positives
+    if positives < 2 or negatives == 0:
+        return 0.0, 0.0
+    rank_gain = _rank_losses(raw, labels, negatives) - _rank_losses(full, labels, negatives)
+    precision_gain = _precisions(full, labels, positives) - _precisions(raw, labels, positives)
+    return _z(rank_gain), _z(precision_gain)
 
 
 @njit(cache=True, nogil=True)
