@@ -194,29 +194,24 @@ def _rank_losses(scores: FloatArray, labels: Any, negatives: int) -> Any:  # pra
 
 @njit(cache=True, nogil=True)
 def _precisions(scores: FloatArray, labels: Any, positives: int) -> Any:  # pragma: no cover
-    """Per positive (in index order): the precision at its threshold (after the last tie),
-    whose mean is the average precision (:func:`fraud.metrics.average_precision`)."""
+    """Per positive (in index order): the precision at its threshold (every score at least
+    its own, ties included), whose mean is the average precision
+    (:func:`fraud.metrics.average_precision`)."""
     n = labels.shape[0]
-    ordinal = np.empty(n, dtype=np.int64)
+    ranked = np.sort(scores)
+    pos = np.empty(positives)
     p = 0
     for i in range(n):
-        ordinal[i] = p
         if labels[i]:
+            pos[p] = scores[i]
             p += 1
-    order = np.argsort(-scores, kind="mergesort")
+    pos_ranked = np.sort(pos)
     out = np.empty(positives)
-    tp = 0
-    start = 0
-    for j in range(n):
-        if labels[order[j]]:
-            tp += 1
-        if j + 1 < n and scores[order[j + 1]] == scores[order[j]]:
-            continue
-        precision = tp / (j + 1.0)
-        for q in range(start, j + 1):
-            if labels[order[q]]:
-                out[ordinal[order[q]]] = precision
-        start = j + 1
+    for q in range(positives):
+        s = pos[q]
+        at_least = n - np.searchsorted(ranked, s, side="left")
+        true_at_least = positives - np.searchsorted(pos_ranked, s, side="left")
+        out[q] = true_at_least / at_least
     return out
 
 
