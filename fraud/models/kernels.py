@@ -171,33 +171,15 @@ def _gradient(dot: float, positive: bool, pos_weight: float) -> float:  # pragma
 
 
 @njit(cache=True, nogil=True)
-def _rank_losses(scores: FloatArray, labels: Any, negatives: int) -> Any:  # pragma: no cover
-    """Per positive (in index order): the share of negatives scored above it, ties half."""
-    neg = np.empty(negatives)
-    m = 0
-    for i in range(labels.shape[0]):
-        if not labels[i]:
-            neg[m] = scores[i]
-            m += 1
-    neg.sort()
-    out = np.empty(labels.shape[0] - negatives)
-    p = 0
-    for i in range(labels.shape[0]):
-        if labels[i]:
-            s = scores[i]
-            below = np.searchsorted(neg, s, side="left")
-            at_or_below = np.searchsorted(neg, s, side="right")
-            out[p] = (negatives - at_or_below + 0.5 * (at_or_below - below)) / negatives
-            p += 1
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _precisions(scores: FloatArray, labels: Any, positives: int) -> Any:  # pragma: no cover
-    """Per positive (in index order): the precision at its threshold (every score at least
-    its own, ties included), whose mean is the average precision
-    (:func:`fraud.metrics.average_precision`)."""
+def _per_positive(scores: FloatArray, labels: Any,
+                  positives: int) -> tuple[Any, Any]:  # pragma: no cover - compiled
+    """``(rank losses, precisions)`` of each positive (in index order): the share of
+    negatives scored above it (ties half), and the precision at its threshold (every score at
+    least its own, ties included), whose mean is the average precision
+    (:func:`fraud.metrics.average_precision`). One sort of all scores and one of the
+    positives' serve both."""
     n = labels.shape[0]
+    negatives = n - positives
     ranked = np.sort(scores)
     pos = np.empty(positives)
     p = 0
@@ -206,13 +188,19 @@ def _precisions(scores: FloatArray, labels: Any, positives: int) -> Any:  # prag
             pos[p] = scores[i]
             p += 1
     pos_ranked = np.sort(pos)
-    out = np.empty(positives)
+    losses = np.empty(positives)
+    precisions = np.empty(positives)
     for q in range(positives):
         s = pos[q]
-        at_least = n - np.searchsorted(ranked, s, side="left")
-        true_at_least = positives - np.searchsorted(pos_ranked, s, side="left")
-        out[q] = true_at_least / at_least
-    return out
+        below = np.searchsorted(ranked, s, side="left")
+        at_most = np.searchsorted(ranked, s, side="right")
+        pos_below = np.searchsorted(pos_ranked, s, side="left")
+        pos_at_most = np.searchsorted(pos_ranked, s, side="right")
+        above = (n - at_most) - (positives - pos_at_most)
+        ties = (at_most - below) - (pos_at_most - pos_below)
+        losses[q] = (above + 0.5 * ties) / negatives
+        precisions[q] = (positives - pos_below) / (n - below)
+    return losses, precisions
 
 
 @njit(cache=True, nogil=True)
@@ -245,9 +233,9 @@ def head_evidence(full: FloatArray, raw: FloatArray, labels: Any
     negatives = n - positives
     if positives < 2 or negatives == 0:
         return 0.0, 0.0
-    rank_gain = _rank_losses(raw, labels, negatives) - _rank_losses(full, labels, negatives)
-    precision_gain = _precisions(full, labels, positives) - _precisions(raw, labels, positives)
-    return _z(rank_gain), _z(precision_gain)
+    full_losses, full_precisions = _per_positive(full, labels, positives)
+    raw_losses, raw_precisions = _per_positive(raw, labels, positives)
+    return _z(raw_losses - full_losses), _z(full_precisions - raw_precisions)
 
 
 @njit(cache=True, nogil=True)
