@@ -533,6 +533,24 @@ class RiskModel(base.Classifier):
         """One SGD step on ``(x, y)`` with sample weight ``w``, after updating the scaler
         with ``x``. Positives are also up-weighted by the running negative/positive ratio."""
         keys = tuple(x)
+        self._learn(keys, np.fromiter(x.values(), np.float64, len(keys)), y, w)
+
+    def score_then_learn_one(self, x: Mapping[str, float], y: bool | int | float) -> float:
+        """The prequential step: ``score_one(x, observe=True)``, then ``learn_one(x, y)``,
+        with the same results bit for bit; the vector is read once."""
+        keys = tuple(x)
+        values = np.fromiter(x.values(), np.float64, len(keys))
+        rows = self._rows_for(keys, False, True)
+        wcol, intercept = self._head()
+        dot, zz = score_rows(self._scaler.data, self._anomaly.data, rows.srows, rows.arows,
+                             values, self.clip, intercept, True, _NO_CONTRIBUTIONS, wcol)
+        score = self._blend(dot, zz, len(keys))
+        self.anomaly_seen += 1
+        self._learn(keys, values, y, 1.0)
+        return score
+
+    def _learn(self, keys: tuple[str, ...], values: np.ndarray, y: bool | int | float,
+               w: float) -> None:
         rows = self._rows_for(keys, True, False)
         weight = 1.0
         if y:
@@ -556,9 +574,9 @@ class RiskModel(base.Classifier):
                 self._resize_window(size)
             slot = self._window_n % size
         step, raw_step = learn_rows(
-            self._scaler.data, rows.srows, np.fromiter(x.values(), np.float64, len(keys)),
-            self.clip, self.intercept, self.raw_intercept, bool(y), weight, rate,
-            1.0 - rate * self.l2, self._window_dots, self._window_labels, slot)
+            self._scaler.data, rows.srows, values, self.clip, self.intercept,
+            self.raw_intercept, bool(y), weight, rate, 1.0 - rate * self.l2,
+            self._window_dots, self._window_labels, slot)
         self.intercept -= step
         if self.head_window:
             self.raw_intercept -= raw_step

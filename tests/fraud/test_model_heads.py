@@ -164,3 +164,17 @@ def test_a_smaller_window_keeps_the_most_recent_labels() -> None:
     assert kept["n"] == 5
     assert kept["labels"] == [False, *(recent["labels"][i] for i in last4[1:])]
     assert kept["full"][1:] == [recent["full"][i] for i in last4[1:]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31), st.integers(4, 40))
+def test_score_then_learn_equals_score_then_learn_one(seed: int, window: int) -> None:
+    rng = random.Random(seed)
+    fused = RiskModel(head_window=window, learning_rate=0.1, anomaly_min_events=5)
+    twin = RiskModel(head_window=window, learning_rate=0.1, anomaly_min_events=5)
+    for _ in range(6 * window):
+        y = rng.random() < 0.3
+        x = {k: rng.gauss(3.0 * y, 1.0) for k in KEYS if rng.random() < 0.8}
+        assert fused.score_then_learn_one(x, y) == twin.score_one(x, observe=True)
+        twin.learn_one(x, y)
+        assert fused.export_state() == twin.export_state() and fused.head == twin.head
