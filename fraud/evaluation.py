@@ -778,8 +778,11 @@ class _Stream:
         x, xr = self.encode(row)
         self.last_x, self.last_xr = x, xr
         model = self.model
-        ours = model.score_one(x, observe=True)
-        model.learn_one(x, row.y)
+        if isinstance(model, RiskModel):
+            ours = model.score_then_learn_one(x, row.y)
+        else:
+            ours = model.score_one(x, observe=True)
+            model.learn_one(x, row.y)
         river = self.river
         if river is None or xr is None:
             return ours, None

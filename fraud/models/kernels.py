@@ -171,28 +171,71 @@ def _gradient(dot: float, positive: bool, pos_weight: float) -> float:  # pragma
 
 
 @njit(cache=True, nogil=True)
-def average_precision(scores: FloatArray, labels: Any) -> float:  # pragma: no cover - compiled
-    """Average precision of ``scores`` against boolean ``labels`` (0 without a positive); tied
-    scores count as one threshold, like :func:`fraud.metrics.report`."""
-    order = np.argsort(-scores, kind="mergesort")
-    total = 0
-    for i in range(labels.shape[0]):
+def _per_positive(scores: FloatArray, labels: Any,
+                  positives: int) -> tuple[Any, Any]:  # pragma: no cover - compiled
+    """``(rank losses, precisions)`` of each positive (in index order): the share of
+    negatives scored above it (ties half), and the precision at its threshold (every score at
+    least its own, ties included), whose mean is the average precision
+    (:func:`fraud.metrics.average_precision`). One sort of all scores and one of the
+    positives' serve both."""
+    n = labels.shape[0]
+    negatives = n - positives
+    ranked = np.sort(scores)
+    pos = np.empty(positives)
+    p = 0
+    for i in range(n):
         if labels[i]:
-            total += 1
-    if total == 0:
-        return 0.0
-    ap = 0.0
-    tp = 0
-    prev_tp = 0
-    n = order.shape[0]
-    for j in range(n):
-        if labels[order[j]]:
-            tp += 1
-        if j + 1 < n and scores[order[j + 1]] == scores[order[j]]:
-            continue  # the threshold is after the last tie
-        ap += (tp - prev_tp) / total * (tp / (j + 1.0))
-        prev_tp = tp
-    return ap if ap < 1.0 else 1.0  # a sum of rounded terms may pass 1 by an ulp
+            pos[p] = scores[i]
+            p += 1
+    pos_ranked = np.sort(pos)
+    losses = np.empty(positives)
+    precisions = np.empty(positives)
+    for q in range(positives):
+        s = pos[q]
+        below = np.searchsorted(ranked, s, side="left")
+        at_most = np.searchsorted(ranked, s, side="right")
+        pos_below = np.searchsorted(pos_ranked, s, side="left")
+        pos_at_most = np.searchsorted(pos_ranked, s, side="right")
+        above = (n - at_most) - (positives - pos_at_most)
+        ties = (at_most - below) - (pos_at_most - pos_below)
+        losses[q] = (above + 0.5 * ties) / negatives
+        precisions[q] = (positives - pos_below) / (n - below)
+    return losses, precisions
+
+
+@njit(cache=True, nogil=True)
+def _z(d: FloatArray) -> float:  # pragma: no cover - compiled
+    """The mean of ``d`` over its standard error (sample standard deviation / sqrt(n))."""
+    n = d.shape[0]
+    mean = 0.0
+    for i in range(n):
+        mean += d[i]
+    mean /= n
+    ss = 0.0
+    for i in range(n):
+        ss += (d[i] - mean) * (d[i] - mean)
+    se = math.sqrt(ss / (n - 1)) / math.sqrt(n)
+    return mean / (se if se > 1e-12 else 1e-12)
+
+
+@njit(cache=True, nogil=True)
+def head_evidence(full: FloatArray, raw: FloatArray, labels: Any
+                  ) -> tuple[float, float]:  # pragma: no cover - compiled
+    """``(rank z, precision z)``: how many standard errors the full head's scores beat the
+    raw head's on these labels, paired per positive: in the share of negatives ranked above
+    it (lower is better) and in the precision at its threshold (the terms of average
+    precision). ``(0, 0)`` with fewer than two positives or no negative."""
+    n = labels.shape[0]
+    positives = 0
+    for i in range(n):
+        if labels[i]:
+            positives += 1
+    negatives = n - positives
+    if positives < 2 or negatives == 0:
+        return 0.0, 0.0
+    full_losses, full_precisions = _per_positive(full, labels, positives)
+    raw_losses, raw_precisions = _per_positive(raw, labels, positives)
+    return _z(raw_losses - full_losses), _z(full_precisions - raw_precisions)
 
 
 @njit(cache=True, nogil=True)

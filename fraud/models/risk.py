@@ -7,7 +7,7 @@ Three parts, all plain data:
   up-weighted by the running negative/positive ratio (capped at ``max_pos_weight``); two heads
   on the one scaler, one over every feature and one over the raw numeric inputs alone
   (:func:`is_raw_input`), and the model scores with the one whose recent scores rank the
-  labels better (average precision over the last ``head_window`` labels, by a clear margin);
+  labels better (over the last ``head_window`` labels, paired per fraud, by a clear margin);
 * ``anomaly``: per-feature running mean/variance of the traffic the model is shown with the
   explicit unsupervised step :meth:`RiskModel.learn_unsupervised_one` (the worker shows it every
   event it scores, labelled or not); the anomaly score is the mean clipped squared z-score,
@@ -61,7 +61,7 @@ from river import base
 
 from fraud.features import FEATURE_NAMES
 from fraud.models.kernels import (
-    average_precision,
+    head_evidence,
     learn_rows,
     score_matrix,
     score_rows,
@@ -116,8 +116,11 @@ _INT_PARAMS: Final = frozenset(("anomaly_min_events", "head_window"))
 _DERIVED: Final = frozenset(FEATURE_NAMES)
 HEAD_CHECKS: Final = 50
 """The head choice is checked every ``head_window / HEAD_CHECKS`` labels."""
-HEAD_MARGIN: Final = 2.0
-"""Standard errors by which the other head's average precision must be the higher."""
+HEAD_RANK_EVIDENCE: Final = 2.0
+"""Standard errors by which a head must rank the window's frauds better to be chosen."""
+HEAD_PRECISION_EVIDENCE: Final = 5.0
+"""Standard errors by which the raw head's precision at the window's frauds must be the
+higher for it to be kept whatever the ranking says."""
 FULL, RAW = 4, 5
 """Columns of the scaler table holding each linear head's weights."""
 _RAW_FLAG: Final = 6
@@ -272,11 +275,12 @@ class RiskModel(base.Classifier):
         feature, the *raw* head on the raw numeric inputs alone (:func:`is_raw_input`). The
         model starts with the raw head (the simpler model) once it has a raw input; every
         ``head_window / 50`` labels it compares both heads' scores of the last
-        ``head_window`` labels (each scored just before it was learned) and switches when the
-        other head's average precision is the higher by more than two standard errors
-        (``sqrt(AP (1 - AP) / positives)`` of each, combined). Derived features can cost average
-        precision where the raw inputs carry the signal (``fraud/models/README.md``): the
-        choice is measured, not assumed.
+        ``head_window`` labels (each scored just before it was learned), paired per fraud:
+        it takes the full head when that ranks the frauds above fewer legitimate rows by more
+        than two standard errors, unless the raw head's precision at the frauds (the terms
+        of average precision) is the higher by more than five; the raw head when it wins
+        either test. Derived features can cost average precision where the raw inputs carry
+        the signal (``fraud/models/README.md``): the choice is measured, not assumed.
     """
 
     def __init__(
@@ -529,6 +533,24 @@ class RiskModel(base.Classifier):
         """One SGD step on ``(x, y)`` with sample weight ``w``, after updating the scaler
         with ``x``. Positives are also up-weighted by the running negative/positive ratio."""
         keys = tuple(x)
+        self._learn(keys, np.fromiter(x.values(), np.float64, len(keys)), y, w)
+
+    def score_then_learn_one(self, x: Mapping[str, float], y: bool | int | float) -> float:
+        """The prequential step: ``score_one(x, observe=True)``, then ``learn_one(x, y)``,
+        with the same results bit for bit; the vector is read once."""
+        keys = tuple(x)
+        values = np.fromiter(x.values(), np.float64, len(keys))
+        rows = self._rows_for(keys, False, True)
+        wcol, intercept = self._head()
+        dot, zz = score_rows(self._scaler.data, self._anomaly.data, rows.srows, rows.arows,
+                             values, self.clip, intercept, True, _NO_CONTRIBUTIONS, wcol)
+        score = self._blend(dot, zz, len(keys))
+        self.anomaly_seen += 1
+        self._learn(keys, values, y, 1.0)
+        return score
+
+    def _learn(self, keys: tuple[str, ...], values: np.ndarray, y: bool | int | float,
+               w: float) -> None:
         rows = self._rows_for(keys, True, False)
         weight = 1.0
         if y:
@@ -552,9 +574,9 @@ class RiskModel(base.Classifier):
                 self._resize_window(size)
             slot = self._window_n % size
         step, raw_step = learn_rows(
-            self._scaler.data, rows.srows, np.fromiter(x.values(), np.float64, len(keys)),
-            self.clip, self.intercept, self.raw_intercept, bool(y), weight, rate,
-            1.0 - rate * self.l2, self._window_dots, self._window_labels, slot)
+            self._scaler.data, rows.srows, values, self.clip, self.intercept,
+            self.raw_intercept, bool(y), weight, rate, 1.0 - rate * self.l2,
+            self._window_dots, self._window_labels, slot)
         self.intercept -= step
         if self.head_window:
             self.raw_intercept -= raw_step
@@ -564,23 +586,20 @@ class RiskModel(base.Classifier):
                 self._choose_head()
 
     def _choose_head(self) -> None:
-        """Switch heads when the other one's average precision over the window (both heads'
-        scores of the last ``head_window`` labels, each scored just before it was learned;
-        the learning step records them) is the higher by more than two standard errors."""
+        """Choose the head from both heads' scores of the last ``head_window`` labels (each
+        scored just before it was learned; the learning step records them), paired per fraud:
+        the raw head when its precision at the frauds is the higher by more than
+        :data:`HEAD_PRECISION_EVIDENCE` standard errors or it ranks them above fewer
+        legitimate rows by more than :data:`HEAD_RANK_EVIDENCE`; else the full head when it
+        ranks them better by that much; else no change."""
         kept = min(self._window_n, self.head_window)
-        labels = self._window_labels[:kept]
-        positives = int(labels.sum())
-        if not positives:
-            return
-        full_ap = average_precision(self._window_dots[0, :kept], labels)
-        raw_ap = average_precision(self._window_dots[1, :kept], labels)
-        # the binomial standard error of each precision, from the window's positives
-        margin = HEAD_MARGIN * math.sqrt(
-            (full_ap * (1.0 - full_ap) + raw_ap * (1.0 - raw_ap)) / positives)
-        if self.head == "raw" and full_ap - raw_ap > margin:
-            self.head = "full"
-        elif self.head == "full" and raw_ap - full_ap > margin:
+        rank_z, precision_z = head_evidence(self._window_dots[0, :kept],
+                                            self._window_dots[1, :kept],
+                                            self._window_labels[:kept])
+        if precision_z < -HEAD_PRECISION_EVIDENCE or rank_z < -HEAD_RANK_EVIDENCE:
             self.head = "raw"
+        elif rank_z > HEAD_RANK_EVIDENCE:
+            self.head = "full"
 
     def _resize_window(self, size: int) -> None:
         """A new window size (a config change): keep the most recent labels that fit."""

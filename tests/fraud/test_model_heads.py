@@ -1,7 +1,9 @@
 """The default model's two linear heads: each equals a one-head model (``head_window=0``, the
 math of the frozen reference ``tests/fraud/reference/risk_v2.py``) trained on its features, bit
-for bit, and the model switches to the other head when its average precision over the window
-is the higher by more than two standard errors.
+for bit, and the model chooses its head by paired per-fraud evidence over the window: the full
+head when it ranks the frauds above fewer legitimate rows by more than two standard errors,
+unless the raw head's precision at the frauds is the higher by more than five; the raw head
+when it wins either test.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fraud.metrics import average_precision
 from fraud.models import RiskModel, merge_states
 from fraud.models.risk import is_raw_input
 
@@ -36,13 +37,43 @@ def _raw(x: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in x.items() if k in RAW}
 
 
+def _z(d: list[float]) -> float:
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1)) / math.sqrt(len(d))
+    return mean / max(se, 1e-12)
+
+
+def _evidence(window: list[tuple[float, float, bool]]) -> tuple[float, float]:
+    """``(rank z, precision z)`` of the full head over the raw one, written plainly."""
+    labels = [y for _, _, y in window]
+    if sum(labels) < 2 or all(labels):
+        return 0.0, 0.0
+
+    def rank_losses(scores: list[float]) -> list[float]:
+        neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+        return [(sum(v > s for v in neg) + 0.5 * sum(v == s for v in neg)) / len(neg)
+                for s, y in zip(scores, labels, strict=True) if y]
+
+    def precisions(scores: list[float]) -> list[float]:
+        # precision at each fraud's threshold, tied scores counting as one threshold
+        return [sum(y2 for s2, y2 in zip(scores, labels, strict=True) if s2 >= s)
+                / sum(s2 >= s for s2 in scores)
+                for s, y in zip(scores, labels, strict=True) if y]
+
+    full = [f for f, _, _ in window]
+    raw = [r for _, r, _ in window]
+    rank = [a - b for a, b in zip(rank_losses(raw), rank_losses(full), strict=True)]
+    precision = [a - b for a, b in zip(precisions(full), precisions(raw), strict=True)]
+    return _z(rank), _z(precision)
+
+
 def test_raw_inputs_are_the_columns_as_given() -> None:
     assert RAW == ("amount", "lat")
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31), st.integers(4, 40), st.sampled_from((0.1, 0.3, 0.5)))
-def test_heads_equal_one_head_models_and_the_choice_follows_average_precision(
+def test_heads_equal_one_head_models_and_the_choice_follows_paired_evidence(
         seed: int, window: int, fraud_rate: float) -> None:
     rng = random.Random(seed)
     model = RiskModel(head_window=window, learning_rate=0.1)
@@ -70,17 +101,11 @@ def test_heads_equal_one_head_models_and_the_choice_follows_average_precision(
         assert model.raw_weights == raw.weights and model.raw_intercept == raw.intercept
         n = len(dots)
         if n % max(window // 50, 1) == 0:
-            last = dots[-window:]
-            labels = [y for _, _, y in last]
-            if any(labels):
-                full_ap = min(average_precision(labels, [d for d, _, _ in last]), 1.0)
-                raw_ap = min(average_precision(labels, [d for _, d, _ in last]), 1.0)
-                margin = 2 * math.sqrt((full_ap * (1 - full_ap) + raw_ap * (1 - raw_ap))
-                                       / sum(labels))
-                if expected_head == "raw" and full_ap - raw_ap > margin:
-                    expected_head = "full"
-                elif expected_head == "full" and raw_ap - full_ap > margin:
-                    expected_head = "raw"
+            rank_z, precision_z = _evidence(dots[-window:])
+            if precision_z < -5.0 or rank_z < -2.0:
+                expected_head = "raw"
+            elif rank_z > 2.0:
+                expected_head = "full"
         assert model.head == expected_head
         if i % 37 == 36:  # a restart from a checkpoint (all three: the scaler's m2 is
             # rebuilt from its variance, not bit for bit) continues with the same choice
@@ -139,3 +164,17 @@ def test_a_smaller_window_keeps_the_most_recent_labels() -> None:
     assert kept["n"] == 5
     assert kept["labels"] == [False, *(recent["labels"][i] for i in last4[1:])]
     assert kept["full"][1:] == [recent["full"][i] for i in last4[1:]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31), st.integers(4, 40))
+def test_score_then_learn_equals_score_then_learn_one(seed: int, window: int) -> None:
+    rng = random.Random(seed)
+    fused = RiskModel(head_window=window, learning_rate=0.1, anomaly_min_events=5)
+    twin = RiskModel(head_window=window, learning_rate=0.1, anomaly_min_events=5)
+    for _ in range(6 * window):
+        y = rng.random() < 0.3
+        x = {k: rng.gauss(3.0 * y, 1.0) for k in KEYS if rng.random() < 0.8}
+        assert fused.score_then_learn_one(x, y) == twin.score_one(x, observe=True)
+        twin.learn_one(x, y)
+        assert fused.export_state() == twin.export_state() and fused.head == twin.head
