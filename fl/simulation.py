@@ -45,9 +45,9 @@ from fl.client import (
 )
 from fl.update import ModelUpdate
 from fl.watchlist import SIGNALS, ReplaySettings, replay
-from fraud.decisions import WATCH_FIELDS
 from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
 from fraud.models import ModelParams, RiskModel, RiverModel
+from fraud.schema import WATCH_FIELDS
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from fraud.decisions import WATCH_FIELDS
+from fraud.schema import WATCH_FIELDS
 from pqc.envelope import open as open_envelope
 from pqc.envelope import seal
 from pqc.freshness import FreshnessStore

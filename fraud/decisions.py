@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from fraud.models.risk import ModelParams
 from fraud.models.river_spec import check_spec
-from fraud.schema import ACTIONS, Decision, SchemaError, Transaction
+from fraud.schema import ACTIONS, WATCH_FIELDS, Decision, SchemaError, Transaction
 
 POLICY_VERSION: Final = 1
 LIST_KINDS: Final = ("customers", "instruments", "devices", "ips")
@@ -340,9 +340,6 @@ def decide(
         timings=stamp,
     )
 
-
-WATCH_FIELDS: Final = {"instrument": "payment_instrument", "device": "device_id"}
-"""The entity kinds a federated watchlist may name, and the transaction field of each."""
 
 
 @dataclass(frozen=True, slots=True)

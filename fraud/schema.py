@@ -31,6 +31,9 @@ SCHEMA_VERSION: Final = 1
 CHANNELS: Final = ("web", "app", "pos")
 LABEL_SOURCES: Final = ("chargeback", "analyst")
 ACTIONS: Final = ("allow", "verify", "hold", "block")
+WATCH_FIELDS: Final = {"instrument": "payment_instrument", "device": "device_id"}
+"""The entity kinds a federated watchlist may name, and the transaction field of each (here,
+not in ``fraud.decisions``: that module loads the models, and River with them)."""
 
 ExtraValue = float | int | str | bool | None
 
