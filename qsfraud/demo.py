@@ -627,6 +627,8 @@ class Demo:
         self.fl_enabled = False
         self.ui_url: str | None = None
         self.stop_requested = threading.Event()
+        self.writing = threading.Event()  # in the write loop, which checks stop_requested
+        self.interrupted = False
         self.reporting_done = threading.Event()
         self.last_report = time.monotonic()
         self.started_at = process_started_at()
@@ -644,18 +646,30 @@ class Demo:
 
     def run(self) -> int:
         previous = signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
-        interrupted = False
+        previous_int = signal.signal(signal.SIGINT, self.on_ctrl_c)
         try:
             self._run()
         except KeyboardInterrupt:
-            interrupted = True
+            self.interrupted = True
             self.say("\nstopping (Ctrl-C)...")
         finally:
             self.shutdown()
             signal.signal(signal.SIGTERM, previous)
-        if self.settings.headless and not interrupted:
+            signal.signal(signal.SIGINT, previous_int)
+        if self.settings.headless and not self.interrupted:
             self.say(json.dumps(self.summary(), sort_keys=False))
         return 0
+
+    def on_ctrl_c(self, signum: int, frame: Any) -> None:
+        """While purchases are written, Ctrl-C ends the write loop at its next tick: raised
+        there, it could land inside a database client's call (a fresh-clone run once hung on
+        Ctrl-C with every child still running). Anywhere else, and a second time, it
+        interrupts at once."""
+        if self.writing.is_set() and not self.stop_requested.is_set():
+            self.interrupted = True  # said by replay(): no print inside a signal handler
+            self.stop_requested.set()
+            return
+        raise KeyboardInterrupt
 
     def _run(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -847,9 +861,13 @@ class Demo:
         reporter.start()
         if self.settings.faults:
             threading.Thread(target=self.inject_faults, name="faults", daemon=True).start()
+        self.writing.set()
         try:
             self.write_until_stopped(databases, producer, started)
         finally:
+            self.writing.clear()
+            if self.interrupted:
+                self.say("\nstopping (Ctrl-C)...")
             producer.flush(5)
 
     def write_until_stopped(self, databases: dict[str, OrdersDatabase], producer: Any,

@@ -4,7 +4,10 @@ Ctrl-C)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +32,21 @@ def left_running(root: Path) -> list[str]:
     ps = subprocess.run(["ps", "-ww", "-eo", "stat=,args="], capture_output=True,
                         text=True).stdout
     return [line for line in ps.splitlines() if str(root) in line and not line.startswith("Z")]
+
+
+def kill_left(root: Path, *ports: int) -> None:
+    """kill -9 what a demo that had to be killed left behind: its roles and services (in
+    sessions of their own) and whatever listens on ``ports`` (the UI)."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True,
+                        text=True).stdout
+    pids = {int(line.split()[0]) for line in ps.splitlines() if str(root) in line}
+    for port in ports:
+        ss = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True,
+                            text=True).stdout
+        pids |= {int(p) for p in re.findall(r"pid=(\d+)", ss)}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 KILLED = ("cdc-acme", "worker-globex", "aggregator")
@@ -153,6 +171,7 @@ def test_ctrl_c_stops_every_process_with_the_ui(tmp_path: Path):
     )
     assert proc.stdout is not None
     lines: list[str] = []
+    ui_port = 0
     deadline = time.monotonic() + 300
     try:
         # interrupt while purchases are written and decided, the UI up
@@ -179,6 +198,7 @@ def test_ctrl_c_stops_every_process_with_the_ui(tmp_path: Path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+                kill_left(root, *([ui_port] if ui_port else []))
     lines.append(out)
     assert proc.returncode == 0, "".join(lines[-30:])
     assert "every process it started has exited" in out
