@@ -212,12 +212,12 @@ def _new_entity() -> dict[str, Any]:
     return {"t": [], "a": [], "last": None}
 
 
-def _remember(items: list[str], value: str) -> bool:
-    """Add ``value`` to a capped distinct list; True if it was new."""
+def _remember(items: list[str], value: str, cap: int = MAX_DISTINCT) -> bool:
+    """Add ``value`` to a capped distinct list (oldest dropped first); True if it was new."""
     if value in items:
         return False
     items.append(value)
-    if len(items) > MAX_DISTINCT:
+    if len(items) > cap:
         del items[0]
     return True
 
@@ -554,15 +554,8 @@ class FeatureExtractor:
         """
         key = self._prefix + kind + ":" + entity
         st = state.get(key) or _new_entity()
-        if tx_id is not None:
-            labelled: list[str] | None = st.get("li")
-            if labelled is None:
-                labelled = st["li"] = []
-            elif tx_id in labelled:
-                return False
-            labelled.append(tx_id)
-            if len(labelled) > MAX_REMEMBERED:
-                del labelled[0]
+        if tx_id is not None and not _remember(st.setdefault("li", []), tx_id, MAX_REMEMBERED):
+            return False
         _add_label(st, ts, is_fraud)
         state[key] = st
         return True

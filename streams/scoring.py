@@ -786,7 +786,17 @@ def home_partition(entity: str, partitions: int) -> int:
     >>> home_partition("c42", 4) == (murmur2(b"c42") & 0x7FFFFFFF) % 4
     True
     """
-    return (murmur2(entity.encode()) & 0x7FFFFFFF) % partitions
+    return _partition(murmur2(entity.encode()), partitions)
+
+
+def _partition(h: int, partitions: int) -> int:
+    """Kafka's partition of a key whose murmur2 hash is ``h``."""
+    return (h & 0x7FFFFFFF) % partitions
+
+
+def _entity_id(key: str) -> str:
+    """The entity id of a state key ``"<kind>:<id>"``."""
+    return key[key.index(":") + 1:] if ":" in key else key
 
 
 MAX_HOMES: Final = 1 << 17
@@ -826,8 +836,7 @@ class EntityStore(EncodedStore):
         """The changelog partition of ``key`` (``"<kind>:<entity id>"``)."""
         home = self._homes.get(key)
         if home is None:
-            entity = key[key.index(":") + 1:] if ":" in key else key
-            home = home_partition(entity, self.partitions)
+            home = home_partition(_entity_id(key), self.partitions)
             if len(self._homes) >= MAX_HOMES:
                 self._homes.clear()
             self._homes[key] = home
@@ -849,10 +858,9 @@ class EntityStore(EncodedStore):
         if len(homes) + len(new) > MAX_HOMES:
             homes.clear()
         partitions = self.partitions
-        hashes = murmur2_many([key[key.index(":") + 1:].encode() if ":" in key
-                               else key.encode() for key in new])
+        hashes = murmur2_many([_entity_id(key).encode() for key in new])
         for key, h in zip(new, hashes, strict=True):
-            homes[key] = (h & 0x7FFFFFFF) % partitions
+            homes[key] = _partition(h, partitions)
 
     def __setitem__(self, key: str, value: Any, /) -> None:
         home = self._homes.get(key)
