@@ -44,9 +44,9 @@ import faust
 import orjson
 from aiohttp import web
 from aiokafka.partitioner import murmur2
-from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
 from fraud.schema import Label, SchemaError, Transaction
+from streams.faust_compat import aiohttp_router
 from streams.scoring import BadRecord, ScoredStore, dumps, parse_transaction
 from streams.settings import WorkerSettings
 
@@ -688,9 +688,7 @@ def register_api(app: faust.App, settings: WorkerSettings, scored: ScoredStore,
     feed = DecisionFeed(scored)
     api = Api(app, settings, feed, publish)
 
-    server = app.web
-    assert isinstance(server, AiohttpWeb), "faust's web driver must be aiohttp"
-    router = server.web_app.router  # the aiohttp application of faust's web server
+    router = aiohttp_router(app)
 
     def page(path: str, **methods: Handler) -> None:
         # straight on aiohttp's router, not through faust's views: a faust view adds a

@@ -15,7 +15,7 @@ those copies or overrides code written for exactly the versions in :data:`PINNED
 
 What the app uses: :func:`install` (the consumer classes, and a hook that sees every
 fetched batch), :class:`RawSchema` for the input topics, :func:`message_batches` in the
-agents.
+agents, :func:`aiohttp_router` for the HTTP API's routes.
 """
 
 from __future__ import annotations
@@ -207,6 +207,19 @@ def memory_store_maps(table: Any) -> tuple[dict[Any, Any], dict[Any, int]]:
     writes the changelog itself (faust's per-key ``send_soon`` was the bottleneck)."""
     store = table.data
     return store.data, store._key_partition
+
+
+@follows("faust.web.drivers.aiohttp:Web.__init__",
+         "52b00c1bd653c82d64519cfc55285b6ca5973a929129d1809c4aff79e262fc2f")
+def aiohttp_router(app: faust.App) -> Any:
+    """The router of the aiohttp application behind faust's web server (``Web.web_app``):
+    routes added there are served without faust's view dispatch and sensor calls."""
+    from faust.web.drivers.aiohttp import Web
+
+    server = app.web
+    if not isinstance(server, Web):
+        raise TypeError(f"faust's web driver must be aiohttp, not {type(server).__name__}")
+    return server.web_app.router
 
 
 FETCH_MAX_WAIT_MS = 50
