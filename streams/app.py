@@ -568,11 +568,13 @@ class GapFiller:
         return low
 
     def _read(self, partition: int, start: int, end: int, timeout: float = 30.0
-              ) -> list[InputRecord]:
-        """The records of ``partition`` in ``[start, end)``; stops early at the end of what
-        is readable (``read_committed``: an open transaction's records are not)."""
+              ) -> tuple[list[InputRecord], int]:
+        """The records of ``partition`` in ``[start, end)``, and the offset up to which the
+        log was read: ``end``, less at the end of what is readable (``read_committed``: an
+        open transaction's records are not yet), or where ``timeout`` cut the read short."""
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         out: list[InputRecord] = []
+        upto = start
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -582,18 +584,37 @@ class GapFiller:
                 error = msg.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
+                        # every offset before the end of the readable log was read
+                        upto = min(end, max(upto, msg.offset() or 0))
                         break
                     continue
                 offset = msg.offset() or 0
                 if offset >= end:
+                    upto = end
                     break
                 stamp = msg.timestamp()[1]
                 out.append(InputRecord(msg.value(), msg.key(), partition, offset,
                                        stamp / 1000.0 if stamp > 0 else None, self.topic))
+                upto = offset + 1
                 if offset >= end - 1:
                     break
         finally:
             self._consumer.unassign()
+        return out, upto
+
+    def _read_all(self, partition: int, start: int, end: int) -> list[InputRecord]:
+        """The records of ``partition`` in ``[start, end)``, all of them however long the
+        broker takes (faust handed over ``end``: everything before it is readable)."""
+        out: list[InputRecord] = []
+        while start < end:
+            records, upto = self._read(partition, start, end)
+            out.extend(records)
+            if upto < end:
+                log.warning("reading %s[%d] offsets %d..%d directly stopped at %d; reading "
+                            "on", self.topic, partition, start, end - 1, upto)
+                if upto == start:  # the broker is away: do not spin
+                    time.sleep(0.5)
+            start = upto
         return out
 
     async def check_tail(self, highwaters: Mapping[int, int], now: float | None = None
@@ -620,8 +641,8 @@ class GapFiller:
                 self.next_offset[partition] = expected
             if high <= expected:
                 continue
-            missing = await asyncio.to_thread(self._read, partition, expected, high,
-                                              self.quiet_s)
+            missing, upto = await asyncio.to_thread(self._read, partition, expected, high,
+                                                    self.quiet_s)
             if self._resets != resets:
                 return False
             if missing:
@@ -629,8 +650,11 @@ class GapFiller:
                             "directly", self.topic, partition, expected, high - 1,
                             len(missing))
                 self.pending.extend(missing)
-            else:  # only markers (or an open transaction: its records come later)
-                self.next_offset[partition] = max(expected, high)
+            else:
+                # only markers up to ``upto``; an open transaction's records lie beyond it
+                # (below the high watermark: faust hands them over once it commits), and so
+                # does what a read cut short by a slow broker did not reach
+                self.next_offset[partition] = max(expected, upto)
         return bool(self.pending)
 
     async def fill(self, records: list[Record]) -> tuple[list[Record], int, int]:
@@ -666,7 +690,7 @@ class GapFiller:
                 empty_from = take_gap(self.topic, partition, rec.offset)
                 if empty_from is None or empty_from > expected:  # not all of it is empty
                     reads += 1
-                    missing = await asyncio.to_thread(self._read, partition, expected,
+                    missing = await asyncio.to_thread(self._read_all, partition, expected,
                                                       rec.offset)
                     log.warning("faust skipped %s[%d] offsets %d..%d; read %d of them "
                                 "directly", self.topic, partition, expected, rec.offset - 1,

@@ -210,3 +210,32 @@ def test_log_gaps_note_exactly_the_jumps_between_fetched_records(
     assert gaps.take("t", 0, offsets[-1]) is None
     gaps.fetched("other", 0, [_Fetched(1), _Fetched(5)])  # not one of its topics
     assert gaps.take("other", 0, 5) is None
+
+
+def test_an_open_transaction_at_the_tail_is_decided_once_it_commits(
+    kafka_bootstrap: str,
+) -> None:
+    """A quiet partition whose last records are in a transaction still open (the CDC's
+    commit waits out a broker restart): the high watermark is past them, a ``read_committed``
+    read ends before them. They are not 'only markers': when faust hands them over after
+    the commit, they are processed."""
+    topic = _topic_with_ten_records(kafka_bootstrap)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": topic})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for i in range(10, 13):
+        producer.produce(topic, key=b"k", value=f"v{i}".encode(), partition=0)
+    assert producer.flush(30) == 0  # written at 10..12, not committed
+    filler = GapFiller(kafka_bootstrap, f"group-{topic}", topic, quiet_s=2.0)
+    try:
+        async def scenario() -> None:
+            await filler.fill([_record(topic, o) for o in range(10)])
+            now = time.monotonic()
+            assert not await filler.check_tail({0: 13}, now + 2.5)  # nothing readable yet
+            assert filler.next_offset == {0: 10}
+            producer.commit_transaction(30)
+            batch, filled, reads = await filler.fill([_record(topic, o) for o in (10, 11, 12)])
+            assert [r.offset for r in batch] == [10, 11, 12] and (filled, reads) == (0, 0)
+        asyncio.run(scenario())
+    finally:
+        filler.close()
