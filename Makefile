@@ -33,7 +33,8 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest
 
-demo: install
+# the demo needs neither the optional liboqs backend nor the test browser
+demo: $(STAMP)
 	$(BIN)/qsfraud demo $(DEMO_ARGS)
 
 stack-up: install
