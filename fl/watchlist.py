@@ -333,15 +333,16 @@ class Reporter:
 
 # ----------------------------------------------------------------------------- simulation
 
-Signal = Literal["hold", "block", "review", "label"]
-SIGNALS: Final[tuple[Signal, ...]] = ("hold", "block", "review", "label")
+Signal = Literal["hold", "verify", "block", "review", "label"]
+SIGNALS: Final[tuple[Signal, ...]] = ("hold", "verify", "block", "review", "label")
 
 
 @dataclass(frozen=True, slots=True)
 class ReplaySettings:
     """How :func:`replay` runs: which rows are reported, and how often reports are exchanged.
 
-    ``signal``: ``hold`` (score >= 0.8, at once), ``block`` (score >= 0.95, at once),
+    ``signal``: ``hold`` (score >= 0.8, at once), ``verify`` (score >= 0.5, the step-up
+    band, at once), ``block`` (score >= 0.95, at once),
     ``review`` (score >= 0.8 and the row is fraud, ``review_s`` later: an analyst confirmed the
     hold) or ``label`` (a fraud label, ``label_delay_s`` later: a chargeback).
     """
@@ -352,6 +353,10 @@ class ReplaySettings:
     label_delay_s: float = 604800.0
     hold: float = 0.8
     block: float = 0.95
+    verify: float = 0.5
+    report_at: float | None = None
+    """For ``hold``, ``verify`` and ``block``: report rows scoring at least this instead of
+    the signal's band (an experiment: no policy band says so)."""
     kinds: tuple[str, ...] = tuple(WATCH_FIELDS)
     """The entity kinds reported."""
     limits: UnionLimits = field(default_factory=UnionLimits)
@@ -369,7 +374,10 @@ def replay(times: Sequence[float], retailers: Sequence[str],
     if not len(times) == len(retailers) == len(entities) == len(scores) == len(labels):
         raise ValueError("times, retailers, entities, scores and labels differ in length")
     key_of = hasher(key)
-    threshold = settings.block if settings.signal == "block" else settings.hold
+    threshold = {"block": settings.block, "verify": settings.verify}.get(settings.signal,
+                                                                         settings.hold)
+    if settings.report_at is not None and settings.signal in ("hold", "verify", "block"):
+        threshold = settings.report_at
     union = WatchlistUnion(settings.limits)
     reporters: dict[str, Reporter] = {}
     delayed: list[tuple[float, int]] = []  # (when the report is due, row)
@@ -402,7 +410,7 @@ def replay(times: Sequence[float], retailers: Sequence[str],
                     count = max(count, view.get(key_of(kind, str(value)), 0))
         hits.append(count)
         score = float(scores[i])
-        if settings.signal in ("hold", "block"):
+        if settings.signal in ("hold", "verify", "block"):
             # the model's own holds only: re-reporting what the watchlist held would keep an
             # entry alive by itself (a victim's card held at B, reported, held at A, ...)
             reporter.observe(entities[i], score, t)

@@ -84,6 +84,9 @@ SEQUENCE_FILE: Final = "fl-sequence.json"
 WATCH_KEY_FILE: Final = "watch-key.sealed"
 """The sealed consortium key looked for in the retailer's key store without --fl-watch-key."""
 WATCH_OWN_FILE: Final = "fl-watch-own.json"
+WATCH_REPORTS: Final = ("hold", "verify")
+"""What a retailer reports: its holds and blocks, or also what it sent to step-up (verify)."""
+_SEVERITY: Final = {"allow": 0, "verify": 1, "hold": 2, "block": 3}
 WATCH_PENDING_MAX: Final = UnionLimits().max_per_report
 """Reports kept for the next update (the newest): the aggregator takes no more from one."""
 
@@ -156,7 +159,10 @@ class WatchClient:
     called inside the decide step, the rest between batches)."""
 
     def __init__(self, key: bytes, own_path: Path, metrics: WorkerMetrics,
-                 min_score: float = 0.0) -> None:
+                 min_score: float = 0.0, report: str = "hold") -> None:
+        if report not in WATCH_REPORTS:
+            raise ValueError(f"report: one of {', '.join(WATCH_REPORTS)}, got {report!r}")
+        self.report_from = _SEVERITY[report]
         self.key_of = hasher(key)
         self.reporter = Reporter(self.key_of)
         self.own_path = own_path
@@ -173,18 +179,19 @@ class WatchClient:
                             exc)
 
     def after_decide(self, tx: Transaction, decision: Decision) -> Decision:
-        """The pipeline's hook: a hold or block of this retailer's own (model or rules) is
-        reported, never one the watchlist caused (that would keep an entry alive by
-        itself); any other decision is raised if ``tx`` names a listed entity."""
-        if decision.action in ("hold", "block"):
+        """The pipeline's hook: a decision of this retailer's own (model or rules) at or above
+        ``report_from`` is reported, never a hold the watchlist caused (that would keep an
+        entry alive by itself); a decision below ``hold`` is raised if ``tx`` names a
+        listed entity."""
+        action = decision.action
+        if _SEVERITY[action] >= self.report_from:
             pending = self.reporter.pending
             self.reporter.report({name: getattr(tx, name) for name in WATCH_FIELDS.values()},
                                  time.time())
             while len(pending) > WATCH_PENDING_MAX:
                 del pending[next(iter(pending))]
-            return decision
         watch = self.watchlist
-        if watch is None:
+        if watch is None or action in ("hold", "block"):
             return decision
         if time.time() - self.listed_at > self.reporter.horizon_s:
             self.watchlist = None  # no global model for a day: its entries have expired
@@ -471,9 +478,10 @@ def start_client(settings: WorkerSettings, pipeline: Any, metrics: WorkerMetrics
     watch_key = load_watch_key(settings, keys)
     if watch_key is not None:
         client.watch = WatchClient(watch_key, state_dir / WATCH_OWN_FILE, metrics,
-                                   settings.fl_watch_min_score)
+                                   settings.fl_watch_min_score, settings.fl_watch_report)
         pipeline.after_decide = client.watch.after_decide
-        log.info("FL watchlist on (min score %.2f)", settings.fl_watch_min_score)
+        log.info("FL watchlist on (reports: %s; holds listed rows scoring >= %.2f)",
+                 settings.fl_watch_report, settings.fl_watch_min_score)
 
     def deliver(global_model: GlobalModel) -> None:
         submit("fl.global", partial(client.fold, pipeline, global_model))

@@ -90,6 +90,9 @@ class WorkerSettings:
     exists; without either the watchlist is off (fl/README.md, "Cross-retailer watchlist")."""
     fl_watch_min_score: float = 0.0
     """A listed transaction is held only if the own model scores it at least this."""
+    fl_watch_report: str = "hold"
+    """What the retailer reports: ``hold`` (its holds and blocks) or ``verify`` (also what it
+    sent to step-up)."""
     api_tokens: Path | None = None
     """The HTTP API's tokens file (SHA-256 digests per retailer; :mod:`streams.api`); without
     one every API request but ``/health`` is refused (401)."""
@@ -124,6 +127,8 @@ class WorkerSettings:
             raise ValueError("--fl-watch-key needs federated learning (--fl-identity ...)")
         if not 0.0 <= self.fl_watch_min_score <= 1.0:
             raise ValueError("fl_watch_min_score must be within 0..1")
+        if self.fl_watch_report not in ("hold", "verify"):
+            raise ValueError("fl_watch_report: hold or verify")
         longest_window = max(seconds for seconds, _ in WINDOWS)
         if not self.state_horizon_s > max(longest_window, self.scored_ttl_s):
             raise ValueError(

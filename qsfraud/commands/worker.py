@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             fl_global_topic=args.fl_global_topic,
             fl_watch_key=Path(args.fl_watch_key) if args.fl_watch_key else None,
             fl_watch_min_score=args.fl_watch_min_score,
+            fl_watch_report=args.fl_watch_report,
             api_tokens=Path(args.api_tokens) if args.api_tokens else None,
             api_cert=Path(args.api_cert) if args.api_cert else None,
             api_key=Path(args.api_key) if args.api_key else None,
@@ -156,6 +157,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     default=float(env("QSFRAUD_FL_WATCH_MIN_SCORE", "0")),
                     help="hold a watch-listed transaction only if the own model scores it at "
                          "least S (default 0: every one)")
+    fl.add_argument("--fl-watch-report", choices=("hold", "verify"),
+                    default=env("QSFRAUD_FL_WATCH_REPORT", "hold"),
+                    help="report the instrument and device of rows this retailer held or "
+                         "blocked (hold, default) or also sent to step-up (verify)")
     p.add_argument("--api-tokens", default=env("QSFRAUD_API_TOKENS"), metavar="FILE",
                    help="the HTTP API's tokens: SHA-256 digests per retailer, re-read when the "
                         "file changes (docs/api/README.md); without it the API refuses every "

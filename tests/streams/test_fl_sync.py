@@ -286,3 +286,20 @@ def test_the_worker_reports_its_holds_and_holds_what_others_reported(
 
     restarted = WatchClient(key, tmp_path / "own.json", metrics)  # own reports kept
     assert restarted.reporter.others(listed, time.time()) == {stolen: 1}
+
+
+def test_reporting_what_was_sent_to_step_up_is_a_choice(tmp_path: Path) -> None:
+    key = new_key()
+    config = PolicyConfig()
+    stepped = _tx(1, "card-stepped-up")
+    holds_only = WatchClient(key, tmp_path / "a.json", WorkerMetrics("r0"))
+    holds_only.after_decide(stepped, decide(stepped, 0.6, config))
+    assert not holds_only.reporter.pending
+    verify = WatchClient(key, tmp_path / "b.json", WorkerMetrics("r0"), report="verify")
+    verify.listed(GlobalModel(1, "r1-a", None, ("retailer-1",), "fedavg", 0, {},
+                              {entity_key(key, "instrument", "card-stepped-up"): 1}))
+    decision = verify.after_decide(stepped, decide(stepped, 0.6, config))
+    assert decision.action == "hold"  # reported (its own verify) and raised all the same
+    assert set(verify.reporter.pending) == {entity_key(key, "instrument", "card-stepped-up")}
+    with pytest.raises(ValueError, match="report"):
+        WatchClient(key, tmp_path / "c.json", WorkerMetrics("r0"), report="allow")
