@@ -314,6 +314,7 @@ class FlClient:
         update = self.update_of(model, round_)
         if update is None:
             self.labels_since_sent = 0
+            self.last_sent_at = time.monotonic() if now is None else now  # reports wait too
             log.warning("the model (%s) cannot federate: no FL update sent",
                         type(model).__name__)
             return None
