@@ -244,6 +244,8 @@ class AggregatorSettings:
     session_timeout_ms: int = 10_000
     metrics_interval_s: float = 10.0
     freshness_path: str | None = None
+    watchlist_path: str | None = None
+    """Where the watchlist union is kept across restarts (None: in memory only)."""
 
 
 class Aggregator:
@@ -259,6 +261,7 @@ class Aggregator:
         durable = (FileFreshness(settings.freshness_path) if settings.freshness_path
                    else InMemoryFreshness())
         self._freshness = RoundFreshness(durable)
+        self._watch = WatchlistUnion()
         self._round: Round | None = None
         self._stopping = False
         self._last_metrics = time.monotonic()
@@ -304,11 +307,15 @@ class Aggregator:
     def _restore(self) -> None:
         last = self._last_global()
         s = self.settings
+        if s.watchlist_path:
+            # saved before each publication's commit: re-read updates add their reports
+            # again, which changes nothing (a report is a time per retailer and key)
+            self._watch = WatchlistUnion.load(s.watchlist_path, self._watch.limits)
         if last is None:
-            self._round = Round(1, None, {}, s.quorum, s.deadline_s)
+            self._round = Round(1, None, {}, s.quorum, s.deadline_s, watch=self._watch)
         else:
             self._round = Round(last.round + 1, last.version, last.parameters, s.quorum,
-                                s.deadline_s)
+                                s.deadline_s, watch=self._watch)
         self._freshness.discard()
         self._emit({"event": "leader", "round": self._round.number,
                     "parent_version": self._round.parent_version})
@@ -338,6 +345,8 @@ class Aggregator:
     def _publish(self, producer: Producer, consumer: Consumer) -> None:
         assert self._round is not None
         published = self._round.close(self.strategy)
+        if self.settings.watchlist_path:
+            self._round.watch.save(self.settings.watchlist_path)
         seq = time.time_ns()  # increases across restarts without any state
         blob = sign_global(published, self.keys.identity, seq)
         producer.begin_transaction()

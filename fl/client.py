@@ -341,13 +341,17 @@ class MixRecord:
 
 
 def blend(local: Vectors, global_: Mapping[str, np.ndarray], mix: float) -> Vectors:
-    """``mix * global + (1 - mix) * local`` per name; a name one side lacks keeps the other's."""
+    """``mix * global + (1 - mix) * local`` per name; a name one side lacks keeps the other's,
+    except at ``mix`` 0: the own model exactly, without the names only the global knows (a
+    feature adopted then would start from the federation's weight when it first appears
+    here, so "keep the own model" would not be the own model's future)."""
     out: Vectors = {}
     for name in sorted(set(local) | set(global_)):
         if name not in global_:
             out[name] = np.array(local[name])
         elif name not in local:
-            out[name] = np.array(global_[name], dtype=np.float64)
+            if mix > 0.0:
+                out[name] = np.array(global_[name], dtype=np.float64)
         else:
             out[name] = mix * np.asarray(global_[name]) + (1.0 - mix) * local[name]
     return out
@@ -368,9 +372,10 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
     frozen at the previous fold-in, scored on ``fresh`` (the labels since), summed over all
     fold-ins (:class:`MixRecord`); before it has any, the own model is kept. Without one the
     test runs in sample on ``recent``. With fewer than ``min_labels`` recent labels, or no
-    fraud among them, there is no evidence either way and ``mix`` is the grid's
-    middle value (0.5). The result is loaded with :meth:`RiskModel.load_shared`, so it becomes
-    the base and :meth:`RiskModel.export_delta` reports only labels learned after this call.
+    fraud among them, there is no evidence either way and the own model is kept too: the
+    federated model must earn its place on the retailer's own frauds. The result is
+    loaded with :meth:`RiskModel.load_shared`, so it becomes the base and
+    :meth:`RiskModel.export_delta` reports only labels learned after this call.
     The label counts stay the model's own, so the labels it had already sent are not sent
     again, and the global model's are never added to them.
     The local anomaly statistics are untouched.
@@ -383,6 +388,10 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
             blend(local, global_model.parameters, mix), template, global_model.examples,
             global_model.version,
         )
+    # no evidence either way (too few labels, or no fraud among them): the own model; a blend
+    # taken then (the middle mix, once the default) moves the model off its own path for good
+    # with nothing to show it ranks this retailer's frauds better
+    undecided = min(grid)
     settled = None
     if record is not None:
         record.score(fresh)
@@ -397,9 +406,9 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
         # labels or no fraud (then it knows little and the middle mix is taken)
         frauds = sum(1 for _, y in recent if y)
         chosen = (min(grid) if len(recent) >= min_labels and 0 < frauds < len(recent)
-                  else grid[len(grid) // 2])
+                  else undecided)
     elif len(recent) < min_labels:
-        chosen = grid[len(grid) // 2]
+        chosen = undecided
     else:
         from fraud.models.risk import RiskModel
 
@@ -408,7 +417,7 @@ def fold_in(model: RiskModel, global_model: GlobalModel,
         chosen = min(grid)
         if labels.all() or not labels.any():
             # no fraud (or nothing else) among the retailer's labels: no evidence either way
-            chosen = grid[len(grid) // 2]
+            chosen = undecided
         else:
             # keeping its own model (the smallest mix) is the default: another mix must rank
             # the retailer's own frauds above its legitimate rows better, by more than

@@ -391,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="attack: seconds between watchlist exchanges")
     parser.add_argument("--watch-min-score", type=float, default=0.0,
                         help="attack: the watchlist holds listed rows scoring at least this")
+    parser.add_argument("--report-at", type=float, default=None,
+                        help="attack: report rows scoring at least this (default: the signal's "
+                             "band)")
     args = parser.parse_args(argv)
     data = load(args.data)
     entities = entity_rows(data)
@@ -412,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue  # one model over every retailer: nothing to exchange
             for signal in args.watch:
                 watch = ReplaySettings(signal=signal, exchange_every_s=args.exchange_every,
-                                       label_delay_s=args.label_delay)
+                                       label_delay_s=args.label_delay,
+                                       report_at=args.report_at)
                 hits = replay(data.times.tolist(), data.retailers, entities, scores["ours"],
                               data.labels.tolist(), watch, WATCH_KEY)
                 outcome = watch_outcome(scores["ours"], hits, data.labels.tolist(),
@@ -421,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps({"mode": f"{mode}+watchlist", "signal": signal,
                                   "exchange_every_s": args.exchange_every,
                                   "min_score": args.watch_min_score,
+                                  "report_at": args.report_at,
                                   "ap": _table(summarize(data, outcome.scores)),
                                   "attack": _attack_dict(attack),
                                   "raised_fraud": outcome.raised_fraud,

@@ -28,15 +28,19 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import json
+import math
+import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from fraud.schema import WATCH_FIELDS
 from pqc.envelope import open as open_envelope
 from pqc.envelope import seal
-from pqc.freshness import FreshnessStore
+from pqc.freshness import FreshnessStore, TimeWindow
 from pqc.keys import Identity, KemKeyring, Registry, TrustedKey
 
 WATCH_WIRE_VERSION: Final = 1
@@ -44,6 +48,10 @@ KEY_BYTES: Final = 32
 KEY_PURPOSE: Final = "fl.watch-key"
 HASH_HEX: Final = 32
 """Hex digits of a hashed key kept (128 bits: collisions among 10^9 keys have odds ~1e-21)."""
+KEY_WINDOW: Final = TimeWindow(max_age_s=400 * 86400.0, max_future_s=120.0)
+"""How old a sealed consortium key may be: it is kept at rest and opened at every start, so
+the default envelope window (minutes) would refuse it; an admin re-seals it within a year."""
+STATE_VERSION: Final = 1
 
 
 class WatchFormatError(ValueError):
@@ -89,10 +97,13 @@ def seal_watch_key(key: bytes, admin: Identity, retailer_kem: TrustedKey, sequen
 
 
 def open_watch_key(blob: bytes, keyring: KemKeyring, registry: Registry,
-                   freshness: FreshnessStore, *, now: float | None = None) -> bytes:
-    """The consortium key from :func:`seal_watch_key`; only an ``admin`` may have sent it."""
+                   freshness: FreshnessStore, *, now: float | None = None,
+                   window: TimeWindow = KEY_WINDOW) -> bytes:
+    """The consortium key from :func:`seal_watch_key`; only an ``admin`` may have sent it.
+    ``freshness``: a worker opening the same file at every start passes a fresh in-memory
+    store (the file is not a message that could be replayed to it)."""
     key, _ = open_envelope(blob, keyring, registry, freshness=freshness, purpose=KEY_PURPOSE,
-                           roles=("admin",), now=now)
+                           roles=("admin",), now=now, window=window)
     if len(key) != KEY_BYTES:
         raise WatchFormatError(f"the consortium key has {KEY_BYTES} bytes, got {len(key)}")
     return key
@@ -197,6 +208,55 @@ class WatchlistUnion:
         self.expire(now)
         return {k: len(seen) for k, seen in self.entries.items()}
 
+    def to_state(self) -> dict[str, Any]:
+        """The union as plain data (the aggregator's own state file, never published: it says
+        which retailer reported what)."""
+        return {"v": STATE_VERSION, "refused": self.refused,
+                "entries": {k: dict(sorted(seen.items())) for k, seen in
+                            sorted(self.entries.items())}}
+
+    @classmethod
+    def from_state(cls, state: Any, limits: UnionLimits | None = None) -> WatchlistUnion:
+        """A union from :meth:`to_state` (the limits are the caller's, not the file's)."""
+        if not isinstance(state, Mapping) or state.get("v") != STATE_VERSION:
+            raise WatchFormatError(f"watchlist state: expected version {STATE_VERSION}")
+        entries = state.get("entries")
+        refused = state.get("refused", 0)
+        if not isinstance(entries, Mapping) or isinstance(refused, bool) or not isinstance(
+                refused, int):
+            raise WatchFormatError("watchlist state: expected entries and a refused count")
+        check_keys(list(entries), "watchlist state")
+        union = cls(limits or UnionLimits(), refused=refused)
+        for k, seen in entries.items():
+            if not isinstance(seen, Mapping) or not seen or not all(
+                    isinstance(r, str) and isinstance(t, int | float) and not isinstance(t, bool)
+                    and math.isfinite(t) for r, t in seen.items()):
+                raise WatchFormatError(f"watchlist state: {k}: expected {{retailer: time}}")
+            union.entries[k] = {r: float(t) for r, t in seen.items()}
+        return union
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes :meth:`to_state` to ``path`` atomically (a crash leaves the old file)."""
+        _write_atomically(Path(path), self.to_state())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str],
+             limits: UnionLimits | None = None) -> WatchlistUnion:
+        """The union saved at ``path``; an empty one if there is no file yet."""
+        target = Path(path)
+        if not target.exists():
+            return cls(limits or UnionLimits())
+        return cls.from_state(json.loads(target.read_text(encoding="utf-8")), limits)
+
+
+def _write_atomically(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 @dataclass(slots=True)
 class Reporter:
@@ -225,10 +285,35 @@ class Reporter:
     def take(self, now: float) -> list[str]:
         """The keys to send with the next update, sent at ``now`` (then no longer pending)."""
         keys = list(self.pending)
-        self.pending.clear()
-        for k in keys:
-            self.own[k] = now
+        self.sent(keys, now)
         return keys
+
+    def sent(self, keys: Iterable[str], now: float) -> None:
+        """``keys`` (from :attr:`pending`) went out at ``now``: no longer pending, now own.
+        A worker reads :attr:`pending` when it seals an update and calls this once the update
+        is written, so a failed send keeps them for the next one."""
+        for k in keys:
+            self.pending.pop(k, None)
+            self.own[k] = now
+
+    def own_to_state(self) -> dict[str, Any]:
+        """The retailer's own reports as plain data: a restarted worker must still tell its
+        own reports from other retailers'."""
+        return {"v": STATE_VERSION, "own": dict(sorted(self.own.items()))}
+
+    def restore_own(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or state.get("v") != STATE_VERSION or not isinstance(
+                state.get("own"), Mapping):
+            raise WatchFormatError(f"own reports: expected version {STATE_VERSION}")
+        own = state["own"]
+        check_keys(list(own), "own reports")
+        if not all(isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+                   for t in own.values()):
+            raise WatchFormatError("own reports: expected {key: time}")
+        self.own.update({k: float(t) for k, t in own.items()})
+
+    def save_own(self, path: str | os.PathLike[str]) -> None:
+        _write_atomically(Path(path), self.own_to_state())
 
     def others(self, listed: Mapping[str, int], now: float) -> dict[str, int]:
         """``listed`` as counts of *other* retailers (own reports taken off; entries only this
@@ -248,15 +333,16 @@ class Reporter:
 
 # ----------------------------------------------------------------------------- simulation
 
-Signal = Literal["hold", "block", "review", "label"]
-SIGNALS: Final[tuple[Signal, ...]] = ("hold", "block", "review", "label")
+Signal = Literal["hold", "verify", "block", "review", "label"]
+SIGNALS: Final[tuple[Signal, ...]] = ("hold", "verify", "block", "review", "label")
 
 
 @dataclass(frozen=True, slots=True)
 class ReplaySettings:
     """How :func:`replay` runs: which rows are reported, and how often reports are exchanged.
 
-    ``signal``: ``hold`` (score >= 0.8, at once), ``block`` (score >= 0.95, at once),
+    ``signal``: ``hold`` (score >= 0.8, at once), ``verify`` (score >= 0.5, the step-up
+    band, at once), ``block`` (score >= 0.95, at once),
     ``review`` (score >= 0.8 and the row is fraud, ``review_s`` later: an analyst confirmed the
     hold) or ``label`` (a fraud label, ``label_delay_s`` later: a chargeback).
     """
@@ -267,6 +353,10 @@ class ReplaySettings:
     label_delay_s: float = 604800.0
     hold: float = 0.8
     block: float = 0.95
+    verify: float = 0.5
+    report_at: float | None = None
+    """For ``hold``, ``verify`` and ``block``: report rows scoring at least this instead of
+    the signal's band (an experiment: no policy band says so)."""
     kinds: tuple[str, ...] = tuple(WATCH_FIELDS)
     """The entity kinds reported."""
     limits: UnionLimits = field(default_factory=UnionLimits)
@@ -284,7 +374,10 @@ def replay(times: Sequence[float], retailers: Sequence[str],
     if not len(times) == len(retailers) == len(entities) == len(scores) == len(labels):
         raise ValueError("times, retailers, entities, scores and labels differ in length")
     key_of = hasher(key)
-    threshold = settings.block if settings.signal == "block" else settings.hold
+    threshold = {"block": settings.block, "verify": settings.verify}.get(settings.signal,
+                                                                         settings.hold)
+    if settings.report_at is not None and settings.signal in ("hold", "verify", "block"):
+        threshold = settings.report_at
     union = WatchlistUnion(settings.limits)
     reporters: dict[str, Reporter] = {}
     delayed: list[tuple[float, int]] = []  # (when the report is due, row)
@@ -317,7 +410,7 @@ def replay(times: Sequence[float], retailers: Sequence[str],
                     count = max(count, view.get(key_of(kind, str(value)), 0))
         hits.append(count)
         score = float(scores[i])
-        if settings.signal in ("hold", "block"):
+        if settings.signal in ("hold", "verify", "block"):
             # the model's own holds only: re-reporting what the watchlist held would keep an
             # entry alive by itself (a victim's card held at B, reported, held at A, ...)
             reporter.observe(entities[i], score, t)

@@ -13,6 +13,11 @@
   record (aggregator's signature and role, purpose, sequence, round), hands the newest one
   present at start to the loop once, then each newer one as it comes. Refusals are counted in
   ``/metrics`` with their reason.
+- :class:`WatchClient` (the cross-retailer watchlist, on when the worker has the consortium
+  key): the pipeline's ``after_decide`` hook notes each transaction this retailer held or
+  blocked (its instrument and device, as keyed hashes, go with the next update) and raises a
+  transaction naming an entity other retailers reported to ``hold``; the list comes with each
+  folded global model.
 
 Both the default :class:`~fraud.models.RiskModel` and River's ``StandardScaler |
 LogisticRegression`` federate; other River models are not mergeable and send nothing.
@@ -20,6 +25,7 @@ LogisticRegression`` federate; other River models are not mergeable and send not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -46,7 +52,10 @@ from fl.client import (
     update_from_state,
 )
 from fl.update import ModelUpdate, UpdateFormatError
+from fl.watchlist import Reporter, UnionLimits, WatchFormatError, hasher, open_watch_key
+from fraud.decisions import Decision, Watchlist
 from fraud.models import RiskModel, RiverModel
+from fraud.schema import WATCH_FIELDS, Transaction
 from pqc.errors import (
     EnvelopeError,
     OutsideTimeWindow,
@@ -72,6 +81,14 @@ GLOBAL_WINDOW: Final = TimeWindow(max_age_s=30 * 86400.0, max_future_s=120.0)
 """How old a global model may be: rounds can be hours apart and a worker may start long after
 the last one; a stale or replayed one is refused by its round and sequence, not its age."""
 SEQUENCE_FILE: Final = "fl-sequence.json"
+WATCH_KEY_FILE: Final = "watch-key.sealed"
+"""The sealed consortium key looked for in the retailer's key store without --fl-watch-key."""
+WATCH_OWN_FILE: Final = "fl-watch-own.json"
+WATCH_REPORTS: Final = ("hold", "verify")
+"""What a retailer reports: its holds and blocks, or also what it sent to step-up (verify)."""
+_SEVERITY: Final = {"allow": 0, "verify": 1, "hold": 2, "block": 3}
+WATCH_PENDING_MAX: Final = UnionLimits().max_per_report
+"""Reports kept for the next update (the newest): the aggregator takes no more from one."""
 
 Labelled = tuple[dict[str, float], bool]
 Model = RiskModel | RiverModel
@@ -121,6 +138,94 @@ def load_fl_keys(identity: Path, aggregator_bundle: Path, trust: Path) -> FlKeys
     return FlKeys(store, kem, registry)
 
 
+def load_watch_key(settings: WorkerSettings, keys: FlKeys) -> bytes | None:
+    """The consortium key (``--fl-watch-key``, else the key store's ``watch-key.sealed``),
+    opened with the retailer's KEM key; None: no key, the watchlist is off."""
+    path = settings.fl_watch_key
+    if path is None:
+        path = keys.identity.path / WATCH_KEY_FILE
+        if not path.exists():
+            return None
+    try:
+        return open_watch_key(path.read_bytes(), keys.identity.kem, keys.trust,
+                              InMemoryFreshness())
+    except (PqcError, OSError, WatchFormatError) as exc:
+        raise FlSetupError(f"--fl-watch-key {path}: {exc}") from None
+
+
+class WatchClient:
+    """The worker's side of the cross-retailer watchlist (fl/README.md): reports what this
+    retailer held, holds what others reported. Runs on the worker's event loop (the hook is
+    called inside the decide step, the rest between batches)."""
+
+    def __init__(self, key: bytes, own_path: Path, metrics: WorkerMetrics,
+                 min_score: float = 0.0, report: str = "hold") -> None:
+        if report not in WATCH_REPORTS:
+            raise ValueError(f"report: one of {', '.join(WATCH_REPORTS)}, got {report!r}")
+        self.report_from = _SEVERITY[report]
+        self.key_of = hasher(key)
+        self.reporter = Reporter(self.key_of)
+        self.own_path = own_path
+        self.metrics = metrics
+        self.min_score = min_score
+        self.watchlist: Watchlist | None = None
+        self.listed_at = 0.0
+        self._sending: list[str] = []
+        if own_path.exists():
+            try:
+                self.reporter.restore_own(json.loads(own_path.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as exc:  # then own reports may count as others'
+                log.warning("FL watchlist: own reports not restored from %s: %s", own_path,
+                            exc)
+
+    def after_decide(self, tx: Transaction, decision: Decision) -> Decision:
+        """The pipeline's hook: a decision of this retailer's own (model or rules) at or above
+        ``report_from`` is reported, never a hold the watchlist caused (that would keep an
+        entry alive by itself); a decision below ``hold`` is raised if ``tx`` names a
+        listed entity."""
+        action = decision.action
+        if _SEVERITY[action] >= self.report_from:
+            pending = self.reporter.pending
+            self.reporter.report({name: getattr(tx, name) for name in WATCH_FIELDS.values()},
+                                 time.time())
+            while len(pending) > WATCH_PENDING_MAX:
+                del pending[next(iter(pending))]
+        watch = self.watchlist
+        if watch is None or action in ("hold", "block"):
+            return decision
+        if time.time() - self.listed_at > self.reporter.horizon_s:
+            self.watchlist = None  # no global model for a day: its entries have expired
+            return decision
+        raised = watch.escalate(decision, tx)
+        if raised is not decision:
+            self.metrics.count("qsfraud_fl_watch_holds_total")
+        return raised
+
+    def listed(self, global_model: GlobalModel, now: float | None = None) -> None:
+        """Takes the watchlist of a verified global model (other retailers' reports only)."""
+        now = time.time() if now is None else now
+        others = self.reporter.others(global_model.watchlist, now)
+        self.watchlist = Watchlist(others, self.key_of, min_score=self.min_score) if others \
+            else None
+        self.listed_at = now
+        self.metrics.gauge("qsfraud_fl_watchlist_entries", len(others))
+
+    def to_send(self) -> tuple[str, ...]:
+        """The reports for the update being sealed (still pending until :meth:`sent`)."""
+        self._sending = list(self.reporter.pending)
+        return tuple(self._sending)
+
+    def sent(self, now: float | None = None) -> None:
+        self.reporter.sent(self._sending, time.time() if now is None else now)
+        if self._sending:
+            self.metrics.count("qsfraud_fl_watch_reported_total", len(self._sending))
+            try:
+                self.reporter.save_own(self.own_path)
+            except OSError as exc:
+                log.warning("FL watchlist: own reports not saved: %s", exc)
+        self._sending = []
+
+
 def refusal_reason(error: Exception) -> str:
     """The metric label of a refused global model."""
     kinds: list[tuple[type[Exception], str]] = [
@@ -161,6 +266,8 @@ class FlClient:
         """Set once the global model present at start is folded in: before that the round
         to send for is unknown."""
         self._river_base_n: int | None = None
+        self.watch: WatchClient | None = None
+        """The cross-retailer watchlist, if the worker has the consortium key."""
 
     # -- learning and sending --------------------------------------------------------------
     def learned(self, examples: Sequence[Labelled]) -> None:
@@ -173,8 +280,10 @@ class FlClient:
         """Whether to send an update now: new labels, the last update's round closed, and
         ``sync_labels`` labels or ``interval_s`` seconds since the last update."""
         now = time.monotonic() if now is None else now
-        if not self.ready or self.labels_since_sent == 0:
+        if not self.ready:
             return False
+        if self.labels_since_sent == 0 and not (self.watch and self.watch.reporter.pending):
+            return False  # reports alone are sent too (with 0 examples: no weight)
         if self.sent_round is not None and (self.global_round or 0) < self.sent_round:
             return False  # one update per round: a second would be refused as a duplicate
         return (self.labels_since_sent >= self.sync_labels
@@ -205,9 +314,12 @@ class FlClient:
         update = self.update_of(model, round_)
         if update is None:
             self.labels_since_sent = 0
+            self.last_sent_at = time.monotonic() if now is None else now  # reports wait too
             log.warning("the model (%s) cannot federate: no FL update sent",
                         type(model).__name__)
             return None
+        if self.watch is not None:
+            update = dataclasses.replace(update, watch=self.watch.to_send())
         sequence = self._next_sequence()
         return round_, seal_update(update, self.keys.identity.identity, self.keys.aggregator_kem,
                                    sequence)
@@ -222,6 +334,8 @@ class FlClient:
         self.sent_round = round_
         self.labels_since_sent = 0
         self.last_sent_at = time.monotonic() if now is None else now
+        if self.watch is not None:
+            self.watch.sent()
         self.metrics.count("qsfraud_fl_updates_total")
         log.info("FL update for round %d sent", round_)
 
@@ -234,6 +348,8 @@ class FlClient:
             self._refused("stale_round", f"round {global_model.round}, "
                                          f"at {self.global_round} already")
             return
+        if self.watch is not None:
+            self.watch.listed(global_model)
         model: Model = pipeline.model
         if model.version == global_model.version:
             log.info("FL global model %s (round %d) already in the model", global_model.version,
@@ -360,6 +476,13 @@ def start_client(settings: WorkerSettings, pipeline: Any, metrics: WorkerMetrics
     state_dir = settings.datadir / settings.app_id
     state_dir.mkdir(parents=True, exist_ok=True)
     client = FlClient(keys, state_dir / SEQUENCE_FILE, metrics, settings.fl_sync_labels)
+    watch_key = load_watch_key(settings, keys)
+    if watch_key is not None:
+        client.watch = WatchClient(watch_key, state_dir / WATCH_OWN_FILE, metrics,
+                                   settings.fl_watch_min_score, settings.fl_watch_report)
+        pipeline.after_decide = client.watch.after_decide
+        log.info("FL watchlist on (reports: %s; holds listed rows scoring >= %.2f)",
+                 settings.fl_watch_report, settings.fl_watch_min_score)
 
     def deliver(global_model: GlobalModel) -> None:
         submit("fl.global", partial(client.fold, pipeline, global_model))
@@ -375,5 +498,5 @@ def start_client(settings: WorkerSettings, pipeline: Any, metrics: WorkerMetrics
     return client, follower
 
 
-__all__ = ["FlClient", "FlKeys", "FlSetupError", "GlobalFollower", "fold_in_river",
-           "load_fl_keys", "start_client"]
+__all__ = ["FlClient", "FlKeys", "FlSetupError", "GlobalFollower", "WatchClient",
+           "fold_in_river", "load_fl_keys", "load_watch_key", "start_client"]

@@ -41,7 +41,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from math import fsum, isfinite
@@ -51,7 +51,7 @@ import numpy as np
 import orjson
 
 from cdc.debezium import DebeziumDecoder, DebeziumError
-from fraud.decisions import PolicyConfig, decide
+from fraud.decisions import Decision, PolicyConfig, decide
 from fraud.features import FEATURE_NAMES, FeatureExtractor, assemble, local_features
 from fraud.models import RiskModel, RiverModel, model_from_config
 from fraud.schema import (
@@ -1023,6 +1023,9 @@ class ScoringPipeline:
         """The partitions whose entities' state this pipeline holds (their home partitions,
         :func:`home_partition`); None: all of them (one worker). Another entity's fragment
         is asked of its owner (:meth:`begin_batch`)."""
+        self.after_decide: Callable[[Transaction, Decision], Decision] | None = None
+        """Applied to each decision before it is recorded and sent: the federated watchlist
+        (streams/fl_sync.py) raises decisions and notes what this retailer held."""
 
     @property
     def model_version(self) -> str:
@@ -1243,6 +1246,7 @@ class ScoringPipeline:
         actions = out.actions
         latencies = out.latencies
         with_features = bool(policy.rules)  # rules may read features; nothing else does
+        after_decide = self.after_decide
         for (rec, parsed, slot), values, score, contributions in zip(
                 fresh, vectors, scores, explained, strict=True):
             if contributions is None:  # its scoring failed: dead-lettered already
@@ -1257,8 +1261,10 @@ class ScoringPipeline:
                 if stamp is not None:
                     timings["produced"] = stamp
                 x = dict(zip(names, values, strict=True)) if with_features else None
-                decision = decide(tx, score, policy, contributions, x, version,
-                                  timings).to_dict()
+                decided = decide(tx, score, policy, contributions, x, version, timings)
+                if after_decide is not None:
+                    decided = after_decide(tx, decided)
+                decision = decided.to_dict()
                 encoded = dumps(decision)
                 # dumps({"o": occurred_at, "d": decision, "x": values, "e": entities, "l": 0,
                 #        "p": partition}), reusing the decision's encoding; "o" first:

@@ -84,6 +84,15 @@ class WorkerSettings:
     """Send an update after this many labels (or the live config's ``fl.sync_interval_s``)."""
     fl_updates_topic: str = topics.FL_UPDATES
     fl_global_topic: str = topics.FL_GLOBAL
+    fl_watch_key: Path | None = None
+    """The consortium key of the cross-retailer watchlist, sealed to this retailer by an admin
+    (``fl.watchlist.seal_watch_key``). Without it, ``<fl_identity>/watch-key.sealed`` if that
+    exists; without either the watchlist is off (fl/README.md, "Cross-retailer watchlist")."""
+    fl_watch_min_score: float = 0.0
+    """A listed transaction is held only if the own model scores it at least this."""
+    fl_watch_report: str = "hold"
+    """What the retailer reports: ``hold`` (its holds and blocks) or ``verify`` (also what it
+    sent to step-up)."""
     api_tokens: Path | None = None
     """The HTTP API's tokens file (SHA-256 digests per retailer; :mod:`streams.api`); without
     one every API request but ``/health`` is refused (401)."""
@@ -114,6 +123,12 @@ class WorkerSettings:
                              "--fl-trust together")
         if self.fl_sync_labels < 1:
             raise ValueError("fl_sync_labels must be >= 1")
+        if self.fl_watch_key is not None and self.fl_identity is None:
+            raise ValueError("--fl-watch-key needs federated learning (--fl-identity ...)")
+        if not 0.0 <= self.fl_watch_min_score <= 1.0:
+            raise ValueError("fl_watch_min_score must be within 0..1")
+        if self.fl_watch_report not in ("hold", "verify"):
+            raise ValueError("fl_watch_report: hold or verify")
         longest_window = max(seconds for seconds, _ in WINDOWS)
         if not self.state_horizon_s > max(longest_window, self.scored_ttl_s):
             raise ValueError(

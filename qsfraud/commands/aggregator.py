@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         updates_topic=args.updates_topic, global_topic=args.global_topic,
         group_id=args.group_id, transactional_id=args.transactional_id,
         session_timeout_ms=args.session_timeout_ms, metrics_interval_s=args.metrics_interval,
-        freshness_path=args.freshness,
+        freshness_path=args.freshness, watchlist_path=args.watchlist_state,
     )
     aggregator = Aggregator(settings, keys)
 
@@ -59,5 +59,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds between JSON metrics lines on stderr")
     p.add_argument("--freshness", default=None,
                    help="file of the last sequence number per retailer (kept across restarts)")
+    p.add_argument("--watchlist-state", default=None,
+                   help="file keeping the watchlist union across restarts (default: memory "
+                        "only; it says which retailer reported which hashed key)")
     p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
     p.set_defaults(func=run)

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
             fl_sync_labels=args.fl_sync_labels,
             fl_updates_topic=args.fl_updates_topic,
             fl_global_topic=args.fl_global_topic,
+            fl_watch_key=Path(args.fl_watch_key) if args.fl_watch_key else None,
+            fl_watch_min_score=args.fl_watch_min_score,
+            fl_watch_report=args.fl_watch_report,
             api_tokens=Path(args.api_tokens) if args.api_tokens else None,
             api_cert=Path(args.api_cert) if args.api_cert else None,
             api_key=Path(args.api_key) if args.api_key else None,
@@ -72,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
             api_default_wait_ms=min(2000, args.api_max_wait_ms),
         )
         if settings.fl_enabled:  # unusable key files stop the command here, with one line
-            from streams.fl_sync import load_fl_keys
+            from streams.fl_sync import load_fl_keys, load_watch_key
 
-            load_fl_keys(*(Path(p) for p in (args.fl_identity, args.fl_aggregator,
-                                             args.fl_trust)))
+            load_watch_key(settings, load_fl_keys(*(Path(p) for p in (
+                args.fl_identity, args.fl_aggregator, args.fl_trust))))
         # a bad mapping file stops the command here, with one line, not in the worker
         DebeziumDecoder.load(settings.retailer, settings.mapping)
     except ValueError as exc:  # also cdc.mapping.ConfigError
@@ -146,6 +149,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "fl.sync_interval_s seconds (default 500)")
     fl.add_argument("--fl-updates-topic", default=topics.FL_UPDATES)
     fl.add_argument("--fl-global-topic", default=topics.FL_GLOBAL)
+    fl.add_argument("--fl-watch-key", default=env("QSFRAUD_FL_WATCH_KEY"), metavar="FILE",
+                    help="the watchlist's consortium key sealed to this retailer by an admin "
+                         "(default: <fl-identity>/watch-key.sealed if it exists; without a key "
+                         "the cross-retailer watchlist is off)")
+    fl.add_argument("--fl-watch-min-score", type=float, metavar="S",
+                    default=float(env("QSFRAUD_FL_WATCH_MIN_SCORE", "0")),
+                    help="hold a watch-listed transaction only if the own model scores it at "
+                         "least S (default 0: every one)")
+    fl.add_argument("--fl-watch-report", choices=("hold", "verify"),
+                    default=env("QSFRAUD_FL_WATCH_REPORT", "hold"),
+                    help="report the instrument and device of rows this retailer held or "
+                         "blocked (hold, default) or also sent to step-up (verify)")
     p.add_argument("--api-tokens", default=env("QSFRAUD_API_TOKENS"), metavar="FILE",
                    help="the HTTP API's tokens: SHA-256 digests per retailer, re-read when the "
                         "file changes (docs/api/README.md); without it the API refuses every "

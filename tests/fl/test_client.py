@@ -161,6 +161,37 @@ def test_fold_in_with_a_record_moves_on_out_of_sample_evidence_only() -> None:
     assert record.frauds > 50
 
 
+def test_keeping_the_own_model_leaves_its_future_as_if_nothing_was_folded_in() -> None:
+    folded, data = trained(20, 300)
+    untouched, _ = trained(20, 300)
+    rng = random.Random(21)
+    wider = RiskModel()  # the federation knows a feature this retailer has not seen yet
+    for _ in range(300):
+        y = rng.random() < 0.3
+        wider.learn_one({"amount": rng.gauss(2.0 if y else 0.0, 1.0),
+                         "velocity": rng.gauss(3.0 if y else 0.0, 1.0)}, y)
+    glob = GlobalModel(1, "g1", None, ("b",), "FedAvg", 300,
+                       update_from_model(wider, "b", 1).vectors)
+    assert fold_in(folded, glob, data[-100:], grid=(0.0,)) == 0.0
+    later = [({"amount": rng.gauss(0.0, 1.0), "night": 1.0,
+               "velocity": rng.gauss(0.0, 1.0)}, rng.random() < 0.2) for _ in range(500)]
+    for x, y in later:
+        folded.learn_one(x, y)
+        untouched.learn_one(x, y)
+    assert [folded.score_one(x) for x, _ in later] == [untouched.score_one(x) for x, _ in later]
+
+
+def test_without_evidence_either_way_the_own_model_is_kept() -> None:
+    few, data = trained(30, 10)  # fewer than 20 labels
+    learned = GlobalModel(1, "g1", None, ("b",), "FedAvg", 300,
+                          update_from_model(trained(31, 300)[0], "b", 1).vectors)
+    assert fold_in(few, learned, data, record=MixRecord()) == 0.0
+    assert fold_in(few, learned, data) == 0.0
+    legit_only = [(x, False) for x, _ in trained(32, 100)[1]]  # labels, but no fraud yet
+    assert fold_in(few, learned, legit_only, record=MixRecord()) == 0.0
+    assert fold_in(few, learned, legit_only) == 0.0
+
+
 def test_fold_in_keeps_local_counts_so_nothing_is_counted_twice() -> None:
     local, data = trained(8, 150)
     n_before = local.n
@@ -183,7 +214,7 @@ def test_blend_is_between_local_and_global(local: dict, glob: dict, mix: float) 
     lv = {k: np.array(v) for k, v in local.items()}
     gv = {k: np.array(v) for k, v in glob.items()}
     out = blend(lv, gv, mix)
-    assert set(out) == set(lv) | set(gv)
+    assert set(out) == (set(lv) | set(gv) if mix > 0.0 else set(lv))
     for name, values in out.items():
         lo = np.minimum(lv.get(name, gv.get(name)), gv.get(name, lv.get(name)))
         hi = np.maximum(lv.get(name, gv.get(name)), gv.get(name, lv.get(name)))

@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from fl.client import GlobalModel, open_global, open_update
+from fl.watchlist import entity_key, new_key, seal_watch_key
 from pqc.envelope import read_header
 from pqc.freshness import InMemoryFreshness
 from pqc.keys import public_bundle
@@ -95,7 +96,7 @@ class Federated:
     """Three retailers' workers with FL on, their inputs, and the aggregator."""
 
     def __init__(self, bootstrap: str, federation: Federation, topics: Topics, root: Path,
-                 unique: str, *extra: str) -> None:
+                 unique: str, *extra: str, per_worker: list[list[str]] | None = None) -> None:
         self.bootstrap = bootstrap
         self.federation = federation
         self.topics = topics
@@ -111,7 +112,8 @@ class Federated:
                           "--fl-trust", str(federation.retailers[i].path / "registry.json"),
                           "--fl-sync-labels", str(SYNC_LABELS),
                           "--fl-updates-topic", topics.updates,
-                          "--fl-global-topic", topics.globals, *extra)
+                          "--fl-global-topic", topics.globals, *extra,
+                          *(per_worker[i] if per_worker else []))
             for i, retailer in enumerate(self.retailers)]
         self.config_topic = f"{unique}.config"
         for worker in self.workers:
@@ -120,11 +122,11 @@ class Federated:
         self.inputs: list[dict[str, Any]] = []
         self.next_tx = [0, 0, 0]
 
-    def start_aggregator(self, quorum: int = 3) -> AggregatorProcess:
+    def start_aggregator(self, quorum: int = 3, *extra: str) -> AggregatorProcess:
         agg = AggregatorProcess(self.bootstrap, self.federation, self.topics,
                                 self.root / f"aggregator-{len(self.aggregators)}.log",
                                 "--quorum", str(quorum), "--deadline", "60",
-                                "--freshness", str(self.root / "agg-freshness.json"))
+                                "--freshness", str(self.root / "agg-freshness.json"), *extra)
         self.aggregators.append(agg)
         return agg
 
@@ -169,10 +171,11 @@ def make_federated(kafka_bootstrap: str, federation: Federation, unique_name: st
                    tmp_path: Path) -> Iterator[Callable[..., Federated]]:
     made: list[Federated] = []
 
-    def make(*extra: str) -> Federated:
+    def make(*extra: str, per_worker: list[list[str]] | None = None) -> Federated:
         unique = unique_name[-24:].strip("_")
         topics = Topics(f"{unique}.fl.updates", f"{unique}.fl.global", f"{unique}-agg")
-        made.append(Federated(kafka_bootstrap, federation, topics, tmp_path, unique, *extra))
+        made.append(Federated(kafka_bootstrap, federation, topics, tmp_path, unique, *extra,
+                              per_worker=per_worker))
         return made[-1]
 
     yield make
@@ -253,11 +256,11 @@ def test_three_workers_federate_through_kafka_and_nothing_private_leaves(
 
 
 def audit_privacy(fed: Federated, federation: Federation, bootstrap: str,
-                  globals_: list[GlobalModel]) -> None:
+                  globals_: list[GlobalModel], rounds: int = 4) -> list[str]:
     """Every record on both topics is a sealed (updates) or signed (global) envelope, and no
-    identifier or amount of the input appears in any payload once opened."""
+    identifier or amount of the input appears in any payload once opened; the payloads."""
     updates = every_record(bootstrap, fed.topics.updates)
-    assert len(updates) == 12  # 3 retailers x 4 rounds, nothing else
+    assert len(updates) == 3 * rounds  # 3 retailers x the rounds, nothing else
     payloads: list[str] = []
     for blob in updates:
         assert blob is not None
@@ -268,7 +271,7 @@ def audit_privacy(fed: Federated, federation: Federation, bootstrap: str,
     for blob in every_record(bootstrap, fed.topics.globals):
         assert blob is not None and read_header(blob).is_document  # signed by the aggregator
     payloads.extend(json.dumps(g.to_wire()) for g in globals_)
-    assert len(fed.inputs) == 3 * 4 * LABELS_PER_ROUND
+    assert len(fed.inputs) >= 3 * rounds * LABELS_PER_ROUND
     identifiers = {tx[field] for tx in fed.inputs
                    for field in ("tx_id", "customer_id", "payment_instrument", "device_id", "ip")}
     amounts = {float(tx["amount"]) for tx in fed.inputs}
@@ -278,6 +281,7 @@ def audit_privacy(fed: Federated, federation: Federation, bootstrap: str,
         numbers = {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", payload)}
         assert not numbers & amounts, f"amounts {sorted(numbers & amounts)[:5]} leaked"
         assert "card-" not in payload and "cust-" not in payload and "10.77." not in payload
+    return payloads
 
 
 RIVER_LINEAR = [{"class": "preprocessing.StandardScaler"},
@@ -316,3 +320,101 @@ def produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
     p = Producer({"bootstrap.servers": bootstrap})
     p.produce(topic, key=key, value=value)
     assert p.flush(30) == 0
+
+
+def decision_of(bootstrap: str, retailer: str, tx_id: str,
+                timeout: float = 90.0) -> dict[str, Any]:
+    """The decision record of ``tx_id`` on ``<retailer>.decisions``, once there."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fl-e2e-{tx_id}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    deadline = time.monotonic() + timeout
+    try:
+        consumer.subscribe([f"{retailer}.decisions"])
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            decision: dict[str, Any] = json.loads(msg.value())
+            if decision.get("tx_id") == tx_id:
+                return decision
+        raise AssertionError(f"no decision for {tx_id} on {retailer}.decisions")
+    finally:
+        consumer.close()
+
+
+def test_a_card_one_retailer_held_is_held_at_the_next_and_the_union_survives_a_restart(
+    make_federated: Callable[..., Federated], federation: Federation, kafka_bootstrap: str,
+    tmp_path: Path
+) -> None:
+    key = new_key()  # an admin seals the consortium key to each retailer (never the aggregator)
+    sealed = []
+    for i, store in enumerate(federation.retailers):
+        path = tmp_path / f"watch-key-{i}.sealed"
+        path.write_bytes(seal_watch_key(key, federation.admin.identity, store.registry
+                                        .current_kem_key(store.identity.name), 100 + i))
+        sealed.append(["--fl-watch-key", str(path)])
+    fed = make_federated("--trust", str(federation.admin.path / "registry.json"),
+                         per_worker=sealed)
+    # retailer A's own policy holds a large purchase (a rule: deterministic, unlike a score)
+    doc = ConfigDocument.default().updated(
+        {"rules": [{"name": "large", "field": "amount", "op": ">", "value": 5000,
+                    "action": "hold"}]}, version=1, scope=fed.retailers[0])
+    produce_raw(kafka_bootstrap, fed.config_topic, fed.retailers[0].encode(),
+                sign_config(doc, federation.admin.identity))
+    state = tmp_path / "agg-watchlist.json"
+    agg = fed.start_aggregator(3, "--watchlist-state", str(state))
+    for worker in fed.workers:
+        worker.start(wait=False)
+    for worker in fed.workers:
+        worker.wait_ready(120)
+
+    a, b = fed.retailers[0], fed.retailers[1]
+    stolen = {**transaction(a, 9000), "tx_id": f"{a}-stolen-1", "amount": 7777.77,
+              "payment_instrument": "card-stolen-777", "device_id": "dev-fraud-777"}
+    fed.inputs.append(stolen)
+    produce(kafka_bootstrap, f"{a}.transactions", [(stolen["customer_id"], stolen)])
+    held = decision_of(kafka_bootstrap, a, stolen["tx_id"])
+    assert held["action"] == "hold" and "rule:large" in held["reasons"], held
+    for i in range(3):
+        fed.feed(i)
+    agg.wait_for(lambda ev: len(published(ev)) >= 1, timeout=90)
+    for i in range(3):
+        fed.wait_round(i, 1)
+
+    # retailer B, next purchase with that card (a small one its model would allow)
+    at_b = {**transaction(b, 9001), "tx_id": f"{b}-stolen-2", "amount": 23.57,
+            "payment_instrument": "card-stolen-777", "device_id": f"dev-other-{b}"}
+    fed.inputs.append(at_b)
+    produce(kafka_bootstrap, f"{b}.transactions", [(at_b["customer_id"], at_b)])
+    decision = decision_of(kafka_bootstrap, b, at_b["tx_id"])
+    assert decision["action"] == "hold", decision
+    assert decision["reasons"][0] == "watchlist:instrument reported by 1 other retailer"
+    # A's own report does not count as another retailer's
+    again = {**transaction(a, 9002), "tx_id": f"{a}-stolen-3", "amount": 21.13,
+             "payment_instrument": "card-stolen-777", "device_id": f"dev-again-{a}"}
+    fed.inputs.append(again)
+    produce(kafka_bootstrap, f"{a}.transactions", [(again["customer_id"], again)])
+    assert not any(r.startswith("watchlist:") for r in
+                   decision_of(kafka_bootstrap, a, again["tx_id"])["reasons"])
+
+    # kill -9 the aggregator: the restarted one still lists the card (its state file), though
+    # nobody reports it again (B's hold was the watchlist's, never re-reported)
+    agg.process.kill()
+    agg.process.wait(10)
+    again_agg = fed.start_aggregator(3, "--watchlist-state", str(state))
+    for i in range(3):
+        fed.feed(i)
+    again_agg.wait_for(lambda ev: len(published(ev)) >= 1, timeout=90)
+    registry = federation.retailers[0].registry
+    globals_ = [open_global(blob, registry, InMemoryFreshness()) for blob in every_record(
+        kafka_bootstrap, fed.topics.globals) if blob]
+    assert [g.round for g in globals_] == [1, 2]
+    card, device = (entity_key(key, "instrument", "card-stolen-777"),
+                    entity_key(key, "device", "dev-fraud-777"))
+    for published_model in globals_:  # (other holds of the models may be listed too)
+        assert (published_model.watchlist[card], published_model.watchlist[device]) == (1, 1)
+    text = fed.workers[1].metrics()
+    assert gauge(text, "qsfraud_fl_watch_holds_total")[f'{{retailer="{b}"}}'] >= 1
+
+    payloads = audit_privacy(fed, federation, kafka_bootstrap, globals_, rounds=2)
+    assert any(card in p for p in payloads)  # the hash travels, the card never does

@@ -4,6 +4,8 @@ the key's distribution and the replay the simulation measures with."""
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ from fl.watchlist import (
     watchlist_to_wire,
 )
 from fraud.decisions import PolicyConfig, Watchlist, decide
-from pqc.errors import Replay, UnauthorizedSender, WrongRecipient
+from pqc.errors import OutsideTimeWindow, Replay, UnauthorizedSender, WrongRecipient
 from pqc.freshness import InMemoryFreshness
 from tests.fl.conftest import Federation
 
@@ -220,3 +222,50 @@ def test_rounds_union_the_reports_and_carry_them_to_the_next_round() -> None:
     third.offer(_update("c", 3), 0.0)
     expired = third.close(strategy_named("fedavg"), now=1000.0 + 86400.0 + 1.0)
     assert expired.watchlist == {}  # a day after the last report
+
+
+def test_a_sealed_key_at_rest_opens_for_a_year_not_after(federation: Federation) -> None:
+    admin, r0 = federation.admin, federation.retailers[0]
+    key = new_key()
+    blob = seal_watch_key(key, admin.identity, r0.registry.current_kem_key(r0.identity.name),
+                          1, now=1_000_000.0)
+    later = 1_000_000.0 + 300 * 86400.0  # a worker restarted months after the admin sealed it
+    assert open_watch_key(blob, r0.kem, r0.registry, InMemoryFreshness(), now=later) == key
+    with pytest.raises(OutsideTimeWindow):
+        open_watch_key(blob, r0.kem, r0.registry, InMemoryFreshness(),
+                       now=1_000_000.0 + 401 * 86400.0)
+
+
+def test_the_union_survives_a_restart_through_its_state_file(tmp_path: Path) -> None:
+    path = tmp_path / "watch.json"
+    assert WatchlistUnion.load(path).entries == {}  # no file yet: empty
+    stolen = entity_key(KEY, "instrument", "stolen")
+    device = entity_key(KEY, "device", "fraud-phone")
+    union = WatchlistUnion(UnionLimits(max_per_report=1))
+    union.add("a", [stolen, device], 10.0)
+    union.add("b", [stolen], 20.0)
+    union.save(path)
+    again = WatchlistUnion.load(path)
+    assert again.entries == union.entries and again.refused == 1
+    assert again.published(30.0) == {stolen: 2}
+    union.add("a", [stolen], 10.0)  # re-read updates after a crash add nothing new
+    assert union.entries == again.entries
+    for bad in ({"v": 2, "entries": {}}, {"v": 1, "entries": {"pi_1": {"a": 1.0}}},
+                {"v": 1, "entries": {stolen: {"a": "now"}}}, {"v": 1, "entries": {stolen: {}}}):
+        with pytest.raises(WatchFormatError):
+            WatchlistUnion.from_state(bad)
+
+
+def test_own_reports_survive_a_restart(tmp_path: Path) -> None:
+    key_of = hasher(KEY)
+    reporter = Reporter(key_of)
+    reporter.report({"payment_instrument": "stolen", "device_id": None}, 5.0)
+    keys = list(reporter.pending)
+    reporter.sent(keys, 10.0)
+    assert not reporter.pending and reporter.own == {keys[0]: 10.0}
+    reporter.save_own(tmp_path / "own.json")
+    restarted = Reporter(key_of)
+    restarted.restore_own(json.loads((tmp_path / "own.json").read_text()))
+    assert restarted.others({keys[0]: 2}, 20.0) == {keys[0]: 1}  # its own report taken off
+    with pytest.raises(WatchFormatError):
+        restarted.restore_own({"v": 1, "own": {"pi_1": 1.0}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,17 +10,24 @@ import numpy as np
 import pytest
 
 from fl.client import GlobalModel, open_update, sign_global, update_from_model
+from fl.watchlist import entity_key, new_key, seal_watch_key
+from fraud.decisions import PolicyConfig, decide
 from fraud.models import RiskModel, RiverModel
+from fraud.schema import Transaction
 from pqc.freshness import InMemoryFreshness
 from streams.fl_sync import (
+    WATCH_KEY_FILE,
     FlClient,
     FlKeys,
     FlSetupError,
     GlobalFollower,
+    WatchClient,
     fold_in_river,
     load_fl_keys,
+    load_watch_key,
 )
 from streams.metrics import WorkerMetrics
+from streams.settings import WorkerSettings
 from tests.fl.conftest import Federation, make_federation
 
 
@@ -202,3 +210,96 @@ def test_fl_needs_all_three_key_flags() -> None:
     with pytest.raises(ValueError, match="--fl-identity, --fl-aggregator and --fl-trust"):
         WorkerSettings("acme", "x", fl_identity=Path("keys"))
     assert not WorkerSettings("acme", "x").fl_enabled
+
+
+def _settings(fed: Federation, index: int, watch_key: Path | None = None) -> WorkerSettings:
+    store = fed.retailers[index]
+    return WorkerSettings(retailer=f"r{index}", bootstrap="", fl_identity=store.path,
+                          fl_aggregator=store.path, fl_trust=store.path / "registry.json",
+                          fl_watch_key=watch_key)
+
+
+def test_the_watch_key_comes_from_the_flag_or_the_key_store_else_it_is_off(
+        tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed")  # its own: a key file in a shared store would leak
+    keys = keys_of(fed, 1)
+    assert load_watch_key(_settings(fed, 1), keys) is None  # no key: the watchlist is off
+    key = new_key()
+    store = fed.retailers[1]
+    blob = seal_watch_key(key, fed.admin.identity,
+                          store.registry.current_kem_key(store.identity.name), 1)
+    (store.path / WATCH_KEY_FILE).write_bytes(blob)
+    assert load_watch_key(_settings(fed, 1), keys) == key
+    assert load_watch_key(_settings(fed, 1), keys) == key  # every start opens it again
+    with pytest.raises(FlSetupError, match="--fl-watch-key"):
+        load_watch_key(_settings(fed, 1, tmp_path / "missing"), keys)
+    other = tmp_path / "for-r0.sealed"  # sealed to another retailer
+    other.write_bytes(seal_watch_key(key, fed.admin.identity, fed.aggregator_kem, 2))
+    with pytest.raises(FlSetupError, match="--fl-watch-key"):
+        load_watch_key(_settings(fed, 1, other), keys)
+
+
+def _tx(i: int, card: str, device: str | None = None) -> Transaction:
+    return Transaction(tx_id=f"t{i}", retailer_id="r0", occurred_at=1767225600.0 + i,
+                       amount=20.0, customer_id=f"c{i}", payment_instrument=card,
+                       device_id=device)
+
+
+def test_the_worker_reports_its_holds_and_holds_what_others_reported(
+        fed: Federation, tmp_path: Path) -> None:
+    key = new_key()
+    metrics = WorkerMetrics("r0")
+    client = FlClient(keys_of(fed), tmp_path / "seq.json", metrics, sync_labels=1)
+    client.watch = WatchClient(key, tmp_path / "own.json", metrics)
+    config = PolicyConfig()
+    held = _tx(1, "card-held-here", "dev-1")
+    decision = client.watch.after_decide(held, decide(held, 0.9, config))
+    assert decision.action == "hold"  # its own hold: reported, not changed
+    client.watch.after_decide(_tx(2, "card-fine"), decide(_tx(2, "card-fine"), 0.1, config))
+    client.ready = True
+    model = RiskModel()
+    due = client.next_update(model, 300.0, now=client.last_sent_at + 301)  # reports alone
+    assert due is not None
+    update = open_update(due[1], fed.aggregator.kem, fed.aggregator.registry,
+                         InMemoryFreshness())
+    mine = {entity_key(key, "instrument", "card-held-here"), entity_key(key, "device", "dev-1")}
+    assert set(update.watch) == mine and update.examples == 0
+    assert client.watch.reporter.pending  # kept until the update is written
+    client.sent(due[0])
+    assert not client.watch.reporter.pending
+
+    stolen = entity_key(key, "instrument", "card-stolen")
+    listed = {stolen: 1, **{k: 1 for k in mine}}  # its own reports come back: not others'
+    client.fold(SimpleNamespace(model=model), GlobalModel(
+        1, "r1-a", None, ("retailer-0", "retailer-1"), "fedavg", 0,
+        update_from_model(model, "x", 1).vectors, listed))
+    assert client.watch.watchlist is not None
+    assert dict(client.watch.watchlist.reported) == {stolen: 1}
+    tx = _tx(3, "card-stolen")
+    raised = client.watch.after_decide(tx, decide(tx, 0.1, config))
+    assert raised.action == "hold"
+    assert raised.reasons[0] == "watchlist:instrument reported by 1 other retailer"
+    again = _tx(4, "card-held-here")  # listed only by this retailer itself
+    assert client.watch.after_decide(again, decide(again, 0.1, config)).action == "allow"
+    assert not client.watch.reporter.pending  # a watchlist hold is never reported again
+    assert 'qsfraud_fl_watch_holds_total{retailer="r0"} 1' in metrics.render()
+
+    restarted = WatchClient(key, tmp_path / "own.json", metrics)  # own reports kept
+    assert restarted.reporter.others(listed, time.time()) == {stolen: 1}
+
+
+def test_reporting_what_was_sent_to_step_up_is_a_choice(tmp_path: Path) -> None:
+    key = new_key()
+    config = PolicyConfig()
+    stepped = _tx(1, "card-stepped-up")
+    holds_only = WatchClient(key, tmp_path / "a.json", WorkerMetrics("r0"))
+    holds_only.after_decide(stepped, decide(stepped, 0.6, config))
+    assert not holds_only.reporter.pending
+    verify = WatchClient(key, tmp_path / "b.json", WorkerMetrics("r0"), report="verify")
+    verify.listed(GlobalModel(1, "r1-a", None, ("retailer-1",), "fedavg", 0, {},
+                              {entity_key(key, "instrument", "card-stepped-up"): 1}))
+    decision = verify.after_decide(stepped, decide(stepped, 0.6, config))
+    assert decision.action == "hold"  # reported (its own verify) and raised all the same
+    assert set(verify.reporter.pending) == {entity_key(key, "instrument", "card-stepped-up")}
+    with pytest.raises(ValueError, match="report"):
+        WatchClient(key, tmp_path / "c.json", WorkerMetrics("r0"), report="allow")
