@@ -739,6 +739,7 @@ class Demo:
         """Key stores as `qsfraud keys init` makes them, and the trust each party needs:
         the aggregator trusts the retailers, the retailers trust the aggregator and the admin,
         the workers' config registry holds the admin's keys."""
+        from fl.watchlist import new_key, seal_watch_key
         from pqc.keys import init_keystore, public_bundle, read_bundle, save_store_registry
 
         keys = self.root / "keys"
@@ -750,13 +751,20 @@ class Demo:
             bundle = public_bundle(store)
             (keys / f"{name}.pub.json").write_text(json.dumps(bundle, indent=2) + "\n")
             bundles[name] = read_bundle(bundle)
-        trusts = {"aggregator": list(self.retailers),
+        trusts = {"aggregator": list(self.retailers), "admin": list(self.retailers),
                   **{r: ["aggregator", "admin"] for r in self.retailers}}
         for name, others in trusts.items():
             for other in others:
                 stores[name].registry.trust(bundles[other])
             save_store_registry(stores[name])
-        self.say(f"keys: {', '.join(stores)} in {keys}")
+        # the federated watchlist's consortium key, sealed by the admin to each retailer
+        # (`qsfraud watch-key`): in its key store, the worker turns the watchlist on
+        key, admin = new_key(), stores["admin"]
+        for i, r in enumerate(self.retailers):
+            sealed = seal_watch_key(key, admin.identity,
+                                    admin.registry.current_kem_key(r), time.time_ns() + i)
+            (keys / r / "watch-key.sealed").write_bytes(sealed)
+        self.say(f"keys: {', '.join(stores)} in {keys}; a watchlist key sealed to each retailer")
 
     def publish_config(self, bootstrap: str) -> None:
         """Version 1 of the live config, signed by the admin: the FL sync interval."""
@@ -781,7 +789,8 @@ class Demo:
         return ["aggregator", "--keys", str(self.root / "keys" / "aggregator"),
                 "--bootstrap", bootstrap, "--quorum", str(len(self.retailers)),
                 "--deadline", str(max(5.0, self.settings.fl_interval_s)),
-                "--freshness", str(self.root / "aggregator-freshness.json")]
+                "--freshness", str(self.root / "aggregator-freshness.json"),
+                "--watchlist-state", str(self.root / "aggregator-watchlist.json")]
 
     def cdc_args(self, config: Path) -> list[str]:
         return ["cdc", "run", "--config", str(config)]

@@ -138,6 +138,8 @@ def test_key_stores_are_made_before_the_roles_start(compose: dict[str, Any]):
 
 @pytest.mark.integration
 def test_key_setup_script_makes_working_stores(tmp_path: Path):
+    from fl.watchlist import open_watch_key
+    from pqc.freshness import InMemoryFreshness
     from pqc.keys import load_keystore
 
     bin_dir = Path(sys.executable).parent
@@ -151,6 +153,9 @@ def test_key_setup_script_makes_working_stores(tmp_path: Path):
     assert {k.name for k in aggregator.registry} >= {"acme", "aggregator"}
     acme = load_keystore(tmp_path / "acme")
     assert {k.name for k in acme.registry} >= {"acme", "aggregator", "admin"}
+    # the watchlist's consortium key, sealed by the admin to the retailer alone
+    assert open_watch_key((tmp_path / "acme" / "watch-key.sealed").read_bytes(),
+                          acme.kem, acme.registry, InMemoryFreshness())
 
 
 def test_cdc_configs_of_the_compose_roles_are_valid(compose: dict[str, Any]):
