@@ -12,6 +12,7 @@ which works on both servers. The server needs ``binlog_format=ROW``,
 
 from __future__ import annotations
 
+import select
 import time
 import zlib
 from collections.abc import Iterator
@@ -90,6 +91,27 @@ class MySQLBinlogSource(Source):
     def pk_of(self, row: dict[str, Any]) -> str:
         keys = self._primary_key or []
         return "|".join(str(row.get(k)) for k in keys) if keys else ""
+
+    def ready(self) -> bool:
+        """More of the binlog has arrived: in the client's read buffer or the socket. The
+        reader then hands what it decodes over together: a shop's checkouts come in bursts,
+        and one pipe message (and one Kafka transaction) for a burst instead of one for its
+        first purchase and another for the rest saves both processes and the broker work."""
+        conn = getattr(self._stream, "_stream_connection", None)
+        sock, rfile = getattr(conn, "_sock", None), getattr(conn, "_rfile", None)
+        if sock is None or rfile is None:
+            return False
+        if select.select([sock], [], [], 0)[0]:
+            return True
+        # peek() reads the socket only when the buffer is empty: not blocking, it cannot wait
+        timeout = sock.gettimeout()
+        try:
+            sock.setblocking(False)
+            return bool(rfile.peek(1))
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(timeout)
 
     # --- positions ----------------------------------------------------------------------------
     @staticmethod

@@ -35,6 +35,7 @@ def test_other_tables_transactions_move_the_position_without_a_transaction_each(
     conn.close()
     end = source.current_position()
     seen: list[SourceTransaction] = []
+    ready: list[bool] = []
 
     def at_end(position: Position) -> bool:
         return (position["file"], position["pos"]) == (end["file"], end["pos"])
@@ -42,6 +43,7 @@ def test_other_tables_transactions_move_the_position_without_a_transaction_each(
     def read() -> None:
         for tx in source.run(start):
             seen.append(tx)
+            ready.append(source.ready())
             if at_end(tx.position):
                 source.stop()
 
@@ -58,3 +60,5 @@ def test_other_tables_transactions_move_the_position_without_a_transaction_each(
     # 100 transactions of the other table: one position a second while they stream in,
     # and the last one at the quiet stream's heartbeat
     assert 1 <= len(empty) <= 5, [tx.position for tx in empty]
+    # ready() while the written binlog streamed in, not once it was all read
+    assert ready[0] and not ready[-1], ready
