@@ -35,11 +35,12 @@ from cdc.source import Change, HistoryLost, Position, Source, SourceError, Sourc
 SNAPSHOT_CHUNK = 5000
 BINLOG_GONE_ERRORS = frozenset({1236})  # ER_MASTER_FATAL_ERROR_READING_BINLOG
 # A transaction with no change of the table (another table's or database's, when several
-# share the server: the demo's two MariaDB shops) only moves the position: one of those a
-# second is handed on (the pipeline checkpoints an idle source about that often anyway), the
-# rest are dropped, and the last is handed on at the next heartbeat if the stream goes quiet.
-# Handing every one on cost the reader and the pipeline as much as the table's own changes
-# when the other database was as busy.
+# share the server: the demo's two MariaDB shops) only moves the position: the first after
+# one of the table's own is handed on (the reader sends what it holds on seeing it), then one
+# a second (the pipeline checkpoints an idle source about that often anyway); the rest are
+# dropped, and the last is handed on at the next heartbeat if the stream goes quiet. Handing
+# every one on cost the reader and the pipeline as much as the table's own changes when the
+# other database was as busy.
 EMPTY_POSITION_EVERY_S = 1.0
 
 
@@ -224,6 +225,7 @@ class MySQLBinlogSource(Source):
         # table's, another database's) that was not handed on; see EMPTY_POSITION_EVERY_S
         skipped: Position | None = None
         empty_due = 0.0
+        after_change = False  # the last transaction handed on had changes
         try:
             for event in stream:
                 if self.stopping.is_set():
@@ -256,12 +258,15 @@ class MySQLBinlogSource(Source):
                     if gtid:
                         here["gtid"] = gtid
                     if not changes:
+                        # the first after one of ours goes on at once: it tells the reader
+                        # that what it holds is all there is for now (source_process)
                         now = time.monotonic()
-                        if now < empty_due:
+                        if not after_change and now < empty_due:
                             skipped = here
                             continue
                         empty_due = now + EMPTY_POSITION_EVERY_S
                     skipped = None
+                    after_change = bool(changes)
                     yield SourceTransaction(changes=changes, position=here)
         except pymysql.err.OperationalError as exc:
             if exc.args and exc.args[0] in BINLOG_GONE_ERRORS:
