@@ -265,7 +265,9 @@ def test_mariadb_orders_commit_each_purchase_as_its_own_transaction(
                                         user=CDC_USER.user, password=CDC_USER.password)
         cur = admin.cursor()
         cur.execute("SHOW MASTER STATUS")
-        log_file, position = cur.fetchone()[:2]  # type: ignore[index]
+        status = cur.fetchone()
+        assert status is not None
+        log_file, position = str(status[0]), str(status[1])  # type: ignore[index]
         rows = [row for _, row in zip(range(5), Demo(DemoSettings(root=Path("unused"))).rows(),
                                       strict=False)]
         orders.insert(rows)
