@@ -79,8 +79,12 @@ def run_source(config: dict[str, Any], checkpoint: Position | None, out: Any,
                 batch.append(encoded)
             changes += len(tx.changes)
             # one pipe message for what was read without waiting: pickling, the pipe and the
-            # parent's loop cost per message, and a change stream delivers ~200 at a time
-            if changes >= BATCH_MAX or len(batch) >= BATCH_MAX or not source.ready():
+            # parent's loop cost per message, and a change stream delivers ~200 at a time.
+            # A transaction without changes goes at once: a binlog source hands on another
+            # table's only after its own (MySQLBinlogSource), and while it reads past the rest
+            # of them, which can take until the table's next change, nothing would be sent
+            if (changes >= BATCH_MAX or len(batch) >= BATCH_MAX or not tx.changes
+                    or not source.ready()):
                 _send(out, batch[0] if len(batch) == 1 else batch)
                 batch, changes = [], 0
             if stop.is_set():

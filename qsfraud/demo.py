@@ -60,6 +60,7 @@ from qsfraud.stack.service import port_is_free
 from qsfraud.worker_process import worker_metrics, worker_ready
 
 ORDERS = "orders"
+INSERT_ORDER = f"INSERT INTO {ORDERS} VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
 ATTACK = "card_cross_retailer"
 FLAGGED = ("verify", "hold", "block")
 ACTIONS = ("allow", *FLAGGED)
@@ -121,7 +122,8 @@ class OrdersDatabase(ABC):
 
     @abstractmethod
     def insert(self, rows: list[dict[str, Any]]) -> None:
-        """Commit ``rows`` (generator rows) as one database transaction."""
+        """Commit each of ``rows`` (generator rows: purchases) as its own database
+        transaction, as a shop's checkouts do; returns when the last one is committed."""
 
     @abstractmethod
     def ids(self) -> set[str]:
@@ -183,7 +185,7 @@ class MariaDBOrders(OrdersDatabase):
 
         self.host, self.port, self.database = host, port, database
         self.conn = mysql.connector.connect(host=host, port=port, user=APP_USER.user,
-                                            password=APP_USER.password)
+                                            password=APP_USER.password, autocommit=True)
         cur = self.conn.cursor()
         cur.execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
         cur.execute(f"USE `{database}`")
@@ -201,20 +203,20 @@ class MariaDBOrders(OrdersDatabase):
             " store_id VARCHAR(32), terminal_id VARCHAR(32), coupon_code VARCHAR(32),"
             " item_count INT, address_mismatch TINYINT(1), attrs JSON)"
         )
-        self.conn.commit()
 
     def insert(self, rows: list[dict[str, Any]]) -> None:
+        # autocommit (set at connect): each INSERT is its own transaction (its own binlog
+        # GTID and XID); the statements travel together, one round trip for all of them
         cur = self.conn.cursor()
-        cur.executemany(
-            f"INSERT INTO {ORDERS} VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            [(r["tx_id"], r["customer_id"], r["payment_instrument"],
-              Decimal(str(r["amount"])).quantize(Decimal("0.01")), r["currency"],
-              _utc(r["occurred_at"]).replace(tzinfo=None), r["channel"], r["store_id"],
-              r["terminal_id"], r["coupon_code"], r["item_count"], int(r["address_mismatch"]),
-              json.dumps({"device": {"id": r["device_id"]}, "ip": r["ip"]}))
-             for r in rows],
-        )
-        self.conn.commit()
+        cur.execute(";".join([INSERT_ORDER] * len(rows)), [
+            value for r in rows for value in (
+                r["tx_id"], r["customer_id"], r["payment_instrument"],
+                Decimal(str(r["amount"])).quantize(Decimal("0.01")), r["currency"],
+                _utc(r["occurred_at"]).replace(tzinfo=None), r["channel"], r["store_id"],
+                r["terminal_id"], r["coupon_code"], r["item_count"], int(r["address_mismatch"]),
+                json.dumps({"device": {"id": r["device_id"]}, "ip": r["ip"]}))])
+        while cur.nextset():  # a result per statement, all read before the next command
+            pass
 
     def insert_hostile(self, prefix: str) -> dict[str, str]:
         now = datetime.now(UTC).replace(tzinfo=None)
@@ -225,20 +227,17 @@ class MariaDBOrders(OrdersDatabase):
         }
         cur = self.conn.cursor()
         cur.executemany(
-            f"INSERT INTO {ORDERS} VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            INSERT_ORDER,
             [(tx_id, "c-hostile", "card-hostile", amount, "USD", created, "web", None, None,
               None, 1, 0, json.dumps({"device": {"id": "dev-hostile"}, "ip": "10.0.0.1", **attrs}))
              for tx_id, (_, amount, created, attrs) in bad.items()],
         )
-        self.conn.commit()
         return {tx_id: what for tx_id, (what, *_) in bad.items()}
 
     def ids(self) -> set[str]:
         cur = self.conn.cursor()
         cur.execute(f"SELECT id FROM {ORDERS}")
-        ids = {str(row[0]) for row in cur.fetchall()}  # type: ignore[index]
-        self.conn.commit()  # ends the read view, or the next read would see this snapshot
-        return ids
+        return {str(row[0]) for row in cur.fetchall()}  # type: ignore[index]
 
     def cdc_config(self, retailer: str, bootstrap: str) -> str:
         source = f"""\
@@ -297,7 +296,7 @@ class MongoOrders(OrdersDatabase):
              "terminal_id": r["terminal_id"], "coupon": r["coupon_code"],
              "items": r["item_count"], "address_mismatch": bool(r["address_mismatch"])}
             for r in rows
-        ], ordered=True)
+        ], ordered=True)  # each document its own write: no multi-document transaction
 
     def ids(self) -> set[str]:
         return {str(d["_id"]) for d in self.coll.find({}, {"_id": 1})}

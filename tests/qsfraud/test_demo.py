@@ -247,3 +247,34 @@ def test_hostile_inputs_end_in_dead_letters_and_stop_no_process(headless: dict[s
     # sent 15 % into the writes, before the broker's restart: until then no role exited
     # but by the faults' SIGKILL (test_fault_run_loses_and_doubles_no_decision checks that)
     assert hostile["at_s"] < audit["faults"][-1]["at_s"], (hostile["at_s"], audit["faults"])
+
+
+@pytest.mark.integration
+def test_mariadb_orders_commit_each_purchase_as_its_own_transaction(
+        mariadb: Any, unique_name: str) -> None:
+    """The latency is measured from each purchase's COMMIT: one binlog transaction each."""
+    import mysql.connector
+
+    from qsfraud.demo import MariaDBOrders
+    from qsfraud.stack import CDC_USER
+
+    orders = MariaDBOrders(mariadb.host, mariadb.port, database=unique_name)
+    try:
+        orders.reset()
+        admin = mysql.connector.connect(host=mariadb.host, port=mariadb.port,  # binlog rights
+                                        user=CDC_USER.user, password=CDC_USER.password)
+        cur = admin.cursor()
+        cur.execute("SHOW MASTER STATUS")
+        status = cur.fetchone()
+        assert status is not None
+        log_file, position = str(status[0]), str(status[1])  # type: ignore[index]
+        rows = [row for _, row in zip(range(5), Demo(DemoSettings(root=Path("unused"))).rows(),
+                                      strict=False)]
+        orders.insert(rows)
+        assert orders.ids() == {r["tx_id"] for r in rows}
+        cur.execute(f"SHOW BINLOG EVENTS IN '{log_file}' FROM {position}")
+        events = [str(e[2]) for e in cur.fetchall()]  # type: ignore[index]
+        admin.close()
+        assert events.count("Xid") == 5 and events.count("Write_rows_v1") == 5, events
+    finally:
+        orders.close()
