@@ -493,19 +493,21 @@ class EntityExchange:
         """Apply the requests, write the state they changed, then answer."""
         replies = self.pipeline.apply_requests(requests)
         self.answered += len(requests)
-        await self.out.publish((self.changelog, self.pipeline.features.drain_encoded()))
-        await self.out.publish((self.fragments_topic, [
-            (partition, None, dumps({"v": 1, "kind": "entity-fragments", "f": answers}))
-            for partition, answers in replies.items()]))
+        await self._reply("entity-fragments", "f", replies)
 
     async def _apply_labels(self, requests: list[Any]) -> None:
         """Apply routed labels, write the state they changed, then acknowledge them."""
         acks = self.pipeline.apply_label_requests(requests)
         self.labels_applied += len(requests)
+        await self._reply("label-acks", "a", acks)
+
+    async def _reply(self, kind: str, name: str, by_partition: Mapping[int, Any]) -> None:
+        """Write the state the requests changed, then the replies to each asking partition:
+        the asker must never read a reply whose state is not durable yet."""
         await self.out.publish((self.changelog, self.pipeline.features.drain_encoded()))
         await self.out.publish((self.fragments_topic, [
-            (partition, None, dumps({"v": 1, "kind": "label-acks", "a": answers}))
-            for partition, answers in acks.items()]))
+            (partition, None, dumps({"v": 1, "kind": kind, name: answers}))
+            for partition, answers in by_partition.items()]))
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -191,6 +191,20 @@ def two_workers(kafka_bootstrap: str, retailer: str, worker_factory: Callable[..
     return first, second
 
 
+def feed_round(feeder: RoundFeeder, r: int, batch: list[dict],
+               workers: tuple[WorkerProcess, WorkerProcess], kill_second: bool) -> None:
+    """Produce round ``r`` and wait until it is decided; with ``kill_second``, kill -9 the
+    second worker while the round is in flight and start it again."""
+    first, second = workers
+    feeder.produce(batch)
+    if kill_second:
+        time.sleep(0.2)
+        second.kill()
+        second.start()
+    if not feeder.wait(batch, 90):
+        pytest.fail(f"round {r} undecided\n{first.log_tail(3000)}\n{second.log_tail(3000)}")
+
+
 def test_two_workers_on_four_partitions_give_the_features_of_one_pass_across_kill_9(
     kafka_bootstrap: str, unique_name: str, worker_factory: Callable[..., Any], kit: Any,
     tmp_path: Path,
@@ -204,14 +218,8 @@ def test_two_workers_on_four_partitions_give_the_features_of_one_pass_across_kil
     feeder = RoundFeeder(kafka_bootstrap, retailer, kit)
     try:
         for r, batch in enumerate(all_rounds):
-            feeder.produce(batch)
-            if r == 4:  # the answers of the owner may be applied, the asker's decisions not
-                time.sleep(0.2)
-                second.kill()
-                second.start()
-            if not feeder.wait(batch, 90):
-                pytest.fail(f"round {r} undecided\n{first.log_tail(3000)}\n"
-                            f"{second.log_tail(3000)}")
+            # at round 4 the answers of the owner may be applied, the asker's decisions not
+            feed_round(feeder, r, batch, (first, second), kill_second=r == 4)
         # both held partitions and answered the other's requests
         for worker in (first, second):
             answered = [line for line in worker.metrics().splitlines()
@@ -275,14 +283,8 @@ def test_two_workers_route_label_history_to_each_entitys_owner_across_kill_9(
     p = kit.producer(kafka_bootstrap)
     try:
         for r, batch in enumerate(all_rounds):
-            feeder.produce(batch)
-            if r == 3:  # mid-stream, with label history already routed to it
-                time.sleep(0.2)
-                second.kill()
-                second.start()
-            if not feeder.wait(batch, 90):
-                pytest.fail(f"round {r} undecided\n{first.log_tail(3000)}\n"
-                            f"{second.log_tail(3000)}")
+            # at round 3: mid-stream, with label history already routed to it
+            feed_round(feeder, r, batch, (first, second), kill_second=r == 3)
             before = learned((first, second))
             for tx, fraud in labels[r]:
                 p.produce(f"{retailer}.labels", key=tx["customer_id"], value=json.dumps(
