@@ -245,6 +245,9 @@ def run(args: argparse.Namespace, bootstrap: str, tmp: Path,
         cpu0 = {name: process_cpu_s(pid) for name, pid in pids.items() if pid}
         measured = asyncio.run(load(worker.port, args.rate, args.seconds, "score", rng,
                                     args.retailer))
+        if args.stamps_out:
+            with open(args.stamps_out, "w") as out:
+                out.writelines(json.dumps(s) + "\n" for s in measured["phases"])
         cpu_ms = {name: round((process_cpu_s(pids[name]) - used) * 1000
                               / max(1, measured["sent"]), 2) for name, used in cpu0.items()}
         produce_backlog(bootstrap, "idle", args.backlog, rng, args.retailer)
@@ -294,6 +297,9 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=20_000,
                         help="CDC transactions of each throughput backlog")
     parser.add_argument("--bootstrap", help="use this Kafka instead of an ephemeral one")
+    parser.add_argument("--stamps-out", metavar="FILE",
+                        help="write each measured request's stamps (epoch s) here, a JSON "
+                        "object a line: to see whether slow requests come together")
     parser.add_argument("--retailer", default=RETAILER,
                         help="retailer id (a fresh one on a reused Kafka: no state to restore)")
     args = parser.parse_args()
