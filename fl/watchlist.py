@@ -19,6 +19,10 @@ module carries the second, without a raw identifier leaving a retailer:
   ``{key: number of distinct retailers}``.
 * **Deciding** (:class:`fraud.decisions.Watchlist`): each retailer's decision step raises a
   transaction naming an entity listed by at least one *other* retailer to ``hold``.
+* **New devices** (optional): a retailer also reports each device the first time it sees it
+  (:class:`SeenDevices`); the aggregator lists those apart, for hours
+  (:data:`NEW_DEVICE_LIMITS`), and a retailer holds a row whose device is new there too and
+  that its own model scores at least a floor.
 
 What this reveals is in fl/README.md ("Cross-retailer watchlist").
 """
