@@ -476,6 +476,9 @@ def test_a_device_new_at_one_retailer_is_held_where_it_is_new_next(
     phone = entity_key(key, "device", "dev-fraud-new-555")
     assert globals_[0].new_devices[phone] == 1
     assert phone not in globals_[0].watchlist  # nobody held it: a new device, not a report
+    # the aggregator keeps the new-device union beside its watchlist state (for a restart)
+    kept = json.loads((tmp_path / "agg-watchlist.json.new-devices").read_text())
+    assert set(kept["entries"][phone]) == {federation.retailers[0].identity.name}
     text = fed.workers[1].metrics()
     assert gauge(text, "qsfraud_fl_watch_holds_total")[f'{{retailer="{b}"}}'] >= 1
 
