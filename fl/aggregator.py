@@ -45,7 +45,7 @@ from confluent_kafka import (
 from fl.client import GlobalModel, open_update, read_global_unverified_round, sign_global
 from fl.strategies import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 from fl.update import ModelUpdate, UpdateFormatError, Vectors
-from fl.watchlist import WatchlistUnion
+from fl.watchlist import NEW_DEVICE_LIMITS, WatchlistUnion
 from fraud.topics import FL_GLOBAL, FL_UPDATES
 from pqc.errors import (
     EnvelopeError,
@@ -140,6 +140,9 @@ class Round:
     opened_at: float | None = None
     watch: WatchlistUnion = field(default_factory=WatchlistUnion)
     """The union of the retailers' watchlist reports, carried from round to round."""
+    watch_new: WatchlistUnion = field(
+        default_factory=lambda: WatchlistUnion(NEW_DEVICE_LIMITS))
+    """The union of the retailers' new-device reports (listed a few hours), likewise."""
 
     def offer(self, update: ModelUpdate, now: float) -> None:
         """Accept ``update`` into this round or raise :class:`Refused`."""
@@ -181,6 +184,8 @@ class Round:
         for update in ordered:
             if update.watch:
                 self.watch.add(update.participant, update.watch, now)
+            if update.watch_new:
+                self.watch_new.add(update.participant, update.watch_new, now)
         current, aligned = _aligned(self.current, ordered)
         result = strategy.aggregate(self.number, current, aligned)
         return GlobalModel(
@@ -192,11 +197,13 @@ class Round:
             examples=sum(u.examples for u in ordered),
             parameters=result.parameters,
             watchlist=self.watch.published(now),
+            new_devices=self.watch_new.published(now),
         )
 
     def next(self, published: GlobalModel) -> Round:
         return Round(published.round + 1, published.version, published.parameters,
-                     self.quorum, self.deadline_s, watch=self.watch)
+                     self.quorum, self.deadline_s, watch=self.watch,
+                     watch_new=self.watch_new)
 
 
 class RoundFreshness:
@@ -248,6 +255,11 @@ class AggregatorSettings:
     """Where the watchlist union is kept across restarts (None: in memory only)."""
 
 
+def new_devices_path(watchlist_path: str) -> str:
+    """Where the union of new-device reports is kept, beside the watchlist's state file."""
+    return watchlist_path + ".new-devices"
+
+
 class Aggregator:
     """The Kafka loop: see the module docstring."""
 
@@ -262,6 +274,7 @@ class Aggregator:
                    else InMemoryFreshness())
         self._freshness = RoundFreshness(durable)
         self._watch = WatchlistUnion()
+        self._watch_new = WatchlistUnion(NEW_DEVICE_LIMITS)
         self._round: Round | None = None
         self._stopping = False
         self._last_metrics = time.monotonic()
@@ -311,11 +324,14 @@ class Aggregator:
             # saved before each publication's commit: re-read updates add their reports
             # again, which changes nothing (a report is a time per retailer and key)
             self._watch = WatchlistUnion.load(s.watchlist_path, self._watch.limits)
+            self._watch_new = WatchlistUnion.load(new_devices_path(s.watchlist_path),
+                                                  NEW_DEVICE_LIMITS)
         if last is None:
-            self._round = Round(1, None, {}, s.quorum, s.deadline_s, watch=self._watch)
+            self._round = Round(1, None, {}, s.quorum, s.deadline_s, watch=self._watch,
+                                watch_new=self._watch_new)
         else:
             self._round = Round(last.round + 1, last.version, last.parameters, s.quorum,
-                                s.deadline_s, watch=self._watch)
+                                s.deadline_s, watch=self._watch, watch_new=self._watch_new)
         self._freshness.discard()
         self._emit({"event": "leader", "round": self._round.number,
                     "parent_version": self._round.parent_version})
@@ -347,6 +363,7 @@ class Aggregator:
         published = self._round.close(self.strategy)
         if self.settings.watchlist_path:
             self._round.watch.save(self.settings.watchlist_path)
+            self._round.watch_new.save(new_devices_path(self.settings.watchlist_path))
         seq = time.time_ns()  # increases across restarts without any state
         blob = sign_global(published, self.keys.identity, seq)
         producer.begin_transaction()
@@ -360,7 +377,8 @@ class Aggregator:
                     "version": published.version, "parent_version": published.parent_version,
                     "contributors": list(published.contributors),
                     "strategy": published.strategy, "examples": published.examples,
-                    "watchlist": len(published.watchlist)})
+                    "watchlist": len(published.watchlist),
+                    "new_devices": len(published.new_devices)})
         self._round = self._round.next(published)
 
     def stop(self) -> None:

@@ -171,6 +171,9 @@ class GlobalModel:
     watchlist: Mapping[str, int] = field(default_factory=dict, repr=False)
     """Hashed entity -> retailers that reported it (:mod:`fl.watchlist`); on the wire only
     when not empty."""
+    new_devices: Mapping[str, int] = field(default_factory=dict, repr=False)
+    """Hashed device -> retailers that saw it for the first time lately (the new-device
+    reports); on the wire only when not empty, in the watchlist's form."""
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -184,6 +187,8 @@ class GlobalModel:
             "examples": self.examples,
             "parameters": {k: self.parameters[k].tolist() for k in sorted(self.parameters)},
             **({"watchlist": watchlist_to_wire(self.watchlist)} if self.watchlist else {}),
+            **({"new_devices": watchlist_to_wire(self.new_devices)} if self.new_devices
+               else {}),
         }
 
     @classmethod
@@ -204,14 +209,16 @@ class GlobalModel:
             raise UpdateFormatError("strategy", "must be a string")
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
             raise UpdateFormatError("examples", "must be an integer >= 0")
-        watchlist: dict[str, int] = {}
-        if wire.get("watchlist") is not None:
-            try:
-                watchlist = watchlist_from_wire(wire["watchlist"])
-            except WatchFormatError as error:
-                raise UpdateFormatError("watchlist", str(error)) from None
+        lists: dict[str, dict[str, int]] = {"watchlist": {}, "new_devices": {}}
+        for name in lists:
+            if wire.get(name) is not None:
+                try:
+                    lists[name] = watchlist_from_wire(wire[name])
+                except WatchFormatError as error:
+                    raise UpdateFormatError(name, str(error)) from None
         return cls(round_, version, parent, tuple(contributors), strategy, examples,
-                   as_vectors(wire.get("parameters"), "parameters"), watchlist)
+                   as_vectors(wire.get("parameters"), "parameters"), lists["watchlist"],
+                   lists["new_devices"])
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_wire(), separators=(",", ":")).encode()

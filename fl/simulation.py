@@ -44,7 +44,8 @@ from fl.client import (
     update_from_state,
 )
 from fl.update import ModelUpdate
-from fl.watchlist import SIGNALS, ReplaySettings, replay
+from fl.watchlist import SIGNALS, ReplaySettings, replay, replay_new_devices
+from fraud.decisions import NEW_DEVICE_MIN_SCORE
 from fraud.evaluation import DataError, ModeRunner, Options, Prepared, Step, run_streams
 from fraud.models import ModelParams, RiskModel, RiverModel
 from fraud.schema import WATCH_FIELDS
@@ -330,10 +331,16 @@ class WatchOutcome:
 
 
 def watch_outcome(scores: Sequence[float], hits: Sequence[int], labels: Sequence[bool],
-                  hold: float = 0.8, min_score: float = 0.0) -> WatchOutcome:
-    """Rows below ``hold`` that the watchlist raised (listed, score >= ``min_score``: the rule
-    of :class:`fraud.decisions.Watchlist`): frauds caught, legitimate rows held."""
-    raised = [min_score <= s < hold and h > 0 for s, h in zip(scores, hits, strict=True)]
+                  hold: float = 0.8, min_score: float = 0.0,
+                  new_hits: Sequence[int] | None = None,
+                  new_min_score: float = NEW_DEVICE_MIN_SCORE) -> WatchOutcome:
+    """Rows below ``hold`` that the watchlist raised (listed, score >= ``min_score``; or, with
+    ``new_hits`` from :func:`fl.watchlist.replay_new_devices`, a device new here and listed as
+    new elsewhere, score >= ``new_min_score``: the rules of
+    :class:`fraud.decisions.Watchlist`): frauds caught, legitimate rows held."""
+    news = new_hits if new_hits is not None else [0] * len(scores)
+    raised = [s < hold and ((h > 0 and s >= min_score) or (n > 0 and s >= new_min_score))
+              for s, h, n in zip(scores, hits, news, strict=True)]
     return WatchOutcome(
         sum(1 for r, y in zip(raised, labels, strict=True) if r and y),
         sum(1 for r, y in zip(raised, labels, strict=True) if r and not y),
@@ -394,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-at", type=float, default=None,
                         help="attack: report rows scoring at least this (default: the signal's "
                              "band)")
+    parser.add_argument("--new-devices", action="store_true",
+                        help="attack: also report devices new at a retailer and hold a row "
+                             "whose device is new here and listed as new elsewhere")
+    parser.add_argument("--new-min-score", type=float, default=NEW_DEVICE_MIN_SCORE,
+                        help="attack: ... if the own model scores it at least this")
     args = parser.parse_args(argv)
     data = load(args.data)
     entities = entity_rows(data)
@@ -419,13 +431,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        report_at=args.report_at)
                 hits = replay(data.times.tolist(), data.retailers, entities, scores["ours"],
                               data.labels.tolist(), watch, WATCH_KEY)
+                new_hits = replay_new_devices(
+                    data.times.tolist(), data.retailers, entities, WATCH_KEY,
+                    exchange_every_s=args.exchange_every) if args.new_devices else None
                 outcome = watch_outcome(scores["ours"], hits, data.labels.tolist(),
-                                        min_score=args.watch_min_score)
+                                        min_score=args.watch_min_score, new_hits=new_hits,
+                                        new_min_score=args.new_min_score)
                 attack = cross_retailer_attack(rows, outcome.scores)
                 print(json.dumps({"mode": f"{mode}+watchlist", "signal": signal,
                                   "exchange_every_s": args.exchange_every,
                                   "min_score": args.watch_min_score,
                                   "report_at": args.report_at,
+                                  "new_devices": args.new_devices,
+                                  "new_min_score": args.new_min_score,
                                   "ap": _table(summarize(data, outcome.scores)),
                                   "attack": _attack_dict(attack),
                                   "raised_fraud": outcome.raised_fraud,

@@ -164,6 +164,9 @@ class ModelUpdate:
     watch: tuple[str, ...] = ()
     """Keyed hashes of the entities this participant held since its last update
     (:mod:`fl.watchlist`); on the wire only when there are some."""
+    watch_new: tuple[str, ...] = ()
+    """Keyed hashes of the devices this participant saw for the first time since its last
+    update (``--fl-watch-new-devices``); on the wire only when there are some."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.participant, str) or not self.participant:
@@ -183,6 +186,7 @@ class ModelUpdate:
             and layout_of(self.vectors) == layout_of(other.vectors)
             and all(np.array_equal(v, other.vectors[k]) for k, v in self.vectors.items())
             and self.watch == other.watch
+            and self.watch_new == other.watch_new
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
@@ -196,6 +200,7 @@ class ModelUpdate:
             "examples": self.examples,
             "vectors": {name: self.vectors[name].tolist() for name in sorted(self.vectors)},
             **({"watch": list(self.watch)} if self.watch else {}),
+            **({"watch_new": list(self.watch_new)} if self.watch_new else {}),
         }
 
     @classmethod
@@ -215,4 +220,5 @@ class ModelUpdate:
             ):
                 raise UpdateFormatError(f"vectors.{name}", "must hold finite numbers only")
         return cls(participant, round_, examples, as_vectors(vectors),
-                   hashed_keys(wire.get("watch", []), "watch"))
+                   hashed_keys(wire.get("watch", []), "watch"),
+                   hashed_keys(wire.get("watch_new", []), "watch_new"))

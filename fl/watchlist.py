@@ -19,6 +19,10 @@ module carries the second, without a raw identifier leaving a retailer:
   ``{key: number of distinct retailers}``.
 * **Deciding** (:class:`fraud.decisions.Watchlist`): each retailer's decision step raises a
   transaction naming an entity listed by at least one *other* retailer to ``hold``.
+* **New devices** (optional): a retailer also reports each device the first time it sees it
+  (:class:`SeenDevices`); the aggregator lists those apart, for hours
+  (:data:`NEW_DEVICE_LIMITS`), and a retailer holds a row whose device is new there too and
+  that its own model scores at least a floor.
 
 What this reveals is in fl/README.md ("Cross-retailer watchlist").
 """
@@ -331,6 +335,66 @@ class Reporter:
         return out
 
 
+NEW_DEVICE_LIMITS: Final = UnionLimits(horizon_s=6 * 3600.0, max_per_report=1000,
+                                       max_per_retailer=20_000)
+"""The aggregator's union of new-device reports: listed 6 hours after the last report (the
+generator's campaigns reach their next retailer 0.5 to 6 hours later), with caps sized for a
+retailer's new devices in one sync interval rather than its holds."""
+NEW_HERE_S: Final = 3600.0
+"""A device is new *here* if this retailer first saw it at most this long ago (a campaign's
+rows at one retailer come minutes apart)."""
+
+
+@dataclass(slots=True)
+class SeenDevices:
+    """The devices a retailer has seen, as keyed hashes with their first sighting: which ones
+    are new here (reported as new, and one half of the new-device rule). Bounded: past
+    ``max_entries`` the device seen least recently is forgotten (seen again, it is new again).
+    """
+
+    max_entries: int = 200_000
+    first_seen: dict[str, float] = field(default_factory=dict)
+    changed: bool = False
+
+    def sight(self, key: str, now: float) -> float:
+        """Records a sighting of ``key`` at ``now``; its age here in seconds (0: first seen
+        now).
+
+        >>> seen = SeenDevices()
+        >>> seen.sight("d1", 100.0), seen.sight("d1", 160.0)
+        (0.0, 60.0)
+        """
+        first = self.first_seen.pop(key, None)
+        if first is None:
+            first = now
+            self.changed = True
+            while len(self.first_seen) >= self.max_entries:
+                del self.first_seen[next(iter(self.first_seen))]
+        self.first_seen[key] = first  # re-inserted: the order is that of the last sighting
+        return now - first
+
+    def to_state(self) -> dict[str, Any]:
+        """As plain data, least recently seen first (a restarted worker must not take every
+        device it knew for a new one)."""
+        return {"v": STATE_VERSION, "seen": [[k, t] for k, t in self.first_seen.items()]}
+
+    def restore(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or state.get("v") != STATE_VERSION or not isinstance(
+                state.get("seen"), list):
+            raise WatchFormatError(f"seen devices: expected version {STATE_VERSION}")
+        pairs = state["seen"]
+        if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], int | float)
+                   and not isinstance(p[1], bool) and math.isfinite(p[1]) for p in pairs):
+            raise WatchFormatError("seen devices: expected [[key, time], ...]")
+        check_keys([p[0] for p in pairs], "seen devices")
+        for k, t in pairs[-self.max_entries:]:
+            self.first_seen[k] = float(t)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        _write_atomically(Path(path), self.to_state())
+        self.changed = False
+
+
 # ----------------------------------------------------------------------------- simulation
 
 Signal = Literal["hold", "verify", "block", "review", "label"]
@@ -419,4 +483,51 @@ def replay(times: Sequence[float], retailers: Sequence[str],
             heapq.heappush(delayed, (t + settings.review_s, i))
         elif settings.signal == "label" and labels[i]:
             heapq.heappush(delayed, (t + settings.label_delay_s, i))
+    return hits
+
+
+def replay_new_devices(times: Sequence[float], retailers: Sequence[str],
+                       entities: Sequence[Mapping[str, Any]], key: bytes, *,
+                       exchange_every_s: float = 300.0,
+                       limits: UnionLimits = NEW_DEVICE_LIMITS,
+                       new_here_s: float = NEW_HERE_S) -> list[int]:
+    """For each row in time order, how many *other* retailers had listed its device as new
+    when it arrived (each reports a device the first time it sees it; the union lists it
+    ``limits.horizon_s``), if the device is new here too (first seen here at most
+    ``new_here_s`` ago); else 0. Reports are exchanged every ``exchange_every_s`` seconds.
+    With :func:`replay`'s counts, this is what the worker's ``--fl-watch-new-devices`` does.
+    """
+    if not len(times) == len(retailers) == len(entities):
+        raise ValueError("times, retailers and entities differ in length")
+    key_of = hasher(key)
+    union = WatchlistUnion(limits)
+    reporters: dict[str, Reporter] = {}
+    seen: dict[str, SeenDevices] = {}
+    views: dict[str, dict[str, int]] = {}
+    next_exchange = None
+    hits: list[int] = []
+    field_name = WATCH_FIELDS["device"]
+    for i, (t, name) in enumerate(zip(times, retailers, strict=True)):
+        if next_exchange is None:
+            next_exchange = t + exchange_every_s
+        if t >= next_exchange:
+            for who, reporter in reporters.items():
+                union.add(who, reporter.take(t), t)
+            listed = union.published(t)
+            views = {who: r.others(listed, t) for who, r in reporters.items()}
+            while next_exchange <= t:
+                next_exchange += exchange_every_s
+        if name not in reporters:
+            reporters[name] = Reporter(key_of, horizon_s=limits.horizon_s, kinds=("device",))
+            seen[name] = SeenDevices(max_entries=10**9)
+        value = entities[i].get(field_name)
+        count = 0
+        if value:
+            k = key_of("device", str(value))
+            age = seen[name].sight(k, t)
+            if age == 0.0:
+                reporters[name].pending[k] = None
+            if age <= new_here_s:
+                count = views.get(name, {}).get(k, 0)
+        hits.append(count)
     return hits

@@ -342,6 +342,10 @@ def decide(
 
 
 
+NEW_DEVICE_MIN_SCORE: Final = 0.2
+"""The own score a row needs before the new-device rule of :class:`Watchlist` holds it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Watchlist:
     """Instruments and devices other retailers reported, known only as keyed hashes.
@@ -354,6 +358,11 @@ class Watchlist:
     model also finds somewhat suspicious (fewer false holds where a listed card's owner keeps
     buying, and fewer attacks caught: fl/README.md, "Cross-retailer watchlist").
 
+    ``new_devices`` maps hashed devices to how many other retailers saw them for the first
+    time lately: a transaction whose device is new here too (the caller says so:
+    ``new_here``) and that the own model scores at least ``new_min_score`` is raised as well
+    (two signals and a score: a new device alone is an ordinary customer's new phone).
+
     >>> key_of = lambda kind, value: f"{kind}/{value}"
     >>> watch = Watchlist({"instrument/pi-9": 2}, key_of)
     >>> tx = {"tx_id": "t1", "retailer_id": "acme", "payment_instrument": "pi-9"}
@@ -363,19 +372,29 @@ class Watchlist:
     >>> watch.escalate(decide({**tx, "payment_instrument": "pi-1"}, 0.1, PolicyConfig()),
     ...                tx | {"payment_instrument": "pi-1"}).action
     'allow'
+    >>> new = Watchlist({}, key_of, new_devices={"device/d-7": 1})
+    >>> tx = {"tx_id": "t2", "retailer_id": "acme", "device_id": "d-7"}
+    >>> new.escalate(decide(tx, 0.3, PolicyConfig()), tx, new_here=True).reasons
+    ('watchlist:device new at 1 other retailer',)
+    >>> new.escalate(decide(tx, 0.3, PolicyConfig()), tx).action  # known here: no
+    'allow'
     """
 
     reported: Mapping[str, int]
     key_of: Callable[[str, str], str]
     action: str = "hold"
     min_score: float = 0.0
+    new_devices: Mapping[str, int] = field(default_factory=dict)
+    new_min_score: float = NEW_DEVICE_MIN_SCORE
 
     def __post_init__(self) -> None:
         if self.action not in ("verify", "hold", "block"):
             raise ValueError(f"watchlist action must be verify, hold or block, got "
                              f"{self.action!r}")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ValueError(f"watchlist min_score must be in [0, 1], got {self.min_score!r}")
+        for name in ("min_score", "new_min_score"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"watchlist {name} must be in [0, 1], got {value!r}")
 
     def hit(self, tx: Transaction | Mapping[str, Any]) -> tuple[str, int] | None:
         """``(kind, retailers)`` of ``tx``'s most-reported listed entity, or None."""
@@ -390,19 +409,32 @@ class Watchlist:
                     best = (kind, count)
         return best
 
-    def escalate(self, decision: Decision, tx: Transaction | Mapping[str, Any]) -> Decision:
-        """``decision`` raised to ``action`` if ``tx`` names a listed entity; its reason says
-        which kind and how many retailers reported it."""
+    def new_device_hit(self, tx: Transaction | Mapping[str, Any]) -> int:
+        """How many other retailers listed ``tx``'s device as new (0: none)."""
+        value = _field(tx, WATCH_FIELDS["device"]) if self.new_devices else None
+        return self.new_devices.get(self.key_of("device", str(value)), 0) if value else 0
+
+    def escalate(self, decision: Decision, tx: Transaction | Mapping[str, Any], *,
+                 new_here: bool = False) -> Decision:
+        """``decision`` raised to ``action`` if ``tx`` names a listed entity (or, when
+        ``new_here``, a device listed as new elsewhere); its reason says which kind and how
+        many retailers reported it."""
         if (_SEVERITY[decision.action] >= _SEVERITY[self.action]
-                or decision.score < self.min_score
                 or any(r.startswith("allowlist:") for r in decision.reasons)):
             return decision
-        found = self.hit(tx)
-        if found is None:
+        found = self.hit(tx) if decision.score >= self.min_score else None
+        if found is not None:
+            kind, count = found
+            what = f"{kind} reported by"
+        elif new_here and decision.score >= self.new_min_score:
+            count = self.new_device_hit(tx)
+            if count == 0:
+                return decision
+            what = "device new at"
+        else:
             return decision
-        kind, count = found
         plural = "" if count == 1 else "s"
-        reason = f"watchlist:{kind} reported by {count} other retailer{plural}"
+        reason = f"watchlist:{what} {count} other retailer{plural}"
         return dataclasses.replace(decision, action=self.action,
                                    reasons=(reason, *decision.reasons))
 

@@ -52,8 +52,17 @@ from fl.client import (
     update_from_state,
 )
 from fl.update import ModelUpdate, UpdateFormatError
-from fl.watchlist import Reporter, UnionLimits, WatchFormatError, hasher, open_watch_key
-from fraud.decisions import Decision, Watchlist
+from fl.watchlist import (
+    NEW_DEVICE_LIMITS,
+    NEW_HERE_S,
+    Reporter,
+    SeenDevices,
+    UnionLimits,
+    WatchFormatError,
+    hasher,
+    open_watch_key,
+)
+from fraud.decisions import NEW_DEVICE_MIN_SCORE, Decision, Watchlist
 from fraud.models import RiskModel, RiverModel
 from fraud.schema import WATCH_FIELDS, Transaction
 from pqc.errors import (
@@ -84,6 +93,10 @@ SEQUENCE_FILE: Final = "fl-sequence.json"
 WATCH_KEY_FILE: Final = "watch-key.sealed"
 """The sealed consortium key looked for in the retailer's key store without --fl-watch-key."""
 WATCH_OWN_FILE: Final = "fl-watch-own.json"
+WATCH_NEW_OWN_FILE: Final = "fl-watch-new-own.json"
+WATCH_SEEN_FILE: Final = "fl-watch-devices.json"
+"""Beside the own reports: with ``--fl-watch-new-devices``, the devices seen here (hashed)
+and the new-device reports sent."""
 WATCH_REPORTS: Final = ("hold", "verify")
 """What a retailer reports: its holds and blocks, or also what it sent to step-up (verify)."""
 _SEVERITY: Final = {"allow": 0, "verify": 1, "hold": 2, "block": 3}
@@ -159,7 +172,8 @@ class WatchClient:
     called inside the decide step, the rest between batches)."""
 
     def __init__(self, key: bytes, own_path: Path, metrics: WorkerMetrics,
-                 min_score: float = 0.0, report: str = "hold") -> None:
+                 min_score: float = 0.0, report: str = "hold", new_devices: bool = False,
+                 new_min_score: float = NEW_DEVICE_MIN_SCORE) -> None:
         if report not in WATCH_REPORTS:
             raise ValueError(f"report: one of {', '.join(WATCH_REPORTS)}, got {report!r}")
         self.report_from = _SEVERITY[report]
@@ -171,12 +185,27 @@ class WatchClient:
         self.watchlist: Watchlist | None = None
         self.listed_at = 0.0
         self._sending: list[str] = []
-        if own_path.exists():
-            try:
-                self.reporter.restore_own(json.loads(own_path.read_text(encoding="utf-8")))
-            except (OSError, ValueError) as exc:  # then own reports may count as others'
-                log.warning("FL watchlist: own reports not restored from %s: %s", own_path,
-                            exc)
+        self.new_devices = new_devices
+        """Report devices new here; hold a row whose device is new here and listed as new
+        by another retailer, scoring at least ``new_min_score``."""
+        self.new_min_score = new_min_score
+        self.seen = SeenDevices()
+        self.new_reporter = Reporter(self.key_of, horizon_s=NEW_DEVICE_LIMITS.horizon_s,
+                                     kinds=("device",))
+        self.seen_path = own_path.with_name(WATCH_SEEN_FILE)
+        self.new_own_path = own_path.with_name(WATCH_NEW_OWN_FILE)
+        self._sending_new: list[str] = []
+        restores: list[tuple[Path, Callable[[Any], None]]] = [
+            (own_path, self.reporter.restore_own)]
+        if new_devices:
+            restores += [(self.seen_path, self.seen.restore),
+                         (self.new_own_path, self.new_reporter.restore_own)]
+        for path, restore in restores:
+            if path.exists():
+                try:
+                    restore(json.loads(path.read_text(encoding="utf-8")))
+                except (OSError, ValueError) as exc:  # then own reports may count as others'
+                    log.warning("FL watchlist: state not restored from %s: %s", path, exc)
 
     def after_decide(self, tx: Transaction, decision: Decision) -> Decision:
         """The pipeline's hook: a decision of this retailer's own (model or rules) at or above
@@ -184,19 +213,30 @@ class WatchClient:
         entry alive by itself); a decision below ``hold`` is raised if ``tx`` names a
         listed entity."""
         action = decision.action
+        now = time.time()
         if _SEVERITY[action] >= self.report_from:
             pending = self.reporter.pending
             self.reporter.report({name: getattr(tx, name) for name in WATCH_FIELDS.values()},
-                                 time.time())
+                                 now)
             while len(pending) > WATCH_PENDING_MAX:
                 del pending[next(iter(pending))]
+        new_here = False
+        if self.new_devices and tx.device_id:
+            device = self.key_of("device", tx.device_id)
+            age = self.seen.sight(device, now)
+            if age == 0.0:
+                pending = self.new_reporter.pending
+                pending[device] = None
+                while len(pending) > NEW_DEVICE_LIMITS.max_per_report:
+                    del pending[next(iter(pending))]
+            new_here = age <= NEW_HERE_S
         watch = self.watchlist
         if watch is None or action in ("hold", "block"):
             return decision
-        if time.time() - self.listed_at > self.reporter.horizon_s:
+        if now - self.listed_at > self.reporter.horizon_s:
             self.watchlist = None  # no global model for a day: its entries have expired
             return decision
-        raised = watch.escalate(decision, tx)
+        raised = watch.escalate(decision, tx, new_here=new_here)
         if raised is not decision:
             self.metrics.count("qsfraud_fl_watch_holds_total")
         return raised
@@ -205,25 +245,47 @@ class WatchClient:
         """Takes the watchlist of a verified global model (other retailers' reports only)."""
         now = time.time() if now is None else now
         others = self.reporter.others(global_model.watchlist, now)
-        self.watchlist = Watchlist(others, self.key_of, min_score=self.min_score) if others \
-            else None
+        new = (self.new_reporter.others(global_model.new_devices, now) if self.new_devices
+               else {})
+        self.watchlist = Watchlist(others, self.key_of, min_score=self.min_score,
+                                   new_devices=new, new_min_score=self.new_min_score) \
+            if others or new else None
         self.listed_at = now
         self.metrics.gauge("qsfraud_fl_watchlist_entries", len(others))
+        if self.new_devices:
+            self.metrics.gauge("qsfraud_fl_watch_new_devices", len(new))
 
-    def to_send(self) -> tuple[str, ...]:
-        """The reports for the update being sealed (still pending until :meth:`sent`)."""
+    def pending(self) -> bool:
+        """Whether there are reports to send."""
+        return bool(self.reporter.pending or self.new_reporter.pending)
+
+    def to_send(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The reports for the update being sealed: held entities and new devices (still
+        pending until :meth:`sent`)."""
         self._sending = list(self.reporter.pending)
-        return tuple(self._sending)
+        self._sending_new = list(self.new_reporter.pending)
+        return tuple(self._sending), tuple(self._sending_new)
 
     def sent(self, now: float | None = None) -> None:
-        self.reporter.sent(self._sending, time.time() if now is None else now)
+        now = time.time() if now is None else now
+        self.reporter.sent(self._sending, now)
+        self.new_reporter.sent(self._sending_new, now)
+        saves: list[tuple[Callable[[Path], None], Path]] = []
         if self._sending:
             self.metrics.count("qsfraud_fl_watch_reported_total", len(self._sending))
+            saves.append((self.reporter.save_own, self.own_path))
+        if self._sending_new:
+            self.metrics.count("qsfraud_fl_watch_new_reported_total", len(self._sending_new))
+            saves.append((self.new_reporter.save_own, self.new_own_path))
+        if self.seen.changed:
+            saves.append((self.seen.save, self.seen_path))
+        for save, path in saves:
             try:
-                self.reporter.save_own(self.own_path)
+                save(path)
             except OSError as exc:
-                log.warning("FL watchlist: own reports not saved: %s", exc)
+                log.warning("FL watchlist: %s not saved: %s", path.name, exc)
         self._sending = []
+        self._sending_new = []
 
 
 def refusal_reason(error: Exception) -> str:
@@ -282,7 +344,7 @@ class FlClient:
         now = time.monotonic() if now is None else now
         if not self.ready:
             return False
-        if self.labels_since_sent == 0 and not (self.watch and self.watch.reporter.pending):
+        if self.labels_since_sent == 0 and not (self.watch and self.watch.pending()):
             return False  # reports alone are sent too (with 0 examples: no weight)
         if self.sent_round is not None and (self.global_round or 0) < self.sent_round:
             return False  # one update per round: a second would be refused as a duplicate
@@ -319,7 +381,8 @@ class FlClient:
                         type(model).__name__)
             return None
         if self.watch is not None:
-            update = dataclasses.replace(update, watch=self.watch.to_send())
+            held, new = self.watch.to_send()
+            update = dataclasses.replace(update, watch=held, watch_new=new)
         sequence = self._next_sequence()
         return round_, seal_update(update, self.keys.identity.identity, self.keys.aggregator_kem,
                                    sequence)
@@ -479,10 +542,14 @@ def start_client(settings: WorkerSettings, pipeline: Any, metrics: WorkerMetrics
     watch_key = load_watch_key(settings, keys)
     if watch_key is not None:
         client.watch = WatchClient(watch_key, state_dir / WATCH_OWN_FILE, metrics,
-                                   settings.fl_watch_min_score, settings.fl_watch_report)
+                                   settings.fl_watch_min_score, settings.fl_watch_report,
+                                   settings.fl_watch_new_devices,
+                                   settings.fl_watch_new_min_score)
         pipeline.after_decide = client.watch.after_decide
-        log.info("FL watchlist on (reports: %s; holds listed rows scoring >= %.2f)",
-                 settings.fl_watch_report, settings.fl_watch_min_score)
+        log.info("FL watchlist on (reports: %s%s; holds listed rows scoring >= %.2f)",
+                 settings.fl_watch_report,
+                 " and new devices" if settings.fl_watch_new_devices else "",
+                 settings.fl_watch_min_score)
 
     def deliver(global_model: GlobalModel) -> None:
         submit("fl.global", partial(client.fold, pipeline, global_model))

@@ -93,6 +93,11 @@ class WorkerSettings:
     fl_watch_report: str = "hold"
     """What the retailer reports: ``hold`` (its holds and blocks) or ``verify`` (also what it
     sent to step-up)."""
+    fl_watch_new_devices: bool = False
+    """Also report devices seen here for the first time, and hold a transaction whose device
+    is new here and was new at another retailer lately (fl/README.md, "New devices")."""
+    fl_watch_new_min_score: float = 0.2
+    """... if the own model scores it at least this (``fraud.decisions.NEW_DEVICE_MIN_SCORE``)."""
     api_tokens: Path | None = None
     """The HTTP API's tokens file (SHA-256 digests per retailer; :mod:`streams.api`); without
     one every API request but ``/health`` is refused (401)."""
@@ -127,6 +132,8 @@ class WorkerSettings:
             raise ValueError("--fl-watch-key needs federated learning (--fl-identity ...)")
         if not 0.0 <= self.fl_watch_min_score <= 1.0:
             raise ValueError("fl_watch_min_score must be within 0..1")
+        if not 0.0 <= self.fl_watch_new_min_score <= 1.0:
+            raise ValueError("fl_watch_new_min_score must be within 0..1")
         if self.fl_watch_report not in ("hold", "verify"):
             raise ValueError("fl_watch_report: hold or verify")
         longest_window = max(seconds for seconds, _ in WINDOWS)

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             fl_watch_key=Path(args.fl_watch_key) if args.fl_watch_key else None,
             fl_watch_min_score=args.fl_watch_min_score,
             fl_watch_report=args.fl_watch_report,
+            fl_watch_new_devices=args.fl_watch_new_devices,
+            fl_watch_new_min_score=args.fl_watch_new_min_score,
             api_tokens=Path(args.api_tokens) if args.api_tokens else None,
             api_cert=Path(args.api_cert) if args.api_cert else None,
             api_key=Path(args.api_key) if args.api_key else None,
@@ -161,6 +163,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     default=env("QSFRAUD_FL_WATCH_REPORT", "hold"),
                     help="report the instrument and device of rows this retailer held or "
                          "blocked (hold, default) or also sent to step-up (verify)")
+    fl.add_argument("--fl-watch-new-devices", action="store_true",
+                    default=env("QSFRAUD_FL_WATCH_NEW_DEVICES", "") == "1",
+                    help="also report devices seen here for the first time, and hold a "
+                         "transaction whose device is new here and was new at another retailer "
+                         "in the last hours (fl/README.md, 'New devices')")
+    fl.add_argument("--fl-watch-new-min-score", type=float, metavar="S",
+                    default=float(env("QSFRAUD_FL_WATCH_NEW_MIN_SCORE", "0.2")),
+                    help="... if the own model scores it at least S (default 0.2)")
     p.add_argument("--api-tokens", default=env("QSFRAUD_API_TOKENS"), metavar="FILE",
                    help="the HTTP API's tokens: SHA-256 digests per retailer, re-read when the "
                         "file changes (docs/api/README.md); without it the API refuses every "

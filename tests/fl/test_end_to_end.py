@@ -418,3 +418,69 @@ def test_a_card_one_retailer_held_is_held_at_the_next_and_the_union_survives_a_r
 
     payloads = audit_privacy(fed, federation, kafka_bootstrap, globals_, rounds=2)
     assert any(card in p for p in payloads)  # the hash travels, the card never does
+
+
+def test_a_device_new_at_one_retailer_is_held_where_it_is_new_next(
+    make_federated: Callable[..., Federated], federation: Federation, kafka_bootstrap: str,
+    tmp_path: Path
+) -> None:
+    key = new_key()
+    sealed = []
+    for i, store in enumerate(federation.retailers):
+        path = tmp_path / f"watch-key-{i}.sealed"
+        path.write_bytes(seal_watch_key(key, federation.admin.identity, store.registry
+                                        .current_kem_key(store.identity.name), 200 + i))
+        # min score 0: the model's score of one row is not the point here (the rule's
+        # threshold is tests/streams/test_fl_sync.py's)
+        sealed.append(["--fl-watch-key", str(path), "--fl-watch-new-devices",
+                       "--fl-watch-new-min-score", "0"])
+    fed = make_federated("--trust", str(federation.admin.path / "registry.json"),
+                         per_worker=sealed)
+    agg = fed.start_aggregator(3, "--watchlist-state", str(tmp_path / "agg-watchlist.json"))
+    for worker in fed.workers:
+        worker.start(wait=False)
+    for worker in fed.workers:
+        worker.wait_ready(120)
+
+    a, b = fed.retailers[0], fed.retailers[1]
+    first = {**transaction(a, 9000), "tx_id": f"{a}-phone-1", "amount": 31.37,
+             "payment_instrument": "card-stolen-555", "device_id": "dev-fraud-new-555"}
+    fed.inputs.append(first)
+    produce(kafka_bootstrap, f"{a}.transactions", [(first["customer_id"], first)])
+    decision_of(kafka_bootstrap, a, first["tx_id"])  # new at A: reported with A's update
+    for i in range(3):
+        fed.feed(i)
+    agg.wait_for(lambda ev: len(published(ev)) >= 1, timeout=90)
+    for i in range(3):
+        fed.wait_round(i, 1)
+
+    at_b = {**transaction(b, 9001), "tx_id": f"{b}-phone-2", "amount": 23.57,
+            "payment_instrument": "card-stolen-556", "device_id": "dev-fraud-new-555"}
+    fed.inputs.append(at_b)
+    produce(kafka_bootstrap, f"{b}.transactions", [(at_b["customer_id"], at_b)])
+    decision = decision_of(kafka_bootstrap, b, at_b["tx_id"])
+    assert decision["action"] == "hold", decision
+    assert decision["reasons"][0] == "watchlist:device new at 1 other retailer"
+    # at A the device is new too, but only A listed it: its own report is not another's
+    again = {**transaction(a, 9002), "tx_id": f"{a}-phone-3", "amount": 21.13,
+             "payment_instrument": "card-stolen-557", "device_id": "dev-fraud-new-555"}
+    fed.inputs.append(again)
+    produce(kafka_bootstrap, f"{a}.transactions", [(again["customer_id"], again)])
+    assert not any(r.startswith("watchlist:") for r in
+                   decision_of(kafka_bootstrap, a, again["tx_id"])["reasons"])
+
+    registry = federation.retailers[0].registry
+    globals_ = [open_global(blob, registry, InMemoryFreshness()) for blob in every_record(
+        kafka_bootstrap, fed.topics.globals) if blob]
+    assert [g.round for g in globals_] == [1]
+    phone = entity_key(key, "device", "dev-fraud-new-555")
+    assert globals_[0].new_devices[phone] == 1
+    assert phone not in globals_[0].watchlist  # nobody held it: a new device, not a report
+    # the aggregator keeps the new-device union beside its watchlist state (for a restart)
+    kept = json.loads((tmp_path / "agg-watchlist.json.new-devices").read_text())
+    assert set(kept["entries"][phone]) == {federation.retailers[0].identity.name}
+    text = fed.workers[1].metrics()
+    assert gauge(text, "qsfraud_fl_watch_holds_total")[f'{{retailer="{b}"}}'] >= 1
+
+    payloads = audit_privacy(fed, federation, kafka_bootstrap, globals_, rounds=1)
+    assert any(phone in p for p in payloads)  # the hash travels, the device never does

@@ -17,8 +17,10 @@ from fl.client import GlobalModel
 from fl.update import ModelUpdate, UpdateFormatError
 from fl.watchlist import (
     HASH_HEX,
+    NEW_DEVICE_LIMITS,
     ReplaySettings,
     Reporter,
+    SeenDevices,
     UnionLimits,
     WatchFormatError,
     WatchlistUnion,
@@ -27,6 +29,7 @@ from fl.watchlist import (
     new_key,
     open_watch_key,
     replay,
+    replay_new_devices,
     seal_watch_key,
     watchlist_from_wire,
     watchlist_to_wire,
@@ -179,6 +182,67 @@ def test_the_decision_rule_holds_what_the_replay_lists() -> None:
     assert decision.reasons[0] == "watchlist:instrument reported by 2 other retailers"
 
 
+def test_replay_lists_a_device_new_at_one_retailer_while_it_is_new_at_the_next() -> None:
+    h = 3600.0
+    spec = [
+        (-2 * h, "a", "known"), (-2 * h, "b", "known"),  # both have known it for hours
+        (10.0, "a", "fraud-phone"),       # new at a: reported at the next exchange (300 s)
+        (100.0, "b", "fraud-phone"),      # before it: not listed yet
+        (400.0, "b", "fraud-phone"),      # new at b (300 s ago) and listed as new at a
+        (400.0, "a", "fraud-phone"),      # new at a, and b reported it new (at 100 s)
+        (10.0, "a", "solo"), (400.0, "a", "solo"),  # a's own report: not "other"
+        (500.0, "b", "known"),            # known here: never
+        (1000.0, "a", "phone-2"),         # new at a, ...
+        (1000.0 + 2 * h, "b", "phone-2"), # ... new at b too, but a's report has expired
+        (2000.0, "c", "old-here"), (2000.0, "a", "old-here"),
+        (2000.0 + 2 * h, "c", "old-here"),  # listed (a: new 2 h ago, within 6 h) but c has
+    ]                                       # known it for 2 h, longer than new_here_s
+    times = [t for t, _, _ in spec]
+    retailers = [r for _, r, _ in spec]
+    entities = [{"payment_instrument": None, "device_id": d} for *_, d in spec]
+    order = sorted(range(len(spec)), key=lambda i: times[i])
+    limits = UnionLimits(horizon_s=h, max_per_report=1000, max_per_retailer=20_000)
+    hits = replay_new_devices([times[i] for i in order], [retailers[i] for i in order],
+                              [entities[i] for i in order], KEY, limits=limits)
+    by_row = dict(zip(order, hits, strict=True))
+    assert [by_row[i] for i in range(len(spec))] == [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert NEW_DEVICE_LIMITS.horizon_s == 6 * h
+
+
+def test_seen_devices_tell_new_from_known_forget_the_stalest_and_survive_a_restart(
+        tmp_path: Path) -> None:
+    seen = SeenDevices(max_entries=2)
+    a, b, c = (entity_key(KEY, "device", d) for d in ("a", "b", "c"))
+    assert seen.sight(a, 0.0) == 0.0 and seen.sight(b, 10.0) == 0.0
+    assert seen.sight(a, 20.0) == 20.0  # a seen again: b is now the stalest
+    assert seen.sight(c, 30.0) == 0.0   # past the bound: b forgotten
+    assert seen.sight(b, 40.0) == 0.0   # so b is new again
+    seen.save(tmp_path / "seen.json")
+    assert not seen.changed
+    restored = SeenDevices(max_entries=2)
+    restored.restore(json.loads((tmp_path / "seen.json").read_text()))
+    assert restored.first_seen == seen.first_seen
+    with pytest.raises(WatchFormatError, match="not a hashed key"):
+        SeenDevices().restore({"v": 1, "seen": [["dev-raw", 1.0]]})
+
+
+def test_the_new_device_rule_needs_new_here_a_listing_and_the_score() -> None:
+    key_of = hasher(KEY)
+    phone = key_of("device", "fraud-phone")
+    watch = Watchlist({}, key_of, new_devices={phone: 1}, new_min_score=0.2)
+    tx = {"tx_id": "t", "retailer_id": "b", "device_id": "fraud-phone"}
+    held = watch.escalate(decide(tx, 0.25, PolicyConfig()), tx, new_here=True)
+    assert held.action == "hold"
+    assert held.reasons[0] == "watchlist:device new at 1 other retailer"
+    assert watch.escalate(decide(tx, 0.25, PolicyConfig()), tx).action == "allow"  # known here
+    assert watch.escalate(decide(tx, 0.1, PolicyConfig()), tx, new_here=True).action == "allow"
+    other = {**tx, "device_id": "another-phone"}
+    assert watch.escalate(decide(other, 0.5, PolicyConfig()), other,
+                          new_here=True).action == "verify"  # not listed: the policy's
+    with pytest.raises(ValueError, match="new_min_score"):
+        Watchlist({}, key_of, new_min_score=1.5)
+
+
 # ---------------------------------------------------------------------------- on the wire
 
 
@@ -193,6 +257,35 @@ def test_update_carries_hashed_keys_only() -> None:
     assert "watch" not in _update("r1", 2).to_wire()  # the v1 form, unchanged without reports
     with pytest.raises(UpdateFormatError, match=r"^watch: .*not a hashed key"):
         ModelUpdate.from_wire({**update.to_wire(), "watch": ["pi_03003005b688b661"]})
+
+
+def test_new_device_reports_ride_beside_the_holds_in_their_own_field() -> None:
+    held, new = entity_key(KEY, "instrument", "p1"), entity_key(KEY, "device", "d-new")
+    update = ModelUpdate("r1", 2, 5, {"intercept": [0.0]}, (held,), (new,))
+    wire = update.to_wire()
+    assert (wire["watch"], wire["watch_new"]) == ([held], [new])
+    assert ModelUpdate.from_wire(wire) == update
+    assert "watch_new" not in _update("r1", 2, (held,)).to_wire()
+    with pytest.raises(UpdateFormatError, match=r"^watch_new: .*not a hashed key"):
+        ModelUpdate.from_wire({**wire, "watch_new": ["dev-raw"]})
+    model = GlobalModel(3, "r3-x", None, ("a",), "fedavg", 10, {"intercept": np.array([0.5])},
+                        {held: 1}, {new: 2})
+    again = GlobalModel.from_wire(model.to_wire())
+    assert (dict(again.watchlist), dict(again.new_devices)) == ({held: 1}, {new: 2})
+    assert "new_devices" not in GlobalModel(3, "r3-x", None, ("a",), "fedavg", 10,
+                                            {"intercept": np.array([0.5])}).to_wire()
+
+
+def test_rounds_list_new_devices_for_hours_not_a_day() -> None:
+    new = entity_key(KEY, "device", "d-new")
+    first = Round(1, None, {}, quorum=1, deadline_s=10.0)
+    first.offer(ModelUpdate("a", 1, 5, {"intercept": [0.0]}, (), (new,)), 0.0)
+    published = first.close(strategy_named("fedavg"), now=1000.0)
+    assert (dict(published.new_devices), dict(published.watchlist)) == ({new: 1}, {})
+    second = first.next(published)
+    second.offer(_update("a", 2), 0.0)
+    later = second.close(strategy_named("fedavg"), now=1000.0 + 6 * 3600.0 + 1.0)
+    assert dict(later.new_devices) == {}  # 6 hours after the report
 
 
 def test_global_model_carries_the_watchlist() -> None:

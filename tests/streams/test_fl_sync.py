@@ -303,3 +303,48 @@ def test_reporting_what_was_sent_to_step_up_is_a_choice(tmp_path: Path) -> None:
     assert set(verify.reporter.pending) == {entity_key(key, "instrument", "card-stepped-up")}
     with pytest.raises(ValueError, match="report"):
         WatchClient(key, tmp_path / "c.json", WorkerMetrics("r0"), report="allow")
+
+
+def test_new_devices_are_reported_and_a_device_new_here_and_elsewhere_is_held(
+        fed: Federation, tmp_path: Path) -> None:
+    key = new_key()
+    metrics = WorkerMetrics("r0")
+    client = FlClient(keys_of(fed), tmp_path / "seq.json", metrics, sync_labels=1)
+    client.watch = WatchClient(key, tmp_path / "own.json", metrics, new_devices=True,
+                               new_min_score=0.2)
+    config = PolicyConfig()
+    mine = _tx(1, "card-1", "dev-first-here")
+    assert client.watch.after_decide(mine, decide(mine, 0.1, config)).action == "allow"
+    client.ready = True
+    model = RiskModel()
+    due = client.next_update(model, 300.0, now=client.last_sent_at + 301)  # reports alone
+    assert due is not None
+    update = open_update(due[1], fed.aggregator.kem, fed.aggregator.registry,
+                         InMemoryFreshness())
+    own = entity_key(key, "device", "dev-first-here")
+    assert update.watch == () and update.watch_new == (own,)
+    client.sent(due[0])
+    assert not client.watch.pending()
+    assert (tmp_path / "fl-watch-devices.json").exists()
+
+    phone = entity_key(key, "device", "fraud-phone")
+    client.fold(SimpleNamespace(model=model), GlobalModel(
+        1, "r1-a", None, ("retailer-0", "retailer-1"), "fedavg", 0,
+        update_from_model(model, "x", 1).vectors, {}, {phone: 1, own: 1}))
+    assert client.watch.watchlist is not None
+    assert dict(client.watch.watchlist.new_devices) == {phone: 1}  # its own taken off
+    stolen = _tx(2, "card-stolen", "fraud-phone")  # the phone is new here too
+    raised = client.watch.after_decide(stolen, decide(stolen, 0.3, config))
+    assert raised.action == "hold"
+    assert raised.reasons[0] == "watchlist:device new at 1 other retailer"
+    low = _tx(3, "card-other", "fraud-phone")
+    assert client.watch.after_decide(low, decide(low, 0.1, config)).action == "allow"
+    again = _tx(4, "card-1", "dev-first-here")  # listed only by this retailer itself
+    assert client.watch.after_decide(again, decide(again, 0.3, config)).action == "allow"
+
+    restarted = WatchClient(key, tmp_path / "own.json", metrics, new_devices=True)
+    assert restarted.seen.sight(own, time.time() + 7200.0) > 3600.0  # known, not new
+    assert restarted.new_reporter.others({own: 1, phone: 1}, time.time()) == {phone: 1}
+    off = WatchClient(key, tmp_path / "off.json", metrics)  # the default: no device memory
+    off.after_decide(mine, decide(mine, 0.1, config))
+    assert not off.pending() and not off.seen.first_seen
