@@ -42,6 +42,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import orjson
 
 from fraud.generator import GeneratorConfig, generate
@@ -361,6 +362,14 @@ class RetailerTally:
     redelivered: int = 0  # the same decision again (at-least-once)
     conflicting: list[str] = field(default_factory=list)  # a second, different decision
     labels: dict[str, bool] = field(default_factory=dict)  # sent so far
+    # kept as decisions and labels come (the status line reads them every few seconds:
+    # recounting every decision and label there took tens of ms per retailer after a few
+    # minutes, holding the lock the writer and the topic watcher wait for)
+    action_counts: Counter[str] = field(default_factory=Counter)
+    labelled_truth: list[int] = field(default_factory=list)  # decided and labelled, in order
+    labelled_scores: list[float] = field(default_factory=list)
+    frauds: int = 0
+    frauds_flagged: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     # per hop of the commit -> decision path: epoch seconds each stage reached, by tx_id
     stamps: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -383,24 +392,46 @@ class RetailerTally:
                           "p99": _number(_percentile(values, 0.99), 1), "n": len(values)}
         return out
 
+    def decide(self, tx_id: str, action: str, score: float) -> None:
+        """The first decision of ``tx_id``."""
+        self.decisions[tx_id] = (action, score)
+        self.action_counts[action] += 1
+        if tx_id in self.labels:
+            self._join(self.labels[tx_id], action, score)
+
+    def label(self, tx_id: str, is_fraud: bool) -> None:
+        """``tx_id``'s label was sent."""
+        if tx_id in self.labels:
+            return
+        self.labels[tx_id] = is_fraud
+        decision = self.decisions.get(tx_id)
+        if decision is not None:
+            self._join(is_fraud, *decision)
+
+    def _join(self, is_fraud: bool, action: str, score: float) -> None:
+        self.labelled_truth.append(int(is_fraud))
+        self.labelled_scores.append(score)
+        if is_fraud:
+            self.frauds += 1
+            self.frauds_flagged += action in FLAGGED
+
     def actions(self) -> Counter[str]:
-        return Counter(action for action, _ in self.decisions.values())
+        return Counter(self.action_counts)
 
     def label_metrics(self) -> tuple[float, float]:
         """Average precision and recall (flagged = verify, hold or block) over the decided
-        transactions whose label has come."""
-        truth, scores, frauds, caught = [], [], 0, 0
-        for tx_id, is_fraud in self.labels.items():
-            decision = self.decisions.get(tx_id)
-            if decision is None:
-                continue
-            truth.append(int(is_fraud))
-            scores.append(decision[1])
-            if is_fraud:
-                frauds += 1
-                caught += decision[0] in FLAGGED
-        ap = average_precision(truth, scores) if frauds else float("nan")
-        return ap, (caught / frauds if frauds else float("nan"))
+        transactions whose label has come (call it holding the demo's lock: it copies)."""
+        return label_metrics(list(self.labelled_truth), list(self.labelled_scores),
+                             self.frauds, self.frauds_flagged)
+
+
+def label_metrics(truth: list[int], scores: list[float], frauds: int,
+                  flagged: int) -> tuple[float, float]:
+    """Average precision of ``scores`` against ``truth`` and the share of ``frauds`` that
+    were ``flagged``: nan where there is no fraud yet."""
+    if not frauds:
+        return float("nan"), float("nan")
+    return average_precision(truth, scores), flagged / frauds
 
 
 @dataclass
@@ -516,7 +547,7 @@ class TopicWatcher(threading.Thread):
                 else:
                     tally.conflicting.append(tx_id)
                 return
-            tally.decisions[tx_id] = (action, score)
+            tally.decide(tx_id, action, score)
             if tally.first_decision_at is None:
                 tally.first_decision_at = seen
                 self.demo.say(f"{retailer:8} first decision {seen - self.demo.started_at:.1f} s "
@@ -581,10 +612,16 @@ def process_started_at() -> float:
 
 
 def _percentile(values: list[float], q: float) -> float:
+    """The value at rank ``int(q * n)`` of the sorted ``values``, found without sorting them
+    all (the status line asks for it every few seconds over every latency so far).
+
+    >>> _percentile([5.0, 1.0, 4.0, 2.0, 3.0], 0.5), _percentile([], 0.99)
+    (3.0, nan)
+    """
     if not values:
         return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    k = min(len(values) - 1, int(q * len(values)))
+    return float(np.partition(np.asarray(values, dtype=float), k)[k])
 
 
 def _number(x: float, digits: int) -> float | None:
@@ -1051,7 +1088,7 @@ class Demo:
             producer.produce(RetailerTopics(row["retailer_id"]).labels, key=row["customer_id"],
                              value=label.to_json())
             with self.lock:
-                self.tallies[row["retailer_id"]].labels[row["tx_id"]] = label.is_fraud
+                self.tallies[row["retailer_id"]].label(row["tx_id"], label.is_fraud)
         producer.poll(0)
 
     def consumer_lag(self, retailer: str) -> int | None:
@@ -1083,19 +1120,26 @@ class Demo:
         self.last_report = now
         lags = {r: self.consumer_lag(r) for r in self.retailers}
         lines = []
+        # copied under the lock, computed after it: the writer and the topic watcher wait
+        # for the lock, and the figures take tens of ms once there are minutes of them
         with self.lock:
-            for r, t in self.tallies.items():
-                decided = len(t.decisions)
-                rate = (decided - t.decided_at_report) / elapsed
-                t.decided_at_report = decided
-                acts = t.actions()
-                ap, recall = t.label_metrics()
-                lag = "?" if lags[r] is None else str(lags[r])
-                lines.append(
-                    f"{r:8} {rate:6.0f} tx/s written={t.committed} decided={decided} "
-                    + " ".join(f"{a}={acts.get(a, 0)}" for a in ACTIONS)
-                    + f" lag={lag} labels={len(t.labels)} AP={ap:.3f} recall={recall:.2f}"
-                    f" p99={_percentile(t.latencies_ms, 0.99):.0f}ms")
+            copies = {r: (t.committed, len(t.decisions), t.actions(), len(t.labels),
+                          list(t.labelled_truth), list(t.labelled_scores), t.frauds,
+                          t.frauds_flagged, list(t.latencies_ms))
+                      for r, t in self.tallies.items()}
+        for r, (committed, decided, acts, labels, truth, scores, frauds, flagged,
+                latencies) in copies.items():
+            t = self.tallies[r]
+            rate = (decided - t.decided_at_report) / elapsed
+            t.decided_at_report = decided  # only this thread reads and writes it
+            ap, recall = label_metrics(truth, scores, frauds, flagged)
+            lag = "?" if lags[r] is None else str(lags[r])
+            lines.append(
+                f"{r:8} {rate:6.0f} tx/s written={committed} decided={decided} "
+                + " ".join(f"{a}={acts.get(a, 0)}" for a in ACTIONS)
+                + f" lag={lag} labels={labels} AP={ap:.3f} recall={recall:.2f}"
+                f" p99={_percentile(latencies, 0.99):.0f}ms")
+        with self.lock:
             fl = self.fl
             lines.append(
                 f"fl       round={fl.round} version={fl.version or '-'} "

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from fraud.metrics import average_precision
 from qsfraud.commands.demo import _defaults
-from qsfraud.demo import Demo, DemoSettings, worker_fl_flags
+from qsfraud.demo import Demo, DemoSettings, RetailerTally, worker_fl_flags
 from qsfraud.stack.service import port_is_free
 
 RETAILER_KEYS = {"written", "captured", "decided", "actions", "p50_ms", "p99_ms",
@@ -79,6 +80,25 @@ def test_cli_defaults_are_the_demo_settings():
                            "tx_per_day": settings.tx_per_day,
                            "report_every": settings.report_every,
                            "fl_interval_s": settings.fl_interval_s}
+
+
+def test_tally_label_metrics_join_labels_and_first_decisions_in_either_order() -> None:
+    """The status line's AP and recall, kept as labels and decisions come, are those of
+    every decided transaction whose label was sent, with its first decision."""
+    tally = RetailerTally()
+    tally.label("a", True)  # the label before the decision
+    tally.decide("a", "block", 0.9)
+    tally.decide("b", "allow", 0.2)
+    tally.label("b", False)
+    tally.decide("c", "allow", 0.4)  # a fraud let through
+    tally.label("c", True)
+    tally.decide("d", "verify", 0.7)  # decided, not labelled: not counted
+    tally.label("e", False)  # labelled, not decided: not counted
+    truth, scores = [1, 0, 1], [0.9, 0.2, 0.4]
+    ap, recall = tally.label_metrics()
+    assert ap == average_precision(truth, scores)
+    assert recall == 0.5
+    assert tally.actions() == {"block": 1, "allow": 2, "verify": 1}
 
 
 def test_fl_flags_are_detected_from_the_worker_help():
