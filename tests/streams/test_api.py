@@ -505,3 +505,19 @@ def test_a_decision_is_answered_only_once_its_scored_entry_is_durable() -> None:
         assert feed._waiting == {}  # nothing left behind by a timed-out waiter
 
     asyncio.run(scenario())
+
+
+def test_a_waiter_woken_by_a_durable_batch_answers_while_the_next_batch_is_in_flight() -> None:
+    scored = ScoredStore()
+    feed = DecisionFeed(scored)
+
+    async def scenario() -> None:
+        waiting = asyncio.create_task(feed.wait("t1", 5.0))
+        await asyncio.sleep(0.01)
+        feed.batch_decided()
+        scored.set_on(0, "t1", {"o": 1.0, "d": {"tx_id": "t1"}, "l": 0})
+        feed.batch_durable()  # t1's entry is durable: its waiter is woken...
+        feed.batch_decided()  # ...and the next batch is in flight before it runs
+        assert await asyncio.wait_for(waiting, 0.5) == b'{"tx_id":"t1"}'
+
+    asyncio.run(scenario())
