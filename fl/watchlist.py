@@ -279,12 +279,21 @@ class Reporter:
         if score >= self.threshold:
             self.report(tx, now)
 
-    def report(self, tx: Mapping[str, Any], now: float) -> None:
-        """Reports ``tx``'s entities with the next update, whatever its score."""
+    def report(self, tx: Mapping[str, Any], now: float, most: int | None = None) -> None:
+        """Reports ``tx``'s entities with the next update, whatever its score (at most
+        ``most`` pending: :meth:`pend`)."""
         for kind in self.kinds:
             value = tx.get(WATCH_FIELDS[kind])
             if value:
-                self.pending[self.key_of(kind, str(value))] = None
+                self.pend(self.key_of(kind, str(value)), most)
+
+    def pend(self, key: str, most: int | None = None) -> None:
+        """Reports the hashed ``key`` with the next update; at most ``most`` pending (the
+        oldest dropped first)."""
+        self.pending[key] = None
+        if most is not None:
+            while len(self.pending) > most:
+                del self.pending[next(iter(self.pending))]
 
     def take(self, now: float) -> list[str]:
         """The keys to send with the next update, sent at ``now`` (then no longer pending)."""
@@ -426,6 +435,16 @@ class ReplaySettings:
     limits: UnionLimits = field(default_factory=UnionLimits)
 
 
+
+def _exchange(union: WatchlistUnion, reporters: Mapping[str, Reporter],
+              t: float) -> dict[str, dict[str, int]]:
+    """One exchange at ``t``: every retailer's pending reports into the union, and what each
+    then sees listed by the others."""
+    for who, reporter in reporters.items():
+        union.add(who, reporter.take(t), t)
+    listed = union.published(t)
+    return {who: r.others(listed, t) for who, r in reporters.items()}
+
 def replay(times: Sequence[float], retailers: Sequence[str],
            entities: Sequence[Mapping[str, Any]], scores: Sequence[float],
            labels: Sequence[bool], settings: ReplaySettings, key: bytes) -> list[int]:
@@ -455,10 +474,7 @@ def replay(times: Sequence[float], retailers: Sequence[str],
             due, j = heapq.heappop(delayed)
             reporters[retailers[j]].report(entities[j], due)
         if t >= next_exchange:
-            for who, reporter in reporters.items():
-                union.add(who, reporter.take(t), t)
-            listed = union.published(t)
-            views = {who: r.others(listed, t) for who, r in reporters.items()}
+            views = _exchange(union, reporters, t)
             while next_exchange <= t:
                 next_exchange += settings.exchange_every_s
         if name not in reporters:
@@ -511,10 +527,7 @@ def replay_new_devices(times: Sequence[float], retailers: Sequence[str],
         if next_exchange is None:
             next_exchange = t + exchange_every_s
         if t >= next_exchange:
-            for who, reporter in reporters.items():
-                union.add(who, reporter.take(t), t)
-            listed = union.published(t)
-            views = {who: r.others(listed, t) for who, r in reporters.items()}
+            views = _exchange(union, reporters, t)
             while next_exchange <= t:
                 next_exchange += exchange_every_s
         if name not in reporters:
@@ -526,7 +539,7 @@ def replay_new_devices(times: Sequence[float], retailers: Sequence[str],
             k = key_of("device", str(value))
             age = seen[name].sight(k, t)
             if age == 0.0:
-                reporters[name].pending[k] = None
+                reporters[name].pend(k)
             if age <= new_here_s:
                 count = views.get(name, {}).get(k, 0)
         hits.append(count)

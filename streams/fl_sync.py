@@ -215,20 +215,14 @@ class WatchClient:
         action = decision.action
         now = time.time()
         if _SEVERITY[action] >= self.report_from:
-            pending = self.reporter.pending
             self.reporter.report({name: getattr(tx, name) for name in WATCH_FIELDS.values()},
-                                 now)
-            while len(pending) > WATCH_PENDING_MAX:
-                del pending[next(iter(pending))]
+                                 now, most=WATCH_PENDING_MAX)
         new_here = False
         if self.new_devices and tx.device_id:
             device = self.key_of("device", tx.device_id)
             age = self.seen.sight(device, now)
             if age == 0.0:
-                pending = self.new_reporter.pending
-                pending[device] = None
-                while len(pending) > NEW_DEVICE_LIMITS.max_per_report:
-                    del pending[next(iter(pending))]
+                self.new_reporter.pend(device, most=NEW_DEVICE_LIMITS.max_per_report)
             new_here = age <= NEW_HERE_S
         watch = self.watchlist
         if watch is None or action in ("hold", "block"):
