@@ -130,6 +130,26 @@ class Federated:
         self.aggregators.append(agg)
         return agg
 
+    def start_workers(self) -> None:
+        """Every worker started at once, then each waited for."""
+        for worker in self.workers:
+            worker.start(wait=False)
+        for worker in self.workers:
+            worker.wait_ready(120)
+
+    def purchase(self, retailer: str, tx: dict[str, Any]) -> dict[str, Any]:
+        """``tx`` written to ``retailer``'s input; its decision, once made."""
+        self.inputs.append(tx)
+        produce(self.bootstrap, f"{retailer}.transactions", [(tx["customer_id"], tx)])
+        return decision_of(self.bootstrap, retailer, tx["tx_id"])
+
+    def globals(self) -> list[GlobalModel]:
+        """Every global model published so far, opened as retailer 0 does (one freshness:
+        none published twice)."""
+        registry, fresh = self.federation.retailers[0].registry, InMemoryFreshness()
+        return [open_global(blob, registry, fresh)
+                for blob in every_record(self.bootstrap, self.topics.globals) if blob]
+
     def feed(self, index: int, n: int = LABELS_PER_ROUND) -> None:
         """``n`` transactions to retailer ``index``; once all are decided, their labels."""
         retailer = self.retailers[index]
@@ -193,10 +213,7 @@ def test_three_workers_federate_through_kafka_and_nothing_private_leaves(
 ) -> None:
     fed = federated
     agg = fed.start_aggregator()
-    for worker in fed.workers:
-        worker.start(wait=False)
-    for worker in fed.workers:
-        worker.wait_ready(120)
+    fed.start_workers()
 
     for round_ in (1, 2):
         for i in range(3):
@@ -233,10 +250,7 @@ def test_three_workers_federate_through_kafka_and_nothing_private_leaves(
     assert not [e for e in again.events() if e.get("event") == "refused"], again.events()
     assert "already in the model" in fed.workers[0].log_tail(100_000)
 
-    registry = federation.retailers[0].registry
-    fresh = InMemoryFreshness()
-    globals_ = [open_global(blob, registry, fresh) for blob in every_record(
-        kafka_bootstrap, fed.topics.globals) if blob]
+    globals_ = fed.globals()
     assert [g.round for g in globals_] == [1, 2, 3, 4]  # each round published once
     assert all(g.contributors == tuple(f"retailer-{i}" for i in range(3)) for g in globals_)
     assert [g.parent_version for g in globals_] == [None, *(g.version for g in globals_[:-1])]
@@ -303,8 +317,7 @@ def test_a_river_pipeline_federates_through_the_worker(
         fed.feed(0)
         agg.wait_for(lambda ev, n=round_: len(published(ev)) >= n, timeout=90)
         fed.wait_round(0, round_)
-    globals_ = [open_global(blob, federation.retailers[0].registry, InMemoryFreshness())
-                for blob in every_record(kafka_bootstrap, fed.topics.globals) if blob]
+    globals_ = fed.globals()
     assert [g.round for g in globals_] == [1, 2]
     assert [g.examples for g in globals_] == [LABELS_PER_ROUND] * 2  # each label once
     assert any(name.startswith("f/") for name in globals_[-1].parameters)
@@ -320,6 +333,19 @@ def produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
     p = Producer({"bootstrap.servers": bootstrap})
     p.produce(topic, key=key, value=value)
     assert p.flush(30) == 0
+
+
+def sealed_watch_keys(tmp_path: Path, federation: Federation, key: bytes, sequence: int,
+                      *flags: str) -> list[list[str]]:
+    """Each retailer's worker flags: the consortium key sealed to it by the admin (never to
+    the aggregator), then ``flags``."""
+    sealed = []
+    for i, store in enumerate(federation.retailers):
+        path = tmp_path / f"watch-key-{i}.sealed"
+        path.write_bytes(seal_watch_key(key, federation.admin.identity, store.registry
+                                        .current_kem_key(store.identity.name), sequence + i))
+        sealed.append(["--fl-watch-key", str(path), *flags])
+    return sealed
 
 
 def decision_of(bootstrap: str, retailer: str, tx_id: str,
@@ -347,12 +373,7 @@ def test_a_card_one_retailer_held_is_held_at_the_next_and_the_union_survives_a_r
     tmp_path: Path
 ) -> None:
     key = new_key()  # an admin seals the consortium key to each retailer (never the aggregator)
-    sealed = []
-    for i, store in enumerate(federation.retailers):
-        path = tmp_path / f"watch-key-{i}.sealed"
-        path.write_bytes(seal_watch_key(key, federation.admin.identity, store.registry
-                                        .current_kem_key(store.identity.name), 100 + i))
-        sealed.append(["--fl-watch-key", str(path)])
+    sealed = sealed_watch_keys(tmp_path, federation, key, 100)
     fed = make_federated("--trust", str(federation.admin.path / "registry.json"),
                          per_worker=sealed)
     # retailer A's own policy holds a large purchase (a rule: deterministic, unlike a score)
@@ -363,17 +384,12 @@ def test_a_card_one_retailer_held_is_held_at_the_next_and_the_union_survives_a_r
                 sign_config(doc, federation.admin.identity))
     state = tmp_path / "agg-watchlist.json"
     agg = fed.start_aggregator(3, "--watchlist-state", str(state))
-    for worker in fed.workers:
-        worker.start(wait=False)
-    for worker in fed.workers:
-        worker.wait_ready(120)
+    fed.start_workers()
 
     a, b = fed.retailers[0], fed.retailers[1]
     stolen = {**transaction(a, 9000), "tx_id": f"{a}-stolen-1", "amount": 7777.77,
               "payment_instrument": "card-stolen-777", "device_id": "dev-fraud-777"}
-    fed.inputs.append(stolen)
-    produce(kafka_bootstrap, f"{a}.transactions", [(stolen["customer_id"], stolen)])
-    held = decision_of(kafka_bootstrap, a, stolen["tx_id"])
+    held = fed.purchase(a, stolen)
     assert held["action"] == "hold" and "rule:large" in held["reasons"], held
     for i in range(3):
         fed.feed(i)
@@ -384,18 +400,13 @@ def test_a_card_one_retailer_held_is_held_at_the_next_and_the_union_survives_a_r
     # retailer B, next purchase with that card (a small one its model would allow)
     at_b = {**transaction(b, 9001), "tx_id": f"{b}-stolen-2", "amount": 23.57,
             "payment_instrument": "card-stolen-777", "device_id": f"dev-other-{b}"}
-    fed.inputs.append(at_b)
-    produce(kafka_bootstrap, f"{b}.transactions", [(at_b["customer_id"], at_b)])
-    decision = decision_of(kafka_bootstrap, b, at_b["tx_id"])
+    decision = fed.purchase(b, at_b)
     assert decision["action"] == "hold", decision
     assert decision["reasons"][0] == "watchlist:instrument reported by 1 other retailer"
     # A's own report does not count as another retailer's
     again = {**transaction(a, 9002), "tx_id": f"{a}-stolen-3", "amount": 21.13,
              "payment_instrument": "card-stolen-777", "device_id": f"dev-again-{a}"}
-    fed.inputs.append(again)
-    produce(kafka_bootstrap, f"{a}.transactions", [(again["customer_id"], again)])
-    assert not any(r.startswith("watchlist:") for r in
-                   decision_of(kafka_bootstrap, a, again["tx_id"])["reasons"])
+    assert not any(r.startswith("watchlist:") for r in fed.purchase(a, again)["reasons"])
 
     # kill -9 the aggregator: the restarted one still lists the card (its state file), though
     # nobody reports it again (B's hold was the watchlist's, never re-reported)
@@ -405,9 +416,7 @@ def test_a_card_one_retailer_held_is_held_at_the_next_and_the_union_survives_a_r
     for i in range(3):
         fed.feed(i)
     again_agg.wait_for(lambda ev: len(published(ev)) >= 1, timeout=90)
-    registry = federation.retailers[0].registry
-    globals_ = [open_global(blob, registry, InMemoryFreshness()) for blob in every_record(
-        kafka_bootstrap, fed.topics.globals) if blob]
+    globals_ = fed.globals()
     assert [g.round for g in globals_] == [1, 2]
     card, device = (entity_key(key, "instrument", "card-stolen-777"),
                     entity_key(key, "device", "dev-fraud-777"))
@@ -425,29 +434,19 @@ def test_a_device_new_at_one_retailer_is_held_where_it_is_new_next(
     tmp_path: Path
 ) -> None:
     key = new_key()
-    sealed = []
-    for i, store in enumerate(federation.retailers):
-        path = tmp_path / f"watch-key-{i}.sealed"
-        path.write_bytes(seal_watch_key(key, federation.admin.identity, store.registry
-                                        .current_kem_key(store.identity.name), 200 + i))
-        # min score 0: the model's score of one row is not the point here (the rule's
-        # threshold is tests/streams/test_fl_sync.py's)
-        sealed.append(["--fl-watch-key", str(path), "--fl-watch-new-devices",
-                       "--fl-watch-new-min-score", "0"])
+    # min score 0: the model's score of one row is not the point here (the rule's threshold
+    # is tests/streams/test_fl_sync.py's)
+    sealed = sealed_watch_keys(tmp_path, federation, key, 200, "--fl-watch-new-devices",
+                               "--fl-watch-new-min-score", "0")
     fed = make_federated("--trust", str(federation.admin.path / "registry.json"),
                          per_worker=sealed)
     agg = fed.start_aggregator(3, "--watchlist-state", str(tmp_path / "agg-watchlist.json"))
-    for worker in fed.workers:
-        worker.start(wait=False)
-    for worker in fed.workers:
-        worker.wait_ready(120)
+    fed.start_workers()
 
     a, b = fed.retailers[0], fed.retailers[1]
     first = {**transaction(a, 9000), "tx_id": f"{a}-phone-1", "amount": 31.37,
              "payment_instrument": "card-stolen-555", "device_id": "dev-fraud-new-555"}
-    fed.inputs.append(first)
-    produce(kafka_bootstrap, f"{a}.transactions", [(first["customer_id"], first)])
-    decision_of(kafka_bootstrap, a, first["tx_id"])  # new at A: reported with A's update
+    fed.purchase(a, first)  # new at A: reported with A's update
     for i in range(3):
         fed.feed(i)
     agg.wait_for(lambda ev: len(published(ev)) >= 1, timeout=90)
@@ -456,22 +455,15 @@ def test_a_device_new_at_one_retailer_is_held_where_it_is_new_next(
 
     at_b = {**transaction(b, 9001), "tx_id": f"{b}-phone-2", "amount": 23.57,
             "payment_instrument": "card-stolen-556", "device_id": "dev-fraud-new-555"}
-    fed.inputs.append(at_b)
-    produce(kafka_bootstrap, f"{b}.transactions", [(at_b["customer_id"], at_b)])
-    decision = decision_of(kafka_bootstrap, b, at_b["tx_id"])
+    decision = fed.purchase(b, at_b)
     assert decision["action"] == "hold", decision
     assert decision["reasons"][0] == "watchlist:device new at 1 other retailer"
     # at A the device is new too, but only A listed it: its own report is not another's
     again = {**transaction(a, 9002), "tx_id": f"{a}-phone-3", "amount": 21.13,
              "payment_instrument": "card-stolen-557", "device_id": "dev-fraud-new-555"}
-    fed.inputs.append(again)
-    produce(kafka_bootstrap, f"{a}.transactions", [(again["customer_id"], again)])
-    assert not any(r.startswith("watchlist:") for r in
-                   decision_of(kafka_bootstrap, a, again["tx_id"])["reasons"])
+    assert not any(r.startswith("watchlist:") for r in fed.purchase(a, again)["reasons"])
 
-    registry = federation.retailers[0].registry
-    globals_ = [open_global(blob, registry, InMemoryFreshness()) for blob in every_record(
-        kafka_bootstrap, fed.topics.globals) if blob]
+    globals_ = fed.globals()
     assert [g.round for g in globals_] == [1]
     phone = entity_key(key, "device", "dev-fraud-new-555")
     assert globals_[0].new_devices[phone] == 1

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fl.client import GlobalModel, open_update, sign_global, update_from_model
+from fl.update import ModelUpdate
 from fl.watchlist import entity_key, new_key, seal_watch_key
 from fraud.decisions import PolicyConfig, decide
 from fraud.models import RiskModel, RiverModel
@@ -245,6 +246,16 @@ def _tx(i: int, card: str, device: str | None = None) -> Transaction:
                        device_id=device)
 
 
+def reports_alone(client: FlClient, model: RiskModel, fed: Federation) -> tuple[int, ModelUpdate]:
+    """The update ``client`` seals with its reports and no new label: its round, and the
+    update opened as the aggregator does."""
+    client.ready = True
+    due = client.next_update(model, 300.0, now=client.last_sent_at + 301)
+    assert due is not None
+    return due[0], open_update(due[1], fed.aggregator.kem, fed.aggregator.registry,
+                               InMemoryFreshness())
+
+
 def test_the_worker_reports_its_holds_and_holds_what_others_reported(
         fed: Federation, tmp_path: Path) -> None:
     key = new_key()
@@ -256,16 +267,12 @@ def test_the_worker_reports_its_holds_and_holds_what_others_reported(
     decision = client.watch.after_decide(held, decide(held, 0.9, config))
     assert decision.action == "hold"  # its own hold: reported, not changed
     client.watch.after_decide(_tx(2, "card-fine"), decide(_tx(2, "card-fine"), 0.1, config))
-    client.ready = True
     model = RiskModel()
-    due = client.next_update(model, 300.0, now=client.last_sent_at + 301)  # reports alone
-    assert due is not None
-    update = open_update(due[1], fed.aggregator.kem, fed.aggregator.registry,
-                         InMemoryFreshness())
+    round_, update = reports_alone(client, model, fed)
     mine = {entity_key(key, "instrument", "card-held-here"), entity_key(key, "device", "dev-1")}
     assert set(update.watch) == mine and update.examples == 0
     assert client.watch.reporter.pending  # kept until the update is written
-    client.sent(due[0])
+    client.sent(round_)
     assert not client.watch.reporter.pending
 
     stolen = entity_key(key, "instrument", "card-stolen")
@@ -315,15 +322,11 @@ def test_new_devices_are_reported_and_a_device_new_here_and_elsewhere_is_held(
     config = PolicyConfig()
     mine = _tx(1, "card-1", "dev-first-here")
     assert client.watch.after_decide(mine, decide(mine, 0.1, config)).action == "allow"
-    client.ready = True
     model = RiskModel()
-    due = client.next_update(model, 300.0, now=client.last_sent_at + 301)  # reports alone
-    assert due is not None
-    update = open_update(due[1], fed.aggregator.kem, fed.aggregator.registry,
-                         InMemoryFreshness())
+    round_, update = reports_alone(client, model, fed)
     own = entity_key(key, "device", "dev-first-here")
     assert update.watch == () and update.watch_new == (own,)
-    client.sent(due[0])
+    client.sent(round_)
     assert not client.watch.pending()
     assert (tmp_path / "fl-watch-devices.json").exists()
 
