@@ -1054,6 +1054,7 @@ def prepare(settings: WorkerSettings) -> tuple[WorkerRuntime, ConfigFollower]:
     (:func:`settle_partitions`)."""
     settings = settle_partitions(settings)
     ensure_topics(settings.bootstrap, worker_topics(settings))
+    RiskModel.warm_up()  # before the worker takes input, not during its first batch
     model = restore_model(settings)
     if model is not None:
         log.info("model restored from checkpoint: %s+%d", model.version, model.n)

@@ -340,6 +340,20 @@ class RiskModel(base.Classifier):
             params = ModelParams.from_dict(params)
         return cls(**params.to_dict())  # type: ignore[arg-type]
 
+    @classmethod
+    def warm_up(cls) -> None:
+        """Load every compiled loop now (numba's on-disk cache, or a compile): the first call
+        of each loads it, about a second on the 2-core machines, and a worker's first batch
+        waited for that while its input queued. Scores, explains and learns a two-feature
+        throwaway model, with the argument types the model's own calls use."""
+        model = cls(head_window=2)  # a window this small chooses its head at every label
+        x = {"amount": 1.0, "amount_log": 0.5}  # a raw input and a derived one: both heads
+        model.score_and_explain_many(tuple(x), np.array([list(x.values())]), 3, observe=True)
+        model.score_one(x)
+        model.contributions(x)
+        for y in (True, False, True):
+            model.learn_one(x, y)
+
     @property
     def params(self) -> ModelParams:
         """The hyper-parameters as plain data."""
