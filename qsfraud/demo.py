@@ -51,7 +51,6 @@ from fraud.schema import Label
 from fraud.topics import (
     CONFIG,
     CONFIG_REJECTED,
-    DEFAULT_PARTITIONS,
     FL_GLOBAL,
     FL_UPDATES,
     RetailerTopics,
@@ -102,6 +101,10 @@ class DemoSettings:
     # malformed rows in every database, garbage and oversized records on the retailers'
     # topics, unsigned and untrusted config, 15 % into --duration
     hostile: bool = False
+    # of each retailer's topics: the demo runs one worker a retailer, and on 2 cores every
+    # partition costs the broker (each CDC transaction and each worker batch writes to all
+    # of them): 4 took the demo at 200/s per retailer from 150 to 184 % of the two cores
+    partitions: int = 1
 
 
 def worker_fl_flags() -> bool:
@@ -135,7 +138,7 @@ class OrdersDatabase(ABC):
         """Commit rows no transaction can be made of; ``{id: what is wrong}``."""
 
     @abstractmethod
-    def cdc_config(self, retailer: str, bootstrap: str) -> str:
+    def cdc_config(self, retailer: str, bootstrap: str, partitions: int) -> str:
         """The ``qsfraud cdc run`` TOML for this database."""
 
     @abstractmethod
@@ -149,7 +152,8 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def cdc_toml(retailer: str, bootstrap: str, source: str, fields: str) -> str:
+def cdc_toml(retailer: str, bootstrap: str, partitions: int, source: str,
+             fields: str) -> str:
     """A ``qsfraud cdc run`` config: the source's own settings and field mapping, the rest
     shared (columns named alike in both databases are mapped here)."""
     return f"""\
@@ -160,7 +164,7 @@ metrics_interval_s = 10
 {source}
 [kafka]
 bootstrap_servers = "{bootstrap}"
-partitions = {DEFAULT_PARTITIONS}
+partitions = {partitions}
 commit_interval_ms = 50
 key = "customer_id"
 
@@ -240,7 +244,7 @@ class MariaDBOrders(OrdersDatabase):
         cur.execute(f"SELECT id FROM {ORDERS}")
         return {str(row[0]) for row in cur.fetchall()}  # type: ignore[index]
 
-    def cdc_config(self, retailer: str, bootstrap: str) -> str:
+    def cdc_config(self, retailer: str, bootstrap: str, partitions: int) -> str:
         source = f"""\
 kind = "mysql"
 id = "{retailer}-orders"
@@ -263,7 +267,7 @@ item_count = { from = "item_count", type = "int", default = 1 }
 device_id = { from = "attrs", type = "json", path = "device.id" }
 ip = { from = "attrs", type = "json", path = "ip" }
 """
-        return cdc_toml(retailer, bootstrap, source, fields)
+        return cdc_toml(retailer, bootstrap, partitions, source, fields)
 
     def close(self) -> None:
         self.conn.close()
@@ -324,7 +328,7 @@ class MongoOrders(OrdersDatabase):
         self.coll.insert_many([d for _, d in bad.values()], ordered=True)
         return {tx_id: what for tx_id, (what, _) in bad.items()}
 
-    def cdc_config(self, retailer: str, bootstrap: str) -> str:
+    def cdc_config(self, retailer: str, bootstrap: str, partitions: int) -> str:
         source = f"""\
 kind = "mongo"
 id = "{retailer}-orders"
@@ -345,7 +349,7 @@ item_count = { from = "items", type = "int", default = 1 }
 device_id = "device.id"
 ip = "device.ip"
 """
-        return cdc_toml(retailer, bootstrap, source, fields)
+        return cdc_toml(retailer, bootstrap, partitions, source, fields)
 
     def close(self) -> None:
         self.client.close()
@@ -730,7 +734,7 @@ class Demo:
             for retailer, db in databases.items():
                 db.reset()
                 config = self.root / f"cdc-{retailer}.toml"
-                config.write_text(db.cdc_config(retailer, bootstrap))
+                config.write_text(db.cdc_config(retailer, bootstrap, self.settings.partitions))
                 self.say(f"{retailer:8} {self.SHOPS[retailer]}: {db.describe()}")
                 self.spawn(f"cdc-{retailer}", self.cdc_args(config))
                 self.metrics_ports[retailer] = free_port()
@@ -841,7 +845,8 @@ class Demo:
         args = ["worker", "--retailer", retailer, "--bootstrap", bootstrap,
                 "--web-port", str(self.metrics_ports[retailer]),
                 "--datadir", str(self.root / "streams"), "--loglevel", "warn",
-                "--trust", str(keys / "admin" / "registry.json")]
+                "--trust", str(keys / "admin" / "registry.json"),
+                "--partitions", str(self.settings.partitions)]
         if self.fl_enabled:
             args += ["--fl-identity", str(keys / retailer),
                      "--fl-aggregator", str(keys / "aggregator.pub.json"),

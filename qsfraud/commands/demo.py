@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
                             days=args.days, tx_per_day=args.tx_per_day, seed=args.seed,
                             report_every=args.report_every, fl_interval_s=args.fl_interval,
                             headless=args.headless, faults=args.faults,
-                            hostile=args.hostile,
+                            hostile=args.hostile, partitions=args.partitions,
                             drain_s=120.0 if args.faults else 30.0,
                             ui_port=None if args.headless else args.ui_port)
     try:
@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="purchases per retailer per generated day (sets how fast the "
                         "replayed clock runs, hence when labels come)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--partitions", type=int, default=defaults["partitions"],
+                   help="partitions of each retailer's topics (default "
+                        f"{defaults['partitions']:g}: the demo runs one worker a retailer)")
     p.add_argument("--report-every", type=float, default=defaults["report_every"],
                    help="seconds between status lines")
     p.add_argument("--fl-interval", type=float, default=defaults["fl_interval_s"],
@@ -66,4 +69,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _defaults() -> dict[str, float]:
     # the settings' defaults without importing the demo (and its heavy imports) at start-up
     return {"rate": 100.0, "days": 365, "tx_per_day": 500, "report_every": 5.0,
-            "fl_interval_s": 10.0}
+            "fl_interval_s": 10.0, "partitions": 1}

@@ -79,7 +79,8 @@ def test_cli_defaults_are_the_demo_settings():
     assert _defaults() == {"rate": settings.rate, "days": settings.days,
                            "tx_per_day": settings.tx_per_day,
                            "report_every": settings.report_every,
-                           "fl_interval_s": settings.fl_interval_s}
+                           "fl_interval_s": settings.fl_interval_s,
+                           "partitions": settings.partitions}
 
 
 def test_tally_label_metrics_join_labels_and_first_decisions_in_either_order() -> None:
