@@ -310,9 +310,8 @@ class FlClient:
         self.sent_sequences = FileFreshness(sequence_path)
         self.recent: deque[Labelled] = deque(maxlen=RECENT_LABELS)
         # the out-of-sample evidence for the mixing weight (fl.client.MixRecord): the
-        # candidates frozen at the last fold-in are scored on the labels learned since
-        self.mix_record = MixRecord()
-        self.fresh: deque[Labelled] = deque(maxlen=FRESH_LABELS)
+        # candidates frozen at the last fold-in score the labels learned since, as they come
+        self.mix_record = MixRecord(limit=FRESH_LABELS)
         self.labels_since_sent = 0
         self.last_sent_at = time.monotonic()
         self.global_round: int | None = None
@@ -329,7 +328,7 @@ class FlClient:
     def learned(self, examples: Sequence[Labelled]) -> None:
         """Note labels the model just learned."""
         self.recent.extend(examples)
-        self.fresh.extend(examples)
+        self.mix_record.observe(examples)
         self.labels_since_sent += len(examples)
 
     def due(self, interval_s: float, now: float | None = None) -> bool:
@@ -418,9 +417,7 @@ class FlClient:
             started = time.perf_counter()
             recent = list(self.recent)
             if isinstance(model, RiskModel):
-                mix = fold_in(model, global_model, recent, record=self.mix_record,
-                              fresh=list(self.fresh))
-                self.fresh.clear()
+                mix = fold_in(model, global_model, recent, record=self.mix_record)
             else:
                 mix = fold_in_river(model, global_model, recent)
                 self._river_base_n = model.n

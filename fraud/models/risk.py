@@ -491,6 +491,8 @@ class RiskModel(base.Classifier):
             scores.append(blend(dot, zz, width))
             if observe:  # the next row's score sees this row's observation
                 self.anomaly_seen += 1
+        if not top:  # scores only (the FL mixing record scores thousands of rows a round)
+            return scores, [[] for _ in scores]
         explained = [[(keys[i], c) for i, c in zip(ids, cs, strict=True) if i >= 0]
                      for ids, cs in zip(chosen.tolist(), chosen_terms.tolist(), strict=True)]
         return scores, explained

@@ -161,6 +161,29 @@ def test_fold_in_with_a_record_moves_on_out_of_sample_evidence_only() -> None:
     assert record.frauds > 50
 
 
+def test_labels_observed_as_they_come_give_the_record_of_scoring_them_at_the_fold_in() -> None:
+    own, data = trained(16, 400)
+    good = GlobalModel(2, "g2", None, ("b",), "FedAvg", 6000,
+                       update_from_model(trained(13, 6000)[0], "b", 2).vectors)
+    fresh = trained(17, 500)[1]
+    at_once, as_they_come, capped = MixRecord(), MixRecord(), MixRecord(limit=300)
+    for record in (at_once, as_they_come, capped):
+        fold_in(RiskModel.from_state(own.export_state()), good, data[-200:], record=record)
+    for start in range(0, len(fresh), 37):  # as a worker's label batches come
+        as_they_come.observe(fresh[start:start + 37])
+        capped.observe(fresh[start:start + 37])
+    at_once.score(fresh)
+    as_they_come.score()
+    assert (as_they_come.sums, as_they_come.squares, as_they_come.frauds) == (
+        at_once.sums, at_once.squares, at_once.frauds)
+    assert at_once.frauds > 10
+    capped.score()  # the newest 300 only, as if only those had come
+    newest = MixRecord()
+    fold_in(RiskModel.from_state(own.export_state()), good, data[-200:], record=newest)
+    newest.score(fresh[-300:])
+    assert (capped.sums, capped.frauds) == (newest.sums, newest.frauds)
+
+
 def test_keeping_the_own_model_leaves_its_future_as_if_nothing_was_folded_in() -> None:
     folded, data = trained(20, 300)
     untouched, _ = trained(20, 300)
