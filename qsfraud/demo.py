@@ -56,6 +56,7 @@ from fraud.topics import (
     RetailerTopics,
 )
 from qsfraud.stack import APP_USER, CDC_USER, DATABASE, Stack, StackConfig, free_port
+from qsfraud.stack.kafka import warm_up
 from qsfraud.stack.service import port_is_free
 from qsfraud.worker_process import worker_metrics, worker_ready
 
@@ -73,6 +74,7 @@ FAULT_PLAN = ((0.1, "kill -9", "cdc-acme"), (0.2, "kill -9", "worker-globex"),
               (0.3, "kill -9", "aggregator"), (0.4, "restart", "kafka"))
 HOSTILE_AT = 0.15
 HOPS = ("encoded", "produced", "visible", "received", "decided")
+WARM_UP_S = 5.0  # of transactional writes and reads before the first purchase
 
 
 class DemoError(Exception):
@@ -746,8 +748,14 @@ class Demo:
                 f"on (workers sync every {self.settings.fl_interval_s:g} s)" if self.fl_enabled
                 else "the aggregator runs, but `qsfraud worker` has no --fl-identity yet: "
                      "workers do not federate"))
+            # the broker's JIT compiles its request paths while the workers start, not on the
+            # first purchases (qsfraud.stack.kafka.warm_up)
+            warming = threading.Thread(target=self.warm_broker, args=(bootstrap,),
+                                       name="broker-warm-up", daemon=True)
+            warming.start()
             t0 = time.monotonic()
             self.wait_for_workers()
+            warming.join()
             self.say(f"workers ready in {time.monotonic() - t0:.1f} s "
                      f"({self.milestone('workers_ready_s'):.1f} s after start)")
             if not self.settings.headless:
@@ -774,6 +782,15 @@ class Demo:
         finally:
             for db in databases.values():
                 db.close()
+
+    def warm_broker(self, bootstrap: str) -> None:
+        started = time.monotonic()
+        try:
+            written = warm_up(bootstrap, WARM_UP_S)
+        except Exception as exc:  # only the first purchases' latency depends on it
+            self.say(f"broker warm-up failed ({exc}): the first purchases may wait longer")
+            return
+        self.say(f"broker warmed up: {written} records in {time.monotonic() - started:.1f} s")
 
     def make_keys(self) -> None:
         """Key stores as `qsfraud keys init` makes them, and the trust each party needs:

@@ -189,3 +189,15 @@ def test_mongo_watch_resumes_from_saved_token(mongo_uri: str, unique_name: str):
 
 def test_services_listen_on_loopback(kafka: KafkaService, mariadb: MariaDBService):
     assert kafka.host == mariadb.host == "127.0.0.1"
+
+
+def test_kafka_warm_up_writes_and_reads_transactions_then_leaves_no_topic(
+        kafka_bootstrap: str) -> None:
+    from qsfraud.stack.kafka import WARM_UP_TOPIC, warm_up
+
+    assert warm_up(kafka_bootstrap, seconds=1.0) >= 100
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    deadline = time.monotonic() + 30  # a deleted topic leaves the metadata a moment later
+    while WARM_UP_TOPIC in admin.list_topics(timeout=10).topics:
+        assert time.monotonic() < deadline, f"{WARM_UP_TOPIC} still there"
+        time.sleep(0.2)
