@@ -922,6 +922,11 @@ class Demo:
         from confluent_kafka import Producer
 
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 2})
+        # the generator builds its customers, shops and campaigns at its first row: before the
+        # clock starts, or the first tick would owe the rows of that time all at once
+        generated = self.rows()
+        first = next(generated, None)
+        rows = generated if first is None else itertools.chain([first], generated)
         started = self.writing_started = time.monotonic()
         reporter = threading.Thread(target=self.report_until_stopped, name="status",
                                     daemon=True)
@@ -930,7 +935,7 @@ class Demo:
             threading.Thread(target=self.inject_faults, name="faults", daemon=True).start()
         self.writing.set()
         try:
-            self.write_until_stopped(databases, producer, started)
+            self.write_until_stopped(databases, producer, started, rows)
         finally:
             self.writing.clear()
             if self.interrupted:
@@ -938,13 +943,12 @@ class Demo:
             producer.flush(5)
 
     def write_until_stopped(self, databases: dict[str, OrdersDatabase], producer: Any,
-                            started: float) -> None:
+                            started: float, rows: Iterator[dict[str, Any]]) -> None:
         pending_labels: list[tuple[float, int, dict[str, Any]]] = []  # a heap by due time
         order = itertools.count()  # ties in due time: the order of the rows
         tick = 0.1
         total_rate = self.settings.rate * len(self.retailers)
         written = 0
-        rows = self.rows()
         exhausted = False
         hostile_due = self.settings.hostile
         while not self.stop_requested.is_set():
