@@ -42,11 +42,8 @@ sys.path.insert(0, str(ROOT))
 from fraud.generator import GeneratorConfig, generate  # noqa: E402
 from fraud.schema import Transaction  # noqa: E402
 from qsfraud.worker_process import WorkerProcess  # noqa: E402
-from streams.scoring import (  # noqa: E402
-    InputRecord,
-    ScoringPipeline,
-    collect_youngest_generation_only,
-)
+from streams.garbage import collect_youngest_generation_only  # noqa: E402
+from streams.scoring import InputRecord, ScoringPipeline  # noqa: E402
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings  # noqa: E402
 from streams.topics import ensure_topics, worker_topics  # noqa: E402
 

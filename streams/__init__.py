@@ -4,6 +4,7 @@ Modules: :mod:`streams.settings` (worker settings, topic names), :mod:`streams.s
 per-batch pipeline parse -> features -> score -> decide, and label learning; no Kafka),
 :mod:`streams.config_stream` (signed live configuration), :mod:`streams.checkpoints` (model
 state on a compacted topic), :mod:`streams.metrics` (Prometheus text), :mod:`streams.topics`
-(topic creation and plain-Kafka helpers), :mod:`streams.app` (the faust app). See
+(topic creation and plain-Kafka helpers), :mod:`streams.garbage` (the collector's policy),
+:mod:`streams.app` (the faust app). See
 ``streams/README.md``. Imports :mod:`fraud` and :mod:`pqc`, never :mod:`qsfraud`.
 """

@@ -62,6 +62,7 @@ from streams.faust_compat import (
 )
 from streams.faust_compat import install as install_compat
 from streams.fl_sync import FlClient, GlobalFollower, start_client
+from streams.garbage import collect_youngest_generation_only
 from streams.metrics import WorkerMetrics
 from streams.scoring import (
     EntityStore,
@@ -72,7 +73,6 @@ from streams.scoring import (
     Record,
     ScoredStore,
     ScoringPipeline,
-    collect_youngest_generation_only,
     dumps,
 )
 from streams.settings import FEATURES_TABLE, SCORED_TABLE, WorkerSettings
