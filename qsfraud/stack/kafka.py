@@ -161,11 +161,11 @@ class KafkaService(Service):
         # compiled the request path it needs less CPU per request. Measured at a steady 1,000
         # transactions/s through a worker: the broker at 75-78 % of a core with C1 only and
         # 49-52 % with C2 a few minutes after start; decision latency p99 95-101 ms and
-        # 58-90 ms. The demo (about 600 transactions/s from a minute after the broker's start)
-        # stays on C1: with C2 (one run each, 2026-12-07) the compiler threads took 35 % of a
-        # core in the first 30 s of writes and 16 % in the next 60 s, the request threads 38
-        # and 25 % against C1's 46 and 43 %: 72 against 46 % in the first 30 s, the same
-        # after, and the first minute of writes is already the most saturated part of a run.
+        # 58-90 ms. The demo (about 600 transactions/s, minutes long) runs with C2 and warms
+        # the broker up (warm_up) while its workers start: 300 s at 200/s per retailer, the
+        # broker at 30 % of a core against 46 % with C1 only, commit -> decision p99 77-89 ms
+        # against 139-157 (2026-12-07, one run each; without the warm-up, C2's compiler
+        # threads had taken 35 % of a core in the first 30 s of writes).
         # The heap and G1 settings are those of Kafka's own start scripts (kafka-run-class.sh,
         # KAFKA_HEAP_OPTS): with -Xms256m G1 kept a ~57 MB eden, a 12-27 ms young pause every
         # ~1.5 s at 1,000 transactions/s; with these, one every 7-10 s.
