@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -194,8 +195,10 @@ class KafkaService(Service):
 WARM_UP_TOPIC = "qsfraud.warm-up"
 
 
-def warm_up(bootstrap: str, seconds: float = 5.0, records_per_transaction: int = 100) -> int:
-    """Run a fresh broker's write and read paths for ``seconds``; returns the records written.
+def warm_up(bootstrap: str, seconds: float = 5.0, records_per_transaction: int = 100,
+            until: threading.Event | None = None, longest: float = 60.0) -> int:
+    """Run a fresh broker's write and read paths for ``seconds``, and on until ``until`` is set
+    (at most ``longest`` seconds in all); returns the records written.
 
     Transactions of small records back to back (as a CDC source writes them), read back under
     ``read_committed`` by a consumer group that commits its offsets (as a worker reads), on a
@@ -227,8 +230,12 @@ def warm_up(bootstrap: str, seconds: float = 5.0, records_per_transaction: int =
         producer.init_transactions(30)
         consumer.assign([TopicPartition(WARM_UP_TOPIC, 0)])
         value = b"x" * 200
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - started
+            if elapsed >= longest or (elapsed >= seconds
+                                      and (until is None or until.is_set())):
+                break
             producer.begin_transaction()
             for i in range(records_per_transaction):
                 producer.produce(WARM_UP_TOPIC, key=str(i).encode(), value=value)

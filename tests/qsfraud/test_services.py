@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -196,6 +197,11 @@ def test_kafka_warm_up_writes_and_reads_transactions_then_leaves_no_topic(
     from qsfraud.stack.kafka import WARM_UP_TOPIC, warm_up
 
     assert warm_up(kafka_bootstrap, seconds=1.0) >= 100
+    ready = threading.Event()
+    threading.Timer(1.5, ready.set).start()
+    started = time.monotonic()
+    assert warm_up(kafka_bootstrap, seconds=0.2, until=ready) >= 100  # on until it is set
+    assert time.monotonic() - started >= 1.5
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     deadline = time.monotonic() + 30  # a deleted topic leaves the metadata a moment later
     while WARM_UP_TOPIC in admin.list_topics(timeout=10).topics:
