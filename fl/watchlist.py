@@ -435,7 +435,6 @@ class ReplaySettings:
     limits: UnionLimits = field(default_factory=UnionLimits)
 
 
-
 def _exchange(union: WatchlistUnion, reporters: Mapping[str, Reporter],
               t: float) -> dict[str, dict[str, int]]:
     """One exchange at ``t``: every retailer's pending reports into the union, and what each
@@ -444,6 +443,7 @@ def _exchange(union: WatchlistUnion, reporters: Mapping[str, Reporter],
         union.add(who, reporter.take(t), t)
     listed = union.published(t)
     return {who: r.others(listed, t) for who, r in reporters.items()}
+
 
 def replay(times: Sequence[float], retailers: Sequence[str],
            entities: Sequence[Mapping[str, Any]], scores: Sequence[float],

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,19 +208,15 @@ def warm_up(bootstrap: str, seconds: float = 5.0, records_per_transaction: int =
     records): the demo's first second of purchases waited ~130 ms at the median for their
     Kafka transactions, against ~25 ms a few seconds later.
     """
-    import time
-
     from confluent_kafka import Consumer, Producer, TopicPartition
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
 
+    from streams.topics import TopicSpec, ensure_topics
+
+    # already there if a previous warm-up did not finish: then it is used as it is
+    ensure_topics(bootstrap, [TopicSpec(WARM_UP_TOPIC, 1, {})])
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _PROBE_LOG}
     admin = AdminClient(conf)
-    for future in admin.create_topics([NewTopic(WARM_UP_TOPIC, 1, 1)]).values():
-        try:
-            future.result(30)
-        except Exception as exc:  # already there (a previous warm-up that did not finish)
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise StackError(f"cannot create {WARM_UP_TOPIC}: {exc}") from None
     producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": "qsfraud-warm-up",
                          "linger.ms": 5, "logger": _PROBE_LOG})
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "qsfraud-warm-up",
