@@ -11,8 +11,9 @@ install: $(STAMP) liboqs browser
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,oqs]'
+	@# uv fetches and installs in parallel: a fresh install took 25 s, pip's 58 s (2 cores)
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e '.[dev,oqs]'
 	@touch $(STAMP)
 
 # The optional oqs backend's library, in the venv (pqc.backend.find_liboqs looks there). A

@@ -12,6 +12,7 @@ import json
 import os
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,17 +116,27 @@ class Stack:
         return [self.services[n] for n in names]
 
     def up(self, names: list[str] | None = None) -> dict[str, bool]:
-        """Start what is not running; returns {service: started_now}. Writes ``stack.json``."""
+        """Start what is not running, side by side (on a fresh machine Kafka's download and
+        MariaDB's install overlap); returns {service: started_now}. Writes ``stack.json``.
+        When one fails, or on Ctrl-C, every start is let finish and what it started stopped."""
         self.config.root.mkdir(parents=True, exist_ok=True)
-        started: dict[str, bool] = {}
-        try:
-            for service in self.select(names):
-                started[service.name] = service.start()
-        except BaseException:
+        services = self.select(names)
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(len(services), thread_name_prefix="stack-up") as pool:
+            futures = {s.name: pool.submit(s.start) for s in services}
+            try:
+                wait(futures.values())
+            except BaseException as exc:  # Ctrl-C: leaving the pool waits for every start
+                failure = exc
+        started = {name: f.result() for name, f in futures.items()
+                   if not f.cancelled() and f.exception() is None}
+        failure = failure or next((f.exception() for f in futures.values()
+                                   if not f.cancelled() and f.exception() is not None), None)
+        if failure is not None:
             for name, now in started.items():
                 if now:
                     self.services[name].stop()
-            raise
+            raise failure
         self.write_endpoints()
         return started
 

@@ -229,6 +229,36 @@ def test_ctrl_c_stops_every_process_with_the_ui(tmp_path: Path):
 
 
 @pytest.mark.integration
+def test_ctrl_c_while_the_stack_starts_stops_every_process(tmp_path: Path):
+    root = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qsfraud", "demo", "--headless", "--duration", "30",
+         "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # the services start side by side and the model's loops compile beside them; Kafka
+        # takes seconds to answer
+        deadline = time.monotonic() + 60
+        while not (root / "stack" / "kafka").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                kill_left(root)
+    assert proc.returncode == 0, out
+    assert "stack ready" not in out, "the Ctrl-C should have come while the stack started"
+    assert "every process it started has exited" in out
+    assert left_running(root) == []
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True)
+    assert "RiskModel.warm_up" not in ps.stdout
+
+
+@pytest.mark.integration
 def test_fault_run_loses_and_doubles_no_decision(headless: dict[str, Any]):
     """The roles killed come back (the demo supervises them as a container runtime would),
     and no purchase lacks a decision or has two (the exactly-once test above, on this run)."""

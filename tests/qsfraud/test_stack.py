@@ -70,10 +70,7 @@ def check_up_status_down(env: dict[str, str], tmp_path: Path) -> None:
         assert (tmp_path / "stack" / name / f"{name}.pid").read_text().strip().isdigit()
     down = run_cli("stack", "down", env=env)
     assert down.returncode == 0 and down.stdout.count("stopped") == 3, down.stdout
-    ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
-    ours = [line for line in ps.stdout.splitlines()
-            if str(tmp_path) in line and not line.split()[1].startswith("Z")]
-    assert ours == []
+    assert our_processes(tmp_path) == []
     assert run_cli("stack", "status", env=env).returncode == 1
 
 
@@ -94,6 +91,25 @@ def test_port_taken_is_a_clear_message(tmp_path: Path):
     assert result.returncode == 2
     assert "already in use" in result.stderr and "QSFRAUD_MONGO_PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_one_service_failing_stops_the_others_started_beside_it(tmp_path: Path):
+    env = ports_env(tmp_path / "stack")
+    try:
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", int(env["QSFRAUD_MONGO_PORT"])))
+            squatter.listen()
+            result = run_cli("stack", "up", env=env)  # Kafka and MariaDB start beside it
+        assert result.returncode == 2 and "already in use" in result.stderr, result.stderr
+        assert our_processes(tmp_path) == []
+    finally:
+        run_cli("stack", "down", env=env)
+
+
+def our_processes(tmp_path: Path) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
+    return [line for line in ps.stdout.splitlines()
+            if str(tmp_path) in line and not line.split()[1].startswith("Z")]
 
 
 def test_java_missing_is_a_clear_message(tmp_path: Path):
