@@ -18,7 +18,7 @@ canonical ``customer_id`` (configurable), so one customer's changes stay in orde
                 "table": "orders", "pk": "42", "snapshot": false,
                 "position": {"file": "mysql-bin.000003", "pos": 1234, "gtid": "0-1-77"}
                             | {"resume_token": {"_data": "..."}} | {"start_at": [secs, inc]}},
-     "committed_at": 1767225600.0, # source commit time, epoch seconds (MySQL: whole seconds)
+     "committed_at": 1767225600.0, # source commit time, epoch seconds (MySQL: see cdc.mysql_source)
      "produced_at": 1767225600.08} # when CDC wrote it, epoch seconds
 
 A delete is followed by a tombstone (same key, null value) when the topic is compacted

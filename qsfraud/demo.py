@@ -565,7 +565,8 @@ class TopicWatcher(threading.Thread):
                 self.demo.say(f"{retailer:8} first decision {seen - self.demo.started_at:.1f} s "
                               "after the demo started")
             # from the demo's own commit, not the decision's `committed`: the binlog's event
-            # times are whole seconds, which made MariaDB's latency look ~0.5 s longer
+            # times are whole seconds (cdc.mysql_source takes the latest the commit can have
+            # been: the read delay late)
             committed = self.demo.commit_times.pop(tx_id, None)
             if committed is not None and isinstance(decided, int | float):
                 tally.latencies_ms.append((decided - committed) * 1000)

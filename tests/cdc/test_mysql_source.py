@@ -1,5 +1,5 @@
 """The binlog source hands on another table's transactions only now and then, and the last
-position when the stream goes quiet."""
+position when the stream goes quiet; its commit times are finer than the binlog's seconds."""
 
 from __future__ import annotations
 
@@ -64,3 +64,38 @@ def test_other_tables_transactions_move_the_position_without_a_transaction_each(
     assert 3 <= len(empty) <= 6, [tx.position for tx in empty]
     # ready() while the written binlog streamed in, not once it was all read
     assert ready[0] and not ready[-1], ready
+
+
+def test_commit_time_is_not_before_the_commit_nor_after_the_read(
+        mariadb: MariaDBService, unique_name: str) -> None:
+    conn = mysql.connector.connect(host=mariadb.host, port=mariadb.port, user=APP_USER.user,
+                                   password=APP_USER.password, database=DATABASE,
+                                   autocommit=True)
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {unique_name} (id INT PRIMARY KEY)")
+    source = MySQLBinlogSource(unique_name, host=mariadb.host, port=mariadb.port,
+                               user=CDC_USER.user, password=CDC_USER.password,
+                               database=DATABASE, table=unique_name, heartbeat_s=0.2)
+    start = source.current_position()
+    commits: list[tuple[float, float]] = []
+    for i in range(5):  # the bare binlog second is before the commit almost always
+        before = time.time()
+        cur.execute(f"INSERT INTO {unique_name} VALUES ({i})")
+        commits.append((before, time.time()))
+        time.sleep(0.13)
+    conn.close()
+    seen: list[tuple[float, float]] = []  # (committed_at, read by then)
+
+    def read() -> None:
+        for tx in source.run(start):
+            seen.extend((c.committed_at, time.time()) for c in tx.changes)
+            if len(seen) == len(commits):
+                source.stop()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    source.stop()
+    assert len(seen) == len(commits)
+    for (before, _), (committed, read_by) in zip(commits, seen, strict=True):
+        assert before <= committed <= read_by
