@@ -25,6 +25,8 @@ def test_options_become_the_streamlit_command_and_environment(monkeypatch):
     assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("ui/app.py")
     assert command[command.index("--server.port") + 1] == "9999"
     assert command[command.index("--server.address") + 1] == "127.0.0.1"
+    # no full garbage collection after each of the live pages' reruns (every second)
+    assert command[command.index("--runner.postScriptGC") + 1] == "false"
     env = environment(args)
     settings = UiSettings.from_env(env)
     assert settings.bootstrap == "k:9092"
