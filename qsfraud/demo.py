@@ -723,10 +723,8 @@ class Demo:
     def _run(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         (self.root / "logs").mkdir(parents=True)
-        # the full JIT: the broker runs for minutes at ~1,000 records/s, and the warm-up
-        # (warm_broker) has it compile its request paths before the first purchase; with C1
-        # only (as the tests' broker) it took 46 % of a core instead of 30 and the demo's p99
-        # was 139-157 ms instead of 77-89 (300 s at 200/s per retailer, one run each)
+        # the full JIT, its request paths compiled by warm_broker before the first purchase
+        # (KafkaService.command has the figures against C1 only, the tests' broker)
         self.stack = Stack(StackConfig.ephemeral(self.root / "stack", kafka_full_jit=True))
         t0 = time.monotonic()
         self.compile_model_loops()

@@ -53,6 +53,21 @@ def kill_left(root: Path, *ports: int) -> None:
 KILLED = ("cdc-acme", "worker-globex", "aggregator")
 
 
+def ctrl_c(proc: subprocess.Popen[str], root: Path, *ports: int) -> str:
+    """Ctrl-C a demo (also when an assert failed) and return its output; kill -9 what is left
+    if it does not stop: its children are in sessions of their own, so killing the demo alone
+    would leave them running."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            kill_left(root, *ports)
+    return out
+
+
 @pytest.fixture(scope="module")
 def headless(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One headless run with the faults and the hostile inputs together (each run starts the
@@ -210,16 +225,7 @@ def test_ctrl_c_stops_every_process_with_the_ui(tmp_path: Path):
             time.sleep(0.5)
         assert not port_is_free("127.0.0.1", ui_port), "the UI should be serving now"
     finally:
-        # Ctrl-C, also when an assert failed: the demo's children are in sessions of their
-        # own, so killing the demo alone would leave them running
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                kill_left(root, *([ui_port] if ui_port else []))
+        out = ctrl_c(proc, root, *([ui_port] if ui_port else []))
     lines.append(out)
     assert proc.returncode == 0, "".join(lines[-30:])
     assert "every process it started has exited" in out
@@ -242,14 +248,7 @@ def test_ctrl_c_while_the_stack_starts_stops_every_process(tmp_path: Path):
             time.sleep(0.1)
         time.sleep(1.0)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                kill_left(root)
+        out = ctrl_c(proc, root)
     assert proc.returncode == 0, out
     assert "stack ready" not in out, "the Ctrl-C should have come while the stack started"
     assert "every process it started has exited" in out
